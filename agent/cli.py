@@ -1,0 +1,57 @@
+"""`modbus-agent` command line: check, poll, probe, run, status.
+
+Each subcommand's work lives in the module that owns it; this file only parses arguments.
+Exit codes: 0 ok, 1 a device or run failed, 2 bad configuration or usage.
+"""
+import argparse
+import sys
+
+from agent import __version__
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="modbus-agent", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"modbus-agent {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def add(name, help_):
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.add_argument("-c", "--config", required=True, metavar="FILE", help="the agent's INI file")
+        return sp
+
+    add("check", "validate the config and print the polling plan")
+    sp = add("poll", "read every device once and print its values")
+    sp.add_argument("--device", metavar="NAME", help="only this device")
+    sp.add_argument("--json", action="store_true", help="one JSON record per device, as spooled")
+    sp = add("probe", "guess type, byte order and address base of a register from an expected range")
+    sp.add_argument("--device", metavar="NAME", required=True)
+    sp.add_argument("--address", metavar="A", required=True)
+    sp.add_argument("--table", default="holding", choices=["holding", "input"])
+    sp.add_argument("--expect", metavar="LOW..HIGH", required=True)
+    sp = add("run", "poll, spool and upload until stopped (the main job)")
+    sp.add_argument("--log-level", default=None, help="override [agent] log_level")
+    add("status", "print device health, spool backlog and upload state of a running agent")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.command in ("check", "poll", "probe"):
+        from agent import commands
+
+        handler = getattr(commands, f"cmd_{args.command}")
+    elif args.command == "run":
+        from agent.loop import cmd_run as handler
+    else:
+        from agent.status import cmd_status as handler
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `modbus-agent poll | head`
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

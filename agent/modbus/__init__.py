@@ -1,0 +1,20 @@
+"""The Modbus codec (pure: bytes in, values out) and the transports that move its bytes."""
+from agent.modbus.errors import (
+    AgentError,
+    ConnectionLost,
+    CRCError,
+    DeviceError,
+    FrameError,
+    ModbusError,
+    ModbusTimeout,
+)
+
+__all__ = [
+    "AgentError",
+    "CRCError",
+    "ConnectionLost",
+    "DeviceError",
+    "FrameError",
+    "ModbusError",
+    "ModbusTimeout",
+]
