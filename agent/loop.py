@@ -1,0 +1,580 @@
+"""`modbus-agent run`: the agent's main job, the whole loop in this one file.
+
+One thread, synchronous, no asyncio. Each turn of the loop does one step:
+
+  1. pick the device whose next cycle is due first (agent.schedule: cycle k starts at
+     start + k * interval on the monotonic clock; slots that passed are counted as missed);
+  2. if it is due: poll it (`device.poll(client)`, one client per connection, shared by the
+     devices on it), build a record (agent.record), apply on_change, `spool.append`;
+  3. otherwise, in the gap before it is due: periodic work (health records, summary log line,
+     status file), then `uploader.drain(spool, deadline)` in slices that end SAFETY_MARGIN before
+     the next poll, `spool.tick`, and sleep until the next due time.
+
+Why this shape: a reading is appended to the spool before anything is uploaded, so a crash or a
+dead collector never loses it; uploads only use time the bus does not need, so a day of backlog
+drains without moving a single poll (complaint: catch-up that disturbs polling).
+
+Dead-device isolation (complaint: one dead slave delays everybody): `device.poll` stops at the
+first failing request, so a failing device costs at most its own timeout per cycle; after
+`dead_after` consecutive failures it is only probed, with the wait doubling up to
+`dead_backoff_max`, so healthy devices on the same bus keep their cadence. A busy answer
+(exception 6, or 5 ACKNOWLEDGE) is retried once after the connection's pause.
+
+Signals: SIGTERM/SIGINT finish the current step, flush and close the spool, exit 0.
+SIGHUP reloads the config file; an invalid file is logged error by error and the old
+config keeps running. Signals wake the sleep through `signal.set_wakeup_fd`.
+
+Timestamps: `time.time()` at the start of the poll (UTC, ms); scheduling uses
+`time.monotonic()` only, so an NTP step at boot never bunches or skips polls. Records taken
+before the clock is set are flagged by agent.record (`"clock": "unsynced"`).
+"""
+import os
+import select
+import signal
+import sys
+import time
+
+from agent import log as agentlog
+from agent.health import Health
+from agent.modbus.errors import DeviceError, ModbusError
+from agent.record import CLOCK_SANE, data_record, error_record, health_record, utc_timestamp
+from agent.schedule import DeviceSchedule
+from agent.status import write_status
+
+# Seconds left free between the end of an upload slice and the next poll: the upload's last
+# request must be over before the bus needs the CPU again.
+SAFETY_MARGIN = 0.05
+# Longest single drain call: bounds how long SIGTERM/SIGHUP wait when the gap is long.
+DRAIN_SLICE = 1.0
+# Don't start an upload in a gap shorter than this: one HTTP round trip would not fit.
+MIN_DRAIN_GAP = 0.02
+# How often the status file is rewritten.
+STATUS_PERIOD = 5.0
+# With no device configured, wake up this often to upload and write status.
+IDLE_PERIOD = 1.0
+
+log = agentlog.get("loop")
+
+
+def _where(dev):
+    return agentlog.where(dev.name, dev.unit)
+
+
+def moved(old, new, deadbands):
+    """on_change: does `new` differ from the last sent `old` beyond the points' deadbands?
+
+    A numeric value counts as moved when |new - old| > deadband (deadband 0: any change);
+    anything else (strings, bools, None, a point appearing or vanishing) when it differs."""
+    if old is None or old.keys() != new.keys():
+        return True
+    for name, value in new.items():
+        prev = old[name]
+        if value == prev:
+            continue
+        band = deadbands.get(name) or 0.0
+        if (band and type(value) in (int, float) and type(prev) in (int, float)):
+            if abs(value - prev) > band:
+                return True
+            continue
+        return True
+    return False
+
+
+class DeviceState:
+    """Everything the loop keeps about one device between cycles."""
+
+    __slots__ = ("device", "schedule", "health", "deadbands", "last_sent", "last_sent_at",
+                 "next_health", "summary_ok", "summary_failed", "was_failing")
+
+    def __init__(self, device, start, agent_cfg, health=None):
+        self.device = device
+        self.schedule = DeviceSchedule(start, device.interval,
+                                       dead_after=getattr(agent_cfg, "dead_after", 3) or 3,
+                                       backoff_max=getattr(agent_cfg, "dead_backoff_max", 300.0) or 300.0)
+        self.health = health or Health(device.name, device.unit)
+        self.deadbands = {p.name: (getattr(p, "deadband", None) or 0.0) for p in device.points}
+        self.last_sent = None         # values of the last record sent (on_change)
+        self.last_sent_at = None      # monotonic time it was sent
+        self.next_health = start + (getattr(agent_cfg, "health_interval", None) or 300.0)
+        self.summary_ok = 0
+        self.summary_failed = 0
+        self.was_failing = False
+
+
+def open_spool(cfg):
+    from agent.spool import Spool
+
+    a = cfg.agent
+    return Spool(a.spool_dir, a.id,
+                 max_bytes=int(a.spool_max_mb * (1 << 20)),
+                 max_age=a.spool_max_age,
+                 segment_bytes=int(a.spool_segment_kb * 1024),
+                 fsync=a.fsync,
+                 fsync_interval=a.fsync_interval)
+
+
+def make_uploader(cfg):
+    if cfg.upload is None:
+        return None
+    from agent.upload import Uploader
+
+    u = cfg.upload
+    return Uploader(u.url, cfg.agent.id, token=u.token, batch_max_records=u.batch_max_records,
+                    batch_max_kb=u.batch_max_kb, gzip=u.gzip, timeout=u.timeout, ca_file=u.ca_file,
+                    verify=u.verify, backoff_max=u.backoff_max)
+
+
+def _section_key(section, names):
+    """Comparable snapshot of the settings a live object was built from (for SIGHUP)."""
+    if section is None:
+        return None
+    return tuple(repr(getattr(section, n, None)) for n in names)
+
+
+_SPOOL_KEYS = ("spool_dir", "spool_max_mb", "spool_max_age", "spool_segment_kb", "fsync", "fsync_interval", "id")
+_UPLOAD_KEYS = ("url", "token", "batch_max_records", "batch_max_kb", "gzip", "timeout", "ca_file", "verify",
+                "backoff_max", "quarantine_file")
+
+
+class Loop:
+    def __init__(self, cfg, spool=None, uploader=None, mono=time.monotonic, wall=time.time):
+        self.mono = mono
+        self.wall = wall
+        self.cfg = cfg
+        self.spool = spool if spool is not None else open_spool(cfg)
+        self.uploader = uploader if uploader is not None else make_uploader(cfg)
+        self.clients = {}             # connection name -> client (one per connection)
+        self.stop_requested = False
+        self.reload_requested = False
+        self.stopped = False
+        self._wake_r = self._wake_w = None
+        self.started_wall = wall()
+        self.appended = 0
+        self.append_errors = 0
+        self.last_summary = None
+        self.clock_unsynced = self.started_wall < CLOCK_SANE
+        now = mono()
+        self.states = [DeviceState(d, now, cfg.agent) for d in cfg.devices]
+        self._set_timers(now)
+
+    def _set_timers(self, now):
+        a = self.cfg.agent
+        self.summary_interval = getattr(a, "summary_interval", None) or 300.0
+        self.health_interval = getattr(a, "health_interval", None) or 300.0
+        self.next_summary = now + self.summary_interval
+        self.next_status = now  # right away: `status` works from the first second
+
+    # -- signals -------------------------------------------------------------------------
+    def install_signals(self):
+        """Handlers only set flags; the byte the C handler writes to the wake-up pipe ends
+        the loop's sleep at once."""
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        os.set_blocking(w, False)
+        self._wake_r, self._wake_w = r, w
+        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        if hasattr(signal, "SIGHUP"):
+            signal.signal(signal.SIGHUP, self._on_hup)
+
+    def uninstall_signals(self):
+        if self._wake_r is None:
+            return
+        signal.set_wakeup_fd(-1)
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._wake_r = self._wake_w = None
+
+    def _on_stop(self, signum, frame):
+        self.stop_requested = True
+
+    def _on_hup(self, signum, frame):
+        self.reload_requested = True
+
+    def _sleep_until(self, until):
+        timeout = until - self.mono()
+        if timeout <= 0 or self.stop_requested or self.reload_requested:
+            return
+        if self._wake_r is None:
+            time.sleep(timeout)
+            return
+        ready, _, _ = select.select([self._wake_r], [], [], timeout)
+        if ready:
+            try:
+                while os.read(self._wake_r, 64):
+                    pass
+            except (BlockingIOError, InterruptedError):
+                pass
+
+    # -- the loop ------------------------------------------------------------------------
+    def run(self):
+        """Run until SIGTERM/SIGINT; returns the exit code."""
+        a = self.cfg.agent
+        log.info("started: agent %s, %d device(s) on %d connection(s), spool %s, upload %s",
+                 a.id, len(self.states), len(self.cfg.connections), a.spool_dir,
+                 self.cfg.upload.url if self.cfg.upload else "off")
+        if self.clock_unsynced:
+            log.warning("clock reads %s, before the release date: records are flagged \"clock\": \"unsynced\" "
+                        "until NTP sets it", utc_timestamp(self.started_wall))
+        code = 0
+        try:
+            while not self.stop_requested:
+                if self.reload_requested:
+                    self.reload_requested = False
+                    self.reload()
+                self.step()
+        except Exception:
+            log.exception("loop failed; closing the spool (procd/systemd restarts the agent)")
+            code = 1
+        finally:
+            self.shutdown()
+        return code
+
+    def next_state(self):
+        """The device whose next cycle is due first (ties: config order)."""
+        best = None
+        for st in self.states:
+            if best is None or st.schedule.due < best.schedule.due:
+                best = st
+        return best
+
+    def step(self):
+        now = self.mono()
+        # periodic work first, every step: a saturated bus must not starve the status file
+        self.periodic(now)
+        st = self.next_state()
+        if st is not None and st.schedule.due <= now:
+            self.poll(st, now)
+            self._tick()
+            return
+        due = st.schedule.due if st is not None else now + IDLE_PERIOD
+        until = min(due, self.next_status, self.next_summary)
+        self.upload_until(until)
+        self._tick()
+        self._sleep_until(until)
+
+    def _tick(self):
+        try:
+            self.spool.tick(self.wall())
+        except OSError as e:
+            log.error("spool: %s", e)
+
+    # -- polling -------------------------------------------------------------------------
+    def client_for(self, conn):
+        client = self.clients.get(conn.name)
+        if client is None:
+            client = self.clients[conn.name] = conn.open()
+        return client
+
+    def poll(self, st, now):
+        dev = st.device
+        sched = st.schedule
+        missed = sched.catch_up(now)
+        if missed:
+            log.warning("missed %d cycle(s) (interval %gs): the loop was busy elsewhere", missed, dev.interval,
+                        extra=_where(dev))
+        t = self.wall()
+        t0 = self.mono()
+        try:
+            client = self.client_for(dev.connection)
+            values = self._poll_once(st, client)
+        except ModbusError as e:
+            self._failed(st, t, e, self.mono() - t0)
+        except Exception as e:  # a bug must cost one reading, not the agent
+            log.exception("poll raised %s", type(e).__name__, extra=_where(dev))
+            self._failed(st, t, e, self.mono() - t0)
+        else:
+            self._succeeded(st, t, values, self.mono() - t0)
+        end = self.mono()
+        sched.done(end, st.health.consecutive_failures == 0)
+        st.health.missed_cycles = sched.missed
+        st.health.skipped_cycles = sched.skipped
+        if sched.dead and not st.health.dead:
+            log.warning("no answer %d times in a row: probing with back-off up to %gs so the others keep "
+                        "their cadence", sched.failures, sched.backoff_max, extra=_where(dev))
+        st.health.dead = sched.dead
+
+    def _poll_once(self, st, client):
+        dev = st.device
+        try:
+            return dev.poll(client)
+        except DeviceError as e:
+            if not e.retryable:
+                raise
+            # Exception 6 BUSY / 5 ACKNOWLEDGE: the device asks us to come back; once, after
+            # the connection's pause (the client also keeps that silence before any request).
+            st.health.busy_retries += 1
+            log.debug("busy (%s), retrying once", e, extra=_where(dev))
+            pause = getattr(dev.connection, "pause", 0.0) or 0.0
+            if pause > 0:
+                time.sleep(pause)
+            return dev.poll(client)
+
+    def _succeeded(self, st, t, values, duration):
+        dev = st.device
+        st.health.ok(t, duration)
+        st.summary_ok += 1
+        if st.was_failing:
+            log.info("answering again", extra=_where(dev))
+            st.was_failing = False
+        if getattr(dev, "mode", "on_schedule") == "on_change":
+            now = self.mono()
+            heartbeat = getattr(dev, "heartbeat", None) or 0.0
+            due_heartbeat = heartbeat > 0 and st.last_sent_at is not None and now - st.last_sent_at >= heartbeat
+            if not (due_heartbeat or moved(st.last_sent, values, st.deadbands)):
+                return
+            st.last_sent = values
+            st.last_sent_at = now
+        self.append(data_record(self.cfg.agent.id, t, dev.name, dev.unit, values))
+
+    def _failed(self, st, t, err, duration):
+        dev = st.device
+        h = st.health
+        first = h.consecutive_failures == 0
+        h.failed(err, t, duration)
+        st.summary_failed += 1
+        st.last_sent = None  # on_change: the next good reading is news
+        st.was_failing = True
+        if first:
+            log.warning("poll failed: %s", err, extra=_where(dev))
+        else:
+            log.debug("poll failed again (%d): %s", h.consecutive_failures, err, extra=_where(dev))
+        if isinstance(err, ModbusError):
+            rec = error_record(self.cfg.agent.id, t, dev.name, dev.unit, err)
+        else:
+            rec = error_record(self.cfg.agent.id, t, dev.name, dev.unit,
+                               {"kind": "agent", "message": "%s: %s" % (type(err).__name__, err)})
+        self.append(rec)
+
+    def append(self, rec):
+        try:
+            self.spool.append(rec)
+            self.appended += 1
+        except OSError as e:
+            # Flash full or gone: count and say so; polling goes on and the spool's bounds
+            # decide what is kept once it can write again.
+            self.append_errors += 1
+            log.error("spool append failed (%d so far): %s", self.append_errors, e)
+
+    # -- the gaps between polls ----------------------------------------------------------
+    def periodic(self, now):
+        if self.clock_unsynced and self.wall() >= CLOCK_SANE:
+            self.clock_unsynced = False
+            log.info("clock is set now (%s): records are no longer flagged", utc_timestamp(self.wall()))
+        for st in self.states:
+            if now >= st.next_health:
+                # next on the health grid, not now + interval: no drift, no bunching
+                while st.next_health <= now:
+                    st.next_health += self.health_interval
+                h = st.health
+                self.append(health_record(self.cfg.agent.id, self.wall(), h.device, h.unit,
+                                          h.snapshot(utc_timestamp)))
+        if now >= self.next_summary:
+            while self.next_summary <= now:
+                self.next_summary += self.summary_interval
+            self.summary()
+        if now >= self.next_status:
+            self.next_status = now + STATUS_PERIOD
+            self.write_status()
+
+    def upload_until(self, until):
+        """Drain the spool in slices that end SAFETY_MARGIN before `until` (the next poll).
+        Stops when a slice returns early: the spool is empty or the uploader is backing off."""
+        if self.uploader is None:
+            return
+        while not (self.stop_requested or self.reload_requested):
+            now = self.mono()
+            end = until - SAFETY_MARGIN
+            if end - now < MIN_DRAIN_GAP:
+                return
+            deadline = min(end, now + DRAIN_SLICE)
+            try:
+                self.uploader.drain(self.spool, deadline)
+            except Exception:  # the uploader handles network errors; anything else is a bug
+                log.exception("upload failed")
+                return
+            if self.mono() < deadline - 0.005:
+                return
+
+    def summary(self):
+        parts = []
+        for st in self.states:
+            h = st.health
+            s = "%s ok=%d(+%d) failed=%d(+%d)" % (st.device.name, h.polls_ok, st.summary_ok,
+                                                  h.polls_failed, st.summary_failed)
+            if h.missed_cycles:
+                s += " missed=%d" % h.missed_cycles
+            if h.dead:
+                s += " DEAD"
+            parts.append(s)
+            st.summary_ok = st.summary_failed = 0
+        try:
+            sp = self.spool.stats()
+        except Exception as e:
+            sp = {"error": str(e)}
+        oldest = sp.get("oldest_ts")
+        age = "-"
+        if isinstance(oldest, (int, float)):
+            age = "%ds" % max(0, self.wall() - oldest)
+        elif isinstance(oldest, str):
+            age = oldest
+        text = "summary: %s; spool %s records %s bytes oldest %s" % (
+            ", ".join(parts) or "no devices", sp.get("records", "?"), sp.get("bytes", "?"), age)
+        if self.uploader is not None:
+            text += "; upload %s" % _upload_text(self.uploader)
+        if self.append_errors:
+            text += "; spool append errors %d" % self.append_errors
+        self.last_summary = text
+        log.info("%s", text)
+
+    def status(self):
+        now = self.mono()
+        wall = self.wall()
+        devices = {}
+        for st in self.states:
+            d = st.health.snapshot(utc_timestamp)
+            dev = st.device
+            d.update(unit=dev.unit, interval=dev.interval, mode=getattr(dev, "mode", "on_schedule"),
+                     connection=dev.connection.name, next_due_in=round(st.schedule.due - now, 3),
+                     probe_backoff=st.schedule.backoff or None)
+            devices[dev.name] = d
+        try:
+            sp = self.spool.stats()
+        except Exception as e:
+            sp = {"error": str(e)}
+        if isinstance(sp.get("oldest_ts"), (int, float)):
+            sp = dict(sp, oldest_ts=utc_timestamp(sp["oldest_ts"]))
+        return {
+            "agent": self.cfg.agent.id,
+            "pid": os.getpid(),
+            "state": "stopped" if self.stopped else "running",
+            "config": getattr(self.cfg, "path", None),
+            "started": utc_timestamp(self.started_wall),
+            "written": utc_timestamp(wall),
+            "written_at": wall,
+            "period": STATUS_PERIOD,
+            "clock_unsynced": self.clock_unsynced,
+            "devices": devices,
+            "spool": sp,
+            "appended": self.appended,
+            "append_errors": self.append_errors,
+            "upload": self.uploader.state() if self.uploader is not None else None,
+            "last_summary": self.last_summary,
+        }
+
+    def write_status(self):
+        path = getattr(self.cfg.agent, "status_file", None)
+        if not path:
+            return
+        try:
+            write_status(path, self.status())
+        except OSError as e:
+            log.error("status file %s: %s", path, e)
+
+    # -- reload and shutdown -------------------------------------------------------------
+    def reload(self):
+        from agent.config import ConfigError, load_config
+
+        path = self.cfg.path
+        log.info("SIGHUP: reloading %s", path)
+        try:
+            new = load_config(path)
+        except ConfigError as e:
+            errors = getattr(e, "errors", None) or [str(e)]
+            for err in errors:
+                log.error("reload: %s", err)
+            log.error("reload: %d error(s) in %s: still running the previous config", len(errors), path)
+            return
+        except OSError as e:
+            log.error("reload: %s: %s: still running the previous config", path, e)
+            return
+        old = self.cfg
+        if _section_key(old.agent, _SPOOL_KEYS) != _section_key(new.agent, _SPOOL_KEYS):
+            self.spool.close()
+            self.spool = open_spool(new)
+        if _section_key(old.upload, _UPLOAD_KEYS) != _section_key(new.upload, _UPLOAD_KEYS) or \
+                old.agent.id != new.agent.id:
+            _close(self.uploader)
+            self.uploader = make_uploader(new)
+        for client in self.clients.values():
+            _close(client)
+        self.clients = {}
+        setup_logging(new)
+        kept = {(st.device.name, st.device.unit): st.health for st in self.states}
+        self.cfg = new
+        now = self.mono()
+        self.states = [DeviceState(d, now, new.agent, kept.get((d.name, d.unit))) for d in new.devices]
+        self._set_timers(now)
+        log.info("reloaded: %d device(s) on %d connection(s)", len(self.states), len(new.connections))
+
+    def shutdown(self):
+        log.info("stopping: closing the spool")
+        for client in self.clients.values():
+            _close(client)
+        self.clients = {}
+        try:
+            self.spool.close()
+        except Exception:
+            log.exception("spool close failed")
+        _close(self.uploader)
+        self.stopped = True
+        self.write_status()
+        self.uninstall_signals()
+        log.info("stopped after %d record(s) appended", self.appended)
+
+
+def _close(obj):
+    close = getattr(obj, "close", None)
+    if close is None:
+        return
+    try:
+        close()
+    except Exception as e:
+        log.debug("close %s: %s", type(obj).__name__, e)
+
+
+def _upload_text(uploader):
+    try:
+        st = uploader.state()
+    except Exception as e:
+        return "state unavailable (%s)" % e
+    keys = ("last_ok", "last_error", "backoff_until", "sent_total")
+    shown = ["%s=%s" % (k, st[k]) for k in keys if st.get(k) not in (None, "")]
+    return " ".join(shown) or "no attempt yet"
+
+
+def setup_logging(cfg, level=None):
+    a = cfg.agent
+    agentlog.setup(level or getattr(a, "log_level", None) or "info", getattr(a, "log_file", None),
+                   getattr(a, "log_max_kb", None) or 1024)
+
+
+def cmd_run(args):
+    """Exit codes: 0 stopped by SIGTERM/SIGINT, 1 the loop failed, 2 bad config."""
+    from agent.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        for err in getattr(e, "errors", None) or [str(e)]:
+            print(err, file=sys.stderr)
+        return 2
+    except OSError as e:
+        print("%s: %s" % (args.config, e), file=sys.stderr)
+        return 2
+    try:
+        setup_logging(cfg, getattr(args, "log_level", None))
+    except (ValueError, OSError) as e:
+        print("%s: [agent] log: %s" % (args.config, e), file=sys.stderr)
+        return 2
+    try:
+        loop = Loop(cfg)
+    except OSError as e:
+        log.error("cannot open the spool in %s: %s", cfg.agent.spool_dir, e)
+        return 1
+    loop.install_signals()
+    return loop.run()

@@ -1,0 +1,86 @@
+"""When each device is polled next: a drift-free slot schedule with dead-device back-off.
+
+Pure: every method takes `now` (monotonic seconds) from the caller and touches no clock.
+
+Slots: cycle k of a device starts at `start + k * interval`. Errors never accumulate because the
+next due time is computed from k, not from when the last poll happened to end.
+
+Late cycles: a cycle may start late as long as it still starts before the *next* slot begins;
+once a whole slot has passed it is counted in `missed` and skipped. So an overloaded bus or a
+stalled upload costs readings that are reported, never a burst of back-to-back polls
+("counted, not bunched").
+
+Dead devices: after `dead_after` consecutive failed cycles the device is only probed, with the
+wait doubling from one interval up to `backoff_max`, always on a slot boundary. Slots passed over
+on purpose are counted in `skipped`, not `missed`. The first success makes it live again.
+"""
+import math
+
+
+class DeviceSchedule:
+    __slots__ = ("start", "interval", "dead_after", "backoff_max", "k", "missed", "skipped",
+                 "failures", "backoff")
+
+    def __init__(self, start, interval, dead_after=3, backoff_max=300.0):
+        if interval <= 0:
+            raise ValueError("interval must be > 0, got %r" % (interval,))
+        self.start = float(start)
+        self.interval = float(interval)
+        self.dead_after = max(1, int(dead_after))
+        self.backoff_max = max(float(backoff_max), self.interval)
+        self.k = 0            # index of the next cycle to run
+        self.missed = 0       # slots that passed while we were busy elsewhere
+        self.skipped = 0      # slots passed over on purpose while the device is dead
+        self.failures = 0     # consecutive failed cycles
+        self.backoff = 0.0    # current probe wait while dead, seconds (0 when live)
+
+    @property
+    def due(self):
+        """Monotonic time the next cycle should start."""
+        return self.start + self.k * self.interval
+
+    @property
+    def dead(self):
+        return self.failures >= self.dead_after
+
+    def lateness(self, now):
+        """How late a cycle starting at `now` is, seconds (>= 0)."""
+        return max(0.0, now - self.due)
+
+    def slot_at(self, now):
+        """Index of the slot `now` falls in (the last slot that has begun)."""
+        # the epsilon keeps float rounding (10.2 - 10.0) / 0.1 = 1.999... in the right slot
+        return int(math.floor((now - self.start) / self.interval + 1e-9))
+
+    def catch_up(self, now):
+        """Before starting a cycle at `now`: if whole slots have passed since the due one,
+        count them as missed and move to the current slot. Returns the number missed."""
+        current = self.slot_at(now)
+        if current > self.k:
+            n = current - self.k
+            self.missed += n
+            self.k = current
+            return n
+        return 0
+
+    def done(self, now, ok):
+        """The cycle that was due has run (ended at `now`); pick the next slot.
+        Returns the next due time."""
+        if ok:
+            self.failures = 0
+            self.backoff = 0.0
+        else:
+            self.failures += 1
+        nxt = self.k + 1
+        if self.dead:
+            # Exponential back-off from one interval, capped; on a slot boundary so the probe
+            # keeps the device's phase and never lands between other devices' slots at random.
+            exp = self.failures - self.dead_after
+            self.backoff = min(self.interval * (2.0 ** min(exp, 60)), self.backoff_max)
+            slots = max(1, int(math.ceil(self.backoff / self.interval - 1e-9)))
+            self.skipped += slots - 1
+            nxt = self.k + slots
+        self.k = nxt
+        # The poll itself may have overrun slots (slow device, long timeout): those are missed.
+        self.catch_up(now)
+        return self.due

@@ -1,0 +1,190 @@
+"""The status file and `modbus-agent status -c FILE`.
+
+The running loop rewrites a small JSON file (`[agent] status_file`) every few seconds, atomically
+(write a temporary file in the same directory, then rename over the old one), so a reader never
+sees half a file. `status` reads it: it never talks to the agent or the devices, so it works while
+the bus is busy and costs the router nothing.
+
+Content (all times wall clock, UTC):
+    {"agent": id, "pid": n, "started": ts, "written": ts, "written_at": seconds, "period": seconds,
+     "config": path, "devices": {name: {unit, interval, mode, connection, dead, next_due_in, ...health}},
+     "spool": Spool.stats(), "upload": Uploader.state() or null, "last_summary": "..."}
+"""
+import json
+import os
+import sys
+import time
+
+# A status file older than this many periods means the agent is not running (or stuck).
+STALE_PERIODS = 3
+STALE_MIN = 30.0
+
+
+def write_status(path, data):
+    """Atomic replace: readers see the old file or the new one, never a mix. No fsync: the file
+    is rewritten every few seconds and usually lives on tmpfs; flash is spared."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, ".%s.%d.tmp" % (os.path.basename(path), os.getpid()))
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, separators=(",", ":"), sort_keys=True, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_status(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _age(seconds):
+    if seconds is None:
+        return "-"
+    seconds = max(0.0, float(seconds))
+    if seconds < 90:
+        return "%ds" % seconds
+    if seconds < 5400:
+        return "%dm%02ds" % divmod(int(seconds), 60)
+    if seconds < 172800:
+        return "%dh%02dm" % divmod(int(seconds) // 60, 60)
+    return "%dd%02dh" % divmod(int(seconds) // 3600, 24)
+
+
+def _size(n):
+    if n is None:
+        return "-"
+    n = float(n)
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return ("%d %s" if unit == "B" else "%.1f %s") % (n, unit)
+        n /= 1024.0
+    return "%d B" % n  # pragma: no cover
+
+
+def _parse_utc(ts):
+    """'2026-11-21T10:30:45.123Z' -> epoch seconds, None if absent or unreadable."""
+    if not ts or not isinstance(ts, str):
+        return ts if isinstance(ts, (int, float)) else None
+    import calendar
+
+    try:
+        main, _, frac = ts.rstrip("Z").partition(".")
+        t = calendar.timegm(time.strptime(main, "%Y-%m-%dT%H:%M:%S"))
+        return t + (float("0." + frac) if frac else 0.0)
+    except ValueError:
+        return None
+
+
+def _ago(ts, now):
+    t = _parse_utc(ts)
+    if t is None:
+        return "never"
+    return "%s ago" % _age(now - t)
+
+
+def format_status(st, now=None):
+    """Status dict -> the text `modbus-agent status` prints."""
+    now = time.time() if now is None else now
+    lines = []
+    written = st.get("written_at")
+    lines.append("agent %s  pid %s  up %s  status written %s" % (
+        st.get("agent"), st.get("pid"),
+        _age(now - _parse_utc(st.get("started"))) if _parse_utc(st.get("started")) else "-",
+        _ago(st.get("written"), now) if written is None else "%s ago" % _age(now - written)))
+    if st.get("state") == "stopped":
+        lines.append("STOPPED: the agent exited cleanly; figures below are from its last moment")
+    if st.get("clock_unsynced"):
+        lines.append("WARNING: the clock looks unset (before the release date); records are flagged \"clock\": \"unsynced\"")
+    devices = st.get("devices") or {}
+    header = ("DEVICE", "UNIT", "STATE", "LAST SUCCESS", "FAILS", "OK", "FAILED", "TIMEOUT", "CRC", "FRAME",
+              "CONN", "EXCEPTIONS", "MISSED")
+    rows = [header]
+    for name in sorted(devices):
+        d = devices[name]
+        if d.get("dead"):
+            state = "dead"
+        elif d.get("consecutive_failures"):
+            state = "failing"
+        elif d.get("polls_ok"):
+            state = "ok"
+        else:
+            state = "waiting"
+        exc = d.get("exceptions") or {}
+        rows.append((
+            name, str(d.get("unit", "-")), state, _ago(d.get("last_success"), now),
+            str(d.get("consecutive_failures", 0)), str(d.get("polls_ok", 0)), str(d.get("polls_failed", 0)),
+            str(d.get("timeouts", 0)), str(d.get("crc_errors", 0)), str(d.get("frame_errors", 0)),
+            str(d.get("connection_errors", 0)),
+            ",".join("%s:%s" % kv for kv in sorted(exc.items())) or "-",
+            str(d.get("missed_cycles", 0)),
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for r in rows:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    for name in sorted(devices):
+        err = devices[name].get("last_error")
+        if err and devices[name].get("consecutive_failures"):
+            lines.append("  %s: %s" % (name, err))
+    sp = st.get("spool") or {}
+    if sp:
+        oldest = _parse_utc(sp.get("oldest_ts"))
+        lines.append("spool: %s records, %s, oldest %s; segments %s, dropped %s, corrupt skipped %s, next seq %s" % (
+            sp.get("records", "-"), _size(sp.get("bytes")),
+            "%s ago" % _age(now - oldest) if oldest else "-",
+            sp.get("segments", "-"), sp.get("dropped", 0), sp.get("corrupt_skipped", 0), sp.get("next_seq", "-")))
+    up = st.get("upload")
+    if up is None:
+        lines.append("upload: not configured (no [upload] section)")
+    else:
+        parts = []
+        for key in sorted(up):
+            val = up[key]
+            if val is None or val == "":
+                continue
+            parts.append("%s=%s" % (key, val))
+        lines.append("upload: " + (" ".join(parts) if parts else "no attempt yet"))
+    return "\n".join(lines)
+
+
+def is_stale(st, now=None):
+    now = time.time() if now is None else now
+    written = st.get("written_at")
+    if written is None:
+        written = _parse_utc(st.get("written")) or 0.0
+    period = float(st.get("period") or 5.0)
+    return now - written > max(STALE_PERIODS * period, STALE_MIN)
+
+
+def cmd_status(args):
+    """Exit 0: status printed and fresh; 1: no status file or stale (agent not running); 2: bad config."""
+    from agent.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        for err in getattr(e, "errors", None) or [str(e)]:
+            print(err, file=sys.stderr)
+        return 2
+    except OSError as e:
+        print("%s: %s" % (args.config, e), file=sys.stderr)
+        return 2
+    path = cfg.agent.status_file
+    try:
+        st = read_status(path)
+    except FileNotFoundError:
+        print("%s: no status file: the agent has not run with this config (or removed it on exit)" % path,
+              file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as e:
+        print("%s: cannot read status file: %s" % (path, e), file=sys.stderr)
+        return 1
+    if getattr(args, "json", False):
+        print(json.dumps(st, indent=2, sort_keys=True))
+    else:
+        print(format_status(st))
+    if st.get("state") == "stopped":
+        return 1
+    if is_stale(st):
+        print("WARNING: %s was last written %s: the agent is not running or is stuck" % (
+            path, _ago(st.get("written"), time.time())), file=sys.stderr)
+        return 1
+    return 0

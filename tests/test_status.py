@@ -1,0 +1,56 @@
+"""agent.status: atomic status file, formatting, staleness."""
+import json
+import os
+import time
+
+from agent.status import format_status, is_stale, read_status, write_status
+
+
+def _sample(now):
+    return {
+        "agent": "site7", "pid": 42, "state": "running", "started": "2026-11-21T10:00:00.000Z",
+        "written": "2026-11-21T10:30:00.000Z", "written_at": now, "period": 5.0,
+        "devices": {
+            "meter1": {"unit": 1, "polls_ok": 10, "polls_failed": 0, "consecutive_failures": 0,
+                       "last_success": "2026-11-21T10:29:59.000Z", "timeouts": 0, "crc_errors": 0,
+                       "exceptions": {}, "dead": False},
+            "plc": {"unit": 7, "polls_ok": 0, "polls_failed": 9, "consecutive_failures": 9,
+                    "last_success": None, "timeouts": 9, "crc_errors": 0, "exceptions": {"6": 2},
+                    "dead": True, "last_error": "unit 7 fc 03 address 0 count 2: no answer"},
+        },
+        "spool": {"records": 12, "bytes": 3400, "oldest_ts": "2026-11-21T10:29:48.000Z", "segments": 1,
+                  "dropped": 0, "corrupt_skipped": 0, "next_seq": 13},
+        "upload": {"last_ok": "2026-11-21T10:29:59.000Z", "last_error": None, "sent_total": 100},
+    }
+
+
+def test_write_is_atomic_replace_and_round_trips(tmp_path):
+    path = tmp_path / "status.json"
+    write_status(str(path), {"a": 1})
+    inode = os.stat(path).st_ino
+    write_status(str(path), _sample(time.time()))
+    assert os.stat(path).st_ino != inode           # replaced by rename, not rewritten in place
+    assert read_status(str(path))["devices"]["plc"]["timeouts"] == 9
+    assert [p.name for p in tmp_path.iterdir()] == ["status.json"]   # no temp file left behind
+
+
+def test_format_names_each_device_its_state_and_the_backlog():
+    now = 1_795_257_000.0  # 2026-11-21T10:30:00Z
+    text = format_status(_sample(now), now=now)
+    lines = text.splitlines()
+    meter = next(line for line in lines if line.startswith("meter1"))
+    plc = next(line for line in lines if line.startswith("plc"))
+    assert " ok " in meter and "1s ago" in meter
+    assert " dead " in plc and "never" in plc and "6:2" in plc
+    assert any("no answer" in line for line in lines)       # the failing device's last error
+    assert "spool: 12 records, 3.3 kB, oldest 12s" in text
+    assert "sent_total=100" in text
+
+
+def test_stale_when_not_rewritten_for_several_periods():
+    now = time.time()
+    st = _sample(now - 10)
+    assert not is_stale(st, now)
+    st["written_at"] = now - 120
+    assert is_stale(st, now)
+    json.dumps(st)
