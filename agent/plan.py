@@ -1,0 +1,146 @@
+"""Request planning: which reads cover a device's points, per (connection, unit, table).
+
+A pure function of addresses. Points are spans (address, count) in one table; a request reads one
+contiguous range. Two neighbouring spans share a request when the hole between them is at most
+`max_gap` (registers, or bits for coil/discrete tables) and the whole request stays within
+`max_count` (125 registers / 2000 bits, Modbus Application Protocol v1.1b3 sections 6.1-6.4).
+`max_gap = 0` lets only touching spans share a request: the planner never reads an address the
+operator did not ask for.
+
+Greedy extension gives the fewest requests: any sub-range of a valid request is itself valid, so
+taking each request as far as it can go never makes a later one necessary that an earlier cut
+would have avoided.
+"""
+
+#: spec limits per read: registers for FC 3/4, bits for FC 1/2
+MAX_REGISTERS = 125
+MAX_BITS = 2000
+
+
+class Span:
+    """What a request must cover for one point."""
+
+    __slots__ = ("address", "count", "key")
+
+    def __init__(self, address, count, key=None):
+        self.address = address
+        self.count = count
+        self.key = key
+
+    @property
+    def end(self):
+        return self.address + self.count
+
+    def __repr__(self):
+        return "Span(%d, %d, %r)" % (self.address, self.count, self.key)
+
+
+class Planned:
+    """One planned read: start address, count, and the spans (points) it serves."""
+
+    __slots__ = ("address", "count", "spans")
+
+    def __init__(self, address, count, spans):
+        self.address = address
+        self.count = count
+        self.spans = spans
+
+    def __repr__(self):
+        return "Planned(%d, %d, %d spans)" % (self.address, self.count, len(self.spans))
+
+    def as_tuple(self):
+        return (self.address, self.count)
+
+
+def plan_spans(spans, max_count, max_gap):
+    """Spans of one table -> list of Planned reads, fewest possible, in address order.
+
+    Raises ValueError when a single span is larger than `max_count` (no read can hold it).
+    Overlapping spans (several bit fields of one register) simply share the read.
+    """
+    if max_count < 1:
+        raise ValueError("max_count must be at least 1")
+    if max_gap < 0:
+        raise ValueError("max_gap must not be negative")
+    ordered = sorted(spans, key=lambda s: (s.address, s.count))
+    out = []
+    start = end = None
+    members = []
+    for s in ordered:
+        if s.count > max_count:
+            raise ValueError("%r needs %d, more than the %d one read may hold"
+                             % (s.key, s.count, max_count))
+        if members:
+            gap = s.address - end
+            new_end = max(end, s.end)
+            if gap <= max_gap and new_end - start <= max_count:
+                members.append(s)
+                end = new_end
+                continue
+            out.append(Planned(start, end - start, members))
+        start, end, members = s.address, s.end, [s]
+    if members:
+        out.append(Planned(start, end - start, members))
+    return out
+
+
+def plan_addresses(pairs, max_count, max_gap):
+    """Table-test helper: [(address, count), ...] -> [(start, count), ...]."""
+    return [p.as_tuple() for p in plan_spans([Span(a, c) for a, c in pairs], max_count, max_gap)]
+
+
+# --- bus time ------------------------------------------------------------------------------
+
+#: allowance per request for the device to start answering (RTU slaves typically need
+#: a few ms; many meters 10-20 ms) -- an estimate for `check`, not a timeout
+RTU_TURNAROUND = 0.010
+#: allowance per request on a TCP link (round trip plus the device's processing)
+TCP_ALLOWANCE = 0.005
+RTU_HEADER = 2 + 2                 # unit id + function code, CRC
+TCP_HEADER = 7 + 1                 # MBAP header (7 bytes, unit id included) + function code
+
+
+def response_data_bytes(function, count):
+    """Data bytes of a read response: ceil(count/8) for FC 1/2, 2*count for FC 3/4."""
+    return (count + 7) // 8 if function in (1, 2) else 2 * count
+
+
+def char_time(baud, bytesize=8, parity="N", stopbits=1):
+    """Seconds per RTU character: start bit, data bits, parity bit if any, stop bits."""
+    return (1 + bytesize + (0 if parity == "N" else 1) + stopbits) / float(baud)
+
+
+def frame_gap(baud, bytesize=8, parity="N", stopbits=1):
+    """Silent interval between RTU frames: 3.5 characters, fixed 1.75 ms above 19200 baud
+    (Modbus over Serial Line v1.02, section 2.5.1.1)."""
+    if baud > 19200:
+        return 0.00175
+    return 3.5 * char_time(baud, bytesize, parity, stopbits)
+
+
+def bus_estimate(conn, reads):
+    """Bus use of `reads` [(function, count)] on a connection-like object (.type, .pause and for
+    serial .baud .bytesize .parity .stopbits) -> {"requests", "bytes", "seconds"}.
+
+    RTU: request ADU 8 bytes, response unit+fc+byte count+data+CRC, both framed by a 3.5-char
+    silence, plus RTU_TURNAROUND and the configured pause. TCP: MBAP framing, TCP_ALLOWANCE and
+    the pause. RTU over TCP: the serial time on the gateway's bus plus TCP_ALLOWANCE."""
+    nbytes = 0
+    seconds = 0.0
+    serial = conn.type in ("rtu", "rtu-over-tcp")
+    if serial:
+        ct = char_time(conn.baud, conn.bytesize, conn.parity, conn.stopbits)
+        gap = frame_gap(conn.baud, conn.bytesize, conn.parity, conn.stopbits)
+    for function, count in reads:
+        data = response_data_bytes(function, count)
+        if serial:
+            req, resp = RTU_HEADER + 4, RTU_HEADER + 1 + data
+            t = (req + resp) * ct + 2 * gap + RTU_TURNAROUND
+            if conn.type == "rtu-over-tcp":
+                t += TCP_ALLOWANCE
+        else:
+            req, resp = TCP_HEADER + 4, TCP_HEADER + 1 + data
+            t = TCP_ALLOWANCE
+        nbytes += req + resp
+        seconds += t + conn.pause
+    return {"requests": len(reads), "bytes": nbytes, "seconds": seconds}
