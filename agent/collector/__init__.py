@@ -1,0 +1,32 @@
+"""modbus-collector: receives the agents' batches over HTTP and stores them (SQLite or PostgreSQL).
+
+A plain WSGI callable, stdlib only (psycopg for the PostgreSQL option):
+
+    from agent.collector import make_app
+    app = make_app("conf/collector.ini")                 # or make_app(None, db="sqlite:///x.db")
+
+Production: `gunicorn -w 4 'agent.collector:make_app("conf/collector.ini")'` or
+`waitress-serve --call 'agent.collector:make_app'` (config from MODBUS_COLLECTOR_CONFIG).
+"""
+import os
+
+
+def make_app(config=None, **overrides):
+    """Config path (or None: built-in defaults, or $MODBUS_COLLECTOR_CONFIG) plus overrides
+    (db=, tokens=, max_records=, ...) -> the WSGI application, schema migrated, retention started."""
+    from agent.collector.app import CollectorApp
+    from agent.collector.config import Config, load_config
+    from agent.collector.store import open_store
+
+    store = overrides.pop("store", None)
+    clock = overrides.pop("clock", None)
+    if isinstance(config, Config):
+        cfg = config
+    else:
+        if config is None:
+            config = os.environ.get("MODBUS_COLLECTOR_CONFIG") or None
+        cfg = load_config(config, **overrides)
+    kw = {"clock": clock} if clock else {}
+    app = CollectorApp(cfg, store or open_store(cfg.db), **kw)
+    app.start_retention()
+    return app

@@ -1,0 +1,496 @@
+"""The collector's WSGI application: routing, request limits, auth, responses.
+
+Bad input never reaches the database and never yields a 500: every check below maps to a 4xx
+with a JSON body {"error": reason, "where": place}. Order on POST: method, auth header, content
+type and encoding, size (413 before reading), read, decompress with a cap, JSON, then validation
+(422 naming the JSON path). Storage errors (database locked or gone) are 503 so the agent backs off.
+"""
+import csv
+import hashlib
+import hmac
+import io
+import json
+import logging
+import threading
+import time
+import zlib
+from urllib.parse import parse_qs
+
+from agent.collector import page, validate
+from agent.collector.store import ROW_COLUMNS
+from agent.record import utc_timestamp
+
+log = logging.getLogger("modbus.collector")
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False,
+                           check_circular=False).encode
+_JSON_TYPES = ("application/json",)
+_LEGACY_TYPES = ("application/json", "text/json", "text/plain", "application/x-www-form-urlencoded", "")
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+            405: "Method Not Allowed", 411: "Length Required", 413: "Payload Too Large",
+            415: "Unsupported Media Type", 422: "Unprocessable Entity", 500: "Internal Server Error",
+            503: "Service Unavailable"}
+
+
+class HTTPError(Exception):
+    def __init__(self, status, error, where="", headers=()):
+        super().__init__(error)
+        self.status = status
+        self.error = error
+        self.where = where
+        self.headers = list(headers)
+
+
+def _status(code):
+    return "%d %s" % (code, _REASONS.get(code, "Unknown"))
+
+
+def _hasher(data):
+    return hashlib.blake2b(data, digest_size=8).digest()
+
+
+def bad_string_path(value, path="$"):
+    """JSON path of the first string (or key) no database can store: NUL, lone surrogate. Slow;
+    run only when the body has a \\u escape at all."""
+    t = type(value)
+    if t is str:
+        if "\x00" in value:
+            return path
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+    elif t is dict:
+        for k, v in value.items():
+            p = bad_string_path(k, path + ".<key>") or bad_string_path(v, "%s.%s" % (path, k))
+            if p:
+                return p
+    elif t is list:
+        for i, v in enumerate(value):
+            p = bad_string_path(v, "%s[%d]" % (path, i))
+            if p:
+                return p
+    return None
+
+
+def _db_errors(dialect):
+    """Exception classes that mean 'storage unavailable' (503): the agent backs off and retries."""
+    import sqlite3
+
+    errs = [sqlite3.OperationalError, sqlite3.DatabaseError]
+    if dialect == "postgres":
+        import psycopg
+
+        errs.append(psycopg.DatabaseError)
+    return tuple(errs)
+
+
+class CollectorApp:
+    def __init__(self, cfg, store, clock=time.time):
+        self.cfg = cfg
+        self.store = store
+        self.clock = clock
+        self._tokens = [(a, t.encode("utf-8")) for a, t in sorted(cfg.tokens.items())]
+        self._db_errors = _db_errors(getattr(store, "dialect", "sqlite"))
+        self._stop = threading.Event()
+        self._retention_thread = None
+        self.routes = {
+            "/api/v1/batches": {"POST": self.post_batches},
+            "/receive-data": {"POST": self.post_receive_data},
+            "/health": {"GET": self.get_health},
+            "/api/v1/devices": {"GET": self.get_devices},
+            "/api/v1/agents": {"GET": self.get_agents},
+            "/api/v1/records": {"GET": self.get_records},
+            "/": {"GET": self.get_page},
+        }
+
+    # --- WSGI entry ---------------------------------------------------------------------------
+
+    def __call__(self, environ, start_response):
+        path = environ.get("PATH_INFO") or "/"
+        methods = self.routes.get(path)
+        try:
+            if methods is None:
+                raise HTTPError(404, "no such endpoint", path)
+            handler = methods.get(environ.get("REQUEST_METHOD", "GET"))
+            if handler is None:
+                raise HTTPError(405, "method not allowed", path, [("Allow", ", ".join(sorted(methods)))])
+            return handler(environ, start_response)
+        except HTTPError as e:
+            if e.status >= 500:
+                log.warning("%s %s: %d %s", environ.get("REQUEST_METHOD"), path, e.status, e.error)
+            else:
+                log.info("%s %s from %s: %d %s (%s)", environ.get("REQUEST_METHOD"), path,
+                         environ.get("REMOTE_ADDR", "?"), e.status, e.error, e.where)
+            return self._json(start_response, e.status, {"error": e.error, "where": e.where}, e.headers)
+        except self._db_errors as e:
+            log.error("%s %s: database error: %s", environ.get("REQUEST_METHOD"), path, e)
+            return self._json(start_response, 503, {"error": "database unavailable", "where": "storage"},
+                              [("Retry-After", "5")])
+
+    @staticmethod
+    def _json(start_response, code, obj, headers=()):
+        body = (_encode(obj) + "\n").encode("utf-8")
+        start_response(_status(code), [("Content-Type", "application/json"),
+                                       ("Content-Length", str(len(body)))] + list(headers))
+        return [body]
+
+    # --- request helpers ----------------------------------------------------------------------
+
+    def _token_agent(self, environ):
+        """The agent whose token is in Authorization: Bearer, or HTTPError 401. Every configured
+        token is compared (constant time each, no early exit), so timing says nothing."""
+        header = environ.get("HTTP_AUTHORIZATION", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise HTTPError(401, "missing Authorization: Bearer token", "Authorization",
+                            [("WWW-Authenticate", 'Bearer realm="modbus-collector"')])
+        given = token.strip().encode("utf-8", "surrogateescape")
+        found = None
+        for agent, expected in self._tokens:
+            if hmac.compare_digest(given, expected) and found is None:
+                found = agent
+        if found is None:
+            raise HTTPError(401, "unknown token", "Authorization",
+                            [("WWW-Authenticate", 'Bearer realm="modbus-collector", error="invalid_token"')])
+        return found
+
+    def _read_json(self, environ, allowed_types):
+        ctype = environ.get("CONTENT_TYPE", "").split(";", 1)[0].strip().lower()
+        if ctype not in allowed_types:
+            raise HTTPError(415, "expected Content-Type: application/json, got %r" % ctype[:100],
+                            "Content-Type")
+        encoding = environ.get("HTTP_CONTENT_ENCODING", "identity").strip().lower() or "identity"
+        if encoding not in ("identity", "gzip"):
+            raise HTTPError(415, "unsupported Content-Encoding %r (gzip or none)" % encoding[:50],
+                            "Content-Encoding")
+        limit = self.cfg.max_body_bytes
+        length = environ.get("CONTENT_LENGTH", "")
+        stream = environ["wsgi.input"]
+        if length:
+            try:
+                n = int(length)
+            except ValueError:
+                raise HTTPError(400, "bad Content-Length", "Content-Length") from None
+            if n < 0:
+                raise HTTPError(400, "bad Content-Length", "Content-Length")
+            if n > limit:
+                raise HTTPError(413, "body of %d bytes exceeds max_body_bytes %d" % (n, limit), "body")
+            body = self._read_exactly(stream, n)
+        elif environ.get("wsgi.input_terminated"):  # chunked upload through gunicorn & co
+            body = self._read_exactly(stream, limit + 1, allow_short=True)
+            if len(body) > limit:
+                raise HTTPError(413, "body exceeds max_body_bytes %d" % limit, "body")
+        else:
+            raise HTTPError(411, "Content-Length required", "Content-Length")
+        if encoding == "gzip":
+            body = self._gunzip(body)
+        if not body:
+            raise HTTPError(400, "empty body", "body")
+        try:
+            doc = validate.loads(body)
+        except RecursionError:
+            raise HTTPError(400, "JSON nested too deeply", "body") from None
+        except json.JSONDecodeError as e:
+            raise HTTPError(400, "malformed JSON: %s" % e.msg,
+                            "body: line %d column %d" % (e.lineno, e.colno)) from None
+        except ValueError as e:  # bad UTF-8, NaN/Infinity
+            raise HTTPError(400, "malformed JSON: %s" % str(e)[:200], "body") from None
+        if b"\\u" in body:
+            bad = bad_string_path(doc)
+            if bad:
+                raise HTTPError(422, "string with NUL or an unpaired surrogate", bad)
+        return doc
+
+    @staticmethod
+    def _read_exactly(stream, n, allow_short=False):
+        parts, got = [], 0
+        while got < n:
+            chunk = stream.read(min(n - got, 1 << 20))
+            if not chunk:
+                if allow_short:
+                    break
+                raise HTTPError(400, "body shorter than Content-Length (%d of %d bytes)" % (got, n), "body")
+            parts.append(chunk)
+            got += len(chunk)
+        return b"".join(parts)
+
+    def _gunzip(self, data):
+        """Decompress with a hard cap: a gzip bomb costs at most max_decompressed_bytes of memory."""
+        cap = self.cfg.max_decompressed_bytes
+        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:
+            out = d.decompress(data, cap + 1)
+        except zlib.error as e:
+            raise HTTPError(400, "bad gzip data: %s" % e, "body") from None
+        if len(out) > cap or d.unconsumed_tail:
+            raise HTTPError(413, "decompressed body exceeds max_decompressed_bytes %d" % cap, "body")
+        if not d.eof:
+            raise HTTPError(400, "truncated gzip data", "body")
+        if d.unused_data:
+            raise HTTPError(400, "data after the end of the gzip stream", "body")
+        return out
+
+    def _check_read_access(self, environ):
+        if self.cfg.read_token:
+            header = environ.get("HTTP_AUTHORIZATION", "")
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                    token.strip().encode("utf-8", "surrogateescape"), self.cfg.read_token.encode("utf-8")):
+                raise HTTPError(401, "read_token required", "Authorization",
+                                [("WWW-Authenticate", 'Bearer realm="modbus-collector"')])
+
+    # --- POST endpoints -----------------------------------------------------------------------
+
+    def post_batches(self, environ, start_response):
+        t0 = time.monotonic()
+        token_agent = self._token_agent(environ) if self.cfg.tokens_required else None
+        doc = self._read_json(environ, _JSON_TYPES)
+        received = self.clock()
+        if token_agent is not None and type(doc) is dict and doc.get("agent") != token_agent:
+            raise HTTPError(403, "token belongs to another agent", "$.agent")
+        try:
+            agent, rows = validate.batch_rows(doc, received, self.cfg.max_records, self.cfg.max_depth)
+        except validate.Invalid as e:
+            raise HTTPError(422, e.reason, e.path) from None
+        stored, dups, max_seq = self.store.ingest(agent, rows, received)
+        log.debug("batch from %s: %d stored, %d duplicates, max_seq %s, %.1f ms",
+                  agent, stored, dups, max_seq, (time.monotonic() - t0) * 1000)
+        return self._json(start_response, 200, {"stored": stored, "duplicates": dups, "max_seq": max_seq})
+
+    def post_receive_data(self, environ, start_response):
+        mode = self.cfg.receive_data
+        if mode == "closed":
+            raise HTTPError(404, "/receive-data is closed on this collector", "receive_data")
+        agent = self.cfg.receive_data_agent
+        if mode == "token" or self.cfg.tokens_required:
+            agent = self._token_agent(environ)
+        doc = self._read_json(environ, _LEGACY_TYPES)
+        received = self.clock()
+        recs, prefix = (doc, "$") if type(doc) is list else ([doc], None)
+        if len(recs) > self.cfg.max_records:
+            raise HTTPError(422, "more than %d records in one post" % self.cfg.max_records, "$")
+        try:
+            rows = [validate.legacy_row(r, agent, received, "%s[%d]" % (prefix, i) if prefix else "$",
+                                        self.cfg.max_depth, _hasher) for i, r in enumerate(recs)]
+        except validate.Invalid as e:
+            raise HTTPError(422, e.reason, e.path) from None
+        # Content-hash seqs are not ordered: agents.max_seq means nothing for legacy posts.
+        stored, dups, _ = self.store.ingest(agent, rows, received)
+        return self._json(start_response, 200, {"stored": stored, "duplicates": dups})
+
+    # --- GET endpoints ------------------------------------------------------------------------
+
+    def get_health(self, environ, start_response):
+        try:
+            version = self.store.ping()
+        except Exception as e:  # any driver error: the answer is "not healthy", not a 500
+            return self._json(start_response, 503, {"status": "error", "db": "unreachable: %s" % e,
+                                                   "where": "storage"})
+        return self._json(start_response, 200, {"status": "ok", "db": "ok", "schema": version,
+                                               "time": utc_timestamp(self.clock())})
+
+    def device_view(self):
+        """Devices with parsed last values, age and freshness (for the API and the page)."""
+        now = self.clock()
+        out = []
+        for d in self.store.devices():
+            age = now - d["last_seen"]
+            out.append({
+                "agent": d["agent"], "device": d["device"], "unit": d["unit"],
+                "last_seen": utc_timestamp(d["last_seen"]), "age_s": round(age, 1),
+                "fresh": age <= self.cfg.stale_after, "last_ts": d["last_ts"], "last_status": d["last_status"],
+                "values_ts": d["values_ts"],
+                "values": json.loads(d["last_values"]) if d["last_values"] else None,
+                "error_ts": d["error_ts"], "last_error": json.loads(d["last_error"]) if d["last_error"] else None,
+                "health_ts": d["health_ts"], "health": json.loads(d["health"]) if d["health"] else None,
+                "records": d["records"], "errors": d["errors"],
+            })
+        return out
+
+    def agent_view(self):
+        now = self.clock()
+        return [dict(a, first_seen=utc_timestamp(a["first_seen"]), last_seen=utc_timestamp(a["last_seen"]),
+                     age_s=round(now - a["last_seen"], 1)) for a in self.store.agents()]
+
+    def get_devices(self, environ, start_response):
+        self._check_read_access(environ)
+        return self._json(start_response, 200, {"devices": self.device_view()})
+
+    def get_agents(self, environ, start_response):
+        self._check_read_access(environ)
+        return self._json(start_response, 200, {"agents": self.agent_view()})
+
+    def get_page(self, environ, start_response):
+        self._check_read_access(environ)
+        now = self.clock()
+        since = utc_timestamp(now - 3600)
+        devices = self.device_view()
+        series = {(d["agent"], d["device"]): self.store.series(d["agent"], d["device"], since)
+                  for d in devices}
+        body = page.render(self.agent_view(), devices, series, now, self.cfg.refresh).encode("utf-8")
+        start_response(_status(200), [("Content-Type", "text/html; charset=utf-8"),
+                                      ("Content-Length", str(len(body))), ("Cache-Control", "no-store")])
+        return [body]
+
+    def get_records(self, environ, start_response):
+        self._check_read_access(environ)
+        q = parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
+        allowed = ("agent", "device", "since", "until", "kind", "limit", "format")
+        for k in q:
+            if k not in allowed:
+                raise HTTPError(400, "unknown parameter (known: %s)" % ", ".join(allowed), k)
+        arg = {k: v[-1] for k, v in q.items() if v and v[-1] != ""}
+        fmt = arg.pop("format", "json")
+        if fmt not in ("json", "jsonl", "csv"):
+            raise HTTPError(400, "format must be json, jsonl or csv", "format")
+        for k in ("since", "until"):
+            if k in arg:
+                arg[k] = parse_time(arg[k], k)
+        if "limit" in arg:
+            if not arg["limit"].isdigit():
+                raise HTTPError(400, "limit must be a non-negative integer", "limit")
+            arg["limit"] = int(arg["limit"])
+        if arg.get("kind") not in (None, "data", "gap", "health"):
+            raise HTTPError(400, "kind must be data, gap or health", "kind")
+        rows = self.store.records(**arg)
+        ctype = {"json": "application/json", "jsonl": "application/x-ndjson",
+                 "csv": "text/csv; charset=utf-8"}[fmt]
+        start_response(_status(200), [("Content-Type", ctype), ("Cache-Control", "no-store")])
+        return {"json": stream_json, "jsonl": stream_jsonl, "csv": stream_csv}[fmt](rows)
+
+    # --- retention ----------------------------------------------------------------------------
+
+    def retention_once(self, pause=0.0):
+        """Delete records older than retention_days in chunks; returns how many went."""
+        if not self.cfg.retention_days:
+            return 0
+        cutoff = utc_timestamp(self.clock() - self.cfg.retention_days * 86400.0)
+        total = 0
+        while not self._stop.is_set():
+            n = self.store.delete_older(cutoff, self.cfg.retention_chunk)
+            total += n
+            if n < self.cfg.retention_chunk:
+                break
+            if pause:
+                self._stop.wait(pause)  # let ingest take the write lock between chunks
+        if total:
+            log.info("retention: deleted %d records older than %s", total, cutoff)
+        return total
+
+    def start_retention(self):
+        if not self.cfg.retention_days or self._retention_thread is not None:
+            return
+
+        def loop():
+            while not self._stop.is_set():
+                try:
+                    self.retention_once(pause=0.05)
+                except Exception:
+                    log.exception("retention failed; will retry")
+                self._stop.wait(self.cfg.retention_interval)
+
+        self._retention_thread = threading.Thread(target=loop, name="retention", daemon=True)
+        self._retention_thread.start()
+
+    def close(self):
+        self._stop.set()
+        if self._retention_thread is not None:
+            self._retention_thread.join(5)
+        self.store.close()
+
+
+def parse_time(text, where):
+    """Query time: ISO UTC ('2026-11-21T10:30:45Z', '2026-11-21 10:30:45', '2026-11-21') or epoch seconds."""
+    t = text.strip()
+    try:
+        return utc_timestamp(float(t))
+    except (ValueError, OverflowError):
+        pass
+    if len(t) == 10:
+        t += "T00:00:00"
+    t = t.replace(" ", "T")
+    if not t.endswith("Z"):
+        t += "Z"
+    ts = validate.normalize_ts(t)
+    if ts is None:
+        raise HTTPError(400, "expected an ISO UTC time (2026-11-21T10:30:45Z) or epoch seconds", where)
+    return ts
+
+
+def record_json(row):
+    """Row -> the record's JSON text as the agent sent it (payload spliced in, not re-parsed)."""
+    agent, seq, ts, kind, device, unit, status, payload, clock, _received = row
+    head = '{"agent":%s,"seq":%d,"ts":"%s"' % (_encode(agent), seq, ts)
+    tail = ',"clock":"unsynced"}' if clock else "}"
+    if kind == "data":
+        return '%s,"device":%s,"unit":%s,"%s":%s,"status":"%s"%s' % (
+            head, _encode(device), "null" if unit is None else unit,
+            "values" if status == "ok" else "error", payload, status, tail)
+    if kind == "gap":
+        dev = ',"device":%s' % _encode(device) if device is not None else ""
+        return '%s,"kind":"gap"%s,%s%s' % (head, dev, payload.strip()[1:-1], tail)
+    return '%s,"kind":"health","device":%s,"unit":%s,"health":%s%s' % (
+        head, _encode(device), "null" if unit is None else unit, payload, tail)
+
+
+def _chunked(pieces, size=65536):
+    buf, n = [], 0
+    for p in pieces:
+        buf.append(p)
+        n += len(p)
+        if n >= size:
+            yield "".join(buf).encode("utf-8")
+            buf, n = [], 0
+    if buf:
+        yield "".join(buf).encode("utf-8")
+
+
+def stream_json(rows):
+    def pieces():
+        yield "["
+        first = True
+        for r in rows:
+            yield record_json(r) if first else "," + record_json(r)
+            first = False
+        yield "]\n"
+    return _closing(_chunked(pieces()), rows)
+
+
+def stream_jsonl(rows):
+    return _closing(_chunked(record_json(r) + "\n" for r in rows), rows)
+
+
+def stream_csv(rows):
+    def pieces():
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(ROW_COLUMNS)
+        for r in rows:
+            w.writerow(r)
+            if buf.tell() >= 65536:
+                yield buf.getvalue()
+                buf.seek(0)
+                buf.truncate()
+        yield buf.getvalue()
+    return _closing(_chunked(pieces(), 1), rows)
+
+
+class _closing:
+    """WSGI response iterable whose close() also closes the database cursor generator, so a
+    client that hangs up mid-export releases its connection."""
+
+    def __init__(self, it, rows):
+        self._it = it
+        self._rows = rows
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._it)
+
+    def close(self):
+        self._it.close()
+        close = getattr(self._rows, "close", None)
+        if close:
+            close()

@@ -1,0 +1,177 @@
+"""`modbus-collector [-c FILE] [--listen HOST:PORT] [--db URL]`: the collector on the stdlib server.
+
+A threaded wsgiref server with HTTP/1.1 keep-alive (agents reuse their connection). For many
+agents run the same app under gunicorn or waitress instead (see README).
+Exit codes: 0 stopped, 2 bad configuration or usage, 1 could not start.
+"""
+import argparse
+import logging
+import signal
+import socketserver
+import sys
+from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer
+
+from agent import __version__
+
+log = logging.getLogger("modbus.collector")
+
+
+class _Handler(ServerHandler):
+    http_version = "1.1"
+
+    def close(self):
+        # wsgiref's ServerHandler closes after every request: keep the connection when the
+        # response had a length (and the client did not ask to close); else close as before.
+        keep = (self.headers is not None and "Content-Length" in self.headers
+                and self.request_handler.request_version == "HTTP/1.1"
+                and (self.environ.get("HTTP_CONNECTION", "").lower() != "close"))
+        self.request_handler.close_connection = not keep
+        super().close()
+
+
+class _Body:
+    """wsgi.input that stops at Content-Length and knows how much the app left unread."""
+
+    def __init__(self, rfile, length):
+        self._rfile = rfile
+        self.remaining = length
+
+    def read(self, size=-1):
+        if size is None or size < 0 or size > self.remaining:
+            size = self.remaining
+        data = self._rfile.read(size) if size else b""
+        self.remaining -= len(data)
+        if size and not data:
+            self.remaining = 0
+        return data
+
+    def readline(self, size=-1):
+        if size is None or size < 0 or size > self.remaining:
+            size = self.remaining
+        data = self._rfile.readline(size) if size else b""
+        self.remaining -= len(data)
+        return data
+
+    def __iter__(self):
+        while self.remaining:
+            line = self.readline()
+            if not line:
+                return
+            yield line
+
+
+class RequestHandler(WSGIRequestHandler):
+    protocol_version = "HTTP/1.1"
+    timeout = 60  # idle keep-alive connections go away
+
+    def handle(self):
+        self.close_connection = True
+        self.handle_one_request()
+        while not self.close_connection:
+            self.handle_one_request()
+
+    def handle_one_request(self):
+        self.raw_requestline = self.rfile.readline(65537)
+        if not self.raw_requestline:
+            self.close_connection = True
+            return
+        if len(self.raw_requestline) > 65536:
+            self.requestline = ""
+            self.request_version = ""
+            self.command = ""
+            self.send_error(414)
+            self.close_connection = True
+            return
+        if not self.parse_request():
+            self.close_connection = True
+            return
+        environ = self.get_environ()
+        try:
+            length = max(0, int(environ.get("CONTENT_LENGTH") or 0))
+        except ValueError:
+            length = 0
+            self.close_connection = True
+        body = _Body(self.rfile, length)
+        handler = _Handler(body, self.wfile, self.get_stderr(), environ,
+                           multithread=True, multiprocess=False)
+        handler.request_handler = self
+        handler.run(self.server.get_app())
+        if body.remaining and not self.close_connection:
+            # the app answered without reading the body (413, 401): skip a small rest so the
+            # next request on this connection starts clean, hang up on a big one
+            if body.remaining > 65536:
+                self.close_connection = True
+            else:
+                body.read(body.remaining)
+
+    def log_message(self, format, *args):
+        log.debug("%s %s", self.address_string(), format % args)
+
+    def log_request(self, code="-", size="-"):
+        log.debug('%s "%s" %s', self.address_string(), self.requestline, code)
+
+
+class Server(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+
+def make_server(host, port, app):
+    server = Server((host, port), RequestHandler)
+    server.set_app(app)
+    return server
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="modbus-collector", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version="modbus-collector %s" % __version__)
+    p.add_argument("-c", "--config", metavar="FILE", help="collector INI file (default: built-in, open, local)")
+    p.add_argument("--listen", metavar="HOST:PORT", help="override [collector] listen")
+    p.add_argument("--db", metavar="URL", help="override [collector] db (sqlite:///path or postgresql://...)")
+    p.add_argument("--log-level", default=None, help="override [collector] log_level")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    from agent.collector import make_app
+    from agent.collector.config import ConfigError, load_config, parse_listen
+
+    try:
+        cfg = load_config(args.config, listen=args.listen, db=args.db, log_level=args.log_level)
+        host, port = parse_listen(cfg.listen)
+    except (ConfigError, ValueError) as e:
+        print("modbus-collector: %s" % e, file=sys.stderr)
+        return 2
+    logging.basicConfig(level=getattr(logging, cfg.log_level), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not cfg.tokens_required:
+        log.warning("agents are accepted WITHOUT tokens (no [tokens] configured)%s",
+                    "" if args.config else "; built-in defaults: listening on %s, storing in %s" % (cfg.listen, cfg.db))
+    try:
+        app = make_app(cfg)
+        server = make_server(host, port, app)
+    except Exception as e:
+        log.error("cannot start: %s", e)
+        return 1
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    log.info("modbus-collector %s listening on http://%s:%d, storing in %s", __version__, host,
+             server.server_address[1], cfg.db.split("@")[-1])  # no password in the log
+    try:
+        server.serve_forever(poll_interval=0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        app.close()
+        log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

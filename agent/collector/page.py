@@ -1,0 +1,111 @@
+"""The status page: server-rendered HTML, inline SVG sparklines, a meta refresh. No JavaScript."""
+import json
+from html import escape
+
+SPARK_W, SPARK_H = 160, 28
+
+
+def first_numeric(values):
+    """Name of the first numeric (non-bool) value in a values dict, or None."""
+    for k, v in (values or {}).items():
+        if type(v) in (int, float):
+            return k
+    return None
+
+
+def sparkline(points, width=SPARK_W, height=SPARK_H):
+    """[(x, y), ...] -> an inline <svg> polyline scaled to the box; '' with fewer than 2 points."""
+    if len(points) < 2:
+        return ""
+    xs = [p[0] for p in points]
+    ys = [p[1] for p in points]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    dx, dy = (x1 - x0) or 1.0, (y1 - y0) or 1.0
+    coords = " ".join("%.1f,%.1f" % ((x - x0) / dx * (width - 2) + 1, height - 1 - (y - y0) / dy * (height - 2))
+                      for x, y in points)
+    return ('<svg class="spark" width="%d" height="%d" viewBox="0 0 %d %d" role="img" aria-label="last hour">'
+            '<polyline fill="none" stroke="#2a6" stroke-width="1.5" points="%s"/></svg>'
+            % (width, height, width, height, coords))
+
+
+def _ts_seconds(ts):
+    # '2026-11-21T10:30:45.123Z' -> seconds within a sortable day count; only relative x matters
+    d = int(ts[8:10]) * 86400 + int(ts[11:13]) * 3600 + int(ts[14:16]) * 60
+    return d + float(ts[17:23])
+
+
+def series_points(rows, name):
+    pts = []
+    for ts, payload in rows:
+        try:
+            v = json.loads(payload).get(name) if not isinstance(payload, dict) else payload.get(name)
+        except ValueError:
+            continue
+        if type(v) in (int, float):
+            pts.append((_ts_seconds(ts), float(v)))
+    # a month boundary inside the hour would fold x; keep order by position instead
+    if any(b[0] < a[0] for a, b in zip(pts, pts[1:])):
+        pts = [(i, p[1]) for i, p in enumerate(pts)]
+    return pts
+
+
+def _fmt(v):
+    if type(v) is float:
+        return "%.6g" % v
+    return escape(json.dumps(v) if not isinstance(v, str) else v)
+
+
+def _age(s):
+    if s < 120:
+        return "%ds" % s
+    if s < 7200:
+        return "%dm" % (s // 60)
+    if s < 172800:
+        return "%dh" % (s // 3600)
+    return "%dd" % (s // 86400)
+
+
+CSS = """body{font:14px system-ui,sans-serif;margin:1.5em;color:#222}
+table{border-collapse:collapse;width:100%}th,td{padding:4px 8px;border-bottom:1px solid #ddd;text-align:left;vertical-align:top}
+th{background:#f4f4f4}.stale{color:#a60}.err{color:#b00}.ok{color:#070}.vals{font-family:monospace;font-size:12px}
+h2{margin-top:1.5em}small{color:#777}"""
+
+
+def render(agents, devices, series, now, refresh=5):
+    """agents/devices: the app's views; series: (agent, device) -> [(ts, payload), ...] of the last hour."""
+    out = ['<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
+           '<meta http-equiv="refresh" content="%d">' % int(refresh),
+           '<meta name="viewport" content="width=device-width, initial-scale=1">',
+           '<title>modbus-collector</title><style>%s</style></head><body>' % CSS,
+           '<h1>modbus-collector</h1>']
+    out.append('<h2>Agents</h2><table id="agents"><tr><th>agent</th><th>last seen</th><th>records</th>'
+               '<th>max seq</th><th>gaps (dropped)</th></tr>')
+    for a in agents:
+        out.append('<tr class="agent"><td>%s</td><td>%s ago</td><td>%d</td><td>%s</td><td>%d (%d)</td></tr>'
+                   % (escape(a["agent"]), _age(a["age_s"]), a["records"], a["max_seq"], a["gaps"], a["dropped"]))
+    if not agents:
+        out.append('<tr><td colspan="5"><small>no agent has uploaded yet</small></td></tr>')
+    out.append('</table><h2>Devices</h2><table id="devices"><tr><th>agent</th><th>device</th><th>unit</th>'
+               '<th>age</th><th>status</th><th>last values</th><th>last hour</th><th>errors</th></tr>')
+    for d in devices:
+        values = d["values"] or {}
+        name = first_numeric(values)
+        spark = sparkline(series_points(series.get((d["agent"], d["device"]), []), name)) if name else ""
+        status = d["last_status"] or "-"
+        err = d["last_error"] or {}
+        vals = ", ".join("%s=%s" % (escape(str(k)), _fmt(v)) for k, v in list(values.items())[:8])
+        if len(values) > 8:
+            vals += ", &hellip;"
+        out.append(
+            '<tr class="device" data-agent="%s" data-device="%s"><td>%s</td><td>%s</td><td>%s</td>'
+            '<td class="%s">%s</td><td class="%s">%s</td><td class="vals">%s</td><td>%s%s</td>'
+            '<td title="%s">%d</td></tr>'
+            % (escape(d["agent"]), escape(d["device"]), escape(d["agent"]), escape(d["device"]),
+               "" if d["unit"] is None else d["unit"], "ok" if d["fresh"] else "stale", _age(d["age_s"]),
+               "ok" if status == "ok" else "err", escape(status), vals, spark,
+               ' <small>%s</small>' % escape(name) if spark else "",
+               escape(str(err.get("message", ""))), d["errors"]))
+    if not devices:
+        out.append('<tr><td colspan="8"><small>no device data yet</small></td></tr>')
+    out.append('</table><p><small>refreshes every %ds</small></p></body></html>' % int(refresh))
+    return "".join(out)

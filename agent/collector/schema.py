@@ -1,0 +1,72 @@
+"""The collector's database schema, versioned; migrations run at start, each in one transaction.
+
+Tables (the same in SQLite and PostgreSQL, so a Grafana data source of either kind charts them):
+
+records   one row per record, identity (agent, seq)
+    agent    TEXT     agent id                      seq   INTEGER  the agent's sequence number
+    ts       TEXT     '2026-11-21T10:30:45.123Z' (UTC, always 3 fraction digits: text order = time order)
+    kind     TEXT     'data' | 'gap' | 'health'     device TEXT   device name (NULL for gaps)
+    unit     INTEGER  Modbus unit id                 status TEXT   'ok' | 'error' for data, else NULL
+    payload  JSON text: data/ok -> the values {"voltage_l1": 230.1, ...}; data/error -> the error
+             {"kind": "timeout", "message": ...}; gap -> {"dropped", "first_seq", "last_seq", ...};
+             health -> the health counters. (PostgreSQL: jsonb.)
+    clock    'unsynced' when the agent's clock was not set yet, else NULL
+    received REAL     server time (epoch seconds) the batch was stored
+agents    agent, max_seq, records, gaps, dropped, first_seen, last_seen (epoch seconds)
+devices   per (agent, device): unit, last_ts/last_status (newest reading), values_ts/last_values,
+          error_ts/last_error, health_ts/health, records, errors, last_seen (epoch seconds)
+legacy /receive-data posts land in `records` too: agent = the token's agent (or receive_data_agent),
+seq = a 63-bit hash of the record's content (see validate.legacy_row).
+
+Grafana, SQLite data source (frser-sqlite-datasource), one point over time:
+    SELECT ts AS time, json_extract(payload, '$.voltage_l1') AS voltage_l1 FROM records
+    WHERE agent = 'site7' AND device = 'meter1' AND kind = 'data' AND status = 'ok'
+      AND ts >= strftime('%Y-%m-%dT%H:%M:%fZ', $__from / 1000, 'unixepoch') ORDER BY ts
+Grafana, PostgreSQL:
+    SELECT ts::timestamptz AS time, (payload->>'voltage_l1')::float AS voltage_l1 FROM records
+    WHERE agent = 'site7' AND device = 'meter1' AND kind = 'data' AND status = 'ok'
+      AND ts >= to_char($__timeFrom() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') ORDER BY ts
+"""
+
+# Each migration: list of statements per dialect. Never edit a released one; append a new one.
+MIGRATIONS = [
+    # 1: initial schema
+    {
+        "sqlite": [
+            """CREATE TABLE records (
+                agent TEXT NOT NULL, seq INTEGER NOT NULL, ts TEXT NOT NULL, kind TEXT NOT NULL,
+                device TEXT, unit INTEGER, status TEXT, payload TEXT NOT NULL, clock TEXT,
+                received REAL NOT NULL, PRIMARY KEY (agent, seq)) WITHOUT ROWID""",
+            "CREATE INDEX records_ts ON records (ts)",
+            "CREATE INDEX records_device ON records (agent, device, ts)",
+        ],
+        "postgres": [
+            """CREATE TABLE records (
+                agent TEXT NOT NULL, seq BIGINT NOT NULL, ts TEXT NOT NULL, kind TEXT NOT NULL,
+                device TEXT, unit INTEGER, status TEXT, payload JSONB NOT NULL, clock TEXT,
+                received DOUBLE PRECISION NOT NULL, PRIMARY KEY (agent, seq))""",
+            "CREATE INDEX records_ts ON records (ts)",
+            "CREATE INDEX records_device ON records (agent, device, ts)",
+        ],
+        "common": [
+            """CREATE TABLE agents (
+                agent TEXT PRIMARY KEY, max_seq BIGINT NOT NULL, records BIGINT NOT NULL DEFAULT 0,
+                gaps BIGINT NOT NULL DEFAULT 0, dropped BIGINT NOT NULL DEFAULT 0,
+                first_seen DOUBLE PRECISION NOT NULL, last_seen DOUBLE PRECISION NOT NULL)""",
+            """CREATE TABLE devices (
+                agent TEXT NOT NULL, device TEXT NOT NULL, unit INTEGER,
+                last_ts TEXT, last_status TEXT, values_ts TEXT, last_values TEXT,
+                error_ts TEXT, last_error TEXT, health_ts TEXT, health TEXT,
+                records BIGINT NOT NULL DEFAULT 0, errors BIGINT NOT NULL DEFAULT 0,
+                last_seen DOUBLE PRECISION NOT NULL, PRIMARY KEY (agent, device))""",
+        ],
+    },
+]
+
+VERSION = len(MIGRATIONS)
+
+
+def statements(dialect, version):
+    """Statements of migration `version` (1-based) for 'sqlite' or 'postgres'."""
+    m = MIGRATIONS[version - 1]
+    return list(m.get(dialect, [])) + list(m.get("common", []))

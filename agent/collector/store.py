@@ -1,0 +1,233 @@
+"""Storage interface shared by the SQLite and PostgreSQL backends.
+
+A backend supplies `_write()` (a context manager: cursor inside one write transaction, committed
+on exit, rolled back on error), `_read()` (cursor for short reads), `_stream(sql, args)` (rows of
+a long query, fetched in chunks, connection released when the generator is closed) and `ph`
+(the parameter placeholder). Everything else, the SQL included, lives here once.
+"""
+from agent.collector.schema import VERSION, statements
+
+ROW_COLUMNS = ("agent", "seq", "ts", "kind", "device", "unit", "status", "payload", "clock", "received")
+DEVICE_COLUMNS = ("agent", "device", "unit", "last_ts", "last_status", "values_ts", "last_values",
+                  "error_ts", "last_error", "health_ts", "health", "records", "errors", "last_seen")
+
+
+def open_store(url, **kw):
+    """'sqlite:///path' (or a bare path) -> SQLiteStore; 'postgresql://...' -> PostgresStore."""
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        from agent.collector.postgres import PostgresStore
+
+        return PostgresStore(url, **kw)
+    from agent.collector.sqlite import SQLiteStore
+
+    # sqlite:///rel.db -> rel.db ; sqlite:////abs/x.db -> /abs/x.db ; a bare path as is
+    if url.startswith("sqlite:///"):
+        path = url[len("sqlite:///"):]
+    elif url.startswith("sqlite://"):
+        path = url[len("sqlite://"):]
+    else:
+        path = url
+    return SQLiteStore(path, **kw)
+
+
+def _newer(col, ts_col):
+    """Upsert expression: take the incoming value when its timestamp is newer."""
+    return ("%s = CASE WHEN excluded.%s IS NOT NULL AND (devices.%s IS NULL OR excluded.%s >= devices.%s) "
+            "THEN excluded.%s ELSE devices.%s END" % (col, ts_col, ts_col, ts_col, ts_col, col, col))
+
+
+def aggregate(rows):
+    """New rows -> per-device summary rows (DEVICE_COLUMNS order) and (records, gaps, dropped)."""
+    devs = {}
+    gaps = dropped = 0
+    for agent, _seq, ts, kind, device, unit, status, payload, _clock, received in rows:
+        if device is None:
+            if kind == "gap":
+                gaps += 1
+                # payload starts {"dropped":N,...}; parse only this rare row
+                import json
+
+                dropped += json.loads(payload).get("dropped") or 0
+            continue
+        d = devs.get(device)
+        if d is None:
+            d = devs[device] = [agent, device, unit, None, None, None, None, None, None, None, None, 0, 0,
+                                received]
+        d[11] += 1
+        if unit is not None:
+            d[2] = unit
+        if kind == "data":
+            if d[3] is None or ts >= d[3]:
+                d[3], d[4] = ts, status
+            if status == "ok":
+                if d[5] is None or ts >= d[5]:
+                    d[5], d[6] = ts, payload
+            else:
+                d[12] += 1
+                if d[7] is None or ts >= d[7]:
+                    d[7], d[8] = ts, payload
+        elif kind == "health":
+            if d[9] is None or ts >= d[9]:
+                d[9], d[10] = ts, payload
+        elif kind == "gap":
+            gaps += 1
+            import json
+
+            dropped += json.loads(payload).get("dropped") or 0
+    return [tuple(d) for d in devs.values()], gaps, dropped
+
+
+class Store:
+    dialect = "sqlite"
+    ph = "?"
+
+    def _sql(self, text):
+        return text if self.ph == "?" else text.replace("?", self.ph)
+
+    def _prepare_sql(self):
+        q = self._sql
+        cols = ", ".join(ROW_COLUMNS)
+        self.sql_insert = q("INSERT INTO records (%s) VALUES (%s) ON CONFLICT (agent, seq) DO NOTHING"
+                            % (cols, ", ".join(["?"] * len(ROW_COLUMNS))))
+        if self.dialect == "postgres":
+            self.sql_insert = self.sql_insert.replace(
+                "VALUES (" + ", ".join([self.ph] * len(ROW_COLUMNS)),
+                "VALUES (" + ", ".join([self.ph] * 7 + [self.ph + "::jsonb"] + [self.ph] * 2))
+        self.sql_existing = q("SELECT seq FROM records WHERE agent = ? AND seq >= ? AND seq <= ?")
+        self.sql_agent = q(
+            "INSERT INTO agents (agent, max_seq, records, gaps, dropped, first_seen, last_seen) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (agent) DO UPDATE SET "
+            "max_seq = CASE WHEN excluded.max_seq > agents.max_seq THEN excluded.max_seq ELSE agents.max_seq END, "
+            "records = agents.records + excluded.records, gaps = agents.gaps + excluded.gaps, "
+            "dropped = agents.dropped + excluded.dropped, last_seen = excluded.last_seen RETURNING max_seq")
+        self.sql_device = q(
+            "INSERT INTO devices (%s) VALUES (%s) ON CONFLICT (agent, device) DO UPDATE SET "
+            "unit = COALESCE(excluded.unit, devices.unit), %s, %s, %s, %s, %s, %s, %s, %s, "
+            "records = devices.records + excluded.records, errors = devices.errors + excluded.errors, "
+            "last_seen = excluded.last_seen"
+            % (", ".join(DEVICE_COLUMNS), ", ".join(["?"] * len(DEVICE_COLUMNS)),
+               _newer("last_status", "last_ts"), _newer("last_ts", "last_ts"),
+               _newer("last_values", "values_ts"), _newer("values_ts", "values_ts"),
+               _newer("last_error", "error_ts"), _newer("error_ts", "error_ts"),
+               _newer("health", "health_ts"), _newer("health_ts", "health_ts")))
+
+    # --- schema -----------------------------------------------------------------------------
+
+    def migrate(self):
+        """Apply missing migrations, each in its own transaction; returns the schema version."""
+        with self._write() as cur:
+            cur.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            cur.execute("SELECT version FROM schema_version")
+            row = cur.fetchone()
+            if row is None:
+                cur.execute(self._sql("INSERT INTO schema_version (version) VALUES (?)"), (0,))
+                current = 0
+            else:
+                current = row[0]
+        if current > VERSION:
+            raise RuntimeError("database schema version %d is newer than this collector (%d)"
+                               % (current, VERSION))
+        for v in range(current + 1, VERSION + 1):
+            with self._write() as cur:
+                cur.execute("SELECT version FROM schema_version")
+                if cur.fetchone()[0] >= v:  # another collector process migrated meanwhile
+                    continue
+                for stmt in statements(self.dialect, v):
+                    cur.execute(stmt)
+                cur.execute(self._sql("UPDATE schema_version SET version = ?"), (v,))
+        return VERSION
+
+    # --- ingest -----------------------------------------------------------------------------
+
+    def ingest(self, agent, rows, received):
+        """Store validated rows of one agent in one transaction, idempotent on (agent, seq).
+        Returns (stored, duplicates, max_seq); committed when it returns."""
+        if not rows:
+            with self._read() as cur:
+                cur.execute(self._sql("SELECT max_seq FROM agents WHERE agent = ?"), (agent,))
+                row = cur.fetchone()
+            return 0, 0, row[0] if row else None
+        seqs = [r[1] for r in rows]
+        lo, hi = min(seqs), max(seqs)
+        with self._write() as cur:
+            cur.execute(self.sql_existing, (agent, lo, hi))
+            existing = {r[0] for r in cur.fetchall()}
+            if existing or len(set(seqs)) != len(seqs):
+                fresh, seen = [], set(existing)
+                for r in rows:
+                    if r[1] not in seen:
+                        seen.add(r[1])
+                        fresh.append(r)
+            else:
+                fresh = rows
+            stored = self._insert(cur, fresh) if fresh else 0
+            # `stored` < len(fresh) only if another process stored some of them in between: the
+            # device counters may then count those twice, the records themselves never.
+            devices, gaps, dropped = aggregate(fresh)
+            if devices:
+                cur.executemany(self.sql_device, devices)
+            cur.execute(self.sql_agent, (agent, hi, stored, gaps, dropped, received, received))
+            max_seq = cur.fetchone()[0]
+        return stored, len(rows) - stored, max_seq
+
+    def _insert(self, cur, rows):
+        cur.executemany(self.sql_insert, rows)
+        return cur.rowcount
+
+    # --- queries ----------------------------------------------------------------------------
+
+    def ping(self):
+        with self._read() as cur:
+            cur.execute("SELECT version FROM schema_version")
+            return cur.fetchone()[0]
+
+    def agents(self):
+        with self._read() as cur:
+            cur.execute("SELECT agent, max_seq, records, gaps, dropped, first_seen, last_seen "
+                        "FROM agents ORDER BY agent")
+            return [dict(zip(("agent", "max_seq", "records", "gaps", "dropped", "first_seen", "last_seen"), r))
+                    for r in cur.fetchall()]
+
+    def devices(self):
+        with self._read() as cur:
+            cur.execute("SELECT %s FROM devices ORDER BY agent, device" % ", ".join(DEVICE_COLUMNS))
+            return [dict(zip(DEVICE_COLUMNS, r)) for r in cur.fetchall()]
+
+    def series(self, agent, device, since, limit=2000):
+        """(ts, payload) of a device's ok readings since `since`, oldest first (for sparklines)."""
+        with self._read() as cur:
+            cur.execute(self._sql(
+                "SELECT ts, %s FROM records WHERE agent = ? AND device = ? AND ts >= ? AND kind = 'data' "
+                "AND status = 'ok' ORDER BY ts DESC LIMIT ?" % self._payload_text),
+                (agent, device, since, limit))
+            rows = cur.fetchall()
+        rows.reverse()
+        return rows
+
+    _payload_text = "payload"
+
+    def records(self, agent=None, device=None, since=None, until=None, kind=None, limit=None):
+        """Generator of row tuples (ROW_COLUMNS order), oldest first, fetched in chunks."""
+        where, args = [], []
+        for col, op, val in (("agent", "=", agent), ("device", "=", device), ("ts", ">=", since),
+                             ("ts", "<", until), ("kind", "=", kind)):
+            if val is not None:
+                where.append("%s %s ?" % (col, op))
+                args.append(val)
+        sql = "SELECT %s FROM records" % ", ".join(
+            c if c != "payload" else self._payload_text for c in ROW_COLUMNS)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY ts, agent, seq"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(int(limit))
+        return self._stream(self._sql(sql), args)
+
+    def delete_older(self, cutoff_ts, chunk):
+        """Delete up to `chunk` records older than cutoff (one short transaction); returns count."""
+        with self._write() as cur:
+            cur.execute(self._sql(
+                "DELETE FROM records WHERE (agent, seq) IN "
+                "(SELECT agent, seq FROM records WHERE ts < ? LIMIT ?)"), (cutoff_ts, chunk))
+            return cur.rowcount

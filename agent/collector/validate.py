@@ -1,0 +1,223 @@
+"""Record validation: a parsed batch in, database rows out, or Invalid naming the JSON path.
+
+Pure functions, called once per record on the ingest path, so they test types with `type(x) is`
+and avoid building anything they do not store. A row is the tuple
+
+    (agent, seq, ts, kind, device, unit, status, payload, clock, received)
+
+kind is "data" (a reading: status "ok" with values, or "error" with the error object), "gap" or
+"health"; payload is the kind-specific JSON object as compact text (values, error, gap details or
+health counters). Unknown top-level fields are ignored (newer agents may add some).
+"""
+import json
+import re
+
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False,
+                           check_circular=False).encode
+MAX_SEQ = (1 << 63) - 1
+MAX_NAME = 128
+MAX_TEXT = 4096
+_SCALARS = (int, float, str, bool, type(None))
+_TS = re.compile(r"(\d{4})-(\d\d)-(\d\d)T([01]\d|2[0-3]):([0-5]\d):([0-5]\d)(?:\.(\d{1,6}))?Z")
+_DAYS = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+_good_dates = set()
+
+
+class Invalid(ValueError):
+    """A record or batch failed validation; `path` is a JSON path like $.records[3].values.v."""
+
+    def __init__(self, path, reason):
+        self.path = path
+        self.reason = reason
+        super().__init__("%s: %s" % (path, reason))
+
+
+def _reject_constant(name):
+    raise ValueError("%s is not valid JSON" % name)
+
+
+def loads(text):
+    """json.loads that refuses NaN/Infinity (not JSON, and not storable in PostgreSQL JSON)."""
+    return json.loads(text, parse_constant=_reject_constant)
+
+
+def normalize_ts(s):
+    """'2026-11-21T10:30:45.123Z' (0-6 fraction digits) -> the same with exactly 3; None if bad.
+    One fixed width keeps text order equal to time order, so `ts` sorts and indexes as text."""
+    if type(s) is not str:
+        return None
+    m = _TS.fullmatch(s)
+    if m is None:
+        return None
+    date = s[:10]
+    if date not in _good_dates:
+        y, mo, d = int(m.group(1)), int(m.group(2)), int(m.group(3))
+        if not (1 <= mo <= 12 and 1 <= d <= _DAYS[mo - 1]) or (
+                mo == 2 and d == 29 and not (y % 4 == 0 and (y % 100 != 0 or y % 400 == 0))) or y < 1970:
+            return None
+        if len(_good_dates) < 100000:
+            _good_dates.add(date)
+    if len(s) == 24:
+        return s
+    frac = (m.group(7) or "") + "000"
+    return "%s.%sZ" % (s[:19], frac[:3])
+
+
+def check_depth(value, depth, max_depth, path):
+    if depth > max_depth:
+        raise Invalid(path, "nested deeper than %d levels" % max_depth)
+    t = type(value)
+    if t is dict:
+        for k, v in value.items():
+            if type(v) not in _SCALARS or type(v) is str and len(v) > MAX_TEXT:
+                check_depth(v, depth + 1, max_depth, "%s.%s" % (path, k))
+    elif t is list:
+        for i, v in enumerate(value):
+            if type(v) not in _SCALARS or type(v) is str and len(v) > MAX_TEXT:
+                check_depth(v, depth + 1, max_depth, "%s[%d]" % (path, i))
+    elif t is str:
+        if len(value) > MAX_TEXT:
+            raise Invalid(path, "string longer than %d characters" % MAX_TEXT)
+    elif t not in _SCALARS:
+        raise Invalid(path, "not a JSON value")
+
+
+def _object(rec, key, path, max_depth):
+    v = rec.get(key)
+    if type(v) is not dict:
+        raise Invalid("%s.%s" % (path, key), "expected an object")
+    for k, x in v.items():
+        if type(x) not in _SCALARS or type(x) is str and len(x) > MAX_TEXT:
+            check_depth(x, 2, max_depth, "%s.%s.%s" % (path, key, k))
+    return _encode(v)
+
+
+def _name(rec, key, path, required=True):
+    v = rec.get(key)
+    if type(v) is str and 0 < len(v) <= MAX_NAME:
+        return v
+    if v is None and not required:
+        return None
+    raise Invalid("%s.%s" % (path, key), "expected a non-empty string of at most %d characters" % MAX_NAME)
+
+
+def _int(rec, key, path, lo, hi, required=True):
+    v = rec.get(key)
+    if type(v) is int and lo <= v <= hi:
+        return v
+    if v is None and not required:
+        return None
+    raise Invalid("%s.%s" % (path, key), "expected an integer %d..%d" % (lo, hi))
+
+
+def record_row(rec, agent, received, path, max_depth):
+    """One record dict -> row tuple; raises Invalid."""
+    if type(rec) is not dict:
+        raise Invalid(path, "expected an object")
+    if rec.get("agent") != agent:
+        raise Invalid(path + ".agent", "must equal the batch's agent %r" % agent)
+    seq = rec.get("seq")
+    if type(seq) is not int or not 0 <= seq <= MAX_SEQ:
+        raise Invalid(path + ".seq", "expected an integer 0..2^63-1")
+    ts = rec.get("ts")
+    if type(ts) is not str or len(ts) != 24 or ts[:10] not in _good_dates or _TS.fullmatch(ts) is None:
+        ts = normalize_ts(ts)
+        if ts is None:
+            raise Invalid(path + ".ts", "expected a UTC time like 2026-11-21T10:30:45.123Z")
+    clock = rec.get("clock")
+    if clock is not None and clock != "unsynced":
+        raise Invalid(path + ".clock", 'expected "unsynced" or absent')
+    kind = rec.get("kind")
+    if kind is None:
+        device = rec.get("device")
+        if type(device) is not str or not 0 < len(device) <= MAX_NAME:
+            device = _name(rec, "device", path)
+        unit = rec.get("unit")
+        if unit is not None and (type(unit) is not int or not 0 <= unit <= 255):
+            _int(rec, "unit", path, 0, 255)
+        status = rec.get("status")
+        if status == "ok":
+            payload = _object(rec, "values", path, max_depth)
+        elif status == "error":
+            payload = _object(rec, "error", path, max_depth)
+            if type(rec["error"].get("kind")) is not str:
+                raise Invalid(path + ".error.kind", "expected a string")
+        else:
+            raise Invalid(path + ".status", 'expected "ok" or "error"')
+        return (agent, seq, ts, "data", device, unit, status, payload, clock, received)
+    if kind == "gap":
+        p = path
+        first_ts, last_ts = rec.get("first_ts"), rec.get("last_ts")
+        if first_ts is not None and normalize_ts(first_ts) is None:
+            raise Invalid(p + ".first_ts", "expected a UTC time or null")
+        if last_ts is not None and normalize_ts(last_ts) is None:
+            raise Invalid(p + ".last_ts", "expected a UTC time or null")
+        reason = rec.get("reason")
+        if reason is not None and (type(reason) is not str or len(reason) > MAX_TEXT):
+            raise Invalid(p + ".reason", "expected a string")
+        gap = {"dropped": _int(rec, "dropped", p, 0, MAX_SEQ),
+               "first_seq": _int(rec, "first_seq", p, 0, MAX_SEQ, required=False),
+               "last_seq": _int(rec, "last_seq", p, 0, MAX_SEQ, required=False),
+               "first_ts": first_ts, "last_ts": last_ts, "reason": reason}
+        device = _name(rec, "device", path, required=False)
+        return (agent, seq, ts, "gap", device, None, None, _encode(gap), clock, received)
+    if kind == "health":
+        device = _name(rec, "device", path)
+        unit = _int(rec, "unit", path, 0, 255, required=False)
+        payload = _object(rec, "health", path, max_depth)
+        return (agent, seq, ts, "health", device, unit, None, payload, clock, received)
+    raise Invalid(path + ".kind", 'expected absent (a reading), "gap" or "health"')
+
+
+def batch_rows(doc, received, max_records, max_depth):
+    """A parsed POST /api/v1/batches body -> (agent, rows); raises Invalid."""
+    if type(doc) is not dict:
+        raise Invalid("$", "expected an object {\"agent\": ..., \"records\": [...]}")
+    agent = doc.get("agent")
+    if type(agent) is not str or not 0 < len(agent) <= MAX_NAME:
+        raise Invalid("$.agent", "expected a non-empty string of at most %d characters" % MAX_NAME)
+    records = doc.get("records")
+    if type(records) is not list:
+        raise Invalid("$.records", "expected a list")
+    if len(records) > max_records:
+        raise Invalid("$.records", "more than %d records in one batch" % max_records)
+    rows = []
+    append = rows.append
+    for i, rec in enumerate(records):
+        append(record_row(rec, agent, received, "$.records[%d]" % i, max_depth))
+    return agent, rows
+
+
+# --- the legacy /receive-data format -------------------------------------------------------------
+
+_LEGACY_TS = re.compile(r"(\d{4}-\d\d-\d\d)[ T](\d\d:\d\d:\d\d)(\.\d{1,6})?Z?")
+
+
+def legacy_row(rec, agent, received, path, max_depth, hasher):
+    """{"timestamp": "2024-01-15 10:30:45", "device_id": ..., "registers": {...}, "status": ...} -> row.
+
+    These posts carry no sequence number. The row's seq is a 63-bit hash of the record's content
+    (device, timestamp, registers, status), so a script that retries a post stores it once, while
+    every distinct reading gets its own identity. Timestamps without a zone are taken as UTC."""
+    if type(rec) is not dict:
+        raise Invalid(path, "expected an object")
+    device = rec.get("device_id")
+    if type(device) is not str or not 0 < len(device) <= MAX_NAME:
+        raise Invalid(path + ".device_id", "expected a non-empty string of at most %d characters" % MAX_NAME)
+    stamp = rec.get("timestamp")
+    m = _LEGACY_TS.fullmatch(stamp) if type(stamp) is str else None
+    ts = m and normalize_ts("%sT%s%sZ" % (m.group(1), m.group(2), m.group(3) or ""))
+    if not ts:
+        raise Invalid(path + ".timestamp", 'expected "YYYY-MM-DD HH:MM:SS" (UTC)')
+    payload = _object(rec, "registers", path, max_depth)
+    status = rec.get("status", "success")
+    if type(status) is not str or len(status) > MAX_NAME:
+        raise Invalid(path + ".status", "expected a string")
+    if status.lower() in ("success", "ok"):
+        st = "ok"
+    else:
+        st = "error"
+        payload = _encode({"kind": "legacy", "message": status, "registers": rec["registers"]})
+    digest = hasher(("%s\0%s\0%s\0%s" % (device, ts, payload, status)).encode("utf-8"))
+    seq = int.from_bytes(digest, "big") >> 1
+    return (agent, seq, ts, "data", device, None, st, payload, None, received)
