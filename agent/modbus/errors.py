@@ -136,3 +136,10 @@ class FrameError(AgentError):
 class ConnectionLost(AgentError):
     kind = "connection"
     retryable = True
+
+
+class InvalidRequest(AgentError, ValueError):
+    """The caller asked for something the protocol cannot express (count 0 or above the
+    spec limit, address past 65535, unsupported function code). Nothing was sent."""
+
+    kind = "agent"

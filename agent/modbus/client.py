@@ -1,0 +1,582 @@
+"""Modbus clients: the transports that move the codec's frames.
+
+    TcpClient          Modbus TCP (MBAP) on a socket
+    RtuClient          RTU on a serial line (pyserial), with 3.5-character silence and RS-485 echo
+    RtuOverTcpClient   RTU frames on a socket, as serial-to-Ethernet gateways speak
+
+All three connect lazily, raise only `agent.modbus.errors` types with unit, function code,
+address and count filled in, and keep counters in `.stats` (uploaded as device health).
+
+Robustness rules (each answers a known field problem):
+- a stale reply (older transaction id, a late RTU answer to an earlier request) is discarded
+  and reading goes on; it is never returned as the answer;
+- a TCP stream that is out of sync (bad MBAP header, unknown transaction id) is closed and
+  reopened, and the request sent once more on the fresh connection;
+- after a lost connection, reconnects back off exponentially (one attempt per step, up to
+  `backoff_max`); inside the window the call fails at once without touching the network;
+  a connection the peer closed while idle is reopened once at once (gateways do that);
+- RTU: the exception-sized prefix (5 bytes) is read first, so an exception reply never costs
+  a timeout; stale input is dropped before sending; `pause` and the 3.5-character silence are
+  kept between exchanges.
+"""
+import os
+import select
+import socket
+import time
+
+from agent.modbus import pdu as _pdu
+from agent.modbus import rtu, tcp
+from agent.modbus.errors import (
+    ConnectionLost,
+    CRCError,
+    DeviceError,
+    FrameError,
+    InvalidRequest,
+    ModbusError,
+    ModbusTimeout,
+)
+
+_monotonic = time.monotonic
+
+STAT_KEYS = ("requests", "timeouts", "crc_errors", "frame_errors", "exceptions", "reconnects",
+             "stale_discarded", "connection_errors", "resyncs")
+_STAT_FOR = {
+    ModbusTimeout: "timeouts",
+    CRCError: "crc_errors",
+    FrameError: "frame_errors",
+    DeviceError: "exceptions",
+    ConnectionLost: "connection_errors",
+}
+#: spec quantity limits of the reads, for the fast argument check in `read`
+_READ_MAX = {1: 2000, 2: 2000, 3: 125, 4: 125}
+#: a reply whose transaction id is at most this far behind the current one is a stale answer
+_STALE_WINDOW = 64
+_RECV_SIZE = 4096
+
+
+class _OutOfSync(FrameError):
+    """TCP stream no longer at a frame boundary: close, reopen, resend once."""
+
+
+class _Client:
+    """Request building, validation, stats, back-off; subclasses move the bytes."""
+
+    def __init__(self, timeout, pause, backoff_min, backoff_max):
+        self.timeout = float(timeout)
+        self.pause = float(pause or 0.0)
+        self.backoff_min = float(backoff_min)
+        self.backoff_max = float(backoff_max)
+        self.stats = dict.fromkeys(STAT_KEYS, 0)
+        self._failures = 0          # consecutive connection failures (drives the back-off)
+        self._down_until = 0.0      # monotonic time before which we do not reconnect
+        self._connected_once = False
+        self._last_end = 0.0        # monotonic end of the last exchange (pause, RTU silence)
+
+    # --- public API ------------------------------------------------------------------------
+
+    def read(self, unit, function, address, count):
+        """FC 01-04: the response's data bytes as on the wire."""
+        try:
+            ok = (function in _READ_MAX and 0 < count <= _READ_MAX[function]
+                  and address >= 0 and address + count <= 0x10000 and 0 <= unit <= 255)
+        except TypeError:
+            ok = False
+        if not ok:
+            self._invalid(unit, function, address, count)
+        self.stats["requests"] += 1
+        try:
+            return self._read(unit, function, address, count)
+        except ModbusError as e:
+            self.stats[_STAT_FOR.get(type(e), "frame_errors")] += 1
+            e.with_context(unit=unit, function=function, address=address, count=count)
+            raise
+
+    def write_coil(self, unit, address, value):
+        """FC 05."""
+        return self._request(unit, _pdu.WRITE_SINGLE_COIL, address, value, 1, value)
+
+    def write_register(self, unit, address, value):
+        """FC 06."""
+        return self._request(unit, _pdu.WRITE_SINGLE_REGISTER, address, value, 1, value)
+
+    def write_coils(self, unit, address, values):
+        """FC 15."""
+        values = list(values)
+        return self._request(unit, _pdu.WRITE_MULTIPLE_COILS, address, values, len(values))
+
+    def write_registers(self, unit, address, values):
+        """FC 16."""
+        values = list(values)
+        return self._request(unit, _pdu.WRITE_MULTIPLE_REGISTERS, address, values, len(values))
+
+    def close(self):
+        self._close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # --- shared machinery ----------------------------------------------------------------
+
+    def _invalid(self, unit, function, address, count):
+        try:
+            if function not in _READ_MAX:
+                raise InvalidRequest(f"function code {function!r} is not a read (01-04)")
+            if not isinstance(unit, int) or not 0 <= unit <= 255:
+                raise InvalidRequest(f"unit id must be 0..255, not {unit!r}")
+            _pdu.function(function).build(address, count)
+            raise InvalidRequest("invalid request")  # pragma: no cover - build raised
+        except InvalidRequest as e:
+            raise e.with_context(unit=unit, function=function, address=address, count=count) from None
+
+    def _request(self, unit, code, address, payload, count, value=None):
+        fn = _pdu.FUNCTIONS[code]
+        try:
+            if not isinstance(unit, int) or not 0 <= unit <= 255:
+                raise InvalidRequest(f"unit id must be 0..255, not {unit!r}")
+            request_pdu = fn.build(address, payload)
+        except InvalidRequest as e:
+            raise e.with_context(unit=unit, function=code, address=address, count=count) from None
+        self.stats["requests"] += 1
+        try:
+            return self._exchange_pdu(unit, fn, request_pdu, address, count, value)
+        except ModbusError as e:
+            self.stats[_STAT_FOR.get(type(e), "frame_errors")] += 1
+            e.with_context(unit=unit, function=code, address=address, count=count)
+            raise
+
+    def _open(self):
+        """Connect (lazily), honouring the back-off window."""
+        now = _monotonic()
+        if now < self._down_until:
+            raise ConnectionLost("%s: backing off after %d failed attempt(s), next try in %.1f s"
+                                 % (self._where(), self._failures, self._down_until - now))
+        try:
+            self._connect()
+        except ConnectionLost:
+            self._lost()
+            raise
+        if self._connected_once:
+            self.stats["reconnects"] += 1
+        self._connected_once = True
+
+    def _lost(self):
+        """The link failed: close it and open the next back-off window."""
+        self._close()
+        self._failures += 1
+        delay = min(self.backoff_min * (2 ** min(self._failures - 1, 30)), self.backoff_max)
+        self._down_until = _monotonic() + delay
+
+    def _wait_gap(self, gap):
+        wait = self._last_end + gap - _monotonic()
+        if wait > 0:
+            time.sleep(wait)
+
+
+# === Modbus TCP ===============================================================================
+
+class TcpClient(_Client):
+    """Modbus TCP client (MBAP framing), one connection, one request in flight."""
+
+    def __init__(self, host, port=502, timeout=1.0, connect_timeout=None, pause=0.0,
+                 backoff_max=60.0, backoff_min=0.5):
+        super().__init__(timeout, pause, backoff_min, backoff_max)
+        self.host = host
+        self.port = int(port)
+        self.connect_timeout = float(connect_timeout) if connect_timeout else self.timeout
+        self._sock = None
+        self._tid = 0
+        self._rest = b""            # bytes received past the last frame
+        self._timeouts = 0          # consecutive timeouts (a half-open link shows as these)
+
+    def _where(self):
+        return f"{self.host}:{self.port}"
+
+    def _connect(self):
+        try:
+            sock = socket.create_connection((self.host, self.port), self.connect_timeout)
+        except socket.timeout:
+            raise ConnectionLost(f"connect to {self._where()} timed out after {self.connect_timeout:g} s") from None
+        except OSError as e:
+            raise ConnectionLost(f"connect to {self._where()} failed: {e.strerror or e}") from None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(self.timeout)
+        self._sock = sock
+        self._rest = b""
+
+    def _close(self):
+        sock, self._sock = self._sock, None
+        self._rest = b""
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def _read(self, unit, function, address, count):
+        tid = self._tid = (self._tid + 1) & 0xFFFF
+        adu = self._transact(tcp.build_read(tid, unit, function, address, count), tid,
+                             tcp.read_response_length(function, count))
+        return tcp.decode_read(adu, tid, unit, function, count)
+
+    def _exchange_pdu(self, unit, fn, request_pdu, address, count, value):
+        tid = self._tid = (self._tid + 1) & 0xFFFF
+        adu = self._transact(tcp.build_adu(tid, unit, request_pdu), tid, fn.response_length(count) + 7)
+        return tcp.decode_response(adu, tid, unit, fn, address, count, value)
+
+    def _transact(self, request, tid, expected):
+        """Send one request ADU, return the ADU that carries `tid` (checked further by the codec)."""
+        if self.pause:
+            self._wait_gap(self.pause)
+        fresh = self._sock is None
+        if fresh:
+            self._open()
+        attempt = 0
+        while True:
+            attempt += 1
+            got = []
+            try:
+                self._rest = b""  # nothing received before this request can answer it
+                try:
+                    self._sock.sendall(request)
+                except OSError as e:
+                    raise ConnectionLost(f"send to {self._where()} failed: {e.strerror or e}") from None
+                adu = self._receive(tid, expected, got)
+                break
+            except ConnectionLost:
+                self._close()
+                if attempt == 1 and not fresh and not got:
+                    # the peer closed the idle connection before our request: reopen once now
+                    fresh = True
+                    self._open()
+                    continue
+                self._lost()
+                raise
+            except _OutOfSync:
+                self._close()
+                self.stats["resyncs"] += 1
+                if attempt == 1:
+                    fresh = True
+                    self._open()
+                    continue
+                raise
+            except ModbusTimeout:
+                self._timeouts += 1
+                if self._timeouts >= 2:
+                    # two silent answers in a row: maybe a half-open link; start afresh next time
+                    self._close()
+                if self.pause:
+                    self._last_end = _monotonic()
+                raise
+        self._failures = 0
+        self._timeouts = 0
+        if self.pause:
+            self._last_end = _monotonic()
+        return adu
+
+    def _receive(self, tid, expected, got):
+        """Read frames until the one with `tid`; older ones are stale and skipped."""
+        sock = self._sock
+        buf = b""
+        deadline = None
+        try:
+            while True:
+                while len(buf) < 7:
+                    buf += self._recv(sock, deadline, buf, expected, got)
+                    if deadline is None:
+                        deadline = _monotonic() + self.timeout
+                rtid, length, _unit = self._header(buf)
+                total = 6 + length
+                while len(buf) < total:
+                    buf += self._recv(sock, deadline, buf, total, got)
+                if len(buf) == total:
+                    adu, buf = buf, b""
+                else:
+                    adu, buf = buf[:total], buf[total:]
+                if rtid == tid:
+                    self._rest = buf
+                    return adu
+                if 0 < (tid - rtid) & 0xFFFF <= _STALE_WINDOW:
+                    self.stats["stale_discarded"] += 1
+                    continue
+                raise _OutOfSync("unknown transaction id (stream out of sync)",
+                                 expected=f"transaction id {tid}", got=adu)
+        finally:
+            if deadline is not None and self._sock is sock:
+                sock.settimeout(self.timeout)
+
+    @staticmethod
+    def _header(buf):
+        try:
+            return tcp.parse_header(buf)
+        except FrameError as e:
+            raise _OutOfSync(e.message, expected=e.expected, got=buf) from None
+
+    def _recv(self, sock, deadline, buf, expected, got):
+        if deadline is not None:
+            # not the first receive: the whole exchange shares one deadline
+            remaining = deadline - _monotonic()
+            if remaining <= 0:
+                if buf:
+                    raise FrameError("truncated response", expected=f"{expected} bytes", got=buf)
+                raise ModbusTimeout(f"no response within {self.timeout:g} s")
+            sock.settimeout(remaining)
+        try:
+            chunk = sock.recv(_RECV_SIZE)
+        except socket.timeout:
+            if buf:
+                raise FrameError("truncated response", expected=f"{expected} bytes", got=buf) from None
+            raise ModbusTimeout(f"no response within {self.timeout:g} s") from None
+        except OSError as e:
+            raise ConnectionLost(f"receive from {self._where()} failed: {e.strerror or e}",
+                                 got=buf or None) from None
+        if not chunk:
+            raise ConnectionLost(f"{self._where()} closed the connection", got=buf or None)
+        got.append(1)
+        return chunk
+
+
+# === RTU (serial and over TCP) ================================================================
+
+class _RtuBase(_Client):
+    """RTU framing over a byte link; subclasses provide the link."""
+
+    rs485_echo = False
+    #: silence before a request (3.5 characters on a serial line; 0 on a socket)
+    _silence = 0.0
+    #: time to move one character (0 on a socket)
+    _char_time = 0.0
+
+    def __init__(self, timeout, pause, backoff_min, backoff_max):
+        super().__init__(timeout, pause, backoff_min, backoff_max)
+        self._link = None
+
+    def _close(self):
+        link, self._link = self._link, None
+        if link is not None:
+            link.close()
+
+    def _read(self, unit, function, address, count):
+        adu = self._transact(rtu.build_read(unit, function, address, count), unit, function,
+                             rtu.read_response_length(function, count))
+        return rtu.decode_read(adu, unit, function, count)
+
+    def _exchange_pdu(self, unit, fn, request_pdu, address, count, value):
+        adu = self._transact(rtu.build_adu(unit, request_pdu), unit, fn.code,
+                             fn.response_length(count) + rtu.OVERHEAD)
+        return rtu.decode_response(adu, unit, fn, address, count, value)
+
+    def _transact(self, request, unit, function, expected):
+        if self._link is None:
+            self._open()
+        try:
+            gap = max(self.pause, self._silence)
+            if gap:
+                self._wait_gap(gap)
+            try:
+                self._link.drop_input()  # stale bytes (late answers, noise) must not be read as the answer
+            except ConnectionLost:
+                # the peer closed the idle link (gateways do); nothing was sent yet: reopen once
+                self._close()
+                self._open()
+                self._link.drop_input()
+            self._link.write(request)
+            deadline = _monotonic() + self.timeout + self._char_time * (expected + len(request))
+            if self.rs485_echo:
+                echo = self._read_exact(len(request), deadline, b"", what="RS-485 echo")
+                if echo != request:
+                    raise FrameError("RS-485 echo does not match the request",
+                                     expected=request.hex(" "), got=echo)
+            adu = self._receive(unit, function, expected, deadline)
+        except ConnectionLost:
+            self._lost()
+            raise
+        finally:
+            self._last_end = _monotonic()
+        self._failures = 0
+        return adu
+
+    def _receive(self, unit, function, expected, deadline):
+        """The response frame for (unit, function); frames for other requests are skipped."""
+        stale = None
+        while True:
+            try:
+                head = self._read_exact(rtu.EXCEPTION_ADU_LENGTH, deadline, b"")
+            except ModbusTimeout:
+                if stale is None:
+                    raise
+                raise FrameError("no answer, only a frame for another request",
+                                 expected=f"unit {unit} fc {function:02d}", got=stale) from None
+            if head[0] == unit and (head[1] == function or head[1] == function | 0x80):
+                if head[1] & 0x80 or expected <= len(head):
+                    return head
+                return head + self._read_exact(expected - len(head), deadline, head)
+            # not ours: a late answer to an earlier request, or noise. Cut it by its own length.
+            n = rtu.frame_length(head)
+            if n is None or n > rtu.MAX_ADU_LENGTH:
+                raise FrameError("unexpected bytes instead of a response",
+                                 expected=f"unit {unit} fc {function:02d}", got=head)
+            frame = head if n <= len(head) else head + self._read_exact(n - len(head), deadline, head)
+            if not rtu.crc16(frame) == 0:
+                raise CRCError("CRC mismatch in an unexpected frame",
+                               expected=f"unit {unit} fc {function:02d}", got=frame)
+            self.stats["stale_discarded"] += 1
+            stale = frame
+
+    def _read_exact(self, n, deadline, prefix, what="response"):
+        link = self._link
+        buf = b""
+        while len(buf) < n:
+            remaining = deadline - _monotonic()
+            chunk = link.read_some(n - len(buf), remaining) if remaining > 0 else b""
+            if not chunk:
+                got = prefix + buf
+                if got:
+                    raise FrameError(f"truncated {what}", expected=f"{len(prefix) + n} bytes", got=got)
+                raise ModbusTimeout(f"no {what} within {self.timeout:g} s")
+            buf += chunk
+        return buf
+
+
+class _FdLink:
+    """Byte link on a file descriptor: select() for the timeout, then one read."""
+
+    def __init__(self, fd, where):
+        self.fd = fd
+        self.where = where
+
+    def read_some(self, n, timeout):
+        try:
+            ready = select.select((self.fd,), (), (), timeout)[0]
+            if not ready:
+                return b""
+            data = self._read(n)
+        except OSError as e:
+            raise ConnectionLost(f"{self.where}: read failed: {e.strerror or e}") from None
+        if not data:
+            raise ConnectionLost(f"{self.where}: closed (read returned nothing)")
+        return data
+
+    def drop_input(self):
+        try:
+            while select.select((self.fd,), (), (), 0)[0]:
+                if not self._read(_RECV_SIZE):
+                    raise ConnectionLost(f"{self.where}: closed")
+        except OSError as e:
+            raise ConnectionLost(f"{self.where}: read failed: {e.strerror or e}") from None
+
+
+class _SerialLink(_FdLink):
+    def __init__(self, serial_port, where):
+        super().__init__(serial_port.fileno(), where)
+        self.port = serial_port
+
+    def _read(self, n):
+        return os.read(self.fd, n)
+
+    def write(self, data):
+        try:
+            self.port.write(data)
+            self.port.flush()  # tcdrain: the answer's timeout starts when the request is out
+        except (OSError, ValueError) as e:
+            raise ConnectionLost(f"{self.where}: write failed: {e}") from None
+
+    def drop_input(self):
+        try:
+            self.port.reset_input_buffer()
+        except (OSError, ValueError) as e:
+            raise ConnectionLost(f"{self.where}: {e}") from None
+        super().drop_input()
+
+    def close(self):
+        try:
+            self.port.close()
+        except (OSError, ValueError):
+            pass
+
+
+class _SocketLink(_FdLink):
+    def __init__(self, sock, where):
+        super().__init__(sock.fileno(), where)
+        self.sock = sock
+
+    def _read(self, n):
+        return self.sock.recv(n)
+
+    def write(self, data):
+        try:
+            self.sock.sendall(data)
+        except OSError as e:
+            raise ConnectionLost(f"{self.where}: send failed: {e.strerror or e}") from None
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def silent_interval(baudrate, bits_per_char=11):
+    """3.5 character times, fixed at 1.75 ms above 19200 baud (Serial Line v1.02, 2.5.1.1)."""
+    if baudrate > 19200:
+        return 0.00175
+    return 3.5 * bits_per_char / baudrate
+
+
+class RtuClient(_RtuBase):
+    """RTU master on a serial port (pyserial)."""
+
+    def __init__(self, port, baudrate=9600, parity="N", bytesize=8, stopbits=1, timeout=0.5,
+                 pause=0.0, rs485_echo=False, backoff_max=60.0, backoff_min=0.5):
+        super().__init__(timeout, pause, backoff_min, backoff_max)
+        self.port = port
+        self.baudrate = int(baudrate)
+        self.parity = str(parity).upper()[:1]
+        self.bytesize = int(bytesize)
+        self.stopbits = stopbits
+        self.rs485_echo = bool(rs485_echo)
+        bits = 1 + self.bytesize + (self.parity != "N") + float(stopbits)
+        self._char_time = bits / self.baudrate
+        self._silence = silent_interval(self.baudrate, bits)
+
+    def _where(self):
+        return self.port
+
+    def _connect(self):
+        try:
+            import serial  # pyserial; imported here so TCP-only agents never load it
+            port = serial.Serial(self.port, baudrate=self.baudrate, parity=self.parity,
+                                 bytesize=self.bytesize, stopbits=self.stopbits, timeout=0,
+                                 exclusive=True)
+        except ImportError:
+            raise ConnectionLost("pyserial is not installed") from None
+        except (OSError, ValueError) as e:
+            raise ConnectionLost(f"open {self.port} failed: {e}") from None
+        self._link = _SerialLink(port, self.port)
+
+
+class RtuOverTcpClient(_RtuBase):
+    """RTU frames on a TCP socket (serial-to-Ethernet gateways in transparent mode)."""
+
+    def __init__(self, host, port=502, timeout=1.0, connect_timeout=None, pause=0.0,
+                 backoff_max=60.0, backoff_min=0.5):
+        super().__init__(timeout, pause, backoff_min, backoff_max)
+        self.host = host
+        self.port = int(port)
+        self.connect_timeout = float(connect_timeout) if connect_timeout else self.timeout
+
+    def _where(self):
+        return f"{self.host}:{self.port}"
+
+    def _connect(self):
+        try:
+            sock = socket.create_connection((self.host, self.port), self.connect_timeout)
+        except socket.timeout:
+            raise ConnectionLost(f"connect to {self._where()} timed out after {self.connect_timeout:g} s") from None
+        except OSError as e:
+            raise ConnectionLost(f"connect to {self._where()} failed: {e.strerror or e}") from None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(None)  # blocking; select() bounds every wait
+        self._link = _SocketLink(sock, self._where())
