@@ -1,0 +1,878 @@
+"""The spool: a crash-safe, bounded, flash-aware queue of record lines on disk.
+
+Layout of the spool directory:
+  seg-<first seq>.jsonl  segment files, one record per line (agent.record.encode), oldest first;
+                         the newest one is "active" (appended to); rotated at `segment_bytes`.
+  cursor.json            upload cursor + seq floor + totals, replaced atomically
+                         (tmp, fsync, rename, directory fsync).
+  setaside.log           torn tails and corrupt lines found while reading, kept for a human.
+  quarantine.jsonl       records the collector rejected (4xx), each with the reason.
+  lock                   flock: one agent per spool directory.
+
+Promises (see issue 4/6):
+- A line is written with one write(2) of the whole line, so a killed process (SIGKILL) never
+  leaves half a line; a power cut can, and a line without its newline is "torn": it is set aside
+  at start, never parsed as a record.
+- Corrupt lines (unparseable, wrong seq order) are skipped and counted, never fatal; reading goes
+  on while writing goes on.
+- seq never goes backwards: the next seq follows the highest seq found in the segments, in the
+  segment names (a segment is named after the seq of its first line) and in the cursor's
+  `next_seq`; the newest segment is never deleted on acknowledgement, and a segment is deleted
+  only after the cursor has been written durably. Records are made durable (fsync) before they
+  are handed to the uploader, so after a power cut the agent never reuses a seq the collector has
+  seen (the idempotent collector would discard the new reading as a duplicate: silent loss).
+- When `max_bytes` or `max_age` is hit the oldest segment is dropped and a gap record
+  (agent.record.gap_record) says exactly how many records, which seq and time range; it is
+  uploaded like any record. A write that fails (disk full) is accounted for by a gap record too.
+- Flash wear: `fsync = always` syncs every line; `interval` syncs at most every `fsync_interval`
+  seconds and before an upload batch is handed out; `never` leaves it to the kernel.
+"""
+import calendar
+import errno
+import fcntl
+import json
+import logging
+import os
+import time
+
+from agent.record import CLOCK_SANE, encode, gap_record, utc_timestamp
+
+log = logging.getLogger("agent.spool")
+
+SEG_PREFIX = "seg-"
+SEG_SUFFIX = ".jsonl"
+CURSOR = "cursor.json"
+SETASIDE = "setaside.log"
+QUARANTINE = "quarantine.jsonl"
+LOCK = "lock"
+FSYNC_MODES = ("always", "interval", "never")
+
+_SCAN_CHUNK = 256 << 10
+_GAP_RESERVE = 512          # room kept for the gap record a drop writes
+_SETASIDE_MAX = 1 << 20     # a wholly corrupt spool must not fill the flash with its copy
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG, errno.EROFS, errno.EACCES)
+
+
+class SpoolError(Exception):
+    """The spool cannot be used (directory locked by another agent, unwritable)."""
+
+
+class Batch:
+    """Oldest un-acknowledged lines, in seq order. `lines` are bytes without the newline;
+    `_ends[i]` is the reader position just after line i (segment key, byte offset, line number),
+    so a batch can be split (413) and its parts acknowledged in order."""
+
+    __slots__ = ("lines", "seqs", "first_seq", "last_seq", "count", "nbytes", "_ends")
+
+    def __init__(self, lines, seqs, ends):
+        self.lines = lines
+        self.seqs = seqs
+        self._ends = ends
+        self.count = len(lines)
+        self.first_seq = seqs[0]
+        self.last_seq = seqs[-1]
+        self.nbytes = sum(len(x) for x in lines)
+
+    def split(self, k=None):
+        """-> (first part, second part); both non-empty. Needs count >= 2."""
+        if k is None:
+            k = self.count // 2
+        return (Batch(self.lines[:k], self.seqs[:k], self._ends[:k]),
+                Batch(self.lines[k:], self.seqs[k:], self._ends[k:]))
+
+    def __repr__(self):
+        return "Batch(%d records, seq %d..%d, %d bytes)" % (self.count, self.first_seq, self.last_seq, self.nbytes)
+
+
+class _Segment:
+    __slots__ = ("key", "path", "size", "count", "first_seq", "last_seq", "first_ts", "last_ts",
+                 "mtime", "verified")
+
+    def __init__(self, key, path):
+        self.key = key              # seq of the first line this segment was opened for
+        self.path = path
+        self.size = 0               # durable-to-us bytes (complete lines only)
+        self.count = 0              # lines (records; corrupt ones included until read)
+        self.first_seq = self.last_seq = None
+        self.first_ts = self.last_ts = None
+        self.mtime = 0.0            # spool clock at the last append (file mtime after a restart)
+        self.verified = True        # written by this process: lines need no JSON check
+
+
+def _ts_epoch(ts):
+    """'2026-11-21T10:30:45.123Z' -> seconds, None if it is not one."""
+    try:
+        return calendar.timegm(time.strptime(ts[:19], "%Y-%m-%dT%H:%M:%S")) + int(ts[20:23]) / 1000.0
+    except (ValueError, TypeError):
+        return None
+
+
+class Spool:
+    def __init__(self, directory, agent_id, max_bytes=16 << 20, max_age=7 * 86400, segment_bytes=256 << 10,
+                 fsync="interval", fsync_interval=5.0, clock=time.time, quarantine_file=None,
+                 quarantine_max_bytes=1 << 20):
+        if fsync not in FSYNC_MODES:
+            raise ValueError("fsync must be one of %s, not %r" % ("|".join(FSYNC_MODES), fsync))
+        self.directory = str(directory)
+        self.agent_id = agent_id
+        self.max_bytes = int(max_bytes)
+        self.max_age = float(max_age) if max_age else 0.0
+        # A segment must be well below the total bound, or dropping "the oldest" frees nothing.
+        self.segment_bytes = int(max(4096, min(int(segment_bytes), self.max_bytes // 4)))
+        self.fsync = fsync
+        self.fsync_interval = float(fsync_interval)
+        self._clock = clock
+        self.quarantine_file = str(quarantine_file or os.path.join(self.directory, QUARANTINE))
+        self.quarantine_max_bytes = int(quarantine_max_bytes)
+        # Every line the spool writes starts with this, so seq and ts are sliced, not parsed.
+        self._prefix = b'{"agent":' + json.dumps(agent_id, ensure_ascii=False).encode("utf-8") + b',"seq":'
+        self._plen = len(self._prefix)
+
+        self._segs = []             # oldest first; the reader is always in _segs[0]
+        self._roff = 0              # reader: byte offset in _segs[0] of the first un-acked line
+        self._rline = 0             # reader: lines before _roff in _segs[0]
+        self._wfd = None            # fd of the active segment (_segs[-1]) or None
+        self._bytes = 0
+        self._next_seq = 1
+        self._acked_seq = 0
+        self._dirty = False         # bytes written since the last fsync
+        self._dir_dirty = False     # a segment was created/removed since the last directory fsync
+        self._last_sync = time.monotonic()
+        self._cursor_dirty = False
+        self._last_cursor_sync = time.monotonic()
+        self._pending_loss = None   # [count, first_seq, last_seq, first_ts, last_ts] not yet in a gap record
+        self._oldest_cache = (None, None)
+        self._corrupt_mark = (0, -1)
+        self.totals = {"appended": 0, "dropped": 0, "gaps": 0, "corrupt_skipped": 0, "torn_set_aside": 0,
+                       "quarantined": 0, "write_errors": 0}
+        self.bytes_written = 0      # line bytes written by this process (for bytes-per-record)
+
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+            self._lockfd = os.open(os.path.join(self.directory, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise SpoolError("%s: cannot open spool directory: %s" % (self.directory, e.strerror)) from e
+        try:
+            fcntl.flock(self._lockfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(self._lockfd)
+            raise SpoolError("%s: spool directory is in use by another agent" % self.directory) from e
+        self._dirfd = os.open(self.directory, os.O_RDONLY)
+        self._recover()
+
+    # ------------------------------------------------------------------ line metadata
+
+    def _meta(self, line):
+        """(seq, ts) of a line, cheaply: sliced from the fixed prefix the spool writes; lines written
+        otherwise are parsed. None when the line has no usable seq."""
+        p = self._plen
+        if line.startswith(self._prefix):
+            j = line.find(b",", p)
+            if j > p:
+                try:
+                    seq = int(line[p:j])
+                except ValueError:
+                    return None
+                ts = None
+                if line.startswith(b'"ts":"', j + 1) and line[j + 31:j + 32] == b'"':
+                    ts = line[j + 7:j + 31].decode("ascii", "replace")
+                return seq, ts
+            return None
+        rec = self._parse(line)
+        if rec is None:
+            return None
+        ts = rec.get("ts")
+        return rec["seq"], ts if isinstance(ts, str) else None
+
+    @staticmethod
+    def _parse(line):
+        try:
+            rec = json.loads(line)
+        except ValueError:  # UnicodeDecodeError is a ValueError too
+            return None
+        if not isinstance(rec, dict):
+            return None
+        seq = rec.get("seq")
+        if type(seq) is not int or seq < 1:
+            return None
+        return rec
+
+    # ------------------------------------------------------------------ start-up
+
+    def _seg_path(self, key):
+        return os.path.join(self.directory, "%s%016d%s" % (SEG_PREFIX, key, SEG_SUFFIX))
+
+    def _recover(self):
+        cursor = self._read_cursor()
+        floor = 1
+        if cursor:
+            floor = max(floor, cursor.get("next_seq", 1))
+            self._acked_seq = cursor.get("acked_seq", 0)
+            for k in self.totals:
+                if isinstance(cursor.get(k), int) and k != "appended":
+                    self.totals[k] = cursor[k]
+        floor = max(floor, self._acked_seq + 1)
+        names = []
+        for name in os.listdir(self.directory):
+            if name.startswith(SEG_PREFIX) and name.endswith(SEG_SUFFIX):
+                try:
+                    names.append((int(name[len(SEG_PREFIX):-len(SEG_SUFFIX)]), name))
+                except ValueError:
+                    log.warning("spool %s: ignoring stray file %s", self.directory, name)
+            elif name.endswith(".tmp"):
+                try:
+                    os.unlink(os.path.join(self.directory, name))
+                except OSError:
+                    pass
+        names.sort()
+        for key, name in names:
+            seg = _Segment(key, os.path.join(self.directory, name))
+            torn_seq = self._scan(seg)
+            if torn_seq:
+                floor = max(floor, torn_seq + 1)
+            if seg.last_seq is not None:
+                floor = max(floor, seg.last_seq + 1)
+            if not seg.size:
+                # Created for seq `key`, which never reached the file: it may be reused.
+                floor = max(floor, key)
+                os.unlink(seg.path)
+                continue
+            floor = max(floor, key + 1)
+            seg.verified = False
+            self._segs.append(seg)
+            self._bytes += seg.size
+        self._next_seq = floor
+        self._position(cursor)
+        now = self._clock()
+        for seg in self._segs:
+            # A segment written while the clock was unset would look decades old once NTP sets it:
+            # never drop data because of a clock jump; it starts ageing now.
+            if seg.mtime < CLOCK_SANE <= now:
+                seg.mtime = now
+        self._collect()
+        self._age_bound(now)
+        log.info("spool %s: opened, %d segments, %d records, %d bytes, next seq %d, acked seq %d",
+                 self.directory, len(self._segs), self._backlog(), self._bytes - self._roff,
+                 self._next_seq, self._acked_seq)
+
+    def _read_cursor(self):
+        path = os.path.join(self.directory, CURSOR)
+        try:
+            with open(path, "rb") as f:
+                cur = json.loads(f.read())
+            if not isinstance(cur, dict) or not all(
+                    type(cur.get(k)) is int for k in ("acked_seq", "next_seq", "segment", "offset")):
+                raise ValueError("missing fields")
+            return cur
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            log.warning("spool %s: cursor unreadable (%s): re-sending from the oldest segment "
+                        "(the collector drops duplicates)", path, e)
+            return None
+
+    def _scan(self, seg):
+        """Fill seg's size/count/first/last from its file; set a torn tail aside and truncate it.
+        Returns the seq of a torn line when one can be read from it (never to be reused)."""
+        fd = os.open(seg.path, os.O_RDWR)
+        try:
+            st = os.fstat(fd)
+            size = st.st_size
+            seg.mtime = st.st_mtime
+            off = 0
+            carry = b""
+            count = 0
+            first = last = None
+            while off < size:
+                chunk = os.pread(fd, min(_SCAN_CHUNK, size - off), off)
+                if not chunk:
+                    break
+                off += len(chunk)
+                buf = carry + chunk if carry else chunk
+                nl = buf.rfind(b"\n")
+                if nl < 0:
+                    carry = buf
+                    continue
+                count += buf.count(b"\n", 0, nl + 1)
+                if first is None:
+                    first = self._first_meta(buf, nl)
+                m = self._last_meta(buf, nl)
+                if m is not None:
+                    last = m
+                carry = buf[nl + 1:]
+            torn_seq = None
+            if carry:
+                good = size - len(carry)
+                m = self._meta(carry) if carry.startswith(self._prefix) else None
+                torn_seq = m[0] if m else None
+                self._set_aside(seg.path, good, carry, "torn last line (power cut or kill during write)")
+                self.totals["torn_set_aside"] += 1
+                log.warning("spool %s: torn last line (%d bytes at offset %d) set aside in %s",
+                            seg.path, len(carry), good, SETASIDE)
+                os.ftruncate(fd, good)
+                os.fsync(fd)
+                size = good
+            seg.size = size
+            seg.count = count
+            if first:
+                seg.first_seq, seg.first_ts = first
+            if last:
+                seg.last_seq, seg.last_ts = last
+            return torn_seq
+        finally:
+            os.close(fd)
+
+    def _first_meta(self, buf, end):
+        pos = 0
+        while pos < end:
+            nl = buf.find(b"\n", pos, end + 1)
+            m = self._meta(buf[pos:nl])
+            if m is not None:
+                return m
+            pos = nl + 1
+        return None
+
+    def _last_meta(self, buf, end):
+        stop = end
+        while stop > 0:
+            start = buf.rfind(b"\n", 0, stop) + 1
+            m = self._meta(buf[start:stop])
+            if m is not None:
+                return m
+            stop = start - 1
+        return None
+
+    def _position(self, cursor):
+        """Put the reader on the first un-acknowledged line: the cursor's (segment, offset) when it
+        is still a line boundary, else the first line whose seq is above acked_seq."""
+        segs = self._segs
+        if cursor:
+            key, off = cursor["segment"], cursor["offset"]
+            while len(segs) > 1 and segs[0].key < key:
+                self._delete(segs.pop(0), durable=False)
+            if segs and segs[0].key == key and 0 <= off <= segs[0].size and self._boundary(segs[0], off):
+                self._roff = off
+                self._rline = self._count_lines(segs[0], off)
+                return
+        acked = self._acked_seq
+        while len(segs) > 1 and segs[0].last_seq is not None and segs[0].last_seq <= acked:
+            self._delete(segs.pop(0), durable=False)
+        self._roff = self._rline = 0
+        if segs and acked and segs[0].first_seq is not None and segs[0].first_seq <= acked:
+            with open(segs[0].path, "rb") as f:
+                data = f.read(segs[0].size)
+            pos = 0
+            lines = 0
+            while pos < len(data):
+                nl = data.find(b"\n", pos)
+                m = self._meta(data[pos:nl])
+                if m is not None and m[0] > acked:
+                    break
+                pos = nl + 1
+                lines += 1
+            self._roff, self._rline = pos, lines
+
+    @staticmethod
+    def _boundary(seg, off):
+        if off == 0:
+            return True
+        with open(seg.path, "rb") as f:
+            f.seek(off - 1)
+            return f.read(1) == b"\n"
+
+    @staticmethod
+    def _count_lines(seg, off):
+        n = 0
+        with open(seg.path, "rb") as f:
+            left = off
+            while left > 0:
+                chunk = f.read(min(_SCAN_CHUNK, left))
+                if not chunk:
+                    break
+                n += chunk.count(b"\n")
+                left -= len(chunk)
+        return n
+
+    def _set_aside(self, where, offset, data, reason):
+        path = os.path.join(self.directory, SETASIDE)
+        try:
+            if os.path.getsize(path) > _SETASIDE_MAX:
+                return
+        except OSError:
+            pass
+        head = ("# %s %s offset %d: %s (%d bytes)\n" % (
+            utc_timestamp(time.time()), os.path.basename(where), offset, reason, len(data))).encode()
+        try:
+            with open(path, "ab") as f:
+                f.write(head + data[:64 << 10] + b"\n")
+        except OSError as e:
+            log.warning("spool %s: cannot write %s: %s", self.directory, SETASIDE, e.strerror)
+
+    # ------------------------------------------------------------------ writing
+
+    def append(self, record):
+        """Assign record["seq"], write its line; returns the seq. Never raises on a full or failing
+        disk: the record is then counted as lost and a gap record reports it once writing works."""
+        if self._pending_loss is not None:
+            self._write_pending_gap()
+        seq = self._next_seq
+        record["seq"] = seq
+        line = encode(record)
+        if not line.startswith(self._prefix):
+            # Foreign key order or agent: rebuild so every spooled line starts agent, seq, ts.
+            rec = {"agent": self.agent_id, "seq": seq}
+            rec.update((k, v) for k, v in record.items() if k not in ("agent", "seq"))
+            line = encode(rec)
+        now = self._clock()
+        if self._make_room(len(line), now):
+            seq = self._next_seq          # a gap record took the seq
+            record["seq"] = seq
+            line = self._prefix + str(seq).encode() + line[line.find(b",", self._plen):]
+        self._next_seq = seq + 1
+        self._write(line, seq, record.get("ts"), now)
+        return seq
+
+    def _write(self, line, seq, ts, now, retry=True):
+        """-> True when the line is in the segment (page cache at least)."""
+        try:
+            if self._wfd is None:
+                self._open_segment(seq)
+            seg = self._segs[-1]
+            n = os.write(self._wfd, line)
+            while n < len(line):      # a short write only happens when the disk is full
+                k = os.write(self._wfd, line[n:])
+                if k <= 0:
+                    raise OSError(errno.ENOSPC, "short write")
+                n += k
+        except OSError as e:
+            if e.errno not in _DISK_ERRNOS:
+                raise
+            return self._write_failed(e, line, seq, ts, now, retry)
+        seg.size += len(line)
+        seg.count += 1
+        seg.last_seq = seq
+        seg.last_ts = ts
+        if seg.first_seq is None:
+            seg.first_seq, seg.first_ts = seq, ts
+        seg.mtime = now
+        self._bytes += len(line)
+        self.bytes_written += len(line)
+        self.totals["appended"] += 1
+        if self.fsync == "always":
+            self._sync()
+        else:
+            self._dirty = True
+        return True
+
+    def _write_failed(self, e, line, seq, ts, now, retry):
+        self.totals["write_errors"] += 1
+        if self._wfd is not None:
+            try:   # take back a partial line so the segment stays self-delimiting
+                os.ftruncate(self._wfd, self._segs[-1].size)
+            except OSError:
+                pass
+        if retry and len(self._segs) > 1:
+            # Make room: the oldest data goes (accounted for by a gap record), the newest is kept.
+            drops = [self._drop_oldest()]
+            self._remember_gap(drops, "disk full: %s" % e.strerror)
+            return self._write(line, seq, ts, now, retry=False)
+        log.error("spool %s: cannot write seq %d: %s; the record is lost and a gap record will say so",
+                  self.directory, seq, e.strerror)
+        self._remember_gap([(1, seq, seq, ts, ts)], "write failed: %s" % e.strerror)
+        return False
+
+    def _remember_gap(self, drops, reason):
+        drops = [d for d in drops if d and d[0]]
+        if not drops:
+            return
+        p = self._pending_loss
+        if p is None:
+            p = self._pending_loss = [0, None, None, None, None, reason]
+        for count, fseq, lseq, fts, lts in drops:
+            p[0] += count
+            if p[1] is None or fseq < p[1]:
+                p[1], p[3] = fseq, fts
+            if p[2] is None or lseq > p[2]:
+                p[2], p[4] = lseq, lts
+
+    def _write_pending_gap(self):
+        p = self._pending_loss
+        count, fseq, lseq, fts, lts, reason = p
+        self._pending_loss = None
+        seq = self._next_seq
+        rec = gap_record(self.agent_id, self._clock(), count, fseq, lseq, fts, lts, reason)
+        rec["seq"] = seq
+        line = encode(rec)
+        self._next_seq = seq + 1
+        now = self._clock()
+        if self._wfd is not None and self._segs[-1].size + len(line) > self.segment_bytes:
+            self._rotate()
+        if not self._write(line, seq, rec["ts"], now, retry=False):
+            # Still failing: the gap record's own seq is now lost too; keep the whole account.
+            self._remember_gap([tuple(p[:5])], reason)
+            return
+        self.totals["gaps"] += 1
+        log.warning("spool %s: gap record seq %d: %d records seq %s..%s (%s..%s) lost: %s",
+                    self.directory, seq, count, fseq, lseq, fts, lts, reason)
+
+    def _open_segment(self, seq):
+        seg = _Segment(seq, self._seg_path(seq))
+        self._wfd = os.open(seg.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self._segs.append(seg)
+        self._dir_dirty = True
+        if len(self._segs) == 1:
+            self._roff = self._rline = 0
+
+    def _rotate(self):
+        if self._wfd is None:
+            return
+        if self.fsync != "never":
+            self._sync()
+        os.close(self._wfd)
+        self._wfd = None
+
+    def _make_room(self, n, now):
+        """Rotate the active segment and enforce max_bytes before writing n bytes.
+        Returns True when a gap record was written (seqs moved)."""
+        if self._wfd is not None and self._segs[-1].size and self._segs[-1].size + n > self.segment_bytes:
+            self._rotate()
+            self._collect()
+        drops = []
+        while self._bytes + n + _GAP_RESERVE > self.max_bytes and len(self._segs) > 1:
+            drops.append(self._drop_oldest())
+        if self._wfd is None and self._segs and self._bytes + n + _GAP_RESERVE > self.max_bytes:
+            drops.append(self._drop_oldest())   # a lone closed segment over the bound
+        if drops:
+            self._remember_gap(drops, "spool over max_bytes (%d)" % self.max_bytes)
+        if self._pending_loss is not None:
+            self._write_pending_gap()
+            return True
+        return False
+
+    def _age_bound(self, now):
+        if not self.max_age or not self._segs:
+            return
+        limit = now - self.max_age
+        drops = []
+        while self._segs and self._segs[0].mtime < limit:
+            if self._wfd is not None and len(self._segs) == 1:
+                self._rotate()
+            drops.append(self._drop_oldest())
+        if drops:
+            self._remember_gap(drops, "older than max_age (%gs)" % self.max_age)
+            self._write_pending_gap()
+
+    def _drop_oldest(self):
+        """Delete the oldest segment; -> (count, first_seq, last_seq, first_ts, last_ts) of the
+        un-acknowledged records it held (read from the file: the gap record must be exact)."""
+        seg = self._segs[0]
+        start = self._roff
+        count = 0
+        first = last = None
+        with open(seg.path, "rb") as f:
+            f.seek(start)
+            data = f.read(seg.size - start)
+        pos = 0
+        while pos < len(data):
+            nl = data.find(b"\n", pos)
+            if nl < 0:
+                break
+            m = self._meta(data[pos:nl])
+            pos = nl + 1
+            if m is None or m[0] <= self._acked_seq:
+                if m is None:
+                    self.totals["corrupt_skipped"] += 1
+                continue
+            count += 1
+            if first is None:
+                first = m
+            last = m
+        self._segs.pop(0)
+        self._roff = self._rline = 0
+        self.totals["dropped"] += count
+        if self._wfd is not None and not self._segs:
+            self._wfd = None
+        self._delete(seg, durable=True)
+        log.warning("spool %s: dropped segment %s: %d un-uploaded records%s",
+                    self.directory, os.path.basename(seg.path), count,
+                    " seq %d..%d" % (first[0], last[0]) if first else "")
+        if not count:
+            return None
+        return count, first[0], last[0], first[1], last[1]
+
+    def _delete(self, seg, durable):
+        """Unlink a segment, after the cursor (and with it the seq floor) is on disk."""
+        self._bytes -= seg.size
+        self._write_cursor(durable=durable and self.fsync != "never")
+        try:
+            os.unlink(seg.path)
+        except FileNotFoundError:
+            pass
+        self._dir_dirty = True
+
+    def _collect(self):
+        """Delete fully acknowledged segments at the head, except the newest one (it keeps the
+        seq floor on disk even when every record has been acknowledged)."""
+        while len(self._segs) > 1 and self._roff >= self._segs[0].size and (
+                self._wfd is None or len(self._segs) > 1):
+            seg = self._segs.pop(0)
+            self._roff = self._rline = 0
+            self._delete(seg, durable=True)
+
+    def _sync(self):
+        if self._wfd is not None and (self._dirty or self.fsync == "always"):
+            os.fdatasync(self._wfd)
+        if self._dir_dirty:
+            os.fsync(self._dirfd)
+            self._dir_dirty = False
+        self._dirty = False
+        self._last_sync = time.monotonic()
+
+    def _write_cursor(self, durable):
+        seg = self._segs[0] if self._segs else None
+        cur = {"acked_seq": self._acked_seq, "next_seq": self._next_seq,
+               "segment": seg.key if seg else self._next_seq, "offset": self._roff if seg else 0}
+        for k, v in self.totals.items():
+            if k != "appended":
+                cur[k] = v
+        path = os.path.join(self.directory, CURSOR)
+        tmp = path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, json.dumps(cur, separators=(",", ":")).encode() + b"\n")
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        if durable:
+            os.fsync(self._dirfd)
+            self._cursor_dirty = False
+            self._last_cursor_sync = time.monotonic()
+        else:
+            self._cursor_dirty = True
+
+    def tick(self, now=None):
+        """Once per loop iteration: periodic fsync (interval mode), durable cursor, age bound."""
+        if now is None:
+            now = self._clock()
+        mono = time.monotonic()
+        if self.fsync == "interval":
+            if self._dirty and mono - self._last_sync >= self.fsync_interval:
+                self._sync()
+            if self._cursor_dirty and mono - self._last_cursor_sync >= self.fsync_interval:
+                self._write_cursor(durable=True)
+        if self._pending_loss is not None:
+            self._write_pending_gap()
+        self._age_bound(now)
+
+    # ------------------------------------------------------------------ reading
+
+    def peek(self, max_records=500, max_bytes=256 << 10):
+        """The oldest un-acknowledged lines, or None when there are none. Does not move the
+        cursor (ack/quarantine do). Lines are made durable first (see module doc)."""
+        if self._dirty and self.fsync != "never":
+            self._sync()
+        max_records = max(1, int(max_records))
+        while True:
+            batch, skipped_to = self._read(max_records, max_bytes)
+            if batch is not None:
+                return batch
+            if skipped_to is None:
+                return None
+            self._advance(skipped_to)   # only corrupt or already-acked lines there: step over
+
+    def _read(self, max_records, max_bytes):
+        lines, seqs, ends = [], [], []
+        nbytes = 0
+        skipped_to = None
+        last = self._acked_seq
+        for i, seg in enumerate(self._segs):
+            off = self._roff if i == 0 else 0
+            lno = self._rline if i == 0 else 0
+            if off >= seg.size:
+                continue
+            fd = os.open(seg.path, os.O_RDONLY)
+            try:
+                want = max(max_bytes, 64 << 10)
+                while off < seg.size:
+                    data = os.pread(fd, min(want, seg.size - off), off)
+                    if not data:
+                        break
+                    pos = 0
+                    end = len(data)
+                    while pos < end:
+                        nl = data.find(b"\n", pos)
+                        if nl < 0:
+                            break
+                        line = data[pos:nl]
+                        if lines and (len(lines) >= max_records or nbytes + len(line) > max_bytes):
+                            return Batch(lines, seqs, ends), None
+                        pos = nl + 1
+                        lno += 1
+                        endpos = (seg.key, off + pos, lno)
+                        if seg.verified:
+                            seq = int(line[self._plen:line.find(b",", self._plen)])
+                        else:
+                            rec = self._parse(line)
+                            seq = rec["seq"] if rec is not None else None
+                            if seq is None or seq <= last:
+                                if seq is None or seq > self._acked_seq:
+                                    self._corrupt(seg, off + pos - len(line) - 1, line)
+                                if not lines:
+                                    skipped_to = endpos
+                                continue
+                        if seq <= last:
+                            if not lines:
+                                skipped_to = endpos
+                            continue
+                        last = seq
+                        lines.append(line)
+                        seqs.append(seq)
+                        ends.append(endpos)
+                        nbytes += len(line)
+                    if pos == 0:
+                        if off + len(data) >= seg.size:
+                            break     # no newline up to the end: cannot happen (size counts whole lines)
+                        want *= 2     # one line longer than the read: read more
+                        continue
+                    off += pos
+            finally:
+                os.close(fd)
+        if lines:
+            return Batch(lines, seqs, ends), None
+        return None, skipped_to
+
+    def _corrupt(self, seg, offset, line):
+        if (seg.key, offset) <= self._corrupt_mark:
+            return      # seen by an earlier peek of the same, not yet acknowledged, lines
+        self._corrupt_mark = (seg.key, offset)
+        self.totals["corrupt_skipped"] += 1
+        self._set_aside(seg.path, offset, line, "corrupt line skipped")
+        log.warning("spool %s: corrupt line at offset %d skipped (%d bytes): %r",
+                    seg.path, offset, len(line), line[:60])
+
+    def _advance(self, end):
+        key, off, lno = end
+        while self._segs and self._segs[0].key < key:
+            if len(self._segs) == 1:
+                return
+            seg = self._segs.pop(0)
+            self._roff = self._rline = 0
+            self._delete(seg, durable=True)
+        if self._segs and self._segs[0].key == key and off > self._roff:
+            self._roff, self._rline = off, lno
+        self._collect()
+
+    def ack(self, batch):
+        """The collector stored the batch (2xx): move the cursor past it, delete acked segments."""
+        if batch is None or not batch.count:
+            return
+        self._advance(batch._ends[-1])
+        if batch.last_seq > self._acked_seq:
+            self._acked_seq = batch.last_seq
+        self._persist_cursor()
+
+    def quarantine(self, batch, reason):
+        """The collector rejected these records (4xx): keep them with the reason in the quarantine
+        file for a human, and move on so one bad record never blocks the queue."""
+        if batch is None or not batch.count:
+            return
+        head = ('{"quarantined":"%s","reason":%s,"record":' % (
+            utc_timestamp(self._clock()), json.dumps(str(reason)[:500]))).encode("utf-8")
+        data = b"".join(head + line + b"}\n" for line in batch.lines)
+        q = self.quarantine_file
+        try:
+            if os.path.getsize(q) + len(data) > self.quarantine_max_bytes:
+                os.replace(q, q + ".1")
+        except OSError:
+            pass
+        try:
+            with open(q, "ab") as f:
+                f.write(data)
+                f.flush()
+                if self.fsync != "never":
+                    os.fsync(f.fileno())
+        except OSError as e:
+            log.error("spool %s: cannot write quarantine file %s: %s", self.directory, q, e.strerror)
+        self.totals["quarantined"] += batch.count
+        log.warning("spool %s: quarantined %d records seq %d..%d in %s: %s", self.directory,
+                    batch.count, batch.first_seq, batch.last_seq, q, str(reason)[:200])
+        self._advance(batch._ends[-1])
+        if batch.last_seq > self._acked_seq:
+            self._acked_seq = batch.last_seq
+        self._persist_cursor()
+
+    def _persist_cursor(self):
+        if self.fsync == "always":
+            self._write_cursor(durable=True)
+        elif self.fsync == "interval":
+            due = time.monotonic() - self._last_cursor_sync >= self.fsync_interval
+            self._write_cursor(durable=due)
+        else:
+            self._write_cursor(durable=False)
+
+    # ------------------------------------------------------------------ status
+
+    def _backlog(self):
+        return sum(s.count for s in self._segs) - self._rline
+
+    def oldest_ts(self):
+        """ts of the oldest un-acknowledged record, or None."""
+        if not self._segs:
+            return None
+        pos = (self._segs[0].key, self._roff)
+        if self._oldest_cache[0] == pos:
+            return self._oldest_cache[1]
+        ts = None
+        for i, seg in enumerate(self._segs):
+            off = self._roff if i == 0 else 0
+            if off >= seg.size:
+                continue
+            with open(seg.path, "rb") as f:
+                f.seek(off)
+                data = f.read(min(4096, seg.size - off))
+            nl = data.find(b"\n")
+            m = self._meta(data[:nl]) if nl >= 0 else None
+            ts = m[1] if m else None
+            break
+        self._oldest_cache = (pos, ts)
+        return ts
+
+    def stats(self):
+        ts = self.oldest_ts()
+        t = _ts_epoch(ts) if ts else None
+        st = {"records": self._backlog(), "bytes": self._bytes - self._roff, "oldest_ts": ts,
+              "oldest_age": round(max(0.0, self._clock() - t), 3) if t is not None else None,
+              "segments": len(self._segs), "next_seq": self._next_seq, "acked_seq": self._acked_seq,
+              "fsync": self.fsync, "bytes_written": self.bytes_written}
+        st.update(self.totals)
+        return st
+
+    @property
+    def next_seq(self):
+        return self._next_seq
+
+    def close(self):
+        """Flush and fsync everything; the spool object is unusable afterwards."""
+        if self._lockfd is None:
+            return
+        try:
+            if self._pending_loss is not None:
+                self._write_pending_gap()
+            if self._wfd is not None:
+                os.fsync(self._wfd)
+                os.close(self._wfd)
+                self._wfd = None
+            self._write_cursor(durable=True)
+            os.fsync(self._dirfd)
+        finally:
+            os.close(self._dirfd)
+            os.close(self._lockfd)
+            self._lockfd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
