@@ -230,6 +230,9 @@ PROFILE_SCHEMA = {
     "byte_order": (_choice("ABCD", "BADC", "CDAB", "DCBA", fold=str.upper), "ABCD"),
     "unit": (_between(0, 255), None),
     "notes": (_text, None),
+    # the meter's own limits, used unless the device section sets its own
+    "max_registers": (_between(1, MAX_REGISTERS), None),
+    "max_gap": (_between(0, MAX_REGISTERS), None),
 }
 
 POINT_OPTIONS = ("scale", "offset", "divisor", "decimals", "unit", "deadband", "enum", "swap", "signed")
@@ -384,7 +387,7 @@ class Point:
         return make_transform(kind, scale=self.scale, offset=self.offset, divisor=self.divisor,
                               decimals=self.decimals, enum=self.enum, bit_lo=self.bit_lo,
                               bit_hi=self.bit_hi, signed=self.signed or self.type == "int8",
-                              byte=self.byte)
+                              byte=self.byte, digits=7 if self.type == "float32" else None)
 
     def __repr__(self):
         return "Point(%r, %s %d %s)" % (self.name, self.table, self.address, self.type)
@@ -979,9 +982,12 @@ def _load(path, text):
                 ok = False
             else:
                 n_before = problems.count()
-                _meta, ppoints = load_profile(ppath, problems)
+                meta, ppoints = load_profile(ppath, problems)
                 if problems.count() > n_before:
                     ok = False
+                for k in ("max_registers", "max_gap"):
+                    if k not in values and meta.get(k) not in (None, _BAD):
+                        values[k] = meta[k]
                 for p in ppoints:
                     points[p.name] = p
         psec = point_secs.get(name)
@@ -1017,10 +1023,11 @@ def _load(path, text):
                 limits_ok = False
         if not ok or not limits_ok:
             continue
-        interval = values.get("interval")
-        if interval is None:
-            interval = agent.interval or 10.0
-        values.update(connection=conn, interval=interval)
+        for k, spec in DEVICE_SCHEMA.items():
+            values.setdefault(k, spec[1])
+        if values["interval"] is None:
+            values["interval"] = agent.interval or AGENT_SCHEMA["interval"][1]
+        values["connection"] = conn
         dev = Device(name, points=pts, **values)
         dev.path, dev.line = path, s.line
         dev.interval_line = _line_of(s, "interval")

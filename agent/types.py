@@ -135,10 +135,11 @@ def _reciprocal(x):
 
 
 def make_transform(kind, scale=1.0, offset=0.0, divisor=1.0, decimals=None, enum=None,
-                   bit_lo=0, bit_hi=15, signed=False, byte=None):
+                   bit_lo=0, bit_hi=15, signed=False, byte=None, digits=None):
     """Closure turning the raw struct value of one point into its reported value, or None when
     the raw value can be reported as is. Order: bits/byte extraction, enum, then
-    value = raw * scale / divisor + offset, then rounding to `decimals`."""
+    value = raw * scale / divisor + offset, then rounding to `decimals`. `digits` rounds a float
+    to that many significant digits first (7 for float32). NaN and infinities become None."""
     steps = []
     if kind == "bit":
         n = bit_lo
@@ -172,7 +173,15 @@ def make_transform(kind, scale=1.0, offset=0.0, divisor=1.0, decimals=None, enum
         scaled = mul != 1.0 or div != 1.0 or off != 0.0
         if kind == "float":
             isfinite = math.isfinite
-            if scaled:
+            if digits:
+                # float32 carries ~7 significant digits; widening to a double adds noise
+                # (230.1 -> 230.10000610351562) that would be spooled, uploaded and stored.
+                fmt = "%%.%dg" % digits
+                if scaled:
+                    steps.append(lambda v: float(fmt % v) * mul / div + off if isfinite(v) else None)
+                else:
+                    steps.append(lambda v: float(fmt % v) if isfinite(v) else None)
+            elif scaled:
                 steps.append(lambda v: v * mul / div + off if isfinite(v) else None)
             else:
                 steps.append(lambda v: v if isfinite(v) else None)

@@ -1,0 +1,340 @@
+"""`check`, `poll` and `probe`: what an operator runs over SSH before starting the agent.
+
+Exit codes (agent.cli): 0 ok, 1 a device failed (poll) or nothing matched (probe), 2 bad
+configuration or usage.
+"""
+import struct
+import sys
+import time
+
+from agent.config import BUS_WARN, ConfigError, check_config, load_config
+from agent.modbus.errors import ModbusError, hexdump
+from agent.record import data_record, encode, error_record
+
+
+def _out(text=""):
+    sys.stdout.write(text + "\n")
+
+
+def _err(text):
+    sys.stderr.write(text + "\n")
+
+
+def _seconds(s):
+    if s >= 1 and float(s).is_integer():
+        if s % 86400 == 0:
+            return "%dd" % (s // 86400)
+        if s % 3600 == 0:
+            return "%dh" % (s // 3600)
+        if s % 60 == 0:
+            return "%dm" % (s // 60)
+        return "%ds" % s
+    if s < 1:
+        return "%gms" % round(s * 1000, 3)
+    return "%gs" % s
+
+
+def _load_or_report(path):
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        for line in e.errors:
+            _err(line)
+        _err("%s: %d error(s)" % (path, len(e.errors)))
+        return None
+
+
+# --- check ---------------------------------------------------------------------------------
+
+
+def plan_lines(cfg):
+    """The polling plan as text lines: per connection, per device, per request."""
+    lines = []
+    for conn in cfg.connections.values():
+        if not conn.devices:
+            lines.append("connection %s: %s, no enabled device" % (conn.name, conn.describe()))
+            continue
+        load = sum(d.estimate()["seconds"] / d.interval for d in conn.devices)
+        lines.append("connection %s: %s, timeout %s, pause %s: bus busy %.1f%% of the time%s" % (
+            conn.name, conn.describe(), _seconds(conn.timeout), _seconds(conn.pause), 100 * load,
+            "  WARNING: above %d%%" % (100 * BUS_WARN) if load > BUS_WARN else ""))
+        for d in conn.devices:
+            est = d.estimate()
+            share = est["seconds"] / d.interval
+            extra = d.mode + (" (heartbeat %s)" % _seconds(d.heartbeat) if d.mode == "on_change" else "")
+            lines.append("  device %s: unit %d, every %s, %s, %d point(s)%s" % (
+                d.name, d.unit, _seconds(d.interval), extra, len(d.points),
+                ", profile %s" % d.profile if d.profile else ""))
+            lines.append("    %d request(s) per cycle, %d bytes on the wire, ~%.1f ms bus time = "
+                         "%.1f%% of %s%s" % (
+                             est["requests"], est["bytes"], 1000 * est["seconds"], 100 * share,
+                             _seconds(d.interval),
+                             "  WARNING: above %d%%" % (100 * BUS_WARN) if share > BUS_WARN else ""))
+            for r in d.requests:
+                names = " ".join(p.name for p in r.points)
+                if len(names) > 70:
+                    names = names[:67] + "..."
+                lines.append("      fc %02d %-8s %5d +%-4d %s" % (r.function, r.table, r.address,
+                                                               r.count, names))
+    return lines
+
+
+def cmd_check(args):
+    cfg, errors, warnings = check_config(args.config)
+    for w in warnings:
+        _err("warning: " + w)
+    if errors:
+        for e in errors:
+            _err(e)
+        _err("%s: %d error(s)" % (args.config, len(errors)))
+        return 2
+    npoints = sum(len(d.points) for d in cfg.devices)
+    _out("%s: OK: agent %s, %d connection(s), %d device(s), %d point(s)%s" % (
+        args.config, cfg.agent.id, len(cfg.connections), len(cfg.devices), npoints,
+        ", disabled: " + ", ".join(cfg.disabled) if cfg.disabled else ""))
+    _out("upload: %s" % (cfg.upload.url if cfg.upload else "off (no [upload] section)"))
+    _out("spool: %s, at most %g MB and %s, fsync %s" % (
+        cfg.agent.spool_dir, cfg.agent.spool_max_mb, _seconds(cfg.agent.spool_max_age), cfg.agent.fsync))
+    for line in plan_lines(cfg):
+        _out(line)
+    return 0
+
+
+# --- poll ----------------------------------------------------------------------------------
+
+
+def _format_value(v):
+    if isinstance(v, float):
+        return "%.10g" % v
+    if v is None:
+        return "-"
+    return str(v)
+
+
+def _select_devices(cfg, name):
+    if name is None:
+        return cfg.devices
+    for d in cfg.devices:
+        if d.name == name:
+            return [d]
+    if name in cfg.disabled:
+        _err("device %s is disabled (enabled = no)" % name)
+    else:
+        _err("no device %r (devices: %s)" % (name, ", ".join(d.name for d in cfg.devices)))
+    return None
+
+
+def cmd_poll(args):
+    cfg = _load_or_report(args.config)
+    if cfg is None:
+        return 2
+    devices = _select_devices(cfg, getattr(args, "device", None))
+    if devices is None:
+        return 2
+    clients = {}
+    failed = 0
+    try:
+        for dev in devices:
+            t = time.time()
+            try:
+                client = clients.get(dev.connection.name)
+                if client is None:
+                    client = clients[dev.connection.name] = dev.connection.open()
+                values = dev.poll(client)
+                error = None
+            except ModbusError as e:
+                values, error = None, e
+            except OSError as e:   # e.g. the serial port does not exist
+                values, error = None, {"kind": "connection", "message": str(e)}
+            if error is not None:
+                failed += 1
+            if args.json:
+                rec = (data_record(cfg.agent.id, t, dev.name, dev.unit, values) if error is None
+                       else error_record(cfg.agent.id, t, dev.name, dev.unit, error))
+                sys.stdout.write(encode(rec).decode("utf-8"))
+                continue
+            head = "%s (unit %d on %s)" % (dev.name, dev.unit, dev.connection.name)
+            if error is not None:
+                msg = error.describe() if hasattr(error, "describe") else error["message"]
+                kind = getattr(error, "kind", None) or error.get("kind")
+                _out("%s: ERROR %s: %s" % (head, kind, msg))
+                continue
+            _out("%s: ok" % head)
+            width = max(len(p.name) for p in dev.points)
+            for p in dev.points:
+                _out("  %-*s  %16s  %s" % (width, p.name, _format_value(values.get(p.name)),
+                                           p.unit or ""))
+    finally:
+        for c in clients.values():
+            try:
+                c.close()
+            except Exception:
+                pass
+    return 1 if failed else 0
+
+
+# --- probe ---------------------------------------------------------------------------------
+
+PROBE_TYPES = (
+    # (type, struct code, registers, byte orders)
+    ("uint16", "H", 1, ("AB", "BA")),
+    ("int16", "h", 1, ("AB", "BA")),
+    ("float32", "f", 2, ("ABCD", "CDAB", "BADC", "DCBA")),
+    ("uint32", "I", 2, ("ABCD", "CDAB", "BADC", "DCBA")),
+    ("int32", "i", 2, ("ABCD", "CDAB", "BADC", "DCBA")),
+    ("float64", "d", 4, ("ABCDEFGH", "GHEFCDAB", "BADCFEHG", "HGFEDCBA",
+                         "CDABGHEF", "DCBAHGFE", "FEHGBADC", "EFGHABCD")),
+    ("uint64", "Q", 4, ("ABCDEFGH", "GHEFCDAB", "BADCFEHG", "HGFEDCBA",
+                        "CDABGHEF", "DCBAHGFE", "FEHGBADC", "EFGHABCD")),
+    ("int64", "q", 4, ("ABCDEFGH", "GHEFCDAB", "BADCFEHG", "HGFEDCBA",
+                       "CDABGHEF", "DCBAHGFE", "FEHGBADC", "EFGHABCD")),
+)
+PROBE_SCALES = (1, 0.1, 0.01, 0.001)
+# How often each order is met in the field: the natural order first, then swapped words.
+_ORDER_RANK = {"AB": 2, "ABCD": 2, "ABCDEFGH": 2, "CDAB": 1, "GHEFCDAB": 1}
+
+
+def parse_expect(text):
+    """'LOW..HIGH' -> (low, high) floats."""
+    low, sep, high = text.partition("..")
+    try:
+        if not sep:
+            raise ValueError
+        lo, hi = float(low), float(high)
+    except ValueError:
+        raise ValueError("--expect %r: write LOW..HIGH, e.g. 220..240 or -10..10.5" % text) from None
+    if lo > hi:
+        lo, hi = hi, lo
+    return lo, hi
+
+
+def parse_probe_address(text, table):
+    """Manual address as written (decimal, 0x hex or classic 5/6-digit) -> (table, number)."""
+    t = text.strip()
+    if t.isdigit() and len(t) in (5, 6) and t[0] in "34":
+        return ("input" if t[0] == "3" else "holding"), int(t[1:])
+    return table, int(t, 16) if t.lower().startswith("0x") else int(t, 10)
+
+
+def read_window(client, unit, function, first, count):
+    """Registers first..first+count-1 -> {address: 2 bytes}, reading as much as the device
+    allows: devices reject reads that touch an unmapped register, so on an exception the
+    window shrinks to the parts that exist."""
+    got = {}
+    tries = [(first, count)] + [(a, 1) for a in range(first, first + count)]
+    last_error = None
+    for a, n in tries:
+        if a < 0 or all(x in got for x in range(a, a + n)):
+            continue
+        try:
+            data = client.read(unit, function, a, n)
+        except ModbusError as e:
+            last_error = e
+            if e.kind in ("timeout", "connection"):
+                break   # a dead link will not answer the smaller reads either
+            continue
+        for i in range(n):
+            got[a + i] = bytes(data[2 * i:2 * i + 2])
+    return got, last_error
+
+
+def probe_candidates(registers, address, low, high, device_base=0):
+    """All (type, order, scale, base) readings of the registers at `address` (as written in a
+    manual, base 0 or 1) that land in low..high, best first.
+
+    `registers`: {protocol address: 2 bytes}. Returns dicts with type, order, scale, base,
+    protocol (address), value, score."""
+    out = []
+    for base in (0, 1):
+        start = address - base
+        if start < 0:
+            continue
+        for tname, code, words, orders in PROBE_TYPES:
+            try:
+                blob = b"".join(registers[a] for a in range(start, start + words))
+            except KeyError:
+                continue
+            for order in orders:
+                natural = bytes(blob[order.index(chr(65 + i))] for i in range(2 * words))
+                raw = struct.unpack(">" + code, natural)[0]
+                if code in "fd":
+                    if raw != raw or raw in (float("inf"), float("-inf")):
+                        continue
+                    if code == "f":
+                        raw = float("%.7g" % raw)
+                scales = (1,) if code in "fd" else PROBE_SCALES
+                for scale in scales:
+                    value = raw if scale == 1 else round(raw * scale, 6)
+                    if not low <= value <= high:
+                        continue
+                    score = 2 * _ORDER_RANK.get(order, 0) + (2 if scale == 1 else 0)
+                    score += 1 if base == device_base else 0
+                    # a float landing in the range is strong evidence (random bit patterns
+                    # rarely do); zero fits almost any type, so it proves nothing
+                    if code in "fd" and value != 0:
+                        score += 2
+                    if raw == 0:
+                        score -= 3
+                    out.append({"type": tname, "order": order, "scale": scale, "base": base,
+                                "protocol": start, "value": value, "score": score, "words": words})
+    mid = (low + high) / 2.0
+    out.sort(key=lambda c: (-c["score"], abs(c["value"] - mid), c["words"]))
+    return out
+
+
+def point_line(name, table, c, device_base):
+    """A candidate as a point line for [points:DEVICE] (address in the device's base)."""
+    text = "%s = %s %d %s %s" % (name, table, c["protocol"] + device_base, c["type"], c["order"])
+    if c["scale"] != 1:
+        text += " scale=%g" % c["scale"]
+    return text
+
+
+def cmd_probe(args):
+    cfg = _load_or_report(args.config)
+    if cfg is None:
+        return 2
+    devices = _select_devices(cfg, args.device)
+    if devices is None:
+        return 2
+    dev = devices[0]
+    try:
+        low, high = parse_expect(args.expect)
+        table, address = parse_probe_address(args.address, args.table)
+    except ValueError as e:
+        _err(str(e))
+        return 2
+    if not 0 <= address <= 0xFFFF:
+        _err("--address %s is outside 0..65535" % args.address)
+        return 2
+    function = 3 if table == "holding" else 4
+    client = dev.connection.open()
+    try:
+        # base 1 needs address-1, 64-bit values need 4 registers from the start
+        first = max(0, address - 1)
+        registers, error = read_window(client, dev.unit, function, first, address + 4 - first)
+    finally:
+        client.close()
+    if not registers:
+        _err("%s (unit %d): nothing could be read around %s %d: %s" % (
+            dev.name, dev.unit, table, address, error.describe() if error else "no data"))
+        return 1
+    _out("%s (unit %d) %s registers read:" % (dev.name, dev.unit, table))
+    for a in sorted(registers):
+        v = struct.unpack(">H", registers[a])[0]
+        _out("  %5d: %s  (%d)" % (a, hexdump(registers[a]), v))
+    cands = probe_candidates(registers, address, low, high, dev.base)
+    if not cands:
+        _out("no type, byte order, scale or address base gives a value in %g..%g" % (low, high))
+        return 1
+    _out("candidates for %s..%s, best first (paste into [points:%s]; addresses in the device's "
+         "base %d):" % (_format_value(low), _format_value(high), dev.name, dev.base))
+    name = "probe_%s" % args.address
+    shown = cands[:20]
+    width = max(len(point_line(name, table, c, dev.base)) for c in shown)
+    for c in shown:
+        _out("  %-*s   ; = %s  (manual address %s is %d-based)" % (
+            width, point_line(name, table, c, dev.base), _format_value(c["value"]), address, c["base"]))
+    if len(cands) > len(shown):
+        _out("  ... and %d more" % (len(cands) - len(shown)))
+    return 0
