@@ -48,7 +48,6 @@ LOCK = "lock"
 FSYNC_MODES = ("always", "interval", "never")
 
 _SCAN_CHUNK = 256 << 10
-_GAP_RESERVE = 512          # room kept for the gap record a drop writes
 _SETASIDE_MAX = 1 << 20     # a wholly corrupt spool must not fill the flash with its copy
 _DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG, errno.EROFS, errno.EACCES)
 
@@ -127,6 +126,7 @@ class Spool:
         # Every line the spool writes starts with this, so seq and ts are sliced, not parsed.
         self._prefix = b'{"agent":' + json.dumps(agent_id, ensure_ascii=False).encode("utf-8") + b',"seq":'
         self._plen = len(self._prefix)
+        self._gap_size = 320 + 3 * self._plen     # room for one gap record line
 
         self._segs = []             # oldest first; the reader is always in _segs[0]
         self._roff = 0              # reader: byte offset in _segs[0] of the first un-acked line
@@ -140,7 +140,7 @@ class Spool:
         self._last_sync = time.monotonic()
         self._cursor_dirty = False
         self._last_cursor_sync = time.monotonic()
-        self._pending_loss = None   # [count, first_seq, last_seq, first_ts, last_ts] not yet in a gap record
+        self._pending_loss = []     # [count, first_seq, last_seq, first_ts, last_ts, reason] not yet in a gap record
         self._oldest_cache = (None, None)
         self._corrupt_mark = (0, -1)
         self.totals = {"appended": 0, "dropped": 0, "gaps": 0, "corrupt_skipped": 0, "torn_set_aside": 0,
@@ -413,7 +413,7 @@ class Spool:
     def append(self, record):
         """Assign record["seq"], write its line; returns the seq. Never raises on a full or failing
         disk: the record is then counted as lost and a gap record reports it once writing works."""
-        if self._pending_loss is not None:
+        if self._pending_loss:
             self._write_pending_gap()
         seq = self._next_seq
         record["seq"] = seq
@@ -471,49 +471,63 @@ class Spool:
                 os.ftruncate(self._wfd, self._segs[-1].size)
             except OSError:
                 pass
+            # Start a fresh segment next time: a file the filesystem refuses to grow stays refused.
+            try:
+                os.close(self._wfd)
+            except OSError:
+                pass
+            self._wfd = None
+            if not self._segs[-1].size:
+                self._delete(self._segs.pop(), durable=False)
         if retry and len(self._segs) > 1:
             # Make room: the oldest data goes (accounted for by a gap record), the newest is kept.
-            drops = [self._drop_oldest()]
-            self._remember_gap(drops, "disk full: %s" % e.strerror)
+            self._remember_gap(self._drop_oldest(), "disk full: %s" % e.strerror)
             return self._write(line, seq, ts, now, retry=False)
         log.error("spool %s: cannot write seq %d: %s; the record is lost and a gap record will say so",
                   self.directory, seq, e.strerror)
-        self._remember_gap([(1, seq, seq, ts, ts)], "write failed: %s" % e.strerror)
+        self._remember_gap([(1, seq, seq, ts, ts, None)], "write failed: %s" % e.strerror)
         return False
 
-    def _remember_gap(self, drops, reason):
-        drops = [d for d in drops if d and d[0]]
-        if not drops:
-            return
-        p = self._pending_loss
-        if p is None:
-            p = self._pending_loss = [0, None, None, None, None, reason]
-        for count, fseq, lseq, fts, lts in drops:
-            p[0] += count
-            if p[1] is None or fseq < p[1]:
-                p[1], p[3] = fseq, fts
-            if p[2] is None or lseq > p[2]:
-                p[2], p[4] = lseq, lts
+    def _remember_gap(self, spans, reason):
+        """Queue losses for gap records. A span is (count, first_seq, last_seq, first_ts, last_ts,
+        reason or None). Spans stay separate unless adjacent, so the seq ranges of gap records never
+        overlap and each one's count is exactly the number of its range's records that are gone."""
+        for span in spans:
+            count, fseq, lseq, fts, lts, why = span
+            if not count:
+                continue
+            why = why or reason
+            p = self._pending_loss[-1] if self._pending_loss else None
+            if p is not None and p[5] == why and p[2] + 1 == fseq:
+                p[0] += count
+                p[2] = lseq
+                if fts is not None and (p[3] is None or fts < p[3]):
+                    p[3] = fts
+                if lts is not None and (p[4] is None or lts > p[4]):
+                    p[4] = lts
+            else:
+                self._pending_loss.append([count, fseq, lseq, fts, lts, why])
 
     def _write_pending_gap(self):
-        p = self._pending_loss
-        count, fseq, lseq, fts, lts, reason = p
-        self._pending_loss = None
-        seq = self._next_seq
-        rec = gap_record(self.agent_id, self._clock(), count, fseq, lseq, fts, lts, reason)
-        rec["seq"] = seq
-        line = encode(rec)
-        self._next_seq = seq + 1
-        now = self._clock()
-        if self._wfd is not None and self._segs[-1].size + len(line) > self.segment_bytes:
-            self._rotate()
-        if not self._write(line, seq, rec["ts"], now, retry=False):
-            # Still failing: the gap record's own seq is now lost too; keep the whole account.
-            self._remember_gap([tuple(p[:5])], reason)
-            return
-        self.totals["gaps"] += 1
-        log.warning("spool %s: gap record seq %d: %d records seq %s..%s (%s..%s) lost: %s",
-                    self.directory, seq, count, fseq, lseq, fts, lts, reason)
+        pending, self._pending_loss = self._pending_loss, []
+        for i, p in enumerate(pending):
+            count, fseq, lseq, fts, lts, reason = p
+            seq = self._next_seq
+            rec = gap_record(self.agent_id, self._clock(), count, fseq, lseq, fts, lts, reason)
+            rec["seq"] = seq
+            line = encode(rec)
+            self._next_seq = seq + 1
+            now = self._clock()
+            if self._wfd is not None and self._segs[-1].size + len(line) > self.segment_bytes:
+                self._rotate()
+            if not self._write(line, seq, rec["ts"], now, retry=False):
+                # Still failing: the gap record's own seq is lost too (queued by _write_failed);
+                # keep every account for the next attempt.
+                self._pending_loss[:0] = [list(x) for x in pending[i:]]
+                return
+            self.totals["gaps"] += 1
+            log.warning("spool %s: gap record seq %d: %d records seq %s..%s (%s..%s) lost: %s",
+                        self.directory, seq, count, fseq, lseq, fts, lts, reason)
 
     def _open_segment(self, seq):
         seg = _Segment(seq, self._seg_path(seq))
@@ -537,38 +551,43 @@ class Spool:
         if self._wfd is not None and self._segs[-1].size and self._segs[-1].size + n > self.segment_bytes:
             self._rotate()
             self._collect()
-        drops = []
-        while self._bytes + n + _GAP_RESERVE > self.max_bytes and len(self._segs) > 1:
-            drops.append(self._drop_oldest())
-        if self._wfd is None and self._segs and self._bytes + n + _GAP_RESERVE > self.max_bytes:
-            drops.append(self._drop_oldest())   # a lone closed segment over the bound
-        if drops:
-            self._remember_gap(drops, "spool over max_bytes (%d)" % self.max_bytes)
-        if self._pending_loss is not None:
+        why = "spool over max_bytes (%d)" % self.max_bytes
+        while self._over(n) and len(self._segs) > 1:
+            self._remember_gap(self._drop_oldest(), why)
+        if self._wfd is None and self._segs and self._over(n):
+            self._remember_gap(self._drop_oldest(), why)   # a lone closed segment over the bound
+        if self._pending_loss:
             self._write_pending_gap()
             return True
         return False
+
+    def _over(self, n):
+        """Would n more bytes, plus the gap records still to write, break max_bytes?"""
+        return self._bytes + n + self._gap_size * (len(self._pending_loss) + 1) > self.max_bytes
 
     def _age_bound(self, now):
         if not self.max_age or not self._segs:
             return
         limit = now - self.max_age
-        drops = []
+        dropped = False
         while self._segs and self._segs[0].mtime < limit:
             if self._wfd is not None and len(self._segs) == 1:
                 self._rotate()
-            drops.append(self._drop_oldest())
-        if drops:
-            self._remember_gap(drops, "older than max_age (%gs)" % self.max_age)
+            self._remember_gap(self._drop_oldest(), "older than max_age (%gs)" % self.max_age)
+            dropped = True
+        if dropped and self._pending_loss:
             self._write_pending_gap()
 
     def _drop_oldest(self):
-        """Delete the oldest segment; -> (count, first_seq, last_seq, first_ts, last_ts) of the
-        un-acknowledged records it held (read from the file: the gap record must be exact)."""
+        """Delete the oldest segment; -> spans for _remember_gap: the un-acknowledged records it
+        held (read from the file: the gap record must be exact), and, re-issued with their own
+        range and reason, the accounts of gap records that were not uploaded yet (what they
+        accounted for is still gone and the collector must hear of it)."""
         seg = self._segs[0]
         start = self._roff
-        count = 0
-        first = last = None
+        direct = 0
+        fseq = lseq = fts = lts = None
+        carried = []
         with open(seg.path, "rb") as f:
             f.seek(start)
             data = f.read(seg.size - start)
@@ -577,28 +596,41 @@ class Spool:
             nl = data.find(b"\n", pos)
             if nl < 0:
                 break
-            m = self._meta(data[pos:nl])
+            line = data[pos:nl]
             pos = nl + 1
+            m = self._meta(line)
             if m is None or m[0] <= self._acked_seq:
                 if m is None:
                     self.totals["corrupt_skipped"] += 1
                 continue
-            count += 1
-            if first is None:
-                first = m
-            last = m
+            direct += 1
+            if fseq is None:
+                fseq = m[0]
+            lseq = m[0]
+            ts = m[1]
+            if ts is not None:     # time range: clocks step, so min/max rather than first/last
+                if fts is None or ts < fts:
+                    fts = ts
+                if lts is None or ts > lts:
+                    lts = ts
+            if b'"kind":"gap"' in line:
+                g = self._parse(line)
+                if g is not None and type(g.get("dropped")) is int and type(g.get("first_seq")) is int:
+                    carried.append((g["dropped"], g["first_seq"], g.get("last_seq"), g.get("first_ts"),
+                                    g.get("last_ts"), g.get("reason")))
         self._segs.pop(0)
         self._roff = self._rline = 0
-        self.totals["dropped"] += count
+        self.totals["dropped"] += direct
         if self._wfd is not None and not self._segs:
+            os.close(self._wfd)
             self._wfd = None
         self._delete(seg, durable=True)
         log.warning("spool %s: dropped segment %s: %d un-uploaded records%s",
-                    self.directory, os.path.basename(seg.path), count,
-                    " seq %d..%d" % (first[0], last[0]) if first else "")
-        if not count:
-            return None
-        return count, first[0], last[0], first[1], last[1]
+                    self.directory, os.path.basename(seg.path), direct,
+                    " seq %d..%d" % (fseq, lseq) if direct else "")
+        if not direct:
+            return []
+        return [(direct, fseq, lseq, fts, lts, None)] + carried
 
     def _delete(self, seg, durable):
         """Unlink a segment, after the cursor (and with it the seq floor) is on disk."""
@@ -620,11 +652,16 @@ class Spool:
             self._delete(seg, durable=True)
 
     def _sync(self):
-        if self._wfd is not None and (self._dirty or self.fsync == "always"):
-            os.fdatasync(self._wfd)
-        if self._dir_dirty:
-            os.fsync(self._dirfd)
-            self._dir_dirty = False
+        try:
+            if self._wfd is not None and (self._dirty or self.fsync == "always"):
+                os.fdatasync(self._wfd)
+            if self._dir_dirty:
+                os.fsync(self._dirfd)
+                self._dir_dirty = False
+        except OSError as e:
+            self.totals["write_errors"] += 1
+            log.error("spool %s: fsync failed: %s", self.directory, e.strerror)
+            return
         self._dirty = False
         self._last_sync = time.monotonic()
 
@@ -637,20 +674,31 @@ class Spool:
                 cur[k] = v
         path = os.path.join(self.directory, CURSOR)
         tmp = path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            os.write(fd, json.dumps(cur, separators=(",", ":")).encode() + b"\n")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                data = json.dumps(cur, separators=(",", ":")).encode() + b"\n"
+                if os.write(fd, data) != len(data):
+                    raise OSError(errno.ENOSPC, "short write")
+                if durable:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
             if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+                os.fsync(self._dirfd)
+        except OSError as e:
+            # Disk full or failing: the old cursor stays (re-sending means duplicates the collector
+            # drops, never loss); keep trying on the next acknowledgement.
+            self._cursor_dirty = True
+            log.error("spool %s: cannot write %s: %s", self.directory, CURSOR, e.strerror)
+            return False
         if durable:
-            os.fsync(self._dirfd)
             self._cursor_dirty = False
             self._last_cursor_sync = time.monotonic()
         else:
             self._cursor_dirty = True
+        return True
 
     def tick(self, now=None):
         """Once per loop iteration: periodic fsync (interval mode), durable cursor, age bound."""
@@ -662,7 +710,7 @@ class Spool:
                 self._sync()
             if self._cursor_dirty and mono - self._last_cursor_sync >= self.fsync_interval:
                 self._write_cursor(durable=True)
-        if self._pending_loss is not None:
+        if self._pending_loss:
             self._write_pending_gap()
         self._age_bound(now)
 
@@ -858,7 +906,7 @@ class Spool:
         if self._lockfd is None:
             return
         try:
-            if self._pending_loss is not None:
+            if self._pending_loss:
                 self._write_pending_gap()
             if self._wfd is not None:
                 os.fsync(self._wfd)

@@ -1,0 +1,427 @@
+"""The spool against real files: rotation, bounds with exact gap records, torn and corrupt lines,
+lost cursor, seq continuity across restarts, quarantine, disk errors."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agent.record import data_record, encode, error_record
+from agent.spool import CURSOR, QUARANTINE, SETASIDE, Spool, SpoolError
+
+AGENT = "site7"
+T0 = 1_795_000_000.0   # 2026-11-19, after CLOCK_SANE
+
+
+class Clock:
+    def __init__(self, t=T0):
+        self.t = t
+
+    def __call__(self):
+        return self.t
+
+
+def rec(i, t=T0):
+    return data_record(AGENT, t + i * 0.001, "meter1", 1, {"v": i * 0.5, "i": i})
+
+
+def segments(d):
+    return sorted(n for n in os.listdir(d) if n.startswith("seg-"))
+
+
+def drain_all(sp, n=100, quarantine=False):
+    """Every record the spool hands out, acknowledged batch by batch -> list of parsed records."""
+    out = []
+    while True:
+        b = sp.peek(n, 1 << 20)
+        if b is None:
+            return out
+        out.extend(json.loads(x) for x in b.lines)
+        assert [r["seq"] for r in out[-b.count:]] == b.seqs
+        if quarantine:
+            sp.quarantine(b, "test")
+        else:
+            sp.ack(b)
+
+
+def audit_gaps(next_seq, delivered):
+    """Every seq the spool assigned (1..next_seq-1: records and gap records alike) is delivered
+    exactly once or accounted for by exactly one gap record, whose count and range are exact.
+    Returns the gap records."""
+    got = [r["seq"] for r in delivered]
+    assert len(got) == len(set(got)), "duplicate delivery"
+    gaps = [r for r in delivered if r.get("kind") == "gap"]
+    missing = sorted(set(range(1, next_seq)) - set(got))
+    covered = []
+    for g in gaps:
+        in_range = [s for s in missing if g["first_seq"] <= s <= g["last_seq"]]
+        assert g["dropped"] == len(in_range), g
+        assert g["first_seq"] == in_range[0] and g["last_seq"] == in_range[-1]
+        covered.extend(in_range)
+    assert sorted(covered) == missing, "a dropped record is not accounted for (or twice)"
+    return gaps
+
+
+def test_append_peek_ack_roundtrip(tmp_path):
+    sp = Spool(tmp_path, AGENT)
+    seqs = [sp.append(rec(i)) for i in range(10)]
+    assert seqs == list(range(1, 11))
+    b = sp.peek(4, 1 << 20)
+    assert (b.count, b.first_seq, b.last_seq) == (4, 1, 4)
+    r = rec(0)
+    r["seq"] = 1
+    assert b.lines[0] + b"\n" == encode(r)          # the line is the record, byte for byte
+    assert sp.peek(4, 1 << 20).seqs == [1, 2, 3, 4]  # peek does not move the cursor
+    sp.ack(b)
+    assert sp.stats()["records"] == 6
+    rest = drain_all(sp)
+    assert [x["seq"] for x in rest] == list(range(5, 11))
+    assert sp.peek(10, 1 << 20) is None
+    st_ = sp.stats()
+    assert (st_["records"], st_["bytes"], st_["oldest_ts"], st_["acked_seq"]) == (0, 0, None, 10)
+    sp.close()
+
+
+def test_peek_respects_bytes_and_always_returns_one(tmp_path):
+    sp = Spool(tmp_path, AGENT)
+    for i in range(5):
+        sp.append(rec(i))
+    one = len(sp.peek(1, 1 << 20).lines[0])
+    b = sp.peek(100, one * 2 + 1)
+    assert b.count == 2 and b.nbytes <= one * 2 + 1
+    assert sp.peek(100, 10).count == 1     # a line larger than max_bytes still goes, alone
+    sp.close()
+
+
+def test_reopen_continues_seq_and_backlog(tmp_path):
+    sp = Spool(tmp_path, AGENT)
+    for i in range(20):
+        sp.append(rec(i))
+    sp.ack(sp.peek(7, 1 << 20))
+    sp.close()
+    sp = Spool(tmp_path, AGENT)
+    assert sp.stats()["records"] == 13
+    assert sp.append(rec(20)) == 21
+    assert [r["seq"] for r in drain_all(sp)] == list(range(8, 22))
+    sp.close()
+
+
+def test_seq_continues_after_everything_acked_and_restart(tmp_path):
+    sp = Spool(tmp_path, AGENT, segment_bytes=4096, max_bytes=1 << 20)
+    for i in range(200):
+        sp.append(rec(i))
+    drain_all(sp)
+    assert len(segments(tmp_path)) == 1      # the newest segment stays: it holds the seq floor
+    sp.close()
+    sp = Spool(tmp_path, AGENT)
+    assert sp.stats()["records"] == 0
+    assert sp.append(rec(0)) == 201
+    drain_all(sp)
+    sp.close()
+    # Even with every segment gone, the cursor's floor keeps seq going forward.
+    for n in segments(tmp_path):
+        os.unlink(tmp_path / n)
+    sp = Spool(tmp_path, AGENT)
+    assert sp.append(rec(0)) == 202
+    sp.close()
+    # And with the cursor gone, the segment's content and name keep it.
+    os.unlink(tmp_path / CURSOR)
+    sp = Spool(tmp_path, AGENT)
+    assert sp.append(rec(0)) == 203
+    sp.close()
+
+
+def test_rotation_and_acked_segments_deleted(tmp_path):
+    sp = Spool(tmp_path, AGENT, segment_bytes=4096, max_bytes=1 << 20)
+    for i in range(300):
+        sp.append(rec(i))
+    n = len(segments(tmp_path))
+    assert n >= 8 and sp.stats()["segments"] == n
+    for name in segments(tmp_path):
+        assert os.path.getsize(tmp_path / name) <= 4096
+    sp.ack(sp.peek(150, 1 << 20))
+    assert len(segments(tmp_path)) < n
+    first = int(segments(tmp_path)[0][4:-6])
+    assert first <= 151                   # nothing un-acked was deleted
+    assert [r["seq"] for r in drain_all(sp)] == list(range(151, 301))
+    sp.close()
+
+
+def test_torn_last_line_set_aside_and_seq_not_reused(tmp_path):
+    sp = Spool(tmp_path, AGENT)
+    for i in range(5):
+        sp.append(rec(i))
+    sp.close()
+    seg = tmp_path / segments(tmp_path)[-1]
+    with open(seg, "ab") as f:                       # a power cut in the middle of seq 6
+        f.write(b'{"agent":"site7","seq":6,"ts":"2026-11-19T')
+    sp = Spool(tmp_path, AGENT)
+    st_ = sp.stats()
+    assert st_["torn_set_aside"] == 1 and st_["records"] == 5
+    assert b'"seq":6,"ts":"2026-11-19T' in (tmp_path / SETASIDE).read_bytes()
+    assert seg.read_bytes().endswith(b"}\n")
+    assert sp.append(rec(6)) == 7                    # 6 may have been seen by no one, but never reuse
+    assert [r["seq"] for r in drain_all(sp)] == [1, 2, 3, 4, 5, 7]
+    sp.close()
+
+
+def test_truncated_segment_mid_line(tmp_path):
+    sp = Spool(tmp_path, AGENT, segment_bytes=4096, max_bytes=1 << 20)
+    for i in range(100):
+        sp.append(rec(i))
+    sp.close()
+    names = segments(tmp_path)
+    mid = tmp_path / names[len(names) // 2]
+    data = mid.read_bytes()
+    cut = data.rfind(b"\n", 0, len(data) // 2) + 17   # 17 bytes into a line
+    lost_line = data[cut - 17:data.find(b"\n", cut)]
+    lost_seq = json.loads(lost_line)["seq"]
+    os.truncate(mid, cut)
+    sp = Spool(tmp_path, AGENT)
+    got = [r["seq"] for r in drain_all(sp)]
+    kept = {json.loads(x)["seq"] for x in data[:cut - 17].splitlines()}
+    assert set(got) >= kept and lost_seq not in got
+    assert got == sorted(got)
+    assert sp.stats()["torn_set_aside"] == 1
+    assert sp.append(rec(0)) == 101
+    sp.close()
+
+
+def test_corrupt_middle_lines_skipped_and_counted(tmp_path):
+    sp = Spool(tmp_path, AGENT)
+    for i in range(10):
+        sp.append(rec(i))
+    sp.close()
+    seg = tmp_path / segments(tmp_path)[0]
+    lines = seg.read_bytes().split(b"\n")
+    lines[3] = lines[3][:40] + b"\x00\xff garbage"          # prefix intact, body destroyed
+    lines[6] = b"\x00" * 30                                 # a block of zeros
+    lines.insert(8, b"not json at all")
+    seg.write_bytes(b"\n".join(lines))
+    sp = Spool(tmp_path, AGENT)
+    got = drain_all(sp, n=3)
+    assert [r["seq"] for r in got] == [1, 2, 3, 5, 6, 8, 9, 10]
+    assert sp.stats()["corrupt_skipped"] == 3
+    assert sp.append(rec(11)) == 11
+    assert [r["seq"] for r in drain_all(sp)] == [11]
+    sp.close()
+    assert sp.stats()["corrupt_skipped"] == 3               # counted once despite re-peeks
+
+
+def test_wholly_corrupt_segment_and_cursor_never_crash(tmp_path):
+    (tmp_path / "seg-0000000000000001.jsonl").write_bytes(os.urandom(5000).replace(b"\n", b"x") + b"\n" * 3)
+    (tmp_path / CURSOR).write_bytes(b"{\x00 half a cursor")
+    sp = Spool(tmp_path, AGENT)
+    assert drain_all(sp) == []
+    s = sp.append(rec(0))
+    assert s >= 2                                 # above the broken segment's name
+    assert [r["seq"] for r in drain_all(sp)] == [s]
+    assert sp.stats()["corrupt_skipped"] == 3
+    sp.close()
+
+
+def test_deleted_cursor_resends_from_oldest_segment(tmp_path):
+    sp = Spool(tmp_path, AGENT, segment_bytes=4096, max_bytes=1 << 20)
+    for i in range(100):
+        sp.append(rec(i))
+    sp.ack(sp.peek(60, 1 << 20))
+    first_kept = int(segments(tmp_path)[0][4:-6])
+    sp.close()
+    os.unlink(tmp_path / CURSOR)
+    sp = Spool(tmp_path, AGENT)
+    got = [r["seq"] for r in drain_all(sp)]
+    # Duplicates of acked records are possible (the collector drops them); loss is not.
+    assert got == list(range(first_kept, 101)) and first_kept <= 61
+    assert sp.append(rec(0)) == 101
+    sp.close()
+
+
+def test_stale_cursor_offset_falls_back_to_acked_seq(tmp_path):
+    sp = Spool(tmp_path, AGENT)
+    for i in range(10):
+        sp.append(rec(i))
+    sp.ack(sp.peek(4, 1 << 20))
+    sp.close()
+    cur = json.loads((tmp_path / CURSOR).read_bytes())
+    cur["offset"] += 3                                    # not a line boundary any more
+    (tmp_path / CURSOR).write_text(json.dumps(cur))
+    sp = Spool(tmp_path, AGENT)
+    assert [r["seq"] for r in drain_all(sp)] == list(range(5, 11))
+    sp.close()
+
+
+def test_size_bound_drops_oldest_with_exact_gap_records(tmp_path):
+    sp = Spool(tmp_path, AGENT, max_bytes=64 << 10, segment_bytes=8 << 10)
+    appended = []
+    delivered = []
+    for i in range(3000):
+        appended.append(sp.append(rec(i)))
+        if i == 1000:                               # a partial upload in the middle
+            b = sp.peek(30, 1 << 20)
+            delivered.extend(json.loads(x) for x in b.lines)
+            sp.ack(b)
+    size = sum(os.path.getsize(tmp_path / n) for n in segments(tmp_path))
+    assert size <= 64 << 10
+    st_ = sp.stats()
+    delivered.extend(drain_all(sp))
+    gaps = audit_gaps(sp.next_seq, delivered)
+    assert gaps and all("max_bytes" in g["reason"] for g in gaps)
+    assert sum(g["dropped"] for g in gaps) == st_["dropped"]
+    assert appended == sorted(set(appended))
+    for g in gaps:
+        assert g["first_ts"] <= g["last_ts"]
+    sp.close()
+
+
+def test_age_bound_drops_with_gap_record(tmp_path):
+    clock = Clock()
+    sp = Spool(tmp_path, AGENT, max_age=3600, segment_bytes=4096, clock=clock)
+    for i in range(100):
+        sp.append(rec(i))
+    clock.t += 1800
+    for i in range(100):
+        sp.append(rec(i, clock.t))
+    sp.tick(clock.t)
+    assert sp.stats()["dropped"] == 0
+    clock.t += 2000                                  # the first half is now older than an hour
+    sp.tick(clock.t)
+    dropped = sp.stats()["dropped"]
+    assert 0 < dropped <= 100
+    delivered = drain_all(sp)
+    gaps = audit_gaps(sp.next_seq, delivered)
+    assert len(gaps) == 1 and "max_age" in gaps[0]["reason"] and gaps[0]["first_seq"] == 1
+    sp.close()
+
+
+def test_age_bound_after_restart_ignores_clock_jump(tmp_path):
+    clock = Clock(1000.0)                            # router booted without NTP: 1970
+    sp = Spool(tmp_path, AGENT, max_age=3600, clock=clock)
+    for i in range(5):
+        sp.append(data_record(AGENT, clock.t, "m", 1, {"i": i}))
+    sp.close()
+    os.utime(tmp_path / segments(tmp_path)[0], (1000.0, 1000.0))
+    clock.t = T0                                     # NTP set the clock: 56 years later
+    sp = Spool(tmp_path, AGENT, max_age=3600, clock=clock)
+    sp.tick(clock.t)
+    assert sp.stats()["dropped"] == 0 and sp.stats()["records"] == 5
+    sp.close()
+
+
+def test_quarantine_moves_on(tmp_path):
+    sp = Spool(tmp_path, AGENT)
+    for i in range(6):
+        sp.append(rec(i))
+    sp.append(error_record(AGENT, T0, "meter1", 1, {"kind": "timeout", "message": "no answer"}))
+    b = sp.peek(3, 1 << 20)
+    sp.quarantine(b, "HTTP 400: bad unit")
+    q = [json.loads(x) for x in (tmp_path / QUARANTINE).read_bytes().splitlines()]
+    assert [x["record"]["seq"] for x in q] == [1, 2, 3]
+    assert q[0]["reason"] == "HTTP 400: bad unit"
+    assert [r["seq"] for r in drain_all(sp)] == [4, 5, 6, 7]
+    assert sp.stats()["quarantined"] == 3
+    sp.close()
+    sp = Spool(tmp_path, AGENT)
+    assert sp.stats()["quarantined"] == 3 and sp.peek(10, 1 << 20) is None
+    sp.close()
+
+
+def test_foreign_record_order_is_normalised(tmp_path):
+    sp = Spool(tmp_path, AGENT)
+    sp.append({"ts": "2026-11-21T10:30:45.123Z", "device": "x", "status": "ok", "agent": "other"})
+    b = sp.peek(1, 1 << 20)
+    assert b.lines[0].startswith(b'{"agent":"site7","seq":1,"ts":"2026-11-21T10:30:45.123Z"')
+    sp.close()
+
+
+def test_one_agent_per_directory(tmp_path):
+    sp = Spool(tmp_path, AGENT)
+    with pytest.raises(SpoolError, match="in use"):
+        Spool(tmp_path, AGENT)
+    sp.close()
+    Spool(tmp_path, AGENT).close()
+
+
+@pytest.mark.parametrize("mode", ["always", "interval", "never"])
+def test_fsync_modes_round_trip(tmp_path, mode):
+    sp = Spool(tmp_path, AGENT, fsync=mode, fsync_interval=0.0)
+    for i in range(50):
+        sp.append(rec(i))
+        sp.tick()
+    sp.ack(sp.peek(10, 1 << 20))
+    sp.close()
+    sp = Spool(tmp_path, AGENT, fsync=mode)
+    assert [r["seq"] for r in drain_all(sp)] == list(range(11, 51))
+    sp.close()
+    with pytest.raises(ValueError):
+        Spool(tmp_path / "x", AGENT, fsync="sometimes")
+
+
+DISK_FULL = textwrap.dedent("""
+    import json, os, resource, signal, sys
+    sys.path.insert(0, sys.argv[2])
+    from agent.spool import Spool
+    from agent.record import data_record
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    sp = Spool(sys.argv[1], "site7", segment_bytes=64 << 10, max_bytes=1 << 20, fsync="never")
+    for i in range(50):
+        sp.append(data_record("site7", 1795000000.0, "m", 1, {"i": i}))
+    # The filesystem refuses files above 20 kB from now on (EFBIG): "disk full" for the spool.
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))
+    for i in range(400):
+        sp.append(data_record("site7", 1795000000.0, "m", 1, {"i": i}))
+    print(json.dumps(sp.stats()))
+    sp.close()
+""")
+
+
+def test_disk_full_loses_only_what_a_gap_record_accounts_for(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", DISK_FULL, str(tmp_path), root], capture_output=True,
+                         timeout=60, check=True, text=True)
+    st_ = json.loads(out.stdout)
+    assert st_["write_errors"] > 0 and st_["next_seq"] > 450
+    sp = Spool(tmp_path, AGENT)
+    delivered = drain_all(sp)
+    gaps = audit_gaps(st_["next_seq"], delivered)
+    assert gaps and all("EFBIG" in g["reason"] or "large" in g["reason"] or "full" in g["reason"] for g in gaps)
+    sp.close()
+
+
+# A model of the spool checked against the real one through random appends, acks, quarantines,
+# restarts and bound hits: everything appended is delivered once or accounted for by a gap record.
+ops = st.lists(st.one_of(
+    st.tuples(st.just("append"), st.integers(1, 120)),
+    st.tuples(st.just("ack"), st.integers(1, 80)),
+    st.tuples(st.just("quarantine"), st.integers(1, 10)),
+    st.tuples(st.just("reopen"), st.just(0)),
+), min_size=1, max_size=25)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=ops)
+def test_model_random_operations(tmp_path_factory, ops):
+    d = tmp_path_factory.mktemp("spool")
+    kw = dict(max_bytes=32 << 10, segment_bytes=4096)
+    sp = Spool(d, AGENT, **kw)
+    appended, delivered = [], []
+    for op, n in ops:
+        if op == "append":
+            appended += [sp.append(rec(i)) for i in range(n)]
+        elif op in ("ack", "quarantine"):
+            b = sp.peek(n, 1 << 20)
+            if b is not None:
+                delivered.extend(json.loads(x) for x in b.lines)
+                sp.ack(b) if op == "ack" else sp.quarantine(b, "model")
+        else:
+            sp.close()
+            sp = Spool(d, AGENT, **kw)
+    delivered.extend(drain_all(sp))
+    assert appended == sorted(set(appended)) and appended[-1:] <= [sp.next_seq - 1]
+    audit_gaps(sp.next_seq, delivered)
+    st_ = sp.stats()
+    assert st_["records"] == 0
+    sp.close()
