@@ -227,9 +227,7 @@ class Spool:
         names.sort()
         for key, name in names:
             seg = _Segment(key, os.path.join(self.directory, name))
-            torn_seq = self._scan(seg)
-            if torn_seq:
-                floor = max(floor, torn_seq + 1)
+            self._scan(seg)
             if seg.last_seq is not None:
                 floor = max(floor, seg.last_seq + 1)
             if not seg.size:
@@ -273,7 +271,8 @@ class Spool:
 
     def _scan(self, seg):
         """Fill seg's size/count/first/last from its file; set a torn tail aside and truncate it.
-        Returns the seq of a torn line when one can be read from it (never to be reused)."""
+        A torn line's seq is reused: the line was never complete, so no reader (uploader) ever had
+        it: the next seq follows the last durable record."""
         fd = os.open(seg.path, os.O_RDWR)
         try:
             st = os.fstat(fd)
@@ -300,11 +299,8 @@ class Spool:
                 if m is not None:
                     last = m
                 carry = buf[nl + 1:]
-            torn_seq = None
             if carry:
                 good = size - len(carry)
-                m = self._meta(carry) if carry.startswith(self._prefix) else None
-                torn_seq = m[0] if m else None
                 self._set_aside(seg.path, good, carry, "torn last line (power cut or kill during write)")
                 self.totals["torn_set_aside"] += 1
                 log.warning("spool %s: torn last line (%d bytes at offset %d) set aside in %s",
@@ -318,7 +314,6 @@ class Spool:
                 seg.first_seq, seg.first_ts = first
             if last:
                 seg.last_seq, seg.last_ts = last
-            return torn_seq
         finally:
             os.close(fd)
 
