@@ -72,6 +72,13 @@ def bad_string_path(value, path="$"):
     return None
 
 
+def _plain(doc):
+    """parse_batch's doc with the (record, raw) pairs unwrapped, for bad_string_path."""
+    if type(doc) is dict and type(doc.get("records")) is list:
+        return dict(doc, records=[r for r, _ in doc["records"]])
+    return doc
+
+
 def _db_errors(dialect):
     """Exception classes that mean 'storage unavailable' (503): the agent backs off and retries."""
     import sqlite3
@@ -154,7 +161,7 @@ class CollectorApp:
                             [("WWW-Authenticate", 'Bearer realm="modbus-collector", error="invalid_token"')])
         return found
 
-    def _read_json(self, environ, allowed_types):
+    def _read_json(self, environ, allowed_types, parse=validate.loads):
         ctype = environ.get("CONTENT_TYPE", "").split(";", 1)[0].strip().lower()
         if ctype not in allowed_types:
             raise HTTPError(415, "expected Content-Type: application/json, got %r" % ctype[:100],
@@ -187,16 +194,18 @@ class CollectorApp:
         if not body:
             raise HTTPError(400, "empty body", "body")
         try:
-            doc = validate.loads(body)
+            doc = parse(body.decode("utf-8"))
         except RecursionError:
             raise HTTPError(400, "JSON nested too deeply", "body") from None
         except json.JSONDecodeError as e:
             raise HTTPError(400, "malformed JSON: %s" % e.msg,
                             "body: line %d column %d" % (e.lineno, e.colno)) from None
-        except ValueError as e:  # bad UTF-8, NaN/Infinity
+        except UnicodeDecodeError as e:
+            raise HTTPError(400, "body is not UTF-8: %s" % e.reason, "body: byte %d" % e.start) from None
+        except ValueError as e:  # NaN/Infinity
             raise HTTPError(400, "malformed JSON: %s" % str(e)[:200], "body") from None
         if b"\\u" in body:
-            bad = bad_string_path(doc)
+            bad = bad_string_path(doc if parse is validate.loads else _plain(doc))
             if bad:
                 raise HTTPError(422, "string with NUL or an unpaired surrogate", bad)
         return doc
@@ -244,7 +253,7 @@ class CollectorApp:
     def post_batches(self, environ, start_response):
         t0 = time.monotonic()
         token_agent = self._token_agent(environ) if self.cfg.tokens_required else None
-        doc = self._read_json(environ, _JSON_TYPES)
+        doc = self._read_json(environ, _JSON_TYPES, validate.parse_batch)
         received = self.clock()
         if token_agent is not None and type(doc) is dict and doc.get("agent") != token_agent:
             raise HTTPError(403, "token belongs to another agent", "$.agent")
@@ -418,19 +427,8 @@ def parse_time(text, where):
 
 
 def record_json(row):
-    """Row -> the record's JSON text as the agent sent it (payload spliced in, not re-parsed)."""
-    agent, seq, ts, kind, device, unit, status, payload, clock, _received = row
-    head = '{"agent":%s,"seq":%d,"ts":"%s"' % (_encode(agent), seq, ts)
-    tail = ',"clock":"unsynced"}' if clock else "}"
-    if kind == "data":
-        return '%s,"device":%s,"unit":%s,"%s":%s,"status":"%s"%s' % (
-            head, _encode(device), "null" if unit is None else unit,
-            "values" if status == "ok" else "error", payload, status, tail)
-    if kind == "gap":
-        dev = ',"device":%s' % _encode(device) if device is not None else ""
-        return '%s,"kind":"gap"%s,%s%s' % (head, dev, payload.strip()[1:-1], tail)
-    return '%s,"kind":"health","device":%s,"unit":%s,"health":%s%s' % (
-        head, _encode(device), "null" if unit is None else unit, payload, tail)
+    """Row -> the record's JSON text: the payload is the record as the agent sent it."""
+    return row[7] if type(row[7]) is str else _encode(row[7])
 
 
 def _chunked(pieces, size=65536):

@@ -38,8 +38,9 @@ def series_points(rows, name):
     pts = []
     for ts, payload in rows:
         try:
-            v = json.loads(payload).get(name) if not isinstance(payload, dict) else payload.get(name)
-        except ValueError:
+            rec = json.loads(payload) if isinstance(payload, str) else payload
+            v = (rec.get("values") or {}).get(name)
+        except (ValueError, AttributeError):
             continue
         if type(v) in (int, float):
             pts.append((_ts_seconds(ts), float(v)))
@@ -72,7 +73,7 @@ h2{margin-top:1.5em}small{color:#777}"""
 
 
 def render(agents, devices, series, now, refresh=5):
-    """agents/devices: the app's views; series: (agent, device) -> [(ts, payload), ...] of the last hour."""
+    """agents/devices: the app's views; series: (agent, device) -> [(ts, record JSON), ...] of the last hour."""
     out = ['<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
            '<meta http-equiv="refresh" content="%d">' % int(refresh),
            '<meta name="viewport" content="width=device-width, initial-scale=1">',

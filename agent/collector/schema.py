@@ -7,9 +7,9 @@ records   one row per record, identity (agent, seq)
     ts       TEXT     '2026-11-21T10:30:45.123Z' (UTC, always 3 fraction digits: text order = time order)
     kind     TEXT     'data' | 'gap' | 'health'     device TEXT   device name (NULL for gaps)
     unit     INTEGER  Modbus unit id                 status TEXT   'ok' | 'error' for data, else NULL
-    payload  JSON text: data/ok -> the values {"voltage_l1": 230.1, ...}; data/error -> the error
-             {"kind": "timeout", "message": ...}; gap -> {"dropped", "first_seq", "last_seq", ...};
-             health -> the health counters. (PostgreSQL: jsonb.)
+    payload  the whole record as JSON, exactly as the agent sent it: values under $.values, a failed
+             read's error under $.error, gap details ($.dropped, $.first_seq, ...), health counters
+             under $.health. (PostgreSQL: jsonb.)
     clock    'unsynced' when the agent's clock was not set yet, else NULL
     received REAL     server time (epoch seconds) the batch was stored
 agents    agent, max_seq, records, gaps, dropped, first_seen, last_seen (epoch seconds)
@@ -19,11 +19,11 @@ legacy /receive-data posts land in `records` too: agent = the token's agent (or 
 seq = a 63-bit hash of the record's content (see validate.legacy_row).
 
 Grafana, SQLite data source (frser-sqlite-datasource), one point over time:
-    SELECT ts AS time, json_extract(payload, '$.voltage_l1') AS voltage_l1 FROM records
+    SELECT ts AS time, json_extract(payload, '$.values.voltage_l1') AS voltage_l1 FROM records
     WHERE agent = 'site7' AND device = 'meter1' AND kind = 'data' AND status = 'ok'
       AND ts >= strftime('%Y-%m-%dT%H:%M:%fZ', $__from / 1000, 'unixepoch') ORDER BY ts
 Grafana, PostgreSQL:
-    SELECT ts::timestamptz AS time, (payload->>'voltage_l1')::float AS voltage_l1 FROM records
+    SELECT ts::timestamptz AS time, (payload->'values'->>'voltage_l1')::float AS voltage_l1 FROM records
     WHERE agent = 'site7' AND device = 'meter1' AND kind = 'data' AND status = 'ok'
       AND ts >= to_char($__timeFrom() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') ORDER BY ts
 """

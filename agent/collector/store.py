@@ -5,7 +5,11 @@ on exit, rolled back on error), `_read()` (cursor for short reads), `_stream(sql
 a long query, fetched in chunks, connection released when the generator is closed) and `ph`
 (the parameter placeholder). Everything else, the SQL included, lives here once.
 """
+import json
+
 from agent.collector.schema import VERSION, statements
+
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, check_circular=False).encode
 
 ROW_COLUMNS = ("agent", "seq", "ts", "kind", "device", "unit", "status", "payload", "clock", "received")
 DEVICE_COLUMNS = ("agent", "device", "unit", "last_ts", "last_status", "values_ts", "last_values",
@@ -36,18 +40,22 @@ def _newer(col, ts_col):
             "THEN excluded.%s ELSE devices.%s END" % (col, ts_col, ts_col, ts_col, ts_col, col, col))
 
 
+def _field(payload, key):
+    """One field of a stored record (payload = the record's JSON text) as compact JSON text."""
+    v = json.loads(payload).get(key) if type(payload) is str else payload.get(key)
+    return None if v is None else _encode(v)
+
+
 def aggregate(rows):
-    """New rows -> per-device summary rows (DEVICE_COLUMNS order) and (records, gaps, dropped)."""
+    """New rows -> per-device summary rows (DEVICE_COLUMNS order) and (gaps, dropped).
+    Only the newest record of each kind per device is parsed again (for its values/error/health)."""
     devs = {}
     gaps = dropped = 0
     for agent, _seq, ts, kind, device, unit, status, payload, _clock, received in rows:
+        if kind == "gap":
+            gaps += 1
+            dropped += json.loads(payload).get("dropped") or 0
         if device is None:
-            if kind == "gap":
-                gaps += 1
-                # payload starts {"dropped":N,...}; parse only this rare row
-                import json
-
-                dropped += json.loads(payload).get("dropped") or 0
             continue
         d = devs.get(device)
         if d is None:
@@ -66,14 +74,12 @@ def aggregate(rows):
                 d[12] += 1
                 if d[7] is None or ts >= d[7]:
                     d[7], d[8] = ts, payload
-        elif kind == "health":
-            if d[9] is None or ts >= d[9]:
-                d[9], d[10] = ts, payload
-        elif kind == "gap":
-            gaps += 1
-            import json
-
-            dropped += json.loads(payload).get("dropped") or 0
+        elif kind == "health" and (d[9] is None or ts >= d[9]):
+            d[9], d[10] = ts, payload
+    for d in devs.values():
+        for i, key in ((6, "values"), (8, "error"), (10, "health")):
+            if d[i] is not None:
+                d[i] = _field(d[i], key)
     return [tuple(d) for d in devs.values()], gaps, dropped
 
 

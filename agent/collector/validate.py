@@ -6,8 +6,8 @@ and avoid building anything they do not store. A row is the tuple
     (agent, seq, ts, kind, device, unit, status, payload, clock, received)
 
 kind is "data" (a reading: status "ok" with values, or "error" with the error object), "gap" or
-"health"; payload is the kind-specific JSON object as compact text (values, error, gap details or
-health counters). Unknown top-level fields are ignored (newer agents may add some).
+"health"; payload is the whole record as JSON text, exactly as the agent sent it (unknown fields
+from newer agents included), so exports give back what was received.
 """
 import json
 import re
@@ -39,6 +39,90 @@ def _reject_constant(name):
 def loads(text):
     """json.loads that refuses NaN/Infinity (not JSON, and not storable in PostgreSQL JSON)."""
     return json.loads(text, parse_constant=_reject_constant)
+
+
+_scan_once = json.JSONDecoder(parse_constant=_reject_constant).scan_once
+_scanstring = json.decoder.scanstring
+_WS = re.compile(r"[ \t\n\r]*")
+_WS_CHARS = " \t\n\r"
+
+
+class _Fallback(Exception):
+    pass
+
+
+def _skip(text, idx):
+    if text[idx:idx + 1] in _WS_CHARS:
+        return _WS.match(text, idx).end()
+    return idx
+
+
+def parse_batch(text):
+    """Parse a batch body (str) in one pass, keeping each record's exact source text:
+    -> dict whose "records" (when a list) holds (record, raw_text) pairs.
+
+    The raw text is what gets stored (the payload column), so a record is parsed once and
+    never re-encoded. Anything unusual falls back to json.loads, which also produces the
+    error message for malformed input."""
+    try:
+        idx = _skip(text, 0)
+        if text[idx:idx + 1] != "{":
+            raise _Fallback
+        idx = _skip(text, idx + 1)
+        doc = {}
+        if text[idx:idx + 1] == "}":
+            idx += 1
+        else:
+            while True:
+                if text[idx:idx + 1] != '"':
+                    raise _Fallback
+                key, idx = _scanstring(text, idx + 1, True)
+                idx = _skip(text, idx)
+                if text[idx:idx + 1] != ":":
+                    raise _Fallback
+                idx = _skip(text, idx + 1)
+                if key == "records" and text[idx:idx + 1] == "[":
+                    recs = []
+                    idx = _skip(text, idx + 1)
+                    if text[idx:idx + 1] == "]":
+                        idx += 1
+                    else:
+                        while True:
+                            obj, end = _scan_once(text, idx)
+                            recs.append((obj, text[idx:end]))
+                            c = text[end:end + 1]
+                            if c in _WS_CHARS:
+                                end = _WS.match(text, end).end()
+                                c = text[end:end + 1]
+                            if c == ",":
+                                idx = _skip(text, end + 1)
+                            elif c == "]":
+                                idx = end + 1
+                                break
+                            else:
+                                raise _Fallback
+                    value = recs
+                else:
+                    value, idx = _scan_once(text, idx)
+                doc[key] = value
+                idx = _skip(text, idx)
+                c = text[idx:idx + 1]
+                if c == ",":
+                    idx = _skip(text, idx + 1)
+                elif c == "}":
+                    idx += 1
+                    break
+                else:
+                    raise _Fallback
+        if _skip(text, idx) != len(text):
+            raise _Fallback
+        return doc
+    except (_Fallback, StopIteration, ValueError):
+        pass
+    doc = loads(text)  # raises the JSONDecodeError that names line and column
+    if type(doc) is dict and type(doc.get("records")) is list:
+        doc["records"] = [(r, None) for r in doc["records"]]
+    return doc
 
 
 def normalize_ts(s):
@@ -89,7 +173,7 @@ def _object(rec, key, path, max_depth):
     for k, x in v.items():
         if type(x) not in _SCALARS or type(x) is str and len(x) > MAX_TEXT:
             check_depth(x, 2, max_depth, "%s.%s.%s" % (path, key, k))
-    return _encode(v)
+    return v
 
 
 def _name(rec, key, path, required=True):
@@ -110,10 +194,13 @@ def _int(rec, key, path, lo, hi, required=True):
     raise Invalid("%s.%s" % (path, key), "expected an integer %d..%d" % (lo, hi))
 
 
-def record_row(rec, agent, received, path, max_depth):
-    """One record dict -> row tuple; raises Invalid."""
+def record_row(rec, raw, agent, received, path, max_depth):
+    """One record dict and its source text -> row tuple; raises Invalid. The payload is the
+    whole record as sent (raw), re-encoded only when the source text is not at hand."""
     if type(rec) is not dict:
         raise Invalid(path, "expected an object")
+    # One flat object inside ({"values": {...}}) and short: no nesting or long-string walk needed.
+    flat = raw is not None and len(raw) <= MAX_TEXT and raw.count("{") <= 2 and "[" not in raw
     if rec.get("agent") != agent:
         raise Invalid(path + ".agent", "must equal the batch's agent %r" % agent)
     seq = rec.get("seq")
@@ -137,14 +224,14 @@ def record_row(rec, agent, received, path, max_depth):
             _int(rec, "unit", path, 0, 255)
         status = rec.get("status")
         if status == "ok":
-            payload = _object(rec, "values", path, max_depth)
+            if not flat or type(rec.get("values")) is not dict:
+                _object(rec, "values", path, max_depth)
         elif status == "error":
-            payload = _object(rec, "error", path, max_depth)
-            if type(rec["error"].get("kind")) is not str:
+            if type(_object(rec, "error", path, max_depth).get("kind")) is not str:
                 raise Invalid(path + ".error.kind", "expected a string")
         else:
             raise Invalid(path + ".status", 'expected "ok" or "error"')
-        return (agent, seq, ts, "data", device, unit, status, payload, clock, received)
+        return (agent, seq, ts, "data", device, unit, status, raw or _encode(rec), clock, received)
     if kind == "gap":
         p = path
         first_ts, last_ts = rec.get("first_ts"), rec.get("last_ts")
@@ -155,22 +242,21 @@ def record_row(rec, agent, received, path, max_depth):
         reason = rec.get("reason")
         if reason is not None and (type(reason) is not str or len(reason) > MAX_TEXT):
             raise Invalid(p + ".reason", "expected a string")
-        gap = {"dropped": _int(rec, "dropped", p, 0, MAX_SEQ),
-               "first_seq": _int(rec, "first_seq", p, 0, MAX_SEQ, required=False),
-               "last_seq": _int(rec, "last_seq", p, 0, MAX_SEQ, required=False),
-               "first_ts": first_ts, "last_ts": last_ts, "reason": reason}
+        _int(rec, "dropped", p, 0, MAX_SEQ)
+        _int(rec, "first_seq", p, 0, MAX_SEQ, required=False)
+        _int(rec, "last_seq", p, 0, MAX_SEQ, required=False)
         device = _name(rec, "device", path, required=False)
-        return (agent, seq, ts, "gap", device, None, None, _encode(gap), clock, received)
+        return (agent, seq, ts, "gap", device, None, None, raw or _encode(rec), clock, received)
     if kind == "health":
         device = _name(rec, "device", path)
         unit = _int(rec, "unit", path, 0, 255, required=False)
-        payload = _object(rec, "health", path, max_depth)
-        return (agent, seq, ts, "health", device, unit, None, payload, clock, received)
+        _object(rec, "health", path, max_depth)
+        return (agent, seq, ts, "health", device, unit, None, raw or _encode(rec), clock, received)
     raise Invalid(path + ".kind", 'expected absent (a reading), "gap" or "health"')
 
 
 def batch_rows(doc, received, max_records, max_depth):
-    """A parsed POST /api/v1/batches body -> (agent, rows); raises Invalid."""
+    """A body from parse_batch (records as (record, raw) pairs) -> (agent, rows); raises Invalid."""
     if type(doc) is not dict:
         raise Invalid("$", "expected an object {\"agent\": ..., \"records\": [...]}")
     agent = doc.get("agent")
@@ -183,8 +269,11 @@ def batch_rows(doc, received, max_records, max_depth):
         raise Invalid("$.records", "more than %d records in one batch" % max_records)
     rows = []
     append = rows.append
-    for i, rec in enumerate(records):
-        append(record_row(rec, agent, received, "$.records[%d]" % i, max_depth))
+    try:
+        for rec, raw in records:
+            append(record_row(rec, raw, agent, received, "", max_depth))
+    except Invalid as e:  # the path's prefix is built only when something is wrong
+        raise Invalid("$.records[%d]%s" % (len(rows), e.path), e.reason) from None
     return agent, rows
 
 
@@ -209,15 +298,19 @@ def legacy_row(rec, agent, received, path, max_depth, hasher):
     ts = m and normalize_ts("%sT%s%sZ" % (m.group(1), m.group(2), m.group(3) or ""))
     if not ts:
         raise Invalid(path + ".timestamp", 'expected "YYYY-MM-DD HH:MM:SS" (UTC)')
-    payload = _object(rec, "registers", path, max_depth)
+    registers = _object(rec, "registers", path, max_depth)
     status = rec.get("status", "success")
     if type(status) is not str or len(status) > MAX_NAME:
         raise Invalid(path + ".status", "expected a string")
+    key = _encode([device, ts, registers, status])
+    seq = int.from_bytes(hasher(key.encode("utf-8")), "big") >> 1
+    out = {"agent": agent, "seq": seq, "ts": ts, "device": device, "unit": None}
     if status.lower() in ("success", "ok"):
         st = "ok"
+        out["values"] = registers
     else:
         st = "error"
-        payload = _encode({"kind": "legacy", "message": status, "registers": rec["registers"]})
-    digest = hasher(("%s\0%s\0%s\0%s" % (device, ts, payload, status)).encode("utf-8"))
-    seq = int.from_bytes(digest, "big") >> 1
-    return (agent, seq, ts, "data", device, None, st, payload, None, received)
+        out["error"] = {"kind": "legacy", "message": status}
+        out["values"] = registers
+    out["status"] = st
+    return (agent, seq, ts, "data", device, None, st, _encode(out), None, received)
