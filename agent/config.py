@@ -196,7 +196,7 @@ CONNECTION_SCHEMA = {
     "timeout": (_positive(parse_duration), None, CONNECTION_TYPES),
     "connect_timeout": (_positive(parse_duration), None, (_TCP, _RTU_TCP)),
     "pause": (_not_negative(parse_duration), 0.0, CONNECTION_TYPES),
-    "backoff_max": (_positive(parse_duration), 60.0, (_TCP, _RTU_TCP)),
+    "backoff_max": (_positive(parse_duration), 60.0, CONNECTION_TYPES),
     # serial line; on rtu-over-tcp they describe the bus behind the gateway (for `check` only)
     "baud": (_positive(parse_int), 9600, (_RTU, _RTU_TCP)),
     "parity": (_choice("N", "E", "O", fold=str.upper), "N", (_RTU, _RTU_TCP)),
@@ -319,7 +319,7 @@ class Connection:
             return client.RtuClient(self.port, baudrate=self.baud, parity=self.parity,
                                     bytesize=self.bytesize, stopbits=self.stopbits,
                                     timeout=self.timeout, pause=self.pause,
-                                    rs485_echo=self.rs485_echo)
+                                    rs485_echo=self.rs485_echo, backoff_max=self.backoff_max)
         cls = client.TcpClient if self.type == _TCP else client.RtuOverTcpClient
         return cls(self.host, port=self.port, timeout=self.timeout,
                    connect_timeout=self.connect_timeout, pause=self.pause,
