@@ -68,6 +68,8 @@ def test_big_endian_host_simulated():
 
 CRC_BIG = crc.make_crc16("big")
 CRC_LITTLE = crc.make_crc16("little")
+CRC_COMPACT = crc.make_crc16(compact=True)
+CRC_COMPACT_OTHER = crc.make_crc16("big" if sys.byteorder == "little" else "little", compact=True)
 
 
 @settings(max_examples=300, deadline=None)
@@ -77,6 +79,7 @@ def test_against_pymodbus_umodbus_and_bytewise(data):
     assert crc.crc16(data) == expected
     assert CRC_BIG(data) == expected
     assert CRC_LITTLE(data) == expected
+    assert CRC_COMPACT(data) == CRC_COMPACT_OTHER(data) == expected
     assert crc.crc16_bytes(data) == get_crc(data)                       # umodbus: wire bytes
     assert FramerRTU.compute_CRC(data) == int.from_bytes(crc.crc16_bytes(data), "big")  # pymodbus
 

@@ -6,8 +6,14 @@ wire low byte first. A frame with its CRC appended has a CRC of 0 (the residue),
 
 Speed: the classic loop does one table lookup per byte. Here two bytes are folded per step:
 after XOR-ing the 16-bit little-endian word into the register, the register's next value depends
-only on that 16-bit result, so a 65536-entry table (`array('H')`, 128 KiB) replaces two byte steps
-by one lookup, and the loop runs over the frame's words without copying them (`memoryview.cast`).
+only on that 16-bit result, so a 65536-entry table replaces two byte steps by one lookup, and the
+loop runs over the frame's words without copying them (`memoryview.cast`).
+
+Memory vs speed: the table is built as a compact `array('H')` (128 KiB), but indexing an array
+boxes a new int on every lookup; a list of the same values returns existing ints and makes the
+loop ~1.5x faster (about 3x the byte loop instead of 2x). The list costs ~1.3 MB on a 32-bit
+router (~2.5 MB on 64-bit), so it is built lazily on the first CRC: TCP-only agents never pay.
+`make_crc16(compact=True)` gives the array-backed variant.
 
 Byte order: `cast('H')` reads words in host order. On a big-endian host (MIPS routers) a word is
 `b0 << 8 | b1`, so the table is built for the byte-swapped register instead: the register is kept
@@ -55,13 +61,16 @@ def word_table(byteorder=sys.byteorder, _t8=TABLE8):
     return array("H", values)
 
 
-def make_crc16(byteorder=sys.byteorder):
+def make_crc16(byteorder=sys.byteorder, compact=False):
     """Build a `crc16(data) -> int` for a host of `byteorder`.
 
     The agent uses the host's order; tests build the other one and feed it words read in that
-    order, to prove the big-endian path on a little-endian machine.
+    order, to prove the big-endian path on a little-endian machine. `compact` keeps the table
+    as `array('H')` (128 KiB, slower lookups) instead of a list.
     """
     t16 = word_table(byteorder)
+    if not compact:
+        t16 = t16.tolist()
     t8 = TABLE8
     native = byteorder == sys.byteorder
 
@@ -94,7 +103,16 @@ def make_crc16(byteorder=sys.byteorder):
     return crc16
 
 
-crc16 = make_crc16()
+_crc16 = None
+
+
+def crc16(data):
+    """CRC-16/MODBUS of `data` (bytes-like) as an int; the wire order is `crc & 0xFF, crc >> 8`.
+    Builds the word table on first use."""
+    global _crc16
+    if _crc16 is None:
+        _crc16 = make_crc16()
+    return _crc16(data)
 
 
 def crc16_bytes(data):
