@@ -1,0 +1,346 @@
+"""The collector's storage, one suite for both backends: SQLite files in tmp_path and a real
+PostgreSQL server started here (Debian's postgresql package; skipped with the reason if absent)."""
+import glob
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+
+import pytest
+
+from agent.collector import make_app
+from agent.collector.schema import VERSION
+from agent.collector.store import open_store
+from agent.collector.validate import batch_rows, parse_batch
+from agent.record import encode, error_record, gap_record, health_record, utc_timestamp
+
+T0 = 1_795_000_000.0  # 2026-11-18
+
+
+# --- a real PostgreSQL server -------------------------------------------------------------------
+
+def _pg_bin():
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    return os.path.dirname(found[-1]) if found else None
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """(socket dir, port) of a throw-away PostgreSQL cluster, run as an unprivileged user."""
+    bindir = _pg_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL not installed (apt-get install postgresql): no initdb under /usr/lib/postgresql")
+    try:
+        import psycopg
+    except ImportError:
+        pytest.skip("psycopg not installed")
+    tmp = tempfile.mkdtemp(prefix="collector-pg-")
+    run_as = []
+    if os.geteuid() == 0:  # postgres refuses to run as root
+        try:
+            pw = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no 'postgres' user to run the server as")
+        os.chown(tmp, pw.pw_uid, pw.pw_gid)
+        run_as = ["setpriv", "--reuid=%d" % pw.pw_uid, "--regid=%d" % pw.pw_gid, "--clear-groups", "--"]
+    data = os.path.join(tmp, "data")
+    r = subprocess.run(run_as + [os.path.join(bindir, "initdb"), "-D", data, "-A", "trust", "-U", "postgres",
+                                 "--no-sync", "-E", "UTF8", "--locale=C"],
+                       capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        pytest.skip("initdb failed: %s" % (r.stderr.strip()[-300:]))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(os.path.join(tmp, "server.log"), "w")  # noqa: SIM115 -- open while the server runs
+    proc = subprocess.Popen(run_as + [os.path.join(bindir, "postgres"), "-D", data, "-p", str(port),
+                                      "-k", tmp, "-c", "listen_addresses=", "-c", "fsync=off",
+                                      "-c", "max_connections=60"],
+                            stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            psycopg.connect(host=tmp, port=port, user="postgres", dbname="postgres", connect_timeout=2).close()
+            break
+        except psycopg.OperationalError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                log.close()
+                with open(os.path.join(tmp, "server.log")) as f:
+                    text = f.read()[-500:]
+                shutil.rmtree(tmp, ignore_errors=True)
+                pytest.skip("PostgreSQL did not start: %s" % text)
+            time.sleep(0.2)
+    yield tmp, port
+    proc.send_signal(signal.SIGINT)  # fast shutdown
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+_db_counter = [0]
+
+
+@pytest.fixture
+def pg_url(pg_server):
+    """A fresh, empty database on the session's server."""
+    import psycopg
+
+    host, port = pg_server
+    _db_counter[0] += 1
+    name = "t%d_%d" % (os.getpid(), _db_counter[0])
+    with psycopg.connect(host=host, port=port, user="postgres", dbname="postgres", autocommit=True) as c:
+        c.execute("CREATE DATABASE %s" % name)
+    return "postgresql://postgres@/%s?host=%s&port=%d" % (name, host, port)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request, tmp_path):
+    if request.param == "sqlite":
+        return "sqlite:///%s" % (tmp_path / "c.db")
+    return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def store(db_url):
+    s = open_store(db_url)
+    yield s
+    s.close()
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+def data(agent, seq, device="meter1", t=None, **values):
+    rec = {"agent": agent, "seq": seq, "ts": utc_timestamp(T0 + seq if t is None else t), "device": device,
+           "unit": 1, "values": values or {"v": float(seq)}, "status": "ok"}
+    return rec
+
+
+def rows_of(agent, records, received=T0 + 5000):
+    body = encode({"agent": agent, "records": records}).decode()
+    return batch_rows(parse_batch(body), received, 100000, 8)[1]
+
+
+def ingest(store, agent, records):
+    return store.ingest(agent, rows_of(agent, records), T0 + 5000)
+
+
+def stored_seqs(store, agent=None):
+    return [r[1] for r in store.records(agent=agent)]
+
+
+# --- the suite ----------------------------------------------------------------------------------
+
+def test_migrations_are_applied_once_and_reopening_keeps_data(db_url):
+    s = open_store(db_url)
+    assert s.ping() == VERSION
+    assert ingest(s, "a", [data("a", 1)]) == (1, 0, 1)
+    s.close()
+    s2 = open_store(db_url)  # a restart: migrate() finds the current version and does nothing
+    assert s2.migrate() == VERSION
+    assert stored_seqs(s2) == [1]
+    s2.close()
+
+
+def test_a_batch_sent_twice_is_stored_once(store):
+    recs = [data("a", i) for i in range(10)]
+    assert ingest(store, "a", recs) == (10, 0, 9)
+    assert ingest(store, "a", recs) == (0, 10, 9)
+    # a retry that overlaps: half old, half new
+    assert ingest(store, "a", [data("a", i) for i in range(5, 15)]) == (5, 5, 14)
+    assert stored_seqs(store, "a") == list(range(15))
+
+
+def test_same_seq_twice_in_one_batch_and_other_agents_are_independent(store):
+    assert ingest(store, "a", [data("a", 3), data("a", 3, v=99.0)]) == (1, 1, 3)
+    assert ingest(store, "b", [data("b", 3)]) == (1, 0, 3)
+    assert [json.loads(r[7])["values"] for r in store.records(agent="a")] == [{"v": 3.0}]
+    assert stored_seqs(store) == [3, 3]
+
+
+def test_max_seq_is_the_highest_held_even_when_an_older_batch_arrives_late(store):
+    ingest(store, "a", [data("a", 100)])
+    assert ingest(store, "a", [data("a", 7)]) == (1, 0, 100)
+    assert store.ingest("a", [], T0)[2] == 100
+    assert store.ingest("nobody", [], T0) == (0, 0, None)
+
+
+def test_records_come_back_as_sent(store):
+    sent = [data("a", 1, voltage=230.1, name="x\u00e9"),
+            error_record("a", T0 + 2, "plc", 3, {"kind": "timeout", "message": "no answer in 1.0 s"}),
+            gap_record("a", T0 + 3, 5, 10, 14, utc_timestamp(T0), utc_timestamp(T0 + 1), "spool full"),
+            health_record("a", T0 + 4, "plc", 3, {"requests": 10, "timeouts": 1})]
+    for i, r in enumerate(sent[1:], 2):
+        r["seq"] = i
+    sent[0]["clock"] = "unsynced"
+    ingest(store, "a", sent)
+    got = [json.loads(r[7] if isinstance(r[7], str) else json.dumps(r[7])) for r in store.records(agent="a")]
+    assert got == sent
+    kinds = [(r[3], r[4], r[6]) for r in store.records(agent="a")]
+    assert kinds == [("data", "meter1", "ok"), ("data", "plc", "error"), ("gap", None, None), ("health", "plc", None)]
+    assert [r[8] for r in store.records(agent="a")] == ["unsynced", None, None, None]
+
+
+def test_device_summary_keeps_the_newest_values_and_counts_errors(store):
+    ingest(store, "a", [data("a", 1, v=1.0), data("a", 2, v=2.0)])
+    # a late batch with an older reading must not replace the newest values
+    ingest(store, "a", [data("a", 0, v=0.5)])
+    err = error_record("a", T0 + 3, "meter1", 1, {"kind": "crc", "message": "bad CRC"})
+    err["seq"] = 3
+    hl = health_record("a", T0 + 4, "meter1", 1, {"timeouts": 2})
+    hl["seq"] = 4
+    gap = gap_record("a", T0 + 5, 7, 100, 106, None, None, "age bound")
+    gap["seq"] = 5
+    ingest(store, "a", [err, hl, gap])
+    (d,) = store.devices()
+    assert (d["agent"], d["device"], d["unit"]) == ("a", "meter1", 1)
+    assert json.loads(d["last_values"]) == {"v": 2.0}
+    assert d["values_ts"] == utc_timestamp(T0 + 2)
+    assert json.loads(d["last_error"])["kind"] == "crc"
+    assert d["last_status"] == "error" and d["last_ts"] == utc_timestamp(T0 + 3)
+    assert json.loads(d["health"]) == {"timeouts": 2}
+    assert (d["records"], d["errors"]) == (5, 1)
+    (a,) = store.agents()
+    assert (a["agent"], a["max_seq"], a["records"], a["gaps"], a["dropped"]) == ("a", 5, 6, 1, 7)
+
+
+def test_duplicates_do_not_count_twice_in_the_summary(store):
+    recs = [data("a", i) for i in range(4)]
+    ingest(store, "a", recs)
+    ingest(store, "a", recs)
+    assert store.devices()[0]["records"] == 4
+    assert store.agents()[0]["records"] == 4
+
+
+def test_record_queries_filter_and_order(store):
+    ingest(store, "a", [data("a", i, device="m%d" % (i % 2)) for i in range(10)])
+    ingest(store, "b", [data("b", i) for i in range(3)])
+    assert len(list(store.records())) == 13
+    assert stored_seqs(store, "a") == list(range(10))
+    assert [r[1] for r in store.records(agent="a", device="m1")] == [1, 3, 5, 7, 9]
+    since, until = utc_timestamp(T0 + 2), utc_timestamp(T0 + 5)
+    assert [r[1] for r in store.records(agent="a", since=since, until=until)] == [2, 3, 4]
+    assert [r[1] for r in store.records(agent="a", limit=3)] == [0, 1, 2]
+    assert list(store.records(kind="gap")) == []
+    assert [p for p in store.series("a", "m0", utc_timestamp(T0 + 4))][0][0] == utc_timestamp(T0 + 4)
+
+
+def test_a_stream_closed_early_releases_the_database(store):
+    ingest(store, "a", [data("a", i) for i in range(2000)])
+    rows = store.records(agent="a")
+    assert next(rows)[1] == 0
+    rows.close()  # a client hung up mid-export
+    assert ingest(store, "a", [data("a", 5000)]) == (1, 0, 5000)
+
+
+def test_a_failing_batch_stores_nothing(store):
+    ingest(store, "a", [data("a", 1)])
+    rows = rows_of("a", [data("a", i) for i in range(2, 6)])
+    rows[-1] = rows[-1][:7] + (None,) + rows[-1][8:]  # payload NOT NULL: the database refuses row 4
+    with pytest.raises(Exception):  # noqa: B017 -- the driver's integrity error, whichever it is
+        store.ingest("a", rows, T0)
+    assert stored_seqs(store) == [1]
+    assert store.agents()[0]["max_seq"] == 1
+    assert store.devices()[0]["records"] == 1
+    assert ingest(store, "a", [data("a", 2)]) == (1, 0, 2)  # and the store still works
+
+
+def test_concurrent_posts_of_the_same_batch_store_each_record_once(store):
+    recs = [data("a", i) for i in range(200)]
+    results = []
+
+    def post():
+        results.append(ingest(store, "a", recs))
+
+    threads = [threading.Thread(target=post) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(r[0] for r in results) == 200
+    assert sum(r[1] for r in results) == 600
+    assert stored_seqs(store, "a") == list(range(200))
+
+
+def test_retention_deletes_in_chunks(store):
+    ingest(store, "a", [data("a", i, t=T0 - 40 * 86400 + i) for i in range(25)])
+    ingest(store, "a", [data("a", 100 + i) for i in range(5)])
+    cutoff = utc_timestamp(T0 - 30 * 86400)
+    assert store.delete_older(cutoff, 10) == 10
+    assert store.delete_older(cutoff, 10) == 10
+    assert store.delete_older(cutoff, 10) == 5
+    assert store.delete_older(cutoff, 10) == 0
+    assert stored_seqs(store) == [100, 101, 102, 103, 104]
+
+
+@pytest.mark.postgres
+def test_two_collector_processes_share_one_postgres_database(pg_url):
+    """Two stores = two collectors behind a load balancer: migrations once, idempotence in the database."""
+    stores = []
+    errors = []
+
+    def start():
+        try:
+            stores.append(open_store(pg_url))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=start) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(stores) == 3
+    recs = [data("a", i) for i in range(50)]
+    assert ingest(stores[0], "a", recs[:30]) == (30, 0, 29)
+    assert ingest(stores[1], "a", recs) == (20, 30, 49)
+    assert stored_seqs(stores[2], "a") == list(range(50))
+    for s in stores:
+        s.close()
+
+
+@pytest.mark.postgres
+def test_the_app_over_postgres(pg_url):
+    """The WSGI app end to end on PostgreSQL: post, duplicate, query, health."""
+    import io
+    import sys
+    from wsgiref.validate import validator
+
+    app = make_app(None, db=pg_url)
+    try:
+        def call(method, path, body=b"", qs=""):
+            env = {"REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": qs, "SCRIPT_NAME": "",
+                   "SERVER_NAME": "t", "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1",
+                   "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(body),
+                   "wsgi.errors": sys.stderr, "wsgi.multithread": True, "wsgi.multiprocess": False,
+                   "wsgi.run_once": False, "CONTENT_LENGTH": str(len(body)), "CONTENT_TYPE": "application/json"}
+            out = {}
+            it = validator(app)(env, lambda s, h, e=None: out.update(status=s))
+            try:
+                return b"".join(it), out["status"]
+            finally:
+                it.close()
+
+        body = encode({"agent": "a", "records": [data("a", i) for i in range(3)]})
+        b, st = call("POST", "/api/v1/batches", body)
+        assert st.startswith("200") and json.loads(b) == {"stored": 3, "duplicates": 0, "max_seq": 2}
+        b, st = call("POST", "/api/v1/batches", body)
+        assert json.loads(b) == {"stored": 0, "duplicates": 3, "max_seq": 2}
+        b, st = call("GET", "/api/v1/records", qs="format=jsonl")
+        assert [json.loads(x)["seq"] for x in b.splitlines()] == [0, 1, 2]
+        b, st = call("GET", "/health")
+        assert st.startswith("200") and json.loads(b)["db"] == "ok"
+        b, st = call("GET", "/api/v1/devices")
+        assert json.loads(b)["devices"][0]["values"] == {"v": 2.0}
+    finally:
+        app.close()
