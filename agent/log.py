@@ -17,7 +17,9 @@ import sys
 
 from agent.record import utc_timestamp
 
-ROOT = "modbus_agent"
+# The package name: every module's `logging.getLogger(__name__)` ("agent.spool",
+# "agent.modbus.client") lands in the same handler and format.
+ROOT = "agent"
 
 LEVELS = {
     "debug": logging.DEBUG,
@@ -53,7 +55,8 @@ def where(device=None, unit=None):
 
 
 def get(component):
-    """The logger of one component (loop, spool, upload, modbus, config, ...)."""
+    """The logger of one component (loop, spool, upload, modbus, config, ...); the same as
+    `logging.getLogger(__name__)` in module agent.<component>."""
     return logging.getLogger(ROOT + "." + component)
 
 

@@ -48,6 +48,9 @@ SAFETY_MARGIN = 0.05
 DRAIN_SLICE = 1.0
 # Don't start an upload in a gap shorter than this: one HTTP round trip would not fit.
 MIN_DRAIN_GAP = 0.02
+# Shortest gap in which an upload request can start (agent.upload.MIN_REQUEST_TIME); a
+# schedule with no gap this long starves the upload, which the summary line says.
+UPLOAD_WINDOW = 0.2
 # How often the status file is rewritten.
 STATUS_PERIOD = 5.0
 # With no device configured, wake up this often to upload and write status.
@@ -110,7 +113,8 @@ def open_spool(cfg):
                  max_age=a.spool_max_age,
                  segment_bytes=int(a.spool_segment_kb * 1024),
                  fsync=a.fsync,
-                 fsync_interval=a.fsync_interval)
+                 fsync_interval=a.fsync_interval,
+                 quarantine_file=cfg.upload.quarantine_file if cfg.upload is not None else None)
 
 
 def make_uploader(cfg):
@@ -132,6 +136,7 @@ def _section_key(section, names):
 
 
 _SPOOL_KEYS = ("spool_dir", "spool_max_mb", "spool_max_age", "spool_segment_kb", "fsync", "fsync_interval", "id")
+_QUARANTINE_KEYS = ("quarantine_file",)
 _UPLOAD_KEYS = ("url", "token", "batch_max_records", "batch_max_kb", "gzip", "timeout", "ca_file", "verify",
                 "backoff_max", "quarantine_file")
 
@@ -151,6 +156,8 @@ class Loop:
         self.started_wall = wall()
         self.appended = 0
         self.append_errors = 0
+        self.upload_windows = 0       # gaps long enough to upload in, since the last summary
+        self.upload_window = getattr(sys.modules.get("agent.upload"), "MIN_REQUEST_TIME", UPLOAD_WINDOW)
         self.last_summary = None
         self.clock_unsynced = self.started_wall < CLOCK_SANE
         now = mono()
@@ -217,6 +224,8 @@ class Loop:
         log.info("started: agent %s, %d device(s) on %d connection(s), spool %s, upload %s",
                  a.id, len(self.states), len(self.cfg.connections), a.spool_dir,
                  self.cfg.upload.url if self.cfg.upload else "off")
+        for w in getattr(self.cfg, "warnings", ()):
+            log.warning("config: %s", w)
         if self.clock_unsynced:
             log.warning("clock reads %s, before the release date: records are flagged \"clock\": \"unsynced\" "
                         "until NTP sets it", utc_timestamp(self.started_wall))
@@ -252,10 +261,11 @@ class Loop:
             self._tick()
             return
         due = st.schedule.due if st is not None else now + IDLE_PERIOD
-        until = min(due, self.next_status, self.next_summary)
-        self.upload_until(until)
+        # Upload up to the next poll (the status/summary timers run between drain slices and
+        # must not chop the gap into pieces too short for a request), then sleep.
+        self.upload_until(due)
         self._tick()
-        self._sleep_until(until)
+        self._sleep_until(min(due, self.next_status, self.next_summary))
 
     def _tick(self):
         try:
@@ -383,22 +393,26 @@ class Loop:
 
     def upload_until(self, until):
         """Drain the spool in slices that end SAFETY_MARGIN before `until` (the next poll).
-        Stops when a slice returns early: the spool is empty or the uploader is backing off."""
+        Stops when the uploader says the spool is empty or it is backing off, or the gap is used."""
         if self.uploader is None:
             return
         while not (self.stop_requested or self.reload_requested):
             now = self.mono()
+            self.periodic(now)
             end = until - SAFETY_MARGIN
             if end - now < MIN_DRAIN_GAP:
                 return
+            if end - now >= self.upload_window:
+                self.upload_windows += 1
             deadline = min(end, now + DRAIN_SLICE)
             try:
-                self.uploader.drain(self.spool, deadline)
+                res = self.uploader.drain(self.spool, deadline)
             except Exception:  # the uploader handles network errors; anything else is a bug
                 log.exception("upload failed")
                 return
-            if self.mono() < deadline - 0.005:
-                return
+            status = res.get("status") if isinstance(res, dict) else None
+            if status != "deadline" or deadline >= end:
+                return   # empty, backing off, or the whole gap is used
 
     def summary(self):
         parts = []
@@ -416,16 +430,15 @@ class Loop:
             sp = self.spool.stats()
         except Exception as e:
             sp = {"error": str(e)}
-        oldest = sp.get("oldest_ts")
-        age = "-"
-        if isinstance(oldest, (int, float)):
-            age = "%ds" % max(0, self.wall() - oldest)
-        elif isinstance(oldest, str):
-            age = oldest
+        age = sp.get("oldest_age")
+        age = "-" if age is None else "%ds" % age
         text = "summary: %s; spool %s records %s bytes oldest %s" % (
             ", ".join(parts) or "no devices", sp.get("records", "?"), sp.get("bytes", "?"), age)
         if self.uploader is not None:
             text += "; upload %s" % _upload_text(self.uploader)
+            if not self.upload_windows and sp.get("records"):
+                text += "; upload STARVED: no gap of %gs between polls to upload in" % self.upload_window
+        self.upload_windows = 0
         if self.append_errors:
             text += "; spool append errors %d" % self.append_errors
         self.last_summary = text
@@ -493,7 +506,8 @@ class Loop:
             log.error("reload: %s: %s: still running the previous config", path, e)
             return
         old = self.cfg
-        if _section_key(old.agent, _SPOOL_KEYS) != _section_key(new.agent, _SPOOL_KEYS):
+        if _section_key(old.agent, _SPOOL_KEYS) != _section_key(new.agent, _SPOOL_KEYS) or \
+                _section_key(old.upload, _QUARANTINE_KEYS) != _section_key(new.upload, _QUARANTINE_KEYS):
             self.spool.close()
             self.spool = open_spool(new)
         if _section_key(old.upload, _UPLOAD_KEYS) != _section_key(new.upload, _UPLOAD_KEYS) or \
@@ -573,8 +587,8 @@ def cmd_run(args):
         return 2
     try:
         loop = Loop(cfg)
-    except OSError as e:
-        log.error("cannot open the spool in %s: %s", cfg.agent.spool_dir, e)
+    except Exception as e:  # SpoolError, OSError: the spool directory is unusable or locked
+        log.error("cannot start: %s", e)
         return 1
     loop.install_signals()
     return loop.run()
