@@ -267,12 +267,13 @@ def probe_candidates(registers, address, low, high, device_base=0):
                     value = raw if scale == 1 else round(raw * scale, 6)
                     if not low <= value <= high:
                         continue
-                    score = 2 * _ORDER_RANK.get(order, 0) + (2 if scale == 1 else 0)
+                    score = _ORDER_RANK.get(order, 0) + (2 if scale == 1 else 0)
                     score += 1 if base == device_base else 0
-                    # a float landing in the range is strong evidence (random bit patterns
-                    # rarely do); zero fits almost any type, so it proves nothing
-                    if code in "fd" and value != 0:
-                        score += 2
+                    # A float landing in the range is strong evidence (random bit patterns
+                    # rarely do) -- unless one of its registers is 0: then it is often half of
+                    # the real value read with the wrong base or word order (230.0 = 43 66 00 00).
+                    if code in "fd" and value != 0 and b"\0\0" not in [blob[i:i + 2] for i in range(0, len(blob), 2)]:
+                        score += 3
                     if raw == 0:
                         score -= 3
                     out.append({"type": tname, "order": order, "scale": scale, "base": base,
