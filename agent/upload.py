@@ -11,7 +11,7 @@ Answers:
                        still too large is quarantined) and send smaller batches from then on
   400, 422, other 4xx  the records are rejected: bisect to find the bad ones, quarantine only those
                        with the reason, go on (one bad record never blocks the queue)
-  401 403 404 405 407 408 421 425 429, 5xx, network errors
+  401 403 404 405 407 408 411 415 421 425 426 429, 5xx, network errors
                        not the records' fault (token, URL, overload, outage): exponential back-off
                        with jitter up to backoff_max, nothing quarantined (Retry-After honoured)
 """
@@ -29,7 +29,7 @@ log = logging.getLogger("agent.upload")
 
 # 4xx answers that say nothing about the records themselves: quarantining on them would move a
 # whole healthy backlog aside because of a revoked token or a typo in the URL.
-RETRY_4XX = frozenset((401, 403, 404, 405, 407, 408, 421, 425, 429))
+RETRY_4XX = frozenset((401, 403, 404, 405, 407, 408, 411, 415, 421, 425, 426, 429))
 GZIP_LEVEL = 1      # ~3x faster than level 6 on JSON, barely larger: the router's CPU is the bottleneck
 BACKOFF_BASE = 1.0
 MIN_REQUEST_TIME = 0.2  # do not start a request with less time than this before the deadline
@@ -53,7 +53,9 @@ class Uploader:
         self.backoff_max = float(backoff_max)
         self._head = b'{"agent":' + json.dumps(agent_id, ensure_ascii=False).encode("utf-8") + b',"records":['
         self._session = session or requests.Session()
-        self._session.verify = ca_file if ca_file else bool(verify)
+        # Passed with every request: a session-level verify loses to $REQUESTS_CA_BUNDLE in
+        # requests (psf/requests#3829), which would silently ignore ca_file.
+        self._verify = ca_file if ca_file else bool(verify)
         h = {"Content-Type": "application/json", "User-Agent": "modbus-agent"}
         if self.gzip:
             h["Content-Encoding"] = "gzip"
@@ -156,7 +158,8 @@ class Uploader:
         """-> (status code or None for a network error, reason text, parsed JSON answer or None)."""
         body = self._body(batch)
         try:
-            r = self._session.post(self.url, data=body, headers=self._headers, timeout=timeout)
+            r = self._session.post(self.url, data=body, headers=self._headers, timeout=timeout,
+                                   verify=self._verify)
         except requests.exceptions.RequestException as e:
             return None, "%s: %s" % (type(e).__name__, _short(e)), None
         answer = None
