@@ -241,16 +241,21 @@ class Site:
                               text=True, env=self.env, timeout=60)
 
     def start_agent(self, log_level=None):
-        argv = self.agent_cmd("run", "-c", str(self.agent_ini))
+        return self.start_agent_with(self.agent_ini, "agent", log_level)
+
+    def start_agent_with(self, ini, name, log_level=None):
+        """`modbus-agent run -c ini` as process `name` (log in run/<name>.log)."""
+        argv = self.agent_cmd("run", "-c", str(ini))
         if log_level:
             argv += ["--log-level", log_level]
-        self.procs["agent"] = Proc("agent", argv, self.run / "agent.log", env=self.env)
-        return self.procs["agent"]
+        self.procs[name] = Proc(name, argv, self.run / ("%s.log" % name), env=self.env)
+        return self.procs[name]
 
     def stop(self):
         """Agent first (it flushes its spool), then the collector, then the simulator."""
         codes = {}
-        for name in ("agent", "collector", "simulator"):
+        for name in ["agent"] + [n for n in self.procs if n not in ("agent", "collector", "simulator")] + [
+                "collector", "simulator"]:
             proc = self.procs.pop(name, None)
             if proc is not None:
                 codes[name] = proc.stop()

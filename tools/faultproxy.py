@@ -35,6 +35,8 @@ class FaultProxy:
         self.host, self.port = host, port
         self.seen = {}          # (agent, seq) -> set of content hashes
         self.requests = 0
+        self.sends = {}         # (agent, seq) -> how many times it was sent
+        self.on_forward = None  # called once with no argument after a request reached the collector
         self.faults_applied = {}
         self._fault = None      # [kind, remaining, until, seconds]
         self._lock = threading.Lock()
@@ -111,6 +113,11 @@ class FaultProxy:
         with self._lock:
             return sorted(k for k, v in self.seen.items() if len(v) > 1)
 
+    def resent(self):
+        """How many record sends were repeats (the agent retrying an un-acknowledged batch)."""
+        with self._lock:
+            return sum(n - 1 for n in self.sends.values())
+
     def _record(self, headers, body):
         try:
             if headers.get("content-encoding", "").lower() == "gzip":
@@ -123,7 +130,9 @@ class FaultProxy:
             for rec in records:
                 if isinstance(rec, dict) and "seq" in rec:
                     h = hashlib.sha1(json.dumps(rec, sort_keys=True).encode()).hexdigest()
-                    self.seen.setdefault((rec.get("agent"), rec["seq"]), set()).add(h)
+                    key = (rec.get("agent"), rec["seq"])
+                    self.seen.setdefault(key, set()).add(h)
+                    self.sends[key] = self.sends.get(key, 0) + 1
 
     # -- the proxy
 
@@ -210,6 +219,10 @@ class FaultProxy:
                     c.putheader(k, v)
             c.putheader("Connection", "close")
             c.endheaders(body)
+            with self._lock:
+                hook, self.on_forward = self.on_forward, None
+            if hook is not None:
+                hook()  # e.g. kill the collector while it holds the batch
             r = c.getresponse()
             return r.status, r.reason, r.getheaders(), r.read()
         finally:
