@@ -109,7 +109,7 @@ def _ts_epoch(ts):
 class Spool:
     def __init__(self, directory, agent_id, max_bytes=16 << 20, max_age=7 * 86400, segment_bytes=256 << 10,
                  fsync="interval", fsync_interval=5.0, clock=time.time, quarantine_file=None,
-                 quarantine_max_bytes=1 << 20):
+                 quarantine_max_bytes=1 << 20, monotonic=time.monotonic):
         if fsync not in FSYNC_MODES:
             raise ValueError("fsync must be one of %s, not %r" % ("|".join(FSYNC_MODES), fsync))
         self.directory = str(directory)
@@ -120,7 +120,8 @@ class Spool:
         self.segment_bytes = int(max(4096, min(int(segment_bytes), self.max_bytes // 4)))
         self.fsync = fsync
         self.fsync_interval = float(fsync_interval)
-        self._clock = clock
+        self._clock = clock           # wall clock: segment ages, gap record times
+        self._mono = monotonic        # fsync interval (immune to clock steps)
         self.quarantine_file = str(quarantine_file or os.path.join(self.directory, QUARANTINE))
         self.quarantine_max_bytes = int(quarantine_max_bytes)
         # Every line the spool writes starts with this, so seq and ts are sliced, not parsed.
@@ -137,9 +138,9 @@ class Spool:
         self._acked_seq = 0
         self._dirty = False         # bytes written since the last fsync
         self._dir_dirty = False     # a segment was created/removed since the last directory fsync
-        self._last_sync = time.monotonic()
+        self._last_sync = self._mono()
         self._cursor_dirty = False
-        self._last_cursor_sync = time.monotonic()
+        self._last_cursor_sync = self._mono()
         self._pending_loss = []     # [count, first_seq, last_seq, first_ts, last_ts, reason] not yet in a gap record
         self._oldest_cache = (None, None)
         self._corrupt_mark = (0, -1)
@@ -658,7 +659,7 @@ class Spool:
             log.error("spool %s: fsync failed: %s", self.directory, e.strerror)
             return
         self._dirty = False
-        self._last_sync = time.monotonic()
+        self._last_sync = self._mono()
 
     def _write_cursor(self, durable):
         seg = self._segs[0] if self._segs else None
@@ -690,7 +691,7 @@ class Spool:
             return False
         if durable:
             self._cursor_dirty = False
-            self._last_cursor_sync = time.monotonic()
+            self._last_cursor_sync = self._mono()
         else:
             self._cursor_dirty = True
         return True
@@ -699,7 +700,7 @@ class Spool:
         """Once per loop iteration: periodic fsync (interval mode), durable cursor, age bound."""
         if now is None:
             now = self._clock()
-        mono = time.monotonic()
+        mono = self._mono()
         if self.fsync == "interval":
             if self._dirty and mono - self._last_sync >= self.fsync_interval:
                 self._sync()
@@ -850,7 +851,7 @@ class Spool:
         if self.fsync == "always":
             self._write_cursor(durable=True)
         elif self.fsync == "interval":
-            due = time.monotonic() - self._last_cursor_sync >= self.fsync_interval
+            due = self._mono() - self._last_cursor_sync >= self.fsync_interval
             self._write_cursor(durable=due)
         else:
             self._write_cursor(durable=False)
