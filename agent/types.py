@@ -13,8 +13,8 @@ polling only slices bytes:
 * values that need no scaling are copied by one `itemgetter`; the rest go through a closure
   built for exactly the options the point has.
 """
-import math
 import struct
+from array import array
 from operator import itemgetter
 
 # --- tables --------------------------------------------------------------------------------
@@ -172,19 +172,20 @@ def make_transform(kind, scale=1.0, offset=0.0, divisor=1.0, decimals=None, enum
         off = float(offset)
         scaled = mul != 1.0 or div != 1.0 or off != 0.0
         if kind == "float":
-            isfinite = math.isfinite
+            # `v - v == 0.0` is False exactly for NaN and the infinities (and cheaper than a
+            # math.isfinite call): those become None, JSON has no spelling for them.
             if digits:
                 # float32 carries ~7 significant digits; widening to a double adds noise
                 # (230.1 -> 230.10000610351562) that would be spooled, uploaded and stored.
                 fmt = "%%.%dg" % digits
                 if scaled:
-                    steps.append(lambda v: float(fmt % v) * mul / div + off if isfinite(v) else None)
+                    steps.append(lambda v: float(fmt % v) * mul / div + off if v - v == 0.0 else None)
                 else:
-                    steps.append(lambda v: float(fmt % v) if isfinite(v) else None)
+                    steps.append(lambda v: float(fmt % v) if v - v == 0.0 else None)
             elif scaled:
-                steps.append(lambda v: v * mul / div + off if isfinite(v) else None)
+                steps.append(lambda v: v * mul / div + off if v - v == 0.0 else None)
             else:
-                steps.append(lambda v: v if isfinite(v) else None)
+                steps.append(lambda v: v if v - v == 0.0 else None)
         elif scaled:
             if mul == 1.0 and off == 0.0:
                 steps.append(lambda v: v / div)
@@ -228,10 +229,12 @@ class Field:
 
 
 def _swap_pairs(data):
-    """Copy of `data` with the two bytes of every register exchanged (BADC <-> ABCD)."""
-    out = bytearray(len(data))
-    out[0::2] = data[1::2]
-    out[1::2] = data[0::2]
+    """Copy of `data` with the two bytes of every register exchanged (BADC <-> ABCD).
+    array.byteswap does it in C (3-4x faster than two slice copies); the result is the same
+    on big- and little-endian CPUs since only raw bytes go in and out."""
+    out = array("H")
+    out.frombytes(data)
+    out.byteswap()
     return out
 
 
