@@ -267,12 +267,10 @@ class CollectorApp:
         return self._json(start_response, 200, {"stored": stored, "duplicates": dups, "max_seq": max_seq})
 
     def post_receive_data(self, environ, start_response):
-        mode = self.cfg.receive_data
+        mode = self.cfg.receive_data_mode
         if mode == "closed":
             raise HTTPError(404, "/receive-data is closed on this collector", "receive_data")
-        agent = self.cfg.receive_data_agent
-        if mode == "token" or self.cfg.tokens_required:
-            agent = self._token_agent(environ)
+        agent = self._token_agent(environ) if mode == "token" else self.cfg.receive_data_agent
         doc = self._read_json(environ, _LEGACY_TYPES)
         received = self.clock()
         recs, prefix = (doc, "$") if type(doc) is list else ([doc], None)

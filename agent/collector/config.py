@@ -10,7 +10,7 @@ DEFAULTS = {
     "listen": "127.0.0.1:8080",
     "db": "sqlite:///collector.db",
     "require_tokens": None,        # None: required when [tokens] has any entry
-    "receive_data": "open",        # open | token | closed
+    "receive_data": None,          # open | token | closed; None: token when tokens are required
     "receive_data_agent": "legacy",
     "receive_data_timezone": "UTC",  # only UTC is implemented; legacy timestamps carry no zone
     "read_token": None,            # when set, GET endpoints other than /health need it
@@ -58,6 +58,12 @@ class Config:
         if self.require_tokens is None:
             return bool(self.tokens)
         return bool(self.require_tokens)
+
+    @property
+    def receive_data_mode(self):
+        if self.receive_data is None:
+            return "token" if self.tokens_required else "open"
+        return self.receive_data
 
     def __repr__(self):  # never show tokens
         return "Config(listen=%r, db=%r, agents=%d)" % (self.listen, self.db, len(self.tokens))

@@ -172,7 +172,7 @@ def _object(rec, key, path, max_depth):
         raise Invalid("%s.%s" % (path, key), "expected an object")
     for k, x in v.items():
         if type(x) not in _SCALARS or type(x) is str and len(x) > MAX_TEXT:
-            check_depth(x, 2, max_depth, "%s.%s.%s" % (path, key, k))
+            check_depth(x, 3, max_depth, "%s.%s.%s" % (path, key, k))
     return v
 
 
