@@ -457,3 +457,34 @@ def test_connections_open_codec_clients(tmp_path):
     finally:
         for client in (a, b, c):
             client.close()
+
+
+# --- robustness: whatever an operator types, the answer is a Config or a ConfigError -------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_LINES = st.sampled_from([
+    "[agent]", "[upload]", "[connection:c]", "[device:d]", "[points:d]", "[device:]", "[x",
+    "id = a", "id = ", "interval = 5s", "interval = -1", "url = http://x/api/v1/batches",
+    "type = tcp", "type = rtu", "type = rtu-over-tcp", "type = udp", "host = h", "port = 502",
+    "port = /dev/ttyS0", "port = x", "baud = 0", "parity = Q", "connection = c", "connection = zz",
+    "unit = 0", "unit = 300", "base = 1", "byte_order = CDAB", "profile = sdm120", "profile = nope",
+    "max_registers = 2", "max_gap = 0", "enabled = no", "mode = on_change", "v = holding 0 float32",
+    "w = 40001 int32 CDAB scale=0.1", "x = coil 0", "y = holding 0 bits 3-1", "z = holding 5 string 0",
+    "s = input 65535 uint32", "e = holding 9 uint16 enum=1:on,0", "q = holding 9 bit 16", "r = = =",
+    "t = holding 0x10 int8 high", "u = 300001 float64 HGFEDCBA decimals=99", "v = off", "  indented",
+    "; comment", "", "junk", "k = holding -5 uint16", "m = holding 1 int16 scale=0",
+])
+
+
+@settings(deadline=None, max_examples=300)
+@given(st.lists(_LINES, max_size=30))
+def test_any_text_gives_a_config_or_a_config_error(lines):
+    text = "\n".join(lines)
+    try:
+        cfg = load_config("fuzz.ini", text=text)
+    except ConfigError as e:
+        assert e.errors and all(msg.startswith("fuzz.ini:") or "profiles" in msg for msg in e.errors)
+    else:
+        assert cfg.agent.id
