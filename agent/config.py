@@ -853,6 +853,9 @@ def check_config(path, text=None):
     return (None if problems.errors else cfg), problems.errors, problems.warnings
 
 
+SECTION_KINDS = ("agent", "upload", "connection:NAME", "device:NAME", "points:NAME")
+
+
 def _load(path, text):
     problems = Problems()
     try:
@@ -863,199 +866,220 @@ def _load(path, text):
     except UnicodeDecodeError as e:
         problems.error(path, 0, "-", None, "not UTF-8 text: %s" % e)
         return None, problems
+    by_kind = _sort_sections(path, sections, problems)
 
-    agent_sec = upload_sec = None
-    conn_secs, dev_secs, point_secs = [], [], {}
-    kinds = ("agent", "upload", "connection:NAME", "device:NAME", "points:NAME")
-    for s in sections:
-        head, sep, name = s.name.partition(":")
-        head = head.strip().lower()
-        name = name.strip()
-        if s.name == "agent":
-            agent_sec = s
-        elif s.name == "upload":
-            upload_sec = s
-        elif sep and head in ("connection", "device", "points") and name:
-            {"connection": conn_secs, "device": dev_secs}.get(head, []).append((name, s))
-            if head == "points":
-                point_secs[name] = s
-        else:
-            problems.error(path, s.line, s.name, None,
-                           "unknown section%s; sections are %s" % (
-                               _suggest(head, ("agent", "upload", "connection", "device", "points")),
-                               ", ".join("[%s]" % k for k in kinds)))
-
-    # [agent]
+    agent_sec = by_kind["agent"]
     if agent_sec is None:
         problems.error(path, 1, "agent", None, "missing [agent] section (it needs at least `id`)")
-        agent_values = {}
+        agent = AgentSettings()
     else:
-        agent_values = _apply_schema(agent_sec, AGENT_SCHEMA, problems)
-    agent = AgentSettings(**{k: v for k, v in agent_values.items() if v is not _BAD})
-
-    # [upload]
+        agent = AgentSettings(**_good(_apply_schema(agent_sec, AGENT_SCHEMA, problems)))
     upload = None
-    if upload_sec is not None:
-        up_values = _apply_schema(upload_sec, UPLOAD_SCHEMA, problems)
-        upload = UploadSettings(**{k: v for k, v in up_values.items() if v is not _BAD})
-        if upload.quarantine_file is None and agent.spool_dir:
-            upload.quarantine_file = os.path.join(agent.spool_dir, "quarantine.jsonl")
-        if upload.token is None and upload.url and upload.url.startswith("http://") \
-                and not re.match(r"^http://(127\.|localhost|\[::1\])", upload.url):
-            problems.warn(path, _line_of(upload_sec, "url"), "upload", "url",
-                          "plain http and no token: anyone on the path can read and forge uploads")
+    if by_kind["upload"] is not None:
+        upload = _load_upload(by_kind["upload"], agent, problems)
 
-    # [connection:NAME]
     connections = {}
-    conn_sections = {}
-    for name, s in conn_secs:
-        raw_type = None
-        for k, (v, _line) in s.entries.items():
-            if k.lower() == "type":
-                raw_type = v.strip().lower()
-        kind = raw_type if raw_type in CONNECTION_TYPES else None
-        if kind is None:
-            # report the type problem (and every other one) with type-independent checks
-            values = _apply_schema(s, CONNECTION_SCHEMA, problems)
-            continue
-        values = _apply_schema(s, CONNECTION_SCHEMA, problems, applies=True, kind=kind)
-        if "port" in values:
-            text_, line = values["port"]
-            if kind == _RTU:
-                if not text_:
-                    problems.error(path, line, s.name, "port", "empty: name the serial device, e.g. /dev/ttyUSB0")
-                    values["port"] = _BAD
-                else:
-                    values["port"] = text_
-            else:
-                try:
-                    values["port"] = _between(1, 65535)(text_)
-                except ValueError as e:
-                    problems.error(path, line, s.name, "port", str(e))
-                    values["port"] = _BAD
-        elif kind == _RTU:
-            problems.error(path, s.line, s.name, "port", "missing (required): the serial device, e.g. /dev/ttyUSB0")
-        if any(v is _BAD for v in values.values()):
-            continue
-        values.pop("type", None)
-        connections[name] = Connection(name, kind, **values)
-        conn_sections[name] = s
+    for name, s in by_kind["connection"].items():
+        conn = _load_connection(name, s, problems)
+        if conn is not None:
+            connections[name] = conn
 
-    # [device:NAME] and its points
     devices, disabled = [], []
-    device_names = set()
-    for name, s in dev_secs:
-        device_names.add(name)
-        values = _apply_schema(s, DEVICE_SCHEMA, problems)
-        ok = not any(v is _BAD for v in values.values())
-        conn = None
-        cname = values.get("connection")
-        if cname is not None and cname is not _BAD:
-            conn = connections.get(cname)
-            if conn is None:
-                line = _line_of(s, "connection")
-                if any(n == cname for n, _ in conn_secs):
-                    problems.error(path, line, s.name, "connection",
-                                   "connection %r has errors (see above)" % cname)
-                else:
-                    problems.error(path, line, s.name, "connection", "no [connection:%s]%s" % (
-                        cname, _suggest(cname, [n for n, _ in conn_secs])))
-                ok = False
-        base = values.get("base", 0)
-        order = values.get("byte_order", "ABCD")
-        base = 0 if base is _BAD else base
-        order = "ABCD" if order is _BAD else order
-        unit = values.get("unit", 1)
-        if conn is not None and unit is not _BAD and conn.type != _TCP and not 1 <= unit <= 247:
-            problems.error(path, _line_of(s, "unit"), s.name, "unit",
-                           "must be 1..247 on a serial bus (0 is broadcast, which cannot be read)")
-            ok = False
-        # points: the profile's first, then the device's own add or override by name
-        points = {}
-        prof = values.get("profile")
-        if prof is not None and prof is not _BAD:
-            ppath = find_profile(prof, path, agent.profile_dir)
-            if ppath is None:
-                problems.error(path, _line_of(s, "profile"), s.name, "profile",
-                               "profile %r not found (looked for %s.ini in the config's profiles/ "
-                               "folder, %s)" % (prof, prof, ", ".join(PROFILE_DIRS)))
-                ok = False
-            else:
-                n_before = problems.count()
-                meta, ppoints = load_profile(ppath, problems)
-                if problems.count() > n_before:
-                    ok = False
-                for k in ("max_registers", "max_gap"):
-                    if k not in values and meta.get(k) not in (None, _BAD):
-                        values[k] = meta[k]
-                for p in ppoints:
-                    points[p.name] = p
-        psec = point_secs.get(name)
-        if psec is not None:
-            for pname, (text_, line) in psec.entries.items():
-                if text_.lower() in ("off", "none", "-"):
-                    if pname not in points:
-                        problems.error(path, line, psec.name, pname,
-                                       "`%s` removes a profile point, but the profile has no such point" % text_)
-                        ok = False
-                    points.pop(pname, None)
-                    continue
-                p = parse_point(pname, text_, base, order, path, line, psec.name, problems)
-                if p is None:
-                    ok = False
-                    continue
-                points.pop(pname, None)
-                points[pname] = p
-        if not points and ok:
-            problems.error(path, s.line, s.name, None,
-                           "no points: add a [points:%s] section or a profile" % name)
-            ok = False
-        pts = list(points.values())
-        if not _check_overlaps(pts, problems):
-            ok = False
-        limits_ok = True
-        for p in pts:
-            is_bits = TABLES[p.table][1]
-            lim = values.get("max_bits" if is_bits else "max_registers")
-            if lim is not None and lim is not _BAD and p.count > lim:
-                problems.error(p.path, p.line, p.section, p.name,
-                               "spans %d registers, more than max_registers = %d" % (p.count, lim))
-                limits_ok = False
-        if not ok or not limits_ok:
+    for name, s in by_kind["device"].items():
+        dev = _load_device(name, s, by_kind["points"].get(name), agent, connections,
+                           by_kind["connection"], problems)
+        if dev is None:
             continue
-        for k, spec in DEVICE_SCHEMA.items():
-            values.setdefault(k, spec[1])
-        if values["interval"] is None:
-            values["interval"] = agent.interval or AGENT_SCHEMA["interval"][1]
-        values["connection"] = conn
-        dev = Device(name, points=pts, **values)
-        dev.path, dev.line = path, s.line
-        dev.interval_line = _line_of(s, "interval")
         if not dev.enabled:
             disabled.append(name)
             continue
         devices.append(dev)
-        conn.devices.append(dev)
+        dev.connection.devices.append(dev)
 
-    for name, s in point_secs.items():
-        if name not in device_names:
-            problems.error(path, s.line, s.name, None,
-                           "no [device:%s] for these points%s" % (name, _suggest(name, device_names)))
-    for name, s in conn_sections.items():
-        if not connections[name].devices and not any(
-                d.connection is connections[name] for d in devices):
-            problems.warn(path, s.line, s.name, None, "no enabled device uses this connection")
-
+    for name, s in by_kind["points"].items():
+        if name not in by_kind["device"]:
+            problems.error(path, s.line, s.name, None, "no [device:%s] for these points%s" % (
+                name, _suggest(name, by_kind["device"])))
+    used = {v for s in by_kind["device"].values() for k, (v, _l) in s.entries.items()
+            if k.lower() == "connection"}
+    for name, s in by_kind["connection"].items():
+        if name not in used:
+            problems.warn(path, s.line, s.name, None, "no device uses this connection")
     _check_bus_time(connections, problems)
-    units_seen = {}
+    _check_units(devices, problems)
+    return Config(path, agent, upload, connections, devices, disabled, problems.warnings), problems
+
+
+def _good(values):
+    """Parsed values without the ones that failed (already reported)."""
+    return {k: v for k, v in values.items() if v is not _BAD}
+
+
+def _sort_sections(path, sections, problems):
+    """{'agent': Section|None, 'upload': Section|None, 'connection'|'device'|'points': {name: Section}}"""
+    out = {"agent": None, "upload": None, "connection": {}, "device": {}, "points": {}}
+    for s in sections:
+        head, sep, name = s.name.partition(":")
+        head, name = head.strip().lower(), name.strip()
+        if s.name in ("agent", "upload"):
+            out[s.name] = s
+        elif sep and name and head in ("connection", "device", "points"):
+            out[head][name] = s
+        else:
+            problems.error(path, s.line, s.name, None, "unknown section%s; sections are %s" % (
+                _suggest(head, ("agent", "upload", "connection", "device", "points")),
+                ", ".join("[%s]" % k for k in SECTION_KINDS)))
+    return out
+
+
+def _load_upload(s, agent, problems):
+    upload = UploadSettings(**_good(_apply_schema(s, UPLOAD_SCHEMA, problems)))
+    if upload.quarantine_file is None and agent.spool_dir:
+        upload.quarantine_file = os.path.join(agent.spool_dir, "quarantine.jsonl")
+    if upload.token is None and upload.url and upload.url.startswith("http://") \
+            and not re.match(r"^http://(127\.|localhost|\[::1\])", upload.url):
+        problems.warn(s.path, _line_of(s, "url"), s.name, "url",
+                      "plain http and no token: anyone on the path can read and forge uploads")
+    return upload
+
+
+def _load_connection(name, s, problems):
+    """[connection:NAME] -> Connection, or None after reporting its problems. Which keys are
+    allowed depends on the type, so the type is read first."""
+    raw_type = None
+    for k, (v, _line) in s.entries.items():
+        if k.lower() == "type":
+            raw_type = v.strip().lower()
+    if raw_type not in CONNECTION_TYPES:
+        _apply_schema(s, CONNECTION_SCHEMA, problems)   # reports the type and everything else
+        return None
+    kind = raw_type
+    values = _apply_schema(s, CONNECTION_SCHEMA, problems, applies=True, kind=kind)
+    if "port" in values:
+        text, line = values["port"]
+        try:
+            if kind == _RTU:
+                if not text:
+                    raise ValueError("empty: name the serial device, e.g. /dev/ttyUSB0")
+                values["port"] = text
+            else:
+                values["port"] = _between(1, 65535)(text)
+        except ValueError as e:
+            problems.error(s.path, line, s.name, "port", str(e))
+            values["port"] = _BAD
+    elif kind == _RTU:
+        problems.error(s.path, s.line, s.name, "port",
+                       "missing (required): the serial device, e.g. /dev/ttyUSB0")
+        return None
+    if any(v is _BAD for v in values.values()):
+        return None
+    values.pop("type", None)
+    return Connection(name, kind, **values)
+
+
+def _load_device(name, s, psec, agent, connections, conn_sections, problems):
+    """[device:NAME] with its profile and [points:NAME] -> Device (planned), or None after
+    reporting every problem with it."""
+    path = s.path
+    values = _apply_schema(s, DEVICE_SCHEMA, problems)
+    ok = not any(v is _BAD for v in values.values())
+    conn = None
+    cname = values.get("connection")
+    if cname not in (None, _BAD):
+        conn = connections.get(cname)
+        if conn is None:
+            line = _line_of(s, "connection")
+            if cname in conn_sections:
+                problems.error(path, line, s.name, "connection",
+                               "connection %r has errors (see above)" % cname)
+            else:
+                problems.error(path, line, s.name, "connection", "no [connection:%s]%s" % (
+                    cname, _suggest(cname, conn_sections)))
+            ok = False
+    unit = values.get("unit", 1)
+    if conn is not None and unit is not _BAD and conn.type != _TCP and not 1 <= unit <= 247:
+        problems.error(path, _line_of(s, "unit"), s.name, "unit",
+                       "must be 1..247 on a serial bus (0 is broadcast, which cannot be read)")
+        ok = False
+    points, points_ok = _device_points(name, s, psec, values, agent, problems)
+    if not (ok and points_ok):
+        return None
+    for k, spec in DEVICE_SCHEMA.items():
+        values.setdefault(k, spec[1])
+    if values["interval"] is None:
+        values["interval"] = agent.interval or AGENT_SCHEMA["interval"][1]
+    values["connection"] = conn
+    dev = Device(name, points=points, **values)
+    dev.path, dev.line = path, s.line
+    dev.interval_line = _line_of(s, "interval")
+    return dev
+
+
+def _device_points(name, s, psec, values, agent, problems):
+    """The profile's points, then the device's own, which add or override by name (`off`
+    drops one). -> ([Point], ok). May set max_registers/max_gap from the profile."""
+    ok = True
+    base = values.get("base", 0)
+    order = values.get("byte_order", "ABCD")
+    base = 0 if base is _BAD else base
+    order = "ABCD" if order is _BAD else order
+    points = {}
+    prof = values.get("profile")
+    if prof not in (None, _BAD):
+        ppath = find_profile(prof, s.path, agent.profile_dir)
+        if ppath is None:
+            problems.error(s.path, _line_of(s, "profile"), s.name, "profile",
+                           "profile %r not found (looked for %s.ini in the config's profiles/ "
+                           "folder, %s)" % (prof, prof, ", ".join(PROFILE_DIRS)))
+            ok = False
+        else:
+            n_before = problems.count()
+            meta, ppoints = load_profile(ppath, problems)
+            ok = problems.count() == n_before
+            for k in ("max_registers", "max_gap"):
+                if k not in values and meta.get(k) not in (None, _BAD):
+                    values[k] = meta[k]
+            points.update((p.name, p) for p in ppoints)
+    if psec is not None:
+        for pname, (text, line) in psec.entries.items():
+            if text.lower() in ("off", "none", "-"):
+                if pname not in points:
+                    problems.error(s.path, line, psec.name, pname,
+                                   "`%s` removes a profile point, but the profile has no such point" % text)
+                    ok = False
+                points.pop(pname, None)
+                continue
+            p = parse_point(pname, text, base, order, s.path, line, psec.name, problems)
+            if p is None:
+                ok = False
+                continue
+            points.pop(pname, None)
+            points[pname] = p
+    if not points and ok:
+        problems.error(s.path, s.line, s.name, None,
+                       "no points: add a [points:%s] section or a profile" % name)
+        ok = False
+    pts = list(points.values())
+    if not _check_overlaps(pts, problems):
+        ok = False
+    for p in pts:
+        key = "max_bits" if TABLES[p.table][1] else "max_registers"
+        limit = values.get(key)
+        if limit not in (None, _BAD) and p.count > limit:
+            problems.error(p.path, p.line, p.section, p.name,
+                           "spans %d registers, more than %s = %d" % (p.count, key, limit))
+            ok = False
+    return pts, ok
+
+
+def _check_units(devices, problems):
+    seen = {}
     for d in devices:
         key = (d.connection.name, d.unit)
-        if key in units_seen:
-            problems.warn(path, d.line, "device:" + d.name, "unit",
-                          "unit %d on %s is also device %s" % (d.unit, d.connection.name, units_seen[key]))
-        units_seen[key] = d.name
-    cfg = Config(path, agent, upload, connections, devices, disabled, problems.warnings)
-    return cfg, problems
+        if key in seen:
+            problems.warn(d.path, d.line, "device:" + d.name, "unit",
+                          "unit %d on %s is also device %s" % (d.unit, d.connection.name, seen[key]))
+        seen[key] = d.name
 
 
 def _check_overlaps(points, problems):
