@@ -188,7 +188,6 @@ class TcpClient(_Client):
         self.connect_timeout = float(connect_timeout) if connect_timeout else self.timeout
         self._sock = None
         self._tid = 0
-        self._rest = b""            # bytes received past the last frame
         self._timeouts = 0          # consecutive timeouts (a half-open link shows as these)
 
     def _where(self):
@@ -204,11 +203,9 @@ class TcpClient(_Client):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(self.timeout)
         self._sock = sock
-        self._rest = b""
 
     def _close(self):
         sock, self._sock = self._sock, None
-        self._rest = b""
         if sock is not None:
             try:
                 sock.close()
@@ -238,7 +235,6 @@ class TcpClient(_Client):
             attempt += 1
             got = []
             try:
-                self._rest = b""  # nothing received before this request can answer it
                 try:
                     self._sock.sendall(request)
                 except OSError as e:
@@ -279,24 +275,34 @@ class TcpClient(_Client):
     def _receive(self, tid, expected, got):
         """Read frames until the one with `tid`; older ones are stale and skipped."""
         sock = self._sock
-        buf = b""
-        deadline = None
+        try:
+            buf = sock.recv(_RECV_SIZE)
+        except socket.timeout:
+            raise ModbusTimeout(f"no response within {self.timeout:g} s") from None
+        except OSError as e:
+            raise ConnectionLost(f"receive from {self._where()} failed: {e.strerror or e}") from None
+        if not buf:
+            raise ConnectionLost(f"{self._where()} closed the connection")
+        if len(buf) == expected and buf[0] << 8 | buf[1] == tid and not buf[2] and not buf[3]:
+            return buf  # the usual case: the whole answer in one piece (the codec checks the rest)
+        got.append(1)
+        # answer in pieces, stale answers before it, or garbage: one deadline for the lot
+        deadline = _monotonic() + self.timeout
         try:
             while True:
                 while len(buf) < 7:
-                    buf += self._recv(sock, deadline, buf, expected, got)
-                    if deadline is None:
-                        deadline = _monotonic() + self.timeout
+                    buf += self._recv(sock, deadline, buf, expected)
                 rtid, length, _unit = self._header(buf)
                 total = 6 + length
                 while len(buf) < total:
-                    buf += self._recv(sock, deadline, buf, total, got)
+                    buf += self._recv(sock, deadline, buf, total)
                 if len(buf) == total:
                     adu, buf = buf, b""
                 else:
+                    # bytes past this frame: another frame or trailing garbage; anything left
+                    # over when ours is found is dropped with the buffer
                     adu, buf = buf[:total], buf[total:]
                 if rtid == tid:
-                    self._rest = buf
                     return adu
                 if 0 < (tid - rtid) & 0xFFFF <= _STALE_WINDOW:
                     self.stats["stale_discarded"] += 1
@@ -304,7 +310,7 @@ class TcpClient(_Client):
                 raise _OutOfSync("unknown transaction id (stream out of sync)",
                                  expected=f"transaction id {tid}", got=adu)
         finally:
-            if deadline is not None and self._sock is sock:
+            if self._sock is sock:
                 sock.settimeout(self.timeout)
 
     @staticmethod
@@ -314,15 +320,13 @@ class TcpClient(_Client):
         except FrameError as e:
             raise _OutOfSync(e.message, expected=e.expected, got=buf) from None
 
-    def _recv(self, sock, deadline, buf, expected, got):
-        if deadline is not None:
-            # not the first receive: the whole exchange shares one deadline
-            remaining = deadline - _monotonic()
-            if remaining <= 0:
-                if buf:
-                    raise FrameError("truncated response", expected=f"{expected} bytes", got=buf)
-                raise ModbusTimeout(f"no response within {self.timeout:g} s")
-            sock.settimeout(remaining)
+    def _recv(self, sock, deadline, buf, expected):
+        remaining = deadline - _monotonic()
+        if remaining <= 0:
+            if buf:
+                raise FrameError("truncated response", expected=f"{expected} bytes", got=buf)
+            raise ModbusTimeout(f"no response within {self.timeout:g} s")
+        sock.settimeout(remaining)
         try:
             chunk = sock.recv(_RECV_SIZE)
         except socket.timeout:
@@ -334,7 +338,6 @@ class TcpClient(_Client):
                                  got=buf or None) from None
         if not chunk:
             raise ConnectionLost(f"{self._where()} closed the connection", got=buf or None)
-        got.append(1)
         return chunk
 
 
