@@ -585,173 +585,181 @@ def _classic(token, table):
     return ctable, n - 1
 
 
-def parse_point(name, text, base, byte_order, path, line, section, problems):
-    """One point line -> Point, or None after reporting every problem with it."""
-    def bad(reason):
-        problems.error(path, line, section, name, reason)
+class _PointError(ValueError):
+    """A problem that ends the parsing of one point line."""
 
+
+def parse_point(name, text, base, byte_order, path, line, section, problems):
+    """One point line -> Point, or None after reporting every problem with it.
+
+        name = [table] address type [argument] [order] [key=value ...]
+    """
+    reasons = []
     if not name or any(c.isspace() for c in name):
-        bad("point names must not contain spaces")
-        return None
+        reasons.append("point names must not contain spaces")
     words = text.split()
     positional = [w for w in words if "=" not in w]
-    options = [w for w in words if "=" in w]
-    if not positional:
-        bad("expected `[table] address type [order] [key=value ...]`")
+    try:
+        table, address = _point_location(positional, base, reasons, problems.warn,
+                                         (path, line, section, name))
+        tname, count, byte, bit_lo, bit_hi = _point_type(positional, table)
+        order = _point_order(positional, tname, table, byte_order, reasons)
+    except ValueError as e:   # _PointError, or a number that does not parse
+        reasons.append(str(e))
+        for r in reasons:
+            problems.error(path, line, section, name, r)
         return None
-    ok = True
+    is_bits = TABLES[table][1]
+    if address + count - 1 > 0xFFFF or address < 0:
+        reasons.append("address %d + %d %s is outside 0..65535" % (
+            address, count, "bits" if is_bits else "registers"))
+    opts = _point_options([w for w in words if "=" in w], TYPES[tname].kind, tname, reasons)
+    for r in reasons:
+        problems.error(path, line, section, name, r)
+    if reasons:
+        return None
+    return Point(name, table, address, tname, count, order=order, path=path, line=line,
+                 section=section, text=text, bit_lo=bit_lo, bit_hi=bit_hi, byte=byte, **opts)
+
+
+def _point_location(positional, base, reasons, warn, where):
+    """Consume `[table] address` -> (table, protocol address)."""
+    if not positional:
+        raise _PointError("expected `[table] address type [order] [key=value ...]`")
     table = None
     tok = positional.pop(0)
-    tl = tok.lower()
-    if tl in TABLES:
-        table = tl
+    if tok.lower() in TABLES:
+        table = tok.lower()
         if not positional:
-            bad("missing address after %r" % tok)
-            return None
+            raise _PointError("missing address after %r" % tok)
         tok = positional.pop(0)
     elif not tok[:1].isdigit():
-        bad("unknown table %r (coil, discrete, holding, input)%s" % (tok, _suggest(tl, TABLES)))
-        return None
+        raise _PointError("unknown table %r (coil, discrete, holding, input)%s" % (
+            tok, _suggest(tok.lower(), TABLES)))
     classic = _classic(tok, table)
     if classic is not None:
         ctable, address = classic
         if table is not None and ctable != table:
-            bad("classic address %s is in the %s table, not %s" % (tok, ctable, table))
-            ok = False
-        table = ctable
-    else:
-        try:
-            address = parse_int(tok)
-        except ValueError as e:
-            bad("address: %s" % e)
-            return None
-        if table is None:
-            bad("address %s needs a table (coil, discrete, holding, input) or the classic "
-                "5/6-digit form (40001 = holding register 0)" % tok)
-            return None
-        if base and address < base:
-            bad("address %d is below the device's base %d" % (address, base))
-            ok = False
-        if table == "holding" and len(tok) == 5 and tok[0] == "4" and base == 1:
-            problems.warn(path, line, section, name,
-                          "holding %s is register %d as written; for the classic form write %s "
-                          "without the table" % (tok, address - base, tok))
-        address -= base
+            reasons.append("classic address %s is in the %s table, not %s" % (tok, ctable, table))
+        return ctable, address
+    try:
+        address = parse_int(tok)
+    except ValueError as e:
+        raise _PointError("address: %s" % e) from None
+    if table is None:
+        raise _PointError("address %s needs a table (coil, discrete, holding, input) or the "
+                          "classic 5/6-digit form (40001 = holding register 0)" % tok)
+    if base and address < base:
+        reasons.append("address %d is below the device's base %d" % (address, base))
+    if table == "holding" and len(tok) == 5 and tok[0] == "4" and base == 1:
+        warn(*where, "holding %s is register %d as written; for the classic form write %s "
+                     "without the table" % (tok, address - base, tok))
+    return table, address - base
+
+
+_TYPE_ARG_HELP = {"bit": "`bit` needs the bit number: bit 0..15",
+                  "bits": "`bits` needs a range: bits 0-3",
+                  "string": "`string` needs its length in registers: string 8"}
+
+
+def _point_type(positional, table):
+    """Consume `type [argument]` -> (type name, registers or bits, byte, bit_lo, bit_hi)."""
     is_bits = TABLES[table][1]
     if not positional:
         if is_bits:
-            positional = ["bool"]
-        else:
-            bad("missing type (e.g. uint16, int32, float32, string 8, bits 0-3)")
-            return None
+            return "bool", 1, None, 0, 15
+        raise _PointError("missing type (e.g. uint16, int32, float32, string 8, bits 0-3)")
     tname = positional.pop(0).lower()
     byte = None
     if tname in TYPE_ALIASES:
         tname, byte = TYPE_ALIASES[tname]
     if tname not in TYPES:
-        bad("unknown type %r%s" % (tname, _suggest(tname, list(TYPES) + list(TYPE_ALIASES))))
-        return None
-    info = TYPES[tname]
-    count = info.words
-    bit_lo, bit_hi = 0, 15
+        raise _PointError("unknown type %r%s" % (tname, _suggest(tname, list(TYPES) + list(TYPE_ALIASES))))
     if is_bits and tname != "bool":
-        bad("%s table holds single bits: use type bool" % table)
-        return None
+        raise _PointError("%s table holds single bits: use type bool" % table)
     if not is_bits and tname == "bool":
-        bad("bool is for coil/discrete tables; in a register use `bit N`")
-        return None
-    if tname in ("bit", "bits", "string") or (tname in ("int8", "uint8") and byte is None):
-        if not positional:
-            bad({"bit": "`bit` needs the bit number: bit 0..15",
-                 "bits": "`bits` needs a range: bits 0-3",
-                 "string": "`string` needs its length in registers: string 8"}.get(
-                tname, "`%s` needs high or low" % tname))
-            return None
-        arg = positional.pop(0)
+        raise _PointError("bool is for coil/discrete tables; in a register use `bit N`")
+    count, bit_lo, bit_hi = TYPES[tname].words, 0, 15
+    if tname not in ("bit", "bits", "string") and not (tname in ("int8", "uint8") and byte is None):
+        return tname, count, byte, bit_lo, bit_hi
+    if not positional:
+        raise _PointError(_TYPE_ARG_HELP.get(tname, "`%s` needs high or low" % tname))
+    arg = positional.pop(0)
+    if tname == "bit":
+        bit_lo = bit_hi = parse_int(arg)
+        if not 0 <= bit_lo <= 15:
+            raise _PointError("bit number %s is not 0..15" % arg)
+    elif tname == "bits":
+        lo, _, hi = arg.partition("-")
         try:
-            if tname == "bit":
-                bit_lo = bit_hi = parse_int(arg)
-                if not 0 <= bit_lo <= 15:
-                    raise ValueError("bit number %s is not 0..15" % arg)
-            elif tname == "bits":
-                lo, _, hi = arg.partition("-")
-                bit_lo, bit_hi = parse_int(lo), parse_int(hi or lo)
-                if not 0 <= bit_lo <= bit_hi <= 15:
-                    raise ValueError("bit range %s is not within 0-15, low-high" % arg)
-            elif tname == "string":
-                count = parse_int(arg)
-                if not 1 <= count <= MAX_REGISTERS:
-                    raise ValueError("string length %s is not 1..%d registers" % (arg, MAX_REGISTERS))
-            else:
-                byte = {"high": "high", "h": "high", "low": "low", "l": "low"}.get(arg.lower())
-                if byte is None:
-                    raise ValueError("%r: int8/uint8 take `high` or `low`" % arg)
-        except ValueError as e:
-            bad(str(e))
-            return None
+            bit_lo, bit_hi = parse_int(lo), parse_int(hi or lo)
+        except ValueError:
+            bit_lo = bit_hi = -1
+        if not 0 <= bit_lo <= bit_hi <= 15:
+            raise _PointError("bit range %s is not within 0-15, low-high" % arg)
+    elif tname == "string":
+        try:
+            count = parse_int(arg)
+        except ValueError:
+            count = 0
+        if not 1 <= count <= MAX_REGISTERS:
+            raise _PointError("string length %s is not 1..%d registers" % (arg, MAX_REGISTERS))
+    else:
+        byte = {"high": "high", "h": "high", "low": "low", "l": "low"}.get(arg.lower())
+        if byte is None:
+            raise _PointError("%r: int8/uint8 take `high` or `low`" % arg)
+    return tname, count, byte, bit_lo, bit_hi
+
+
+def _point_order(positional, tname, table, byte_order, reasons):
+    """Consume an optional byte order -> the concrete order, or the device's default."""
     order = None
-    if positional and _ORDER_TOKEN.match(positional[0].upper()) and positional[0].upper() in ALL_ORDERS:
-        explicit = positional.pop(0).upper()
+    word = positional[0].upper() if positional else ""
+    if word in ALL_ORDERS:
+        positional.pop(0)
         try:
-            order = order_for(tname, explicit)
+            order = order_for(tname, word)
         except ValueError as e:
-            bad(str(e))
-            ok = False
-    elif info.kind in ("int", "float") and not is_bits:
+            reasons.append(str(e))
+    elif TYPES[tname].kind in ("int", "float") and not TABLES[table][1]:
         order = order_for(tname, byte_order)
     if positional:
         extra = positional[0]
-        hint = ""
-        if _ORDER_TOKEN.match(extra.upper()):
-            hint = " (byte orders: %s)" % ", ".join(ALL_ORDERS)
-        bad("unexpected %r%s" % (extra, hint))
-        ok = False
-    if address + count - 1 > 0xFFFF or address < 0:
-        bad("address %d + %d %s is outside 0..65535" % (address, count, "bits" if is_bits else "registers"))
-        ok = False
+        hint = " (byte orders: %s)" % ", ".join(ALL_ORDERS) if _ORDER_TOKEN.match(extra.upper()) else ""
+        reasons.append("unexpected %r%s" % (extra, hint))
+    return order
+
+
+def _point_options(words, kind, tname, reasons):
+    """`key=value` words -> {option: value}; appends a reason for each bad or misplaced one."""
     opts = {}
-    for w in options:
+    for w in words:
         k, _, v = w.partition("=")
         k = k.lower()
         if k not in POINT_OPTIONS:
-            bad("unknown option %r%s" % (k, _suggest(k, POINT_OPTIONS)))
-            ok = False
-            continue
-        if k in opts:
-            bad("option %r given twice" % k)
-            ok = False
-            continue
-        try:
-            opts[k] = _point_option(k, v)
-        except ValueError as e:
-            bad("%s: %s" % (k, e))
-            ok = False
-    kind = info.kind
+            reasons.append("unknown option %r%s" % (k, _suggest(k, POINT_OPTIONS)))
+        elif k in opts:
+            reasons.append("option %r given twice" % k)
+        else:
+            try:
+                opts[k] = _point_option(k, v)
+            except ValueError as e:
+                reasons.append("%s: %s" % (k, e))
     numeric = ("scale", "offset", "divisor", "decimals")
     if kind in ("string", "bool", "bit"):
-        for k in numeric + ("deadband",):
-            if k in opts:
-                bad("%s does not apply to a %s value" % (k, tname))
-                ok = False
+        reasons.extend("%s does not apply to a %s value" % (k, tname)
+                       for k in numeric + ("deadband",) if k in opts)
     if "enum" in opts:
         if kind in ("float", "string"):
-            bad("enum applies to integer and bit values, not %s" % tname)
-            ok = False
+            reasons.append("enum applies to integer and bit values, not %s" % tname)
         clash = [k for k in numeric if k in opts]
         if clash:
-            bad("enum cannot be combined with %s" % ", ".join(clash))
-            ok = False
+            reasons.append("enum cannot be combined with %s" % ", ".join(clash))
     if "swap" in opts and kind != "string":
-        bad("swap applies to strings only (use a byte order for numbers)")
-        ok = False
-    if "signed" in opts and kind not in ("bits",):
-        bad("signed applies to bit fields only (`bits A-B signed=yes`); use an intN type")
-        ok = False
-    if not ok:
-        return None
-    return Point(name, table, address, tname, count, order=order, path=path, line=line,
-                 section=section, text=text, bit_lo=bit_lo, bit_hi=bit_hi, byte=byte,
-                 **{k: v for k, v in opts.items()})
+        reasons.append("swap applies to strings only (use a byte order for numbers)")
+    if "signed" in opts and kind != "bits":
+        reasons.append("signed applies to bit fields only (`bits A-B signed=yes`); use an intN type")
+    return opts
 
 
 def _point_option(key, text):

@@ -477,6 +477,8 @@ _LINES = st.sampled_from([
     "s = input 65535 uint32", "e = holding 9 uint16 enum=1:on,0", "q = holding 9 bit 16", "r = = =",
     "t = holding 0x10 int8 high", "u = 300001 float64 HGFEDCBA decimals=99", "v = off", "  indented",
     "; comment", "", "junk", "k = holding -5 uint16", "m = holding 1 int16 scale=0",
+    "n = holding 9 bit x", "o = holding 1 string x", "p = holding 2 bits a-b", "q = holding 3 int8 mid",
+    "g = holding", "h = input 0x", "i = coil 1 bool ABCD", "j = holding 4 float32 AB",
 ])
 
 
