@@ -80,6 +80,12 @@ def rewrite_ini(text, changes):
     return "\n".join(out) + "\n"
 
 
+def utc_now():
+    """The collector's timestamp format: '2026-11-21T10:30:45.123Z'."""
+    t = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + ".%03dZ" % (int(t * 1000) % 1000)
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -353,7 +359,8 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, on_signal)
     site = Site(run)
     print("demo: run directory %s (kept after the demo; --fresh starts over)" % site.run, flush=True)
-    seen, last_ts, arrived = set(), None, 0
+    # Only what arrives from now on: earlier runs' records are in the collector already.
+    seen, last_ts, arrived = set(), utc_now(), 0
     rc = 0
     try:
         info = site.start_simulator()
@@ -374,7 +381,8 @@ def main(argv=None):
         print("   faults:       python tools/simulator.py ctl 127.0.0.1:%d fault 1 silence --duration 10"
               % info["control_port"], flush=True)
         print("   logs:         %s/{agent,collector,simulator}.log" % site.run, flush=True)
-        print("\nvalues as they arrive at the collector (Ctrl-C stops):", flush=True)
+        print("\nvalues as they arrive at the collector (Ctrl-C stops; earlier runs' data stays in the "
+              "collector and is not repeated here):", flush=True)
         end = None if args.duration is None else time.monotonic() + args.duration
         while end is None or time.monotonic() < end:
             for name, proc in site.procs.items():
