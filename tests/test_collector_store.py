@@ -344,3 +344,46 @@ def test_the_app_over_postgres(pg_url):
         assert json.loads(b)["devices"][0]["values"] == {"v": 2.0}
     finally:
         app.close()
+
+
+def test_group_commit_isolates_a_failing_batch(tmp_path):
+    """Batches queued behind a writer go out in one transaction; one bad batch is rolled back
+    to its savepoint and the others still commit."""
+    from agent.collector.sqlite import _Job
+
+    s = open_store("sqlite:///%s" % (tmp_path / "g.db"))
+    good1 = _Job("a", rows_of("a", [data("a", 1), data("a", 2)]), T0)
+    bad_rows = rows_of("b", [data("b", 1), data("b", 2)])
+    bad_rows[1] = bad_rows[1][:7] + (None,) + bad_rows[1][8:]
+    bad = _Job("b", bad_rows, T0)
+    good2 = _Job("c", rows_of("c", [data("c", 7)]), T0)
+    with s._write_lock:
+        s._write_group([good1, bad, good2])
+    assert all(j.done for j in (good1, bad, good2))
+    assert good1.result == (2, 0, 2) and good2.result == (1, 0, 7)
+    assert bad.result is None and bad.error is not None
+    assert [(r[0], r[1]) for r in s.records()] == [("a", 1), ("a", 2), ("c", 7)]
+    assert sorted(a["agent"] for a in s.agents()) == ["a", "c"]
+    s.close()
+
+
+def test_many_threads_posting_at_once_store_everything_once(store):
+    results, errors = [], []
+
+    def agent(k):
+        try:
+            for b in range(10):
+                recs = [data("g%d" % k, b * 5 + i) for i in range(5)]
+                results.append(ingest(store, "g%d" % k, recs))
+                results.append(ingest(store, "g%d" % k, recs[2:]))  # a retry, partly
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=agent, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert sum(r[0] for r in results) == 300 and sum(r[1] for r in results) == 180
+    assert sorted(a["max_seq"] for a in store.agents()) == [49] * 6

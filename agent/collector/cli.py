@@ -15,6 +15,7 @@ from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer
 from agent import __version__
 
 log = logging.getLogger("modbus.collector")
+DRAIN_MAX = 64 << 20
 
 
 class _Handler(ServerHandler):
@@ -106,12 +107,14 @@ class RequestHandler(WSGIRequestHandler):
         handler.request_handler = self
         handler.run(self.server.get_app())
         if body.remaining and not self.close_connection:
-            # the app answered without reading the body (413, 401): skip a small rest so the
-            # next request on this connection starts clean, hang up on a big one
-            if body.remaining > 65536:
+            # The app answered without reading the body (413, 401). Read and drop the rest: closing
+            # with unread data makes the kernel send RST, and the client may then never see the
+            # 413 it needs to split its batch. Bodies beyond DRAIN_MAX are not worth reading.
+            if body.remaining > DRAIN_MAX:
                 self.close_connection = True
             else:
-                body.read(body.remaining)
+                while body.remaining and body.read(min(body.remaining, 1 << 20)):
+                    pass
         self.wfile.flush()
 
     def log_message(self, format, *args):

@@ -153,27 +153,31 @@ class Store:
                 cur.execute(self._sql("SELECT max_seq FROM agents WHERE agent = ?"), (agent,))
                 row = cur.fetchone()
             return 0, 0, row[0] if row else None
+        with self._write() as cur:
+            return self._ingest_tx(cur, agent, rows, received)
+
+    def _ingest_tx(self, cur, agent, rows, received):
+        """The statements of one batch, inside a transaction the caller commits."""
         seqs = [r[1] for r in rows]
         lo, hi = min(seqs), max(seqs)
-        with self._write() as cur:
-            cur.execute(self.sql_existing, (agent, lo, hi))
-            existing = {r[0] for r in cur.fetchall()}
-            if existing or len(set(seqs)) != len(seqs):
-                fresh, seen = [], set(existing)
-                for r in rows:
-                    if r[1] not in seen:
-                        seen.add(r[1])
-                        fresh.append(r)
-            else:
-                fresh = rows
-            stored = self._insert(cur, fresh) if fresh else 0
-            # `stored` < len(fresh) only if another process stored some of them in between: the
-            # device counters may then count those twice, the records themselves never.
-            devices, gaps, dropped = aggregate(fresh)
-            if devices:
-                cur.executemany(self.sql_device, devices)
-            cur.execute(self.sql_agent, (agent, hi, stored, gaps, dropped, received, received))
-            max_seq = cur.fetchone()[0]
+        cur.execute(self.sql_existing, (agent, lo, hi))
+        existing = {r[0] for r in cur.fetchall()}
+        if existing or len(set(seqs)) != len(seqs):
+            fresh, seen = [], set(existing)
+            for r in rows:
+                if r[1] not in seen:
+                    seen.add(r[1])
+                    fresh.append(r)
+        else:
+            fresh = rows
+        stored = self._insert(cur, fresh) if fresh else 0
+        # `stored` < len(fresh) only if another process stored some of them in between: the
+        # device counters may then count those twice, the records themselves never.
+        devices, gaps, dropped = aggregate(fresh)
+        if devices:
+            cur.executemany(self.sql_device, devices)
+        cur.execute(self.sql_agent, (agent, hi, stored, gaps, dropped, received, received))
+        max_seq = cur.fetchone()[0]
         return stored, len(rows) - stored, max_seq
 
     def _insert(self, cur, rows):
