@@ -12,7 +12,6 @@ size (`[agent] log_file`, `log_max_kb`; one old file kept as FILE.1).
 Built on stdlib `logging`, which `requests`/urllib3 import anyway, so it costs no extra memory.
 """
 import logging
-import logging.handlers
 import sys
 
 from agent.record import utc_timestamp
@@ -79,7 +78,10 @@ def setup(level="info", file=None, max_kb=1024, stream=None):
         except Exception:
             pass
     if file:
-        handler = logging.handlers.RotatingFileHandler(
+        # imported only when used: logging.handlers pulls in pickle, socket, queue (~0.4 MB)
+        from logging.handlers import RotatingFileHandler
+
+        handler = RotatingFileHandler(
             file, maxBytes=max(1, int(max_kb)) * 1024, backupCount=1, encoding="utf-8")
     else:
         handler = logging.StreamHandler(stream or sys.stderr)
