@@ -46,12 +46,15 @@ _STAT_FOR = {
     FrameError: "frame_errors",
     DeviceError: "exceptions",
     ConnectionLost: "connection_errors",
+    InvalidRequest: None,
 }
 #: spec quantity limits of the reads, for the fast argument check in `read`
 _READ_MAX = {1: 2000, 2: 2000, 3: 125, 4: 125}
 #: a reply whose transaction id is at most this far behind the current one is a stale answer
 _STALE_WINDOW = 64
 _RECV_SIZE = 4096
+#: wait after an RTU broadcast before the next request (Serial Line v1.02 2.4.1: 100-200 ms)
+BROADCAST_TURNAROUND = 0.1
 
 
 class _OutOfSync(FrameError):
@@ -87,7 +90,9 @@ class _Client:
         try:
             return self._read(unit, function, address, count)
         except ModbusError as e:
-            self.stats[_STAT_FOR.get(type(e), "frame_errors")] += 1
+            key = _STAT_FOR.get(type(e), "frame_errors")
+            if key:
+                self.stats[key] += 1
             e.with_context(unit=unit, function=function, address=address, count=count)
             raise
 
@@ -143,7 +148,9 @@ class _Client:
         try:
             return self._exchange_pdu(unit, fn, request_pdu, address, count, value)
         except ModbusError as e:
-            self.stats[_STAT_FOR.get(type(e), "frame_errors")] += 1
+            key = _STAT_FOR.get(type(e), "frame_errors")
+            if key:
+                self.stats[key] += 1
             e.with_context(unit=unit, function=code, address=address, count=count)
             raise
 
@@ -362,11 +369,16 @@ class _RtuBase(_Client):
             link.close()
 
     def _read(self, unit, function, address, count):
+        if unit == 0:
+            raise InvalidRequest("unit 0 is the RTU broadcast address: no device answers a read")
         adu = self._transact(rtu.build_read(unit, function, address, count), unit, function,
                              rtu.read_response_length(function, count))
         return rtu.decode_read(adu, unit, function, count)
 
     def _exchange_pdu(self, unit, fn, request_pdu, address, count, value):
+        if unit == 0:
+            self._broadcast(rtu.build_adu(0, request_pdu))
+            return None
         adu = self._transact(rtu.build_adu(unit, request_pdu), unit, fn.code,
                              fn.response_length(count) + rtu.OVERHEAD)
         return rtu.decode_response(adu, unit, fn, address, count, value)
@@ -400,6 +412,23 @@ class _RtuBase(_Client):
             self._last_end = _monotonic()
         self._failures = 0
         return adu
+
+    def _broadcast(self, request):
+        """Unit 0 (Serial Line 2.1): every device executes the write, none answers. The next
+        request waits the turnaround delay so the devices are done."""
+        if self._link is None:
+            self._open()
+        try:
+            gap = max(self.pause, self._silence)
+            if gap:
+                self._wait_gap(gap)
+            self._link.drop_input()
+            self._link.write(request)
+        except ConnectionLost:
+            self._lost()
+            raise
+        finally:
+            self._last_end = _monotonic() + BROADCAST_TURNAROUND
 
     def _receive(self, unit, function, expected, deadline):
         """The response frame for (unit, function); frames for other requests are skipped."""
