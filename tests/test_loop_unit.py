@@ -1,0 +1,140 @@
+"""The loop in-process (no subprocess): clock flagging, busy retries, the log line format.
+Real peers still: the simulator on 127.0.0.1 and a real spool directory."""
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from agent import log as agentlog
+from agent.config import load_config
+from agent.loop import Loop
+from agent.record import CLOCK_SANE
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT / "tools") not in sys.path:
+    sys.path.insert(0, str(ROOT / "tools"))
+import simulator  # noqa: E402
+
+
+@pytest.fixture
+def sim():
+    s = simulator.Simulator({1: simulator.EnergyMeter(seed=1), 2: simulator.Plc(seed=2)}, tcp=0)
+    s.start()
+    yield s
+    s.stop()
+
+
+def make_loop(tmp_path, port, wall=time.time):
+    ini = tmp_path / "agent.ini"
+    ini.write_text("""[agent]
+id = unit-test
+interval = 100ms
+spool_dir = %(tmp)s/spool
+status_file = %(tmp)s/status.json
+health_interval = 1h
+summary_interval = 1h
+
+[connection:sim]
+type = tcp
+host = 127.0.0.1
+port = %(port)d
+timeout = 200ms
+
+[device:meter]
+connection = sim
+unit = 1
+
+[points:meter]
+voltage_l1 = input 0 float32 CDAB
+""" % {"tmp": tmp_path, "port": port})
+    return Loop(load_config(str(ini)), wall=wall)
+
+
+def spooled(loop):
+    batch = loop.spool.peek(10000, 1 << 24)
+    return [json.loads(line) for line in batch.lines] if batch else []
+
+
+def run_steps(loop, polls):
+    st = loop.states[0]
+    want = st.health.polls_ok + st.health.polls_failed + polls
+    for _ in range(1000):
+        if st.health.polls_ok + st.health.polls_failed >= want:
+            return
+        loop.step()
+    raise AssertionError("the loop did not poll %d times" % polls)
+
+
+def test_records_taken_before_the_clock_is_set_are_flagged_until_ntp_sets_it(tmp_path, sim):
+    clock = {"offset": 946684800.0 - time.time()}        # the router booted thinking it is 2000-01-01
+    loop = make_loop(tmp_path, sim.tcp_port, wall=lambda: time.time() + clock["offset"])
+    try:
+        assert loop.clock_unsynced
+        run_steps(loop, 2)
+        clock["offset"] = 0.0                              # NTP steps the clock
+        run_steps(loop, 2)
+        loop.write_status()
+        recs = [r for r in spooled(loop) if r.get("device") == "meter"]
+    finally:
+        loop.shutdown()
+    assert [r.get("clock") for r in recs] == ["unsynced", "unsynced", None, None]
+    assert recs[0]["ts"].startswith("2000-01-01T")
+    assert recs[-1]["ts"] > "2026"
+    assert not loop.clock_unsynced and time.time() > CLOCK_SANE
+    # scheduling runs on the monotonic clock: the step did not bunch or skip cycles
+    assert loop.states[0].health.missed_cycles == 0
+
+
+def test_busy_is_retried_once_and_a_second_busy_is_a_failure_with_its_code(tmp_path, sim):
+    loop = make_loop(tmp_path, sim.tcp_port)
+    try:
+        h = loop.states[0].health
+        sim.set_fault(1, "exception", code=6, count=1)
+        run_steps(loop, 1)
+        assert (h.polls_ok, h.polls_failed, h.busy_retries) == (1, 0, 1)
+        sim.set_fault(1, "exception", code=6, count=2)
+        run_steps(loop, 1)
+        assert (h.polls_ok, h.polls_failed, h.busy_retries) == (1, 1, 2)
+        assert h.exceptions == {6: 1}
+        sim.set_fault(1, "exception", code=2, count=1)      # not retryable: one request, one failure
+        run_steps(loop, 1)
+        assert (h.polls_failed, h.busy_retries) == (2, 2) and h.exceptions == {6: 1, 2: 1}
+        recs = [r for r in spooled(loop) if r.get("device") == "meter"]
+    finally:
+        loop.shutdown()
+    assert [r["status"] for r in recs] == ["ok", "error", "error"]
+    assert recs[1]["error"]["kind"] == "exception" and recs[1]["error"]["code"] == 6
+    assert "unit 1 fc 04 address 0 count 2" in recs[2]["error"]["message"]
+
+
+LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (DEBUG|INFO|WARNING|ERROR) [a-z.]+( \S+ unit=\d+)?: ")
+
+
+def test_log_lines_are_single_lines_with_device_and_unit_and_rotate_by_size(tmp_path):
+    path = tmp_path / "agent.log"
+    agentlog.setup("info", str(path), max_kb=1)
+    try:
+        log = agentlog.get("loop")
+        log.debug("not shown at info")
+        for i in range(60):
+            log.warning("poll failed: timeout\nsecond line %d", i, extra=agentlog.where("meter1", 1))
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            agentlog.get("spool").exception("append failed")
+        import logging
+        logging.getLogger("agent.modbus.client").info("through __name__ loggers too")
+    finally:
+        agentlog.setup("info")
+    old = (tmp_path / "agent.log.1").read_text().splitlines()
+    new = path.read_text().splitlines()
+    assert old and new and path.stat().st_size <= 1024 + 200
+    for line in old + new:
+        assert LINE.match(line), line
+    assert "not shown" not in "".join(old + new)
+    assert any(" WARNING loop meter1 unit=1: poll failed: timeout\\nsecond line" in line for line in old + new)
+    assert any(" ERROR spool: append failed | Traceback" in line and "ValueError: boom" in line for line in new)
+    assert new[-1].split(" ", 3)[2] == "modbus.client:"
