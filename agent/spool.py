@@ -727,10 +727,36 @@ class Spool:
             self._advance(skipped_to)   # only corrupt or already-acked lines there: step over
 
     def _read(self, max_records, max_bytes):
+        """-> (Batch or None, position to skip to when only unusable lines were found)."""
+        raw = self._collect_lines(max_records, max_bytes)
+        if not raw:
+            return None, None
+        self._check_lines(raw)
         lines, seqs, ends = [], [], []
-        nbytes = 0
-        skipped_to = None
         last = self._acked_seq
+        for e in raw:
+            line, seq, endpos, seg, off = e
+            if seq is None or seq <= last:
+                if seq is None or seq > self._acked_seq:
+                    self._corrupt(seg, off, line)
+                if ends:
+                    ends[-1] = endpos    # acknowledging the batch steps over the bad line too
+                continue
+            last = seq
+            lines.append(line)
+            seqs.append(seq)
+            ends.append(endpos)
+        if lines:
+            return Batch(lines, seqs, ends), None
+        return None, raw[-1][2]
+
+    def _collect_lines(self, max_records, max_bytes):
+        """Complete lines from the reader on, within the limits (at least one):
+        [line, seq or None, end position, segment, offset]. Lines written by this process carry
+        their seq in the fixed prefix; others get it checked in _check_lines."""
+        raw = []
+        nbytes = 0
+        plen = self._plen
         for i, seg in enumerate(self._segs):
             off = self._roff if i == 0 else 0
             lno = self._rline if i == 0 else 0
@@ -750,31 +776,15 @@ class Spool:
                         if nl < 0:
                             break
                         line = data[pos:nl]
-                        if lines and (len(lines) >= max_records or nbytes + len(line) > max_bytes):
-                            return Batch(lines, seqs, ends), None
-                        pos = nl + 1
+                        if raw and (len(raw) >= max_records or nbytes + len(line) > max_bytes):
+                            return raw
                         lno += 1
-                        endpos = (seg.key, off + pos, lno)
+                        seq = None
                         if seg.verified:
-                            seq = int(line[self._plen:line.find(b",", self._plen)])
-                        else:
-                            rec = self._parse(line)
-                            seq = rec["seq"] if rec is not None else None
-                            if seq is None or seq <= last:
-                                if seq is None or seq > self._acked_seq:
-                                    self._corrupt(seg, off + pos - len(line) - 1, line)
-                                if not lines:
-                                    skipped_to = endpos
-                                continue
-                        if seq <= last:
-                            if not lines:
-                                skipped_to = endpos
-                            continue
-                        last = seq
-                        lines.append(line)
-                        seqs.append(seq)
-                        ends.append(endpos)
+                            seq = int(line[plen:line.find(b",", plen)])
+                        raw.append([line, seq, (seg.key, off + nl + 1, lno), seg, off + pos])
                         nbytes += len(line)
+                        pos = nl + 1
                     if pos == 0:
                         if off + len(data) >= seg.size:
                             break     # no newline up to the end: cannot happen (size counts whole lines)
@@ -783,9 +793,29 @@ class Spool:
                     off += pos
             finally:
                 os.close(fd)
-        if lines:
-            return Batch(lines, seqs, ends), None
-        return None, skipped_to
+        return raw
+
+    def _check_lines(self, raw):
+        """Lines from an earlier run (or another writer) must be whole JSON records before they go
+        into a body: one corrupt line would make the collector reject the whole batch. One
+        json.loads over the batch is a third cheaper than one per line; per line only on failure."""
+        todo = [e for e in raw if e[1] is None]
+        if not todo:
+            return
+        seqs = [self._meta(e[0]) if e[0].startswith(self._prefix) else None for e in todo]
+        if all(seqs):
+            try:
+                docs = json.loads(b"[" + b",".join(e[0] for e in todo) + b"]")
+            except ValueError:
+                docs = None
+            if docs is not None and len(docs) == len(todo) and all(
+                    type(d) is dict and d.get("seq") == m[0] for d, m in zip(docs, seqs)):
+                for e, m in zip(todo, seqs):
+                    e[1] = m[0]
+                return
+        for e in todo:
+            rec = self._parse(e[0])
+            e[1] = rec["seq"] if rec is not None else None
 
     def _corrupt(self, seg, offset, line):
         if (seg.key, offset) <= self._corrupt_mark:
