@@ -1,0 +1,152 @@
+#!/usr/bin/env python3
+"""Soak: 20 simulated devices x 50 points polled every second while the collector flaps;
+prints the agent's RSS growth after warm-up and its CPU time per poll cycle.
+
+    .venv/bin/python tools/bench/soak.py                    # 30 min (issue 6), collector 60 s up / 20 s down
+    .venv/bin/python tools/bench/soak.py --duration 60 --warmup 20 --up 10 --down 5
+
+Peers: tools/simulator.py in this process (20 `generic` units, 50 holding registers each, one
+Modbus TCP port; 2 agent connections of 10 devices, as two gateways would be); the real
+collector process (SQLite), stopped and restarted on cue; `python -m agent run` as its own
+process, measured through /proc/PID (VmRSS; utime+stime). A cycle = one poll of every device.
+Target (issue 6): RSS grows by no more than 1 MB after warm-up.
+The CI test (tests/test_e2e_soak.py) runs a short version; FULL=1 runs this length.
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TOOLS = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(TOOLS))
+sys.path.insert(0, str(TOOLS.parent))
+
+from demo import Site, wait_for  # noqa: E402
+from simulator import Generic, Simulator  # noqa: E402
+
+CLK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid):
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / float(CLK)
+
+
+def rss_kb(pid):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def agent_ini(run, tcp_port, collector_port, devices, points, interval):
+    lines = ["[agent]", "id = soak", "interval = %gs" % interval, "spool_dir = %s" % (run / "spool"),
+             "status_file = %s" % (run / "status.json"), "fsync = interval", "fsync_interval = 5s",
+             "summary_interval = 5m", "health_interval = 5m", "log_level = warning", ""]
+    for g in (1, 2):
+        lines += ["[connection:gw%d]" % g, "type = tcp", "host = 127.0.0.1", "port = %d" % tcp_port,
+                  "timeout = 1s", ""]
+    for i in range(devices):
+        name = "dev%02d" % i
+        lines += ["[device:%s]" % name, "connection = gw%d" % (1 + i % 2), "unit = %d" % (10 + i), ""]
+        lines.append("[points:%s]" % name)
+        for a in range(points):
+            kind = "int16" if a % 2 else "uint16"
+            extra = " scale=0.1 unit=V" if a % 5 == 0 else ""
+            lines.append("p%02d = holding %d %s%s" % (a, a, kind, extra))
+        lines.append("")
+    lines += ["[upload]", "url = http://127.0.0.1:%d/api/v1/batches" % collector_port,
+              "batch_max_records = 500", "backoff_max = 5s", "timeout = 5s", ""]
+    path = run / "agent.ini"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def run(duration=1800.0, warmup=120.0, up=60.0, down=20.0, devices=20, points=50, interval=1.0,
+        run_dir=None, log=print):
+    """Returns a dict of figures; see the module docstring."""
+    tmp = None
+    if run_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="soak-")
+        run_dir = tmp.name
+    sim = Simulator({10 + i: Generic(seed=i, registers=points) for i in range(devices)}, tcp=0).start()
+    site = Site(run_dir)
+    try:
+        site.use_simulator(sim)
+        site.start_collector()
+        ini = agent_ini(site.run, sim.tcp_port, site.collector_port, devices, points, interval)
+        agent = site.start_agent_with(ini, "agent")
+        pid = agent.pid
+        status = site.run / "status.json"
+        wait_for(lambda: status.exists() or not agent.alive(), 30, "the agent's loop")
+        t0 = time.monotonic()
+        samples = []            # (t, rss_kb, cpu_s)
+        flaps = 0
+        collector_up, next_flip = True, t0 + up
+        while True:
+            now = time.monotonic()
+            if now - t0 >= duration:
+                break
+            if not agent.alive():
+                raise RuntimeError("the agent died:\n" + agent.tail())
+            samples.append((now - t0, rss_kb(pid), cpu_seconds(pid)))
+            if now >= next_flip:
+                if collector_up:
+                    site.procs.pop("collector").stop()
+                    next_flip = now + down
+                    flaps += 1
+                else:
+                    site.start_collector(port=site.collector_port)
+                    next_flip = now + up
+                collector_up = not collector_up
+            time.sleep(min(1.0, max(0.05, t0 + duration - time.monotonic())))
+        st = json.loads(status.read_text())
+        polls_ok = sum(d.get("polls_ok", d.get("ok", 0)) or 0 for d in st.get("devices", {}).values())
+        warm = [s for s in samples if s[0] >= warmup] or samples[-1:]
+        first, last = warm[0], warm[-1]
+        cycles = max(1.0, (last[0] - first[0]) / interval)
+        res = {
+            "duration_s": round(samples[-1][0], 1), "warmup_s": warmup, "devices": devices, "points": points,
+            "interval_s": interval, "collector_flaps": flaps,
+            "rss_kb_at_warmup": first[1], "rss_kb_end": last[1], "rss_kb_max_after_warmup": max(s[1] for s in warm),
+            "rss_growth_kb": last[1] - first[1],
+            "rss_max_growth_kb": max(s[1] for s in warm) - first[1],
+            "cpu_ms_per_cycle": round(1000.0 * (last[2] - first[2]) / cycles, 2),
+            "cpu_percent": round(100.0 * (last[2] - first[2]) / max(1e-9, last[0] - first[0]), 1),
+            "polls_ok": polls_ok, "spool_backlog": (st.get("spool") or {}).get("records"),
+        }
+        log("soak: " + json.dumps(res))
+        return res
+    finally:
+        site.stop()
+        sim.stop()
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--duration", type=float, default=1800.0)
+    p.add_argument("--warmup", type=float, default=120.0)
+    p.add_argument("--up", type=float, default=60.0, help="seconds the collector stays up")
+    p.add_argument("--down", type=float, default=20.0, help="seconds the collector stays down")
+    p.add_argument("--devices", type=int, default=20)
+    p.add_argument("--points", type=int, default=50)
+    p.add_argument("--interval", type=float, default=1.0)
+    p.add_argument("--run-dir", default=None, help="keep the files here (default: a temporary directory)")
+    a = p.parse_args(argv)
+    res = run(a.duration, a.warmup, a.up, a.down, a.devices, a.points, a.interval, a.run_dir)
+    ok = res["rss_max_growth_kb"] <= 1024
+    print("RSS growth after warm-up: %d kB (max %d kB) %s 1 MB; CPU %.2f ms per cycle of %d devices x %d points"
+          % (res["rss_growth_kb"], res["rss_max_growth_kb"], "<=" if ok else ">", res["cpu_ms_per_cycle"],
+             a.devices, a.points))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
