@@ -5,6 +5,7 @@ Timing is only ever waited for (bounded), never asserted: assertions are about w
 in which order, with which seq, and what the agent's own counters say.
 """
 import gzip
+import io
 import json
 import os
 import random
@@ -13,7 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -31,62 +31,61 @@ AGENT_ID = "loop-test"
 # ---------------------------------------------------------------------------- peers
 
 class Collector:
-    """A minimal collector on a real socket: POST /api/v1/batches, idempotent on (agent, seq).
-    Remembers every record by seq and every seq that came back with different content."""
+    """The real collector (agent.collector.make_app, SQLite in tmp) on a real socket, behind a
+    small WSGI tap that remembers every record it acknowledged by seq, and every seq that came
+    back with different content (a reused seq). `lose_ack_every = n`: every n-th POST is stored
+    by the collector but answered 500, as when the answer is lost on the way back."""
 
-    def __init__(self):
+    def __init__(self, db_path):
+        from agent.collector import make_app
+        from agent.collector.cli import make_server
+
         self.records = {}        # seq -> record dict
         self.reused = []         # (seq, first, second): same seq, different record
         self.posts = 0
+        self.lost_acks = 0
+        self.lose_ack_every = 0
         self.lock = threading.Lock()
-        collector = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"   # keep-alive, as requests.Session expects
-
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                if self.headers.get("Content-Encoding") == "gzip":
-                    body = gzip.decompress(body)
-                try:
-                    doc = json.loads(body)
-                    reply = collector.store(doc["agent"], doc["records"])
-                    code = 200
-                except (ValueError, KeyError, TypeError) as e:
-                    reply, code = {"error": str(e), "where": "body"}, 400
-                data = json.dumps(reply).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        self.app = make_app(None, db="sqlite:///%s" % db_path)
+        self.server = make_server("127.0.0.1", 0, self.tap)
         self.url = "http://127.0.0.1:%d/api/v1/batches" % self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
                                        daemon=True)
         self.thread.start()
 
-    def store(self, agent, records):
-        stored = dup = 0
-        with self.lock:
-            self.posts += 1
-            for rec in records:
-                assert rec["agent"] == agent
-                seq = rec["seq"]
-                old = self.records.get(seq)
-                if old is None:
-                    self.records[seq] = rec
-                    stored += 1
-                else:
-                    dup += 1
-                    if old != rec:
-                        self.reused.append((seq, old, rec))
-            return {"stored": stored, "duplicates": dup, "max_seq": max(self.records, default=0)}
+    def tap(self, environ, start_response):
+        body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+        environ["wsgi.input"] = io.BytesIO(body)
+        answer = {}
+
+        def capture(status, headers, exc_info=None):
+            answer["status"], answer["headers"] = status, headers
+            return lambda data: None
+
+        out = b"".join(self.app(environ, capture))
+        if environ["REQUEST_METHOD"] == "POST" and answer["status"].startswith("200"):
+            if environ.get("HTTP_CONTENT_ENCODING") == "gzip":
+                body = gzip.decompress(body)
+            doc = json.loads(body)
+            with self.lock:
+                self.posts += 1
+                self.remember(doc["agent"], doc["records"])
+                if self.lose_ack_every and self.posts % self.lose_ack_every == 0:
+                    self.lost_acks += 1
+                    answer["status"], out = "500 Internal Server Error", b'{"error": "lost ack (test)"}'
+                    answer["headers"] = [("Content-Type", "application/json")]
+        headers = [(k, v) for k, v in answer["headers"] if k.lower() != "content-length"]
+        start_response(answer["status"], headers + [("Content-Length", str(len(out)))])
+        return [out]
+
+    def remember(self, agent, records):
+        for rec in records:
+            assert rec["agent"] == agent
+            old = self.records.get(rec["seq"])
+            if old is None:
+                self.records[rec["seq"]] = rec
+            elif old != rec:
+                self.reused.append((rec["seq"], old, rec))
 
     def snapshot(self):
         with self.lock:
@@ -106,17 +105,18 @@ class Collector:
 
 
 @pytest.fixture
-def collector():
-    c = Collector()
+def collector(tmp_path):
+    c = Collector(tmp_path / "collector.db")
     yield c
     c.close()
 
 
 @pytest.fixture
 def site():
-    """Meter on unit 1, PLC on unit 2, generic on unit 3, one Modbus TCP port."""
+    """Meter on unit 1, PLC on unit 2, generic on unit 3: on one Modbus TCP port and on RTU over
+    a pseudo-terminal (the same units on both)."""
     sim = simulator.Simulator({1: simulator.EnergyMeter(seed=1), 2: simulator.Plc(seed=2),
-                               3: simulator.Generic(seed=3, registers=10)}, tcp=0)
+                               3: simulator.Generic(seed=3, registers=10)}, tcp=0, rtu=True)
     sim.start()
     yield sim
     sim.stop()
@@ -280,12 +280,31 @@ def test_moved_applies_deadbands_to_numbers_and_equality_to_the_rest():
 # ---------------------------------------------------------------------------- the run
 
 def test_run_polls_spools_uploads_and_stops_cleanly_on_sigterm(tmp_path, site, collector):
-    cfg = write_config(tmp_path / "agent.ini", tmp_path, site.tcp_port, collector.url, METER + PLC_ON_CHANGE)
+    rtu = """
+[connection:bus]
+type = rtu
+port = %s
+baud = 19200
+timeout = 300ms
+
+[device:meter_rtu]
+connection = bus
+unit = 1
+interval = 500ms
+
+[points:meter_rtu]
+voltage_l1 = input 0 float32 CDAB unit=V
+frequency = input 22 float32 CDAB unit=Hz
+""" % site.rtu_path
+    cfg = write_config(tmp_path / "agent.ini", tmp_path, site.tcp_port, collector.url,
+                       METER + PLC_ON_CHANGE + rtu)
     log_path = tmp_path / "agent.log"
     proc = start_agent(cfg, log_path)
     try:
         wait_for(lambda: len(collector.of("meter", "data")) >= 8, 20, "8 meter records at the collector",
                  proc, log_path)
+        rtu_data = collector.of("meter_rtu", "data")
+        assert rtu_data and 45 < rtu_data[-1]["values"]["frequency"] < 55   # a mains frequency, decoded
         # exception 6 (busy) once: retried after the pause, the cycle still succeeds
         site.set_fault(1, "exception", code=6, count=1)
         wait_for(lambda: (device_status(tmp_path, "meter") or {}).get("busy_retries"), 15,
@@ -450,6 +469,7 @@ def test_sigkill_at_random_moments_never_skips_or_reuses_a_seq(tmp_path, site, c
     cfg = write_config(tmp_path / "agent.ini", tmp_path, site.tcp_port, collector.url, devices,
                        health_interval="300ms")
     log_path = tmp_path / "agent.log"
+    collector.lose_ack_every = 3    # stored but answered 500: the batch comes again
     rng = random.Random(int(os.environ.get("LOOP_KILL_SEED", "4")))
     kills = int(os.environ.get("LOOP_KILLS", "6"))
     for i in range(kills):
@@ -486,5 +506,6 @@ def test_sigkill_at_random_moments_never_skips_or_reuses_a_seq(tmp_path, site, c
     # every seq ever handed out is at the server or still waiting in the spool: none skipped
     assert set(at_server) | {r["seq"] for r in pending} == set(range(1, stats["next_seq"]))
     assert len(at_server) >= kills   # the runs did produce and upload records
-    print("\n%d SIGKILLs: %d records at the collector, %d still spooled, %d POSTs" % (
-        kills, len(at_server), len(pending), collector.posts))
+    assert collector.lost_acks
+    print("\n%d SIGKILLs: %d records at the collector, %d still spooled, %d POSTs, %d acks lost" % (
+        kills, len(at_server), len(pending), collector.posts, collector.lost_acks))
