@@ -2,12 +2,13 @@
 # Sourced by tools/test and tools/demo: make sure .venv exists and holds the project
 # with the given extras. Works on a fresh Debian/Ubuntu machine that has only python3:
 # installs python3-venv with apt when the interpreter lacks ensurepip.
-#   ensure_venv "test"     -> .venv with `pip install -e .[test]`
+#   ensure_venv "test"                      -> .venv with `pip install -e .[test]`
+#   ensure_venv "test" python3.9 .venv39    -> the same for another interpreter, in another venv
 ensure_venv() {
     local extras="$1" root py stamp want
     root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-    py="${PYTHON:-python3}"
-    VENV="$root/.venv"
+    py="${2:-${PYTHON:-python3}}"
+    VENV="$root/${3:-.venv}"
     if [ ! -x "$VENV/bin/python" ]; then
         if ! "$py" -c 'import ensurepip, venv' 2>/dev/null; then
             echo "venv: $py has no ensurepip; installing python3-venv" >&2
