@@ -315,13 +315,11 @@ class Loop:
         except DeviceError as e:
             if not e.retryable:
                 raise
-            # Exception 6 BUSY / 5 ACKNOWLEDGE: the device asks us to come back; once, after
-            # the connection's pause (the client also keeps that silence before any request).
+            # Exception 6 BUSY / 5 ACKNOWLEDGE: the device asks us to come back. Once, after
+            # the connection's pause: the client keeps `pause` of silence after every exchange
+            # before it sends the next request, so no extra sleep here.
             st.health.busy_retries += 1
             log.debug("busy (%s), retrying once", e, extra=_where(dev))
-            pause = getattr(dev.connection, "pause", 0.0) or 0.0
-            if pause > 0:
-                time.sleep(pause)
             return dev.poll(client)
 
     def _succeeded(self, st, t, values, duration):
@@ -530,13 +528,13 @@ class Loop:
         for client in self.clients.values():
             _close(client)
         self.clients = {}
+        _close(self.uploader)
+        self.stopped = True
+        self.write_status()   # the last figures, while the spool can still report them
         try:
             self.spool.close()
         except Exception:
             log.exception("spool close failed")
-        _close(self.uploader)
-        self.stopped = True
-        self.write_status()
         self.uninstall_signals()
         log.info("stopped after %d record(s) appended", self.appended)
 
