@@ -20,7 +20,7 @@ OTHER = b"\x12\x34\x56\x78"
 
 # fault selectors (register address of a 2-register FC03 read)
 OK, EXCEPTION, TRUNCATED, GARBAGE, WRONG_UNIT, STALE, SILENCE, RESET, BAD_CRC, NOISE, \
-    WRONG_FC, BYTE_COUNT, OUT_OF_SYNC, LATE, CLOSE_AFTER = range(15)
+    WRONG_FC, BYTE_COUNT, OUT_OF_SYNC, LATE, CLOSE_AFTER, LEADING_NOISE, TRICKY_NOISE = range(17)
 
 
 def read_pdu(payload):
@@ -217,6 +217,11 @@ def rtu_handler(request, echo=False):
         return ["reset"]
     if address == LATE:
         return [2 * TIMEOUT] + prefix + [rtu(unit, read_pdu(OTHER))]
+    if address == LEADING_NOISE:
+        return prefix + [b"\x00\xff" + good]
+    if address == TRICKY_NOISE:
+        # noise that reads like the start of a long frame (FC01, 250 data bytes)
+        return prefix + [b"\x00\x01\x01\xfa" + good]
     raise AssertionError(address)
 
 
@@ -273,6 +278,14 @@ def test_rtu_exception_costs_no_timeout(rtu_fake):
         client.read(1, 3, EXCEPTION, 2)
     assert info.value.code == 2
     assert client.stats["timeouts"] == 0
+
+
+@pytest.mark.parametrize("address", [LEADING_NOISE, TRICKY_NOISE])
+def test_rtu_noise_before_the_answer_is_skipped(rtu_fake, address):
+    _server, client = rtu_fake
+    assert client.read(1, 3, address, 2) == GOOD
+    good_read(client)
+    assert client.stats["frame_errors"] == client.stats["crc_errors"] == 0
 
 
 def test_rtu_trailing_garbage_dropped(rtu_fake):

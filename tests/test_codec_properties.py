@@ -1,11 +1,14 @@
 """Property tests: build -> parse round trips; every decoder fed random bytes raises only the
 codec's own exception types (agent.modbus.errors)."""
+import socket
 import struct
+import time
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.modbus import pdu, rtu, tcp
+from agent.modbus.client import RtuOverTcpClient, TcpClient
 from agent.modbus.errors import DeviceError, ModbusError
 
 SETTINGS = settings(max_examples=150, deadline=None)
@@ -123,3 +126,69 @@ def test_unpack_bits_total(blob, count):
         assert len(bits) == count
         assert pdu.pack_bits(bits) == bytes(
             b & ((1 << min(8, count - 8 * i)) - 1) for i, b in enumerate(blob[:(count + 7) // 8]))
+
+
+# --- the clients' stream readers, fed random byte streams --------------------------------------
+
+class BytesLink:
+    """An RTU byte link that plays back `data` in chunks, then goes silent."""
+
+    def __init__(self, data, chunk):
+        self.data = data
+        self.chunk = chunk
+
+    def read_some(self, n, timeout):
+        out, self.data = self.data[:min(n, self.chunk)], self.data[min(n, self.chunk):]
+        return out
+
+
+class BytesSocket:
+    """A socket that plays back `data` in chunks, then times out."""
+
+    def __init__(self, data, chunk):
+        self.data = data
+        self.chunk = chunk
+
+    def recv(self, n):
+        if not self.data:
+            raise socket.timeout()
+        out, self.data = self.data[:min(n, self.chunk)], self.data[min(n, self.chunk):]
+        return out
+
+    def settimeout(self, t):
+        pass
+
+    def close(self):
+        pass
+
+
+@SETTINGS
+@given(st.binary(max_size=300), st.integers(1, 300), read_requests(), st.booleans())
+def test_rtu_stream_reader_random_bytes(blob, chunk, req, append_answer):
+    code, address, count = req
+    data = bytes(range(count * 2 if code >= 3 else (count + 7) // 8))[:250]
+    answer = rtu.build_adu(1, bytes((code, len(data))) + data)
+    client = RtuOverTcpClient("127.0.0.1")
+    client._link = BytesLink(blob + answer if append_answer else blob, chunk)
+    try:
+        adu = client._receive(1, code, rtu.read_response_length(code, count), time.monotonic() + 5)
+        got = rtu.decode_read(adu, 1, code, count)
+    except ModbusError:
+        return
+    assert len(got) == len(data)
+    if not blob:
+        assert got == data
+
+
+@SETTINGS
+@given(st.binary(max_size=300), st.integers(1, 300), st.integers(1, 0xFFFF), st.booleans())
+def test_tcp_stream_reader_random_bytes(blob, chunk, tid, append_answer):
+    answer = tcp.build_adu(tid, 1, b"\x03\x04\x00\x01\x00\x02")
+    client = TcpClient("127.0.0.1", timeout=5)
+    client._sock = BytesSocket(blob + answer if append_answer else blob, chunk)
+    try:
+        adu = client._receive(tid, 13, [])
+        got = tcp.decode_read(adu, tid, 1, 3, 2)
+    except ModbusError:
+        return
+    assert got == b"\x00\x01\x00\x02" or blob

@@ -431,31 +431,60 @@ class _RtuBase(_Client):
             self._last_end = _monotonic() + BROADCAST_TURNAROUND
 
     def _receive(self, unit, function, expected, deadline):
-        """The response frame for (unit, function); frames for other requests are skipped."""
-        stale = None
+        """The response frame for (unit, function).
+
+        Complete frames for other requests (a late answer, another master's traffic) are
+        skipped; bytes that start no valid frame (line noise, a bias glitch before the answer)
+        are skipped one at a time until a frame starts. Either way the wait ends at `deadline`.
+        """
+        buf = b""
+        skipped = b""       # noise bytes dropped while hunting for a frame start
+        stale = None        # the last complete frame that answered something else
         while True:
-            try:
-                head = self._read_exact(rtu.EXCEPTION_ADU_LENGTH, deadline, b"")
-            except ModbusTimeout:
-                if stale is None:
+            if len(buf) < rtu.EXCEPTION_ADU_LENGTH:
+                try:
+                    buf += self._read_exact(rtu.EXCEPTION_ADU_LENGTH - len(buf), deadline, buf)
+                except (ModbusTimeout, FrameError) as e:
+                    if skipped:
+                        got = e.got if isinstance(e.got, bytes) else buf
+                        raise FrameError("unexpected bytes instead of a response",
+                                         expected=f"unit {unit} fc {function:02d}",
+                                         got=skipped + got) from None
+                    if stale is not None and not buf:
+                        raise FrameError("no answer, only a frame for another request",
+                                         expected=f"unit {unit} fc {function:02d}", got=stale) from None
                     raise
-                raise FrameError("no answer, only a frame for another request",
-                                 expected=f"unit {unit} fc {function:02d}", got=stale) from None
-            if head[0] == unit and (head[1] == function or head[1] == function | 0x80):
-                if head[1] & 0x80 or expected <= len(head):
-                    return head
-                return head + self._read_exact(expected - len(head), deadline, head)
-            # not ours: a late answer to an earlier request, or noise. Cut it by its own length.
-            n = rtu.frame_length(head)
-            if n is None or n > rtu.MAX_ADU_LENGTH:
-                raise FrameError("unexpected bytes instead of a response",
-                                 expected=f"unit {unit} fc {function:02d}", got=head)
-            frame = head if n <= len(head) else head + self._read_exact(n - len(head), deadline, head)
-            if not rtu.crc16(frame) == 0:
-                raise CRCError("CRC mismatch in an unexpected frame",
-                               expected=f"unit {unit} fc {function:02d}", got=frame)
-            self.stats["stale_discarded"] += 1
-            stale = frame
+            if buf[0] == unit and (buf[1] == function or buf[1] == function | 0x80):
+                n = rtu.EXCEPTION_ADU_LENGTH if buf[1] & 0x80 else expected
+                if len(buf) < n:
+                    buf += self._read_exact(n - len(buf), deadline, buf)
+                # ours by its header; the codec checks length, CRC and the rest
+                return buf[:n]
+            # not ours: cut a whole frame by its own length if it is one. A real frame arrives
+            # in one burst, so wait only as long as its bytes take on the line.
+            n = rtu.frame_length(buf)
+            if n is not None and n <= rtu.MAX_ADU_LENGTH:
+                if len(buf) < n:
+                    burst = min(deadline, _monotonic() + 0.02 + 2 * self._char_time * n)
+                    buf += self._read_upto(n - len(buf), burst)
+                if len(buf) >= n and rtu.crc16(buf[:n]) == 0:
+                    self.stats["stale_discarded"] += 1
+                    stale, buf = buf[:n], buf[n:]
+                    continue
+            skipped += buf[:1]
+            buf = buf[1:]
+
+    def _read_upto(self, n, deadline):
+        """Up to `n` bytes, whatever arrives before `deadline`."""
+        link = self._link
+        buf = b""
+        while len(buf) < n:
+            remaining = deadline - _monotonic()
+            chunk = link.read_some(n - len(buf), remaining) if remaining > 0 else b""
+            if not chunk:
+                break
+            buf += chunk
+        return buf
 
     def _read_exact(self, n, deadline, prefix, what="response"):
         link = self._link
