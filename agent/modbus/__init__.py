@@ -5,6 +5,7 @@ from agent.modbus.errors import (
     CRCError,
     DeviceError,
     FrameError,
+    InvalidRequest,
     ModbusError,
     ModbusTimeout,
 )
@@ -15,6 +16,7 @@ __all__ = [
     "ConnectionLost",
     "DeviceError",
     "FrameError",
+    "InvalidRequest",
     "ModbusError",
     "ModbusTimeout",
 ]

@@ -15,9 +15,15 @@ Robustness rules (each answers a known field problem):
 - after a lost connection, reconnects back off exponentially (one attempt per step, up to
   `backoff_max`); inside the window the call fails at once without touching the network;
   a connection the peer closed while idle is reopened once at once (gateways do that);
+- two timeouts in a row on TCP close the connection (a half-open link only shows as silence);
 - RTU: the exception-sized prefix (5 bytes) is read first, so an exception reply never costs
   a timeout; stale input is dropped before sending; `pause` and the 3.5-character silence are
-  kept between exchanges.
+  kept between exchanges; noise before the answer is skipped byte by byte until a frame starts;
+  with `rs485_echo` our own request, echoed by the adapter, is read and checked first;
+  unit 0 is broadcast: writes get no answer, reads are refused.
+
+Hot path (TCP read): one `struct` pack, one `sendall`, one `recv` that normally holds the
+whole answer, one unpack to check it; no timeout syscalls unless the answer comes in pieces.
 """
 import os
 import select
