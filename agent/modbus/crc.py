@@ -41,7 +41,7 @@ def byte_table():
 TABLE8 = byte_table()
 
 
-def word_table(byteorder=sys.byteorder, _t8=TABLE8):
+def word_table(byteorder=sys.byteorder, as_list=False, _t8=TABLE8):
     """The 65536-entry table for one lookup per 16-bit word, in `byteorder`'s word order.
 
     For x = register ^ (b0 | b1 << 8), two byte steps give
@@ -58,7 +58,8 @@ def word_table(byteorder=sys.byteorder, _t8=TABLE8):
                 t = _t8[lo]
                 v = (t >> 8) ^ _t8[hi ^ (t & 0xFF)]
                 values[lo << 8 | hi] = ((v & 0xFF) << 8) | (v >> 8)
-    return array("H", values)
+    # the list is returned as built (no second copy at start-up on a small router)
+    return values if as_list else array("H", values)
 
 
 def make_crc16(byteorder=sys.byteorder, compact=False):
@@ -68,9 +69,7 @@ def make_crc16(byteorder=sys.byteorder, compact=False):
     order, to prove the big-endian path on a little-endian machine. `compact` keeps the table
     as `array('H')` (128 KiB, slower lookups) instead of a list.
     """
-    t16 = word_table(byteorder)
-    if not compact:
-        t16 = t16.tolist()
+    t16 = word_table(byteorder, as_list=not compact)
     t8 = TABLE8
     native = byteorder == sys.byteorder
 
