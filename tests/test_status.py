@@ -54,3 +54,32 @@ def test_stale_when_not_rewritten_for_several_periods():
     st["written_at"] = now - 120
     assert is_stale(st, now)
     json.dumps(st)
+
+
+def _cfg(tmp_path):
+    ini = tmp_path / "agent.ini"
+    ini.write_text("[agent]\nid = s1\nspool_dir = %s/spool\nstatus_file = %s/status.json\n\n"
+                   "[connection:c]\ntype = tcp\nhost = 127.0.0.1\n\n[device:d]\nconnection = c\n\n"
+                   "[points:d]\nx = holding 0 uint16\n" % (tmp_path, tmp_path))
+    return ini
+
+
+def test_cmd_status_exit_codes(tmp_path, capsys):
+    from argparse import Namespace
+
+    from agent.status import cmd_status
+
+    ini = _cfg(tmp_path)
+    args = Namespace(config=str(ini))
+    assert cmd_status(args) == 1                      # never ran: no status file
+    assert "no status file" in capsys.readouterr().err
+    write_status(str(tmp_path / "status.json"), _sample(time.time()))
+    assert cmd_status(args) == 0
+    assert "meter1" in capsys.readouterr().out
+    st = _sample(time.time())
+    st["state"] = "stopped"
+    write_status(str(tmp_path / "status.json"), st)
+    assert cmd_status(args) == 1 and "STOPPED" in capsys.readouterr().out
+    ini.write_text(ini.read_text().replace("id = s1", "id = s1\nbogus = 2"))
+    assert cmd_status(args) == 2
+    assert "[agent] bogus" in capsys.readouterr().err   # the config error says where
