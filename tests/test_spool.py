@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.record import data_record, encode, error_record
-from agent.spool import CURSOR, QUARANTINE, SETASIDE, Spool, SpoolError
+from agent.spool import ACK_HINT, CURSOR, QUARANTINE, SETASIDE, Spool, SpoolError
 
 AGENT = "site7"
 T0 = 1_795_000_000.0   # 2026-11-19, after CLOCK_SANE
@@ -234,11 +234,43 @@ def test_deleted_cursor_resends_from_oldest_segment(tmp_path):
     first_kept = int(segments(tmp_path)[0][4:-6])
     sp.close()
     os.unlink(tmp_path / CURSOR)
+    os.unlink(tmp_path / ACK_HINT)
     sp = Spool(tmp_path, AGENT)
     got = [r["seq"] for r in drain_all(sp)]
     # Duplicates of acked records are possible (the collector drops them); loss is not.
     assert got == list(range(first_kept, 101)) and first_kept <= 61
     assert sp.append(rec(0)) == 101
+    sp.close()
+
+
+def test_ack_hint_between_durable_cursors(tmp_path):
+    """Acks between two durable cursor writes go to the in-place hint; a torn hint (power cut)
+    falls back to cursor.json: re-sending, never skipping."""
+    sp = Spool(tmp_path, AGENT, fsync="interval", fsync_interval=3600)
+    for i in range(30):
+        sp.append(rec(i))
+    sp.ack(sp.peek(5, 1 << 20))          # due at once: durable cursor.json (acked 5)
+    sp.ack(sp.peek(10, 1 << 20))         # within the interval: hint only (acked 15)
+    cursor = json.loads((tmp_path / CURSOR).read_bytes())
+    assert cursor["acked_seq"] == 5
+    hint = (tmp_path / ACK_HINT).read_bytes()
+    assert len(hint) == 128 and hint.startswith(b"15 31 ")
+    os.close(sp._lockfd)                 # "killed": no close(), no final cursor write
+    os.close(sp._dirfd)
+    sp = Spool(tmp_path, AGENT)
+    assert drain_all(sp, n=4)[0]["seq"] == 16
+    sp.close()
+    # A torn hint: CRC fails, cursor.json is used.
+    sp = Spool(tmp_path, AGENT, fsync="interval", fsync_interval=3600)
+    for i in range(10):
+        sp.append(rec(i))
+    sp.ack(sp.peek(4, 1 << 20))
+    acked = json.loads((tmp_path / CURSOR).read_bytes())["acked_seq"]
+    os.close(sp._lockfd)
+    os.close(sp._dirfd)
+    (tmp_path / ACK_HINT).write_bytes(hint[:20] + b"\x00" * 30)
+    sp = Spool(tmp_path, AGENT)
+    assert drain_all(sp)[0]["seq"] == acked + 1
     sp.close()
 
 
