@@ -340,3 +340,51 @@ def _epoch(ts):
     import calendar
 
     return calendar.timegm(time.strptime(ts[:19], "%Y-%m-%dT%H:%M:%S")) + int(ts[20:23]) / 1000.0
+
+
+def test_device_faults_are_recorded_and_the_agent_recovers(e2e):
+    """The simulator breaks one answer at a time (RTU meter, TCP PLC); the agent records the
+    error with the right kind, and the next cycle reads the device again. Busy (exception 6)
+    is retried once, so a single busy answer costs no reading at all."""
+    e = e2e(changes={("connection:bus1", "timeout"): "300ms", ("connection:plc", "timeout"): "300ms"})
+    e.start_agent()
+    e.wait_stored(4)
+    # (TCP: the client reopens a broken connection and sends the request once more, so a single
+    # broken answer is absorbed; count=3 outlasts that resend.)
+    cases = [
+        (1, "meter1", "crc", {}, {"crc"}),
+        (1, "meter1", "truncate", {}, {"timeout", "frame"}),
+        (1, "meter1", "silence", {}, {"timeout"}),
+        (1, "meter1", "exception", {"code": 2}, {"exception"}),
+        (1, "meter1", "delay", {"seconds": 0.6}, {"timeout"}),
+        (2, "plc1", "drop", {"count": 3}, {"connection"}),
+        (2, "plc1", "reset", {"count": 3}, {"connection"}),
+        (2, "plc1", "crc", {"count": 3}, {"frame", "connection"}),
+        (2, "plc1", "delay", {"seconds": 0.6}, {"timeout"}),
+    ]
+    for unit, device, kind, params, kinds in cases:
+        seen = {r["seq"] for r in e.stored()}
+        e.sim.set_fault(unit, kind, **dict({"count": 1}, **params))
+
+        def new_for(dev, seen=seen):
+            return [r for r in e.stored() if r["seq"] not in seen and r.get("device") == dev
+                    and r.get("kind", "data") == "data"]
+
+        wait_for(lambda dev=device: any(r["status"] == "error" for r in new_for(dev)), 30,
+                 "an error record for %s %s" % (device, kind), 0.2)
+        err = next(r for r in new_for(device) if r["status"] == "error")
+        assert err["error"]["kind"] in kinds, (kind, err)
+        assert err["unit"] == unit
+        # ... and the device is read again afterwards
+        wait_for(lambda dev=device, s=err["seq"]: any(r["status"] == "ok" and r["seq"] > s for r in new_for(dev)),
+                 30, "%s to recover after %s" % (device, kind), 0.2)
+    # One busy answer: retried after the pause, no error record.
+    seen = {r["seq"] for r in e.stored()}
+    busy_before = e.sim.stats(2).get("exception", 0)
+    e.sim.set_fault(2, "exception", code=6, count=1)
+    wait_for(lambda: e.sim.stats(2).get("exception", 0) > busy_before, 30, "the busy answer")
+    time.sleep(2.0)
+    assert not [r for r in e.stored() if r["seq"] not in seen and r.get("device") == "plc1"
+                and r.get("status") == "error"]
+    e.stop_agent()
+    e.audit()
