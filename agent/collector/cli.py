@@ -1,7 +1,8 @@
-"""`modbus-collector [-c FILE] [--listen HOST:PORT] [--db URL]`: the collector on the stdlib server.
+"""`modbus-collector [-c FILE] [--listen HOST:PORT] [--db URL] [--workers N]`: the stdlib server.
 
-A threaded wsgiref server with HTTP/1.1 keep-alive (agents reuse their connection). For many
-agents run the same app under gunicorn or waitress instead (see README).
+A threaded wsgiref server with HTTP/1.1 keep-alive (agents reuse their connection); with
+--workers N, N forked processes accept on one socket (parsing and validation then use several
+cores). The same app also runs under gunicorn or waitress (see agent/collector/__init__.py).
 Exit codes: 0 stopped, 2 bad configuration or usage, 1 could not start.
 """
 import argparse
@@ -143,6 +144,8 @@ def build_parser():
     p.add_argument("--listen", metavar="HOST:PORT", help="override [collector] listen")
     p.add_argument("--db", metavar="URL", help="override [collector] db (sqlite:///path or postgresql://...)")
     p.add_argument("--log-level", default=None, help="override [collector] log_level")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="override [collector] workers: processes sharing the listening socket")
     return p
 
 
@@ -162,9 +165,16 @@ def main(argv=None):
     if not cfg.tokens_required:
         log.warning("agents are accepted WITHOUT tokens (no [tokens] configured)%s",
                     "" if args.config else "; built-in defaults: listening on %s, storing in %s" % (cfg.listen, cfg.db))
+    workers = args.workers or cfg.workers
     try:
-        app = make_app(cfg)
-        server = make_server(host, port, app)
+        if workers > 1:
+            server = Server((host, port), RequestHandler)
+            server.socket.setblocking(False)  # workers race for accept(); losers must not block in it
+            make_app(cfg, retention_days=0).close()  # migrate once, before forking; fail early
+            app = None
+        else:
+            app = make_app(cfg)
+            server = make_server(host, port, app)
     except Exception as e:
         log.error("cannot start: %s", e)
         return 1
@@ -173,8 +183,11 @@ def main(argv=None):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
-    log.info("modbus-collector %s listening on http://%s:%d, storing in %s", __version__, host,
-             server.server_address[1], cfg.db.split("@")[-1])  # no password in the log
+    log.info("modbus-collector %s listening on http://%s:%d, storing in %s%s", __version__, host,
+             server.server_address[1], cfg.db.split("@")[-1],  # no password in the log
+             " (%d worker processes)" % workers if workers > 1 else "")
+    if workers > 1:
+        return _prefork(server, cfg, workers)
     try:
         server.serve_forever(poll_interval=0.5)
     except KeyboardInterrupt:
@@ -182,6 +195,73 @@ def main(argv=None):
     finally:
         server.server_close()
         app.close()
+        log.info("stopped")
+    return 0
+
+
+def _worker(server, cfg, k):
+    """A forked worker: its own app and database connections, the parent's listening socket."""
+    from agent.collector import make_app
+
+    code = 0
+    app = None
+    try:
+        if k:
+            cfg.retention_days = 0  # retention runs in worker 0 only
+        app = make_app(cfg)
+        server.set_app(app)
+        server.serve_forever(poll_interval=0.5)
+    except KeyboardInterrupt:
+        pass
+    except Exception:
+        log.exception("worker %d failed", k)
+        code = 1
+    finally:
+        if app is not None:
+            app.close()
+    return code
+
+
+def _prefork(server, cfg, workers):
+    import os
+    import time
+
+    children = {}
+
+    def spawn(k):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                code = _worker(server, cfg, k)
+            finally:
+                os._exit(code)
+        children[pid] = k
+
+    try:
+        for k in range(workers):
+            spawn(k)
+        while True:
+            pid, status = os.wait()
+            k = children.pop(pid, None)
+            if k is not None:
+                log.error("worker %d (pid %d) exited with status %d; starting a new one", k, pid, status)
+                time.sleep(1.0)
+                spawn(k)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for pid in list(children):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for pid in list(children):
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+        server.server_close()
         log.info("stopped")
     return 0
 

@@ -24,11 +24,11 @@ DEFAULTS = {
     "stale_after": 300.0,
     "refresh": 5,
     "log_level": "INFO",
-    "threads": 16,
+    "workers": 1,                  # built-in server: processes sharing the listening socket
 }
 
 _INT_KEYS = ("max_body_bytes", "max_decompressed_bytes", "max_records", "max_depth",
-             "retention_chunk", "refresh", "threads")
+             "retention_chunk", "refresh", "workers")
 _FLOAT_KEYS = ("retention_days", "retention_interval", "stale_after")
 _SIZE = re.compile(r"^\s*(\d+)\s*([kKmMgG]?)[bB]?\s*$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")

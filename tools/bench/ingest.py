@@ -2,7 +2,7 @@
 """Ingest benchmark: records/s into the collector over loopback, side by side with a FastAPI +
 uvicorn reference (tools/bench/ref/) and with direct SQLite inserts of the same rows.
 
-    .venv/bin/python tools/bench/ingest.py [--records 20000] [--clients 4] [--sizes 1,100,1000]
+    .venv/bin/python tools/bench/ingest.py [--records 20000] [--clients 4] [--sizes 1,100,1000] [--workers 1]
 
 All three store the same rows into the same schema with WAL + synchronous=FULL, one transaction
 per batch. The client is a separate process (keep-alive HTTP/1.1, pre-encoded bodies, --clients
@@ -125,9 +125,12 @@ def direct_rate(path, lines_per_client, size):
     batches = []
     now = time.time()
     for lines in lines_per_client:
-        recs = [json.loads(x) for x in lines]
-        rows = [(r["agent"], r["seq"], r["ts"], "data", r["device"], r["unit"], r["status"],
-                 json.dumps(r["values"], separators=(",", ":")), None, now) for r in recs]
+        # the collector's rows: payload is the record's JSON text as sent
+        rows = []
+        for line in lines:
+            r = json.loads(line)
+            rows.append((r["agent"], r["seq"], r["ts"], "data", r["device"], r["unit"], r["status"],
+                         line.decode(), None, now))
         batches.extend(rows[i:i + size] for i in range(0, len(rows), size))
     n = sum(len(b) for b in batches)
     t0 = time.perf_counter()
@@ -140,16 +143,16 @@ def direct_rate(path, lines_per_client, size):
     return n / elapsed
 
 
-def start(kind, port, db, log):
+def start(kind, port, db, log, workers=1):
     env = dict(os.environ, PYTHONPATH=ROOT)
     if kind == "collector":
         cmd = [PY, "-m", "agent.collector.cli", "--listen", "127.0.0.1:%d" % port, "--db", "sqlite:///" + db,
-               "--log-level", "WARNING"]
+               "--log-level", "WARNING", "--workers", str(workers)]
     else:
         env["REF_DB"] = db
         cmd = [PY, "-m", "uvicorn", "--app-dir", os.path.join(ROOT, "tools", "bench", "ref"),
                "fastapi_app:app", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
-               "--no-access-log"]
+               "--no-access-log", "--workers", str(workers)]
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log, cwd=os.path.dirname(db))
     try:
         if kind == "fastapi":
@@ -185,6 +188,8 @@ def main():
     ap.add_argument("--records", type=int, default=20000, help="records per batch size and server")
     ap.add_argument("--clients", type=int, default=4, help="parallel keep-alive connections (agents)")
     ap.add_argument("--sizes", default="1,100,1000")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="server processes, the same for the collector (--workers) and uvicorn (--workers)")
     ap.add_argument("--small", type=int, default=3000, help="records for batch size 1 (one request each)")
     ap.add_argument("--rounds", type=int, default=3,
                     help="rounds per batch size, contenders interleaved; the best round of each counts "
@@ -212,7 +217,7 @@ def main():
                     db = os.path.join(d, "bench.db")
                     port = free_port()
                     with open(os.path.join(d, "server.log"), "w") as log:
-                        proc = start(kind, port, db, log)
+                        proc = start(kind, port, db, log, args.workers)
                         try:
                             row[kind] = max(row.get(kind, 0.0), http_rate(port, lines, size))
                         finally:

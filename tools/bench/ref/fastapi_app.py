@@ -7,7 +7,8 @@ summary table, lighter validation), so the comparison is conservative.
 
     REF_DB=/tmp/ref.db uvicorn --app-dir tools/bench/ref fastapi_app:app --port 8081
 """
-import json
+import contextlib
+import fcntl
 import os
 import sqlite3
 import sys
@@ -33,6 +34,23 @@ def connect():
     return conn
 
 
+_lock_fd = {}
+
+
+@contextlib.contextmanager
+def process_lock():
+    """Same cross-process write lock as the collector (flock), so uvicorn --workers N is not
+    slowed by SQLite's sleeping busy handler either."""
+    fd = _lock_fd.get(os.getpid())
+    if fd is None:
+        fd = _lock_fd[os.getpid()] = os.open(DB + "-writelock", os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
 def conn():
     c = getattr(_local, "conn", None)
     if c is None:
@@ -42,14 +60,14 @@ def conn():
 
 def migrate():
     c = connect()
+    c.execute("BEGIN IMMEDIATE")  # uvicorn --workers N: each worker imports this module
     c.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
     if c.execute("SELECT count(*) FROM schema_version").fetchone()[0] == 0:
-        c.execute("BEGIN")
         for v in range(1, VERSION + 1):
             for s in statements("sqlite", v):
                 c.execute(s)
         c.execute("INSERT INTO schema_version VALUES (?)", (VERSION,))
-        c.execute("COMMIT")
+    c.execute("COMMIT")
     c.close()
 
 
@@ -89,17 +107,11 @@ def post_batch(batch: Batch):
     now = time.time()
     rows = []
     for r in batch.records:
-        if r.kind == "gap":
-            payload = json.dumps(r.model_extra, separators=(",", ":"))
-        elif r.kind == "health":
-            payload = json.dumps(r.health, separators=(",", ":"))
-        elif r.status == "ok":
-            payload = json.dumps(r.values, separators=(",", ":"))
-        else:
-            payload = json.dumps(r.error, separators=(",", ":"))
+        # payload: the whole record as JSON text, as the collector stores it (pydantic's encoder)
+        payload = r.model_dump_json(exclude_unset=True)
         rows.append((r.agent, r.seq, r.ts, r.kind or "data", r.device, r.unit, r.status, payload, r.clock, now))
     c = conn()
-    with _write_lock:
+    with _write_lock, process_lock():
         c.execute("BEGIN IMMEDIATE")
         cur = c.executemany(INSERT, rows)
         stored = cur.rowcount
