@@ -951,7 +951,8 @@ class Spool:
             m = self._meta(data[:nl]) if nl >= 0 else None
             ts = m[1] if m else None
             break
-        self._oldest_cache = (pos, ts)
+        if ts is not None:  # an empty backlog is not cached: the next append must show up
+            self._oldest_cache = (pos, ts)
         return ts
 
     def stats(self):
