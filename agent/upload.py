@@ -6,7 +6,12 @@ Authorization: Bearer TOKEN. The collector is idempotent on (agent, seq), so a b
 lost is simply sent again: at-least-once here + idempotent storage there = exactly once.
 
 Answers:
-  2xx                  stored: the spool acknowledges the batch (the only way a record leaves it)
+  2xx + the collector's answer {"stored": n, ...}
+                       stored: the spool acknowledges the batch (the only way a record leaves it).
+                       A 2xx without that answer (a captive portal, a proxy's page, a wrong URL
+                       served by some web server) is NOT an acknowledgement: back off.
+  3xx                  not followed (requests would turn the POST into a GET, and a GET's 200
+                       would acknowledge records nobody stored): back off, log the Location
   413                  too large: split the batch in halves (down to one record; a single record
                        still too large is quarantined) and send smaller batches from then on
   400, 422, other 4xx  the records are rejected: bisect to find the bad ones, quarantine only those
@@ -159,7 +164,7 @@ class Uploader:
         body = self._body(batch)
         try:
             r = self._session.post(self.url, data=body, headers=self._headers, timeout=timeout,
-                                   verify=self._verify)
+                                   verify=self._verify, allow_redirects=False)
         except requests.exceptions.RequestException as e:
             return None, "%s: %s" % (type(e).__name__, _short(e)), None
         answer = None
@@ -173,6 +178,12 @@ class Uploader:
         elif r.status_code >= 400 and r.text:
             reason = "%s: %s" % (reason, r.text[:200].replace("\n", " "))
         self._st["bytes_sent_total"] += len(body)
+        if 300 <= r.status_code < 400:
+            return None, "HTTP %d redirect to %s: not followed, check [upload] url" % (
+                r.status_code, r.headers.get("Location", "?")[:200]), None
+        if 200 <= r.status_code < 300 and not (isinstance(answer, dict) and type(answer.get("stored")) is int):
+            return None, "HTTP %d without the collector's answer (captive portal or wrong url?): %r" % (
+                r.status_code, r.text[:80]), None
         if r.status_code == 429 or r.status_code == 503:
             try:
                 self._retry_after = float(r.headers.get("Retry-After", ""))
@@ -206,8 +217,8 @@ class Uploader:
         st = self._st
         st["failures_total"] += 1
         st["consecutive_failures"] = self._failures
-        what = "network error" if code is None else "HTTP %d" % code
-        st["last_error"] = "%s: %s" % (what, reason)
+        # code None: the reason names it (ConnectionError, ReadTimeout, SSLError, redirect, ...)
+        st["last_error"] = reason if code is None else "HTTP %d: %s" % (code, reason)
         st["last_error_at"] = utc_timestamp(time.time())
         # Exponential, capped, with jitter (half to full delay) so a fleet of routers coming back
         # after an outage does not hit the collector in lockstep.

@@ -84,6 +84,20 @@ class Collector:
                 body = self.rfile.read(n)
                 if cue == "500":
                     return self.answer(500, {"error": "database is locked", "where": "store"})
+                if cue == "portal":     # a captive portal: 200 and a web page, nothing stored
+                    out = b"<html><body>Please accept the terms of use</body></html>"
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/html")
+                    self.send_header("Content-Length", str(len(out)))
+                    self.end_headers()
+                    self.wfile.write(out)
+                    return None
+                if cue == "redirect":
+                    self.send_response(302)
+                    self.send_header("Location", "http://portal.example/login")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return None
                 if coll.token and self.headers.get("Authorization") != "Bearer %s" % coll.token:
                     return self.answer(401, {"error": "bad token", "where": "Authorization"})
                 if self.headers.get("Content-Encoding") == "gzip":
@@ -330,6 +344,22 @@ def test_reset_mid_request_then_500_then_ok(tmp_path, collector):
     assert statuses.count("backoff") >= 3
     assert_exactly_once(coll, 40)
     assert coll.duplicates == 0 and up.state()["failures_total"] == 3
+    sp.close()
+
+
+def test_captive_portal_and_redirect_acknowledge_nothing(tmp_path, collector):
+    coll = collector()
+    coll.cues = ["portal", "redirect"]
+    sp = fill(tmp_path, 30)
+    up = Uploader(coll.url, AGENT, **FAST)
+    assert up.drain(sp, time.monotonic() + 10)["status"] == "backoff"
+    assert "captive portal" in up.state()["last_error"] and sp.stats()["records"] == 30
+    time.sleep(0.05)
+    assert up.drain(sp, time.monotonic() + 10)["status"] == "backoff"
+    assert "redirect to http://portal.example/login" in up.state()["last_error"]
+    assert sp.stats()["records"] == 30 and coll.stored == {}
+    pump(up, sp)
+    assert_exactly_once(coll, 30)
     sp.close()
 
 
