@@ -31,7 +31,8 @@ def build_parser():
     sp.add_argument("--expect", metavar="LOW..HIGH", required=True)
     sp = add("run", "poll, spool and upload until stopped (the main job)")
     sp.add_argument("--log-level", default=None, help="override [agent] log_level")
-    add("status", "print device health, spool backlog and upload state of a running agent")
+    sp = add("status", "print device health, spool backlog and upload state of a running agent")
+    sp.add_argument("--json", action="store_true", help="print the status file as JSON")
     return p
 
 

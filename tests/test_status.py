@@ -83,3 +83,12 @@ def test_cmd_status_exit_codes(tmp_path, capsys):
     ini.write_text(ini.read_text().replace("id = s1", "id = s1\nbogus = 2"))
     assert cmd_status(args) == 2
     assert "[agent] bogus" in capsys.readouterr().err   # the config error says where
+
+
+def test_status_json_through_the_command_line(tmp_path, capsys):
+    from agent.cli import main
+
+    ini = _cfg(tmp_path)
+    write_status(str(tmp_path / "status.json"), _sample(time.time()))
+    assert main(["status", "-c", str(ini), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["devices"]["plc"]["exceptions"] == {"6": 2}
