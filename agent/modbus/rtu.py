@@ -52,9 +52,9 @@ def _check_frame(adu, unit, function, expected_length):
     if n != expected_length and n != EXCEPTION_ADU_LENGTH:
         raise FrameError("wrong response length", expected=f"{expected_length} bytes", got=bytes(adu))
     if crc16(adu):
-        got_crc = adu[-1] << 8 | adu[-2] if n >= 2 else 0
-        raise CRCError("CRC mismatch", expected="%04x" % crc16(adu[:-2]),
-                       got="%04x in %s" % (got_crc, bytes(adu).hex(" ")))
+        want = crc16(adu[:-2])
+        raise CRCError("CRC mismatch (received %s)" % bytes(adu[-2:]).hex(" "),
+                       expected="CRC %02x %02x" % (want & 0xFF, want >> 8), got=bytes(adu))
     if adu[0] != unit:
         raise FrameError("response from the wrong unit", expected=f"unit {unit}", got=bytes(adu))
     fc = adu[1]
