@@ -28,6 +28,7 @@ Timestamps: `time.time()` at the start of the poll (UTC, ms); scheduling uses
 `time.monotonic()` only, so an NTP step at boot never bunches or skips polls. Records taken
 before the clock is set are flagged by agent.record (`"clock": "unsynced"`).
 """
+import logging
 import os
 import select
 import signal
@@ -87,7 +88,7 @@ class DeviceState:
     """Everything the loop keeps about one device between cycles."""
 
     __slots__ = ("device", "schedule", "health", "deadbands", "last_sent", "last_sent_at",
-                 "next_health", "summary_ok", "summary_failed", "was_failing")
+                 "next_health", "summary_ok", "summary_failed", "was_failing", "missed_logged_at")
 
     def __init__(self, device, start, agent_cfg, health=None):
         self.device = device
@@ -102,6 +103,7 @@ class DeviceState:
         self.summary_ok = 0
         self.summary_failed = 0
         self.was_failing = False
+        self.missed_logged_at = None
 
 
 def open_spool(cfg):
@@ -285,8 +287,14 @@ class Loop:
         sched = st.schedule
         missed = sched.catch_up(now)
         if missed:
-            log.warning("missed %d cycle(s) (interval %gs): the loop was busy elsewhere", missed, dev.interval,
-                        extra=_where(dev))
+            # an overloaded bus misses cycles every time: say it once per summary period, the
+            # summary line and the status file carry the running count
+            level = logging.DEBUG
+            if st.missed_logged_at is None or now - st.missed_logged_at >= self.summary_interval:
+                st.missed_logged_at = now
+                level = logging.WARNING
+            log.log(level, "missed %d cycle(s) (interval %gs, %d so far): the loop was busy elsewhere",
+                    missed, dev.interval, sched.missed, extra=_where(dev))
         t = self.wall()
         t0 = self.mono()
         try:

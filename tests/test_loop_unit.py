@@ -138,3 +138,18 @@ def test_log_lines_are_single_lines_with_device_and_unit_and_rotate_by_size(tmp_
     assert any(" WARNING loop meter1 unit=1: poll failed: timeout\\nsecond line" in line for line in old + new)
     assert any(" ERROR spool: append failed | Traceback" in line and "ValueError: boom" in line for line in new)
     assert new[-1].split(" ", 3)[2] == "modbus.client:"
+
+
+def test_a_slow_device_misses_cycles_counted_not_bunched(tmp_path, sim):
+    loop = make_loop(tmp_path, sim.tcp_port)     # interval 100 ms, timeout 200 ms
+    try:
+        sim.set_fault(1, "delay", seconds=0.15, count=4)   # four answers take 150 ms each
+        run_steps(loop, 6)
+        st = loop.states[0]
+        h, sched = st.health, st.schedule
+    finally:
+        loop.shutdown()
+    assert h.polls_ok == 6 and h.polls_failed == 0
+    assert h.missed_cycles >= 1
+    # every slot up to the next one is accounted for: polled once, or counted as missed
+    assert sched.k == h.polls_ok + h.missed_cycles + h.skipped_cycles
