@@ -626,9 +626,13 @@ class Spool:
         direct = 0
         fseq = lseq = fts = lts = None
         carried = []
-        with open(seg.path, "rb") as f:
-            f.seek(start)
-            data = f.read(seg.size - start)
+        try:
+            with open(seg.path, "rb") as f:
+                f.seek(start)
+                data = f.read(seg.size - start)
+        except FileNotFoundError:
+            self._vanished(seg)
+            return []
         pos = 0
         while pos < len(data):
             nl = data.find(b"\n", pos)
@@ -748,15 +752,46 @@ class Spool:
                 self._sync()
             if self._cursor_dirty and mono - self._last_cursor_sync >= self.fsync_interval:
                 self._write_cursor(durable=True)
+        if self._wfd is not None:
+            try:
+                gone = os.fstat(self._wfd).st_nlink == 0
+            except OSError:
+                gone = True
+            if gone:    # deleted from outside: appending to an unlinked file would lose everything
+                self._vanished(self._segs[-1])
         if self._pending_loss:
             self._write_pending_gap()
         self._age_bound(now)
+
+    def _vanished(self, seg):
+        """A segment file was deleted from outside the agent: account for its unread records with a
+        gap record (their count is known; the range is from the first unread seq to the last)."""
+        head = seg is self._segs[0]
+        lost = seg.count - (self._rline if head else 0)
+        first = seg.first_seq
+        if head and self._acked_seq + 1 > (first or 0):
+            first = self._acked_seq + 1
+        log.error("spool %s: segment %s vanished (deleted from outside the agent): %d records lost",
+                  self.directory, os.path.basename(seg.path), lost)
+        if seg is self._segs[-1] and self._wfd is not None:
+            os.close(self._wfd)
+            self._wfd = None
+        self._segs.remove(seg)
+        self._bytes -= seg.size
+        if head:
+            self._roff = self._rline = 0
+        self.totals["dropped"] += max(lost, 0)
+        if lost > 0 and first is not None and seg.last_seq is not None:
+            self._remember_gap([(lost, first, seg.last_seq, seg.first_ts, seg.last_ts, None)],
+                               "segment file deleted from outside the agent")
 
     # ------------------------------------------------------------------ reading
 
     def peek(self, max_records=500, max_bytes=256 << 10):
         """The oldest un-acknowledged lines, or None when there are none. Does not move the
         cursor (ack/quarantine do). Lines are made durable first (see module doc)."""
+        if self._pending_loss:
+            self._write_pending_gap()
         if self._dirty and self.fsync != "never":
             self._sync()
         max_records = max(1, int(max_records))
@@ -771,6 +806,10 @@ class Spool:
     def _read(self, max_records, max_bytes):
         """-> (Batch or None, position to skip to when only unusable lines were found)."""
         raw = self._collect_lines(max_records, max_bytes)
+        while raw is None:
+            if self._pending_loss:
+                self._write_pending_gap()
+            raw = self._collect_lines(max_records, max_bytes)
         if not raw:
             return None, None
         self._check_lines(raw)
@@ -795,7 +834,8 @@ class Spool:
     def _collect_lines(self, max_records, max_bytes):
         """Complete lines from the reader on, within the limits (at least one):
         [line, seq or None, end position, segment, offset]. Lines written by this process carry
-        their seq in the fixed prefix; others get it checked in _check_lines."""
+        their seq in the fixed prefix; others get it checked in _check_lines. None when a segment
+        file turned out to be gone (accounted for, removed from the list)."""
         raw = []
         nbytes = 0
         plen = self._plen
@@ -804,7 +844,11 @@ class Spool:
             lno = self._rline if i == 0 else 0
             if off >= seg.size:
                 continue
-            fd = os.open(seg.path, os.O_RDONLY)
+            try:
+                fd = os.open(seg.path, os.O_RDONLY)
+            except FileNotFoundError:
+                self._vanished(seg)
+                return None     # the segment list changed: read again
             try:
                 want = max(max_bytes, 64 << 10)
                 while off < seg.size:
@@ -944,9 +988,12 @@ class Spool:
             off = self._roff if i == 0 else 0
             if off >= seg.size:
                 continue
-            with open(seg.path, "rb") as f:
-                f.seek(off)
-                data = f.read(min(4096, seg.size - off))
+            try:
+                with open(seg.path, "rb") as f:
+                    f.seek(off)
+                    data = f.read(min(4096, seg.size - off))
+            except FileNotFoundError:
+                return None     # deleted from outside: the next peek or tick accounts for it
             nl = data.find(b"\n")
             m = self._meta(data[:nl]) if nl >= 0 else None
             ts = m[1] if m else None

@@ -371,6 +371,26 @@ def test_foreign_record_order_is_normalised(tmp_path):
     sp.close()
 
 
+def test_segment_deleted_from_outside_is_accounted_for(tmp_path):
+    sp = Spool(tmp_path, AGENT, segment_bytes=4096, max_bytes=1 << 20)
+    for i in range(100):
+        sp.append(rec(i))
+    sp.ack(sp.peek(5, 1 << 20))
+    names = segments(tmp_path)
+    os.unlink(tmp_path / names[0])                   # the head, partly acknowledged
+    os.unlink(tmp_path / names[-1])                  # the active one: appends would go nowhere
+    sp.tick()
+    for i in range(100, 110):
+        sp.append(rec(i))
+    delivered = drain_all(sp)
+    lost = set(range(6, sp.next_seq)) - {r["seq"] for r in delivered}
+    gaps = [r for r in delivered if r.get("kind") == "gap"]
+    assert sum(g["dropped"] for g in gaps) == len(lost) > 0
+    assert all("deleted from outside" in g["reason"] for g in gaps)
+    assert [r["values"]["i"] for r in delivered if r.get("kind") != "gap"][-10:] == list(range(100, 110))
+    sp.close()
+
+
 def test_one_agent_per_directory(tmp_path):
     sp = Spool(tmp_path, AGENT)
     with pytest.raises(SpoolError, match="in use"):
