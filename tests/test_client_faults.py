@@ -217,6 +217,8 @@ def rtu_handler(request, echo=False):
         return ["reset"]
     if address == LATE:
         return [2 * TIMEOUT] + prefix + [rtu(unit, read_pdu(OTHER))]
+    if address == CLOSE_AFTER:
+        return prefix + [good, "close"]
     if address == LEADING_NOISE:
         return prefix + [b"\x00\xff" + good]
     if address == TRICKY_NOISE:
@@ -343,6 +345,32 @@ def test_rtu_over_tcp_reset_then_good():
     finally:
         client.close()
         server.stop()
+
+
+def test_rtu_over_tcp_idle_close_by_peer_is_reopened_at_once():
+    server, client = make_rtu("tcp", rtu_handler)
+    try:
+        assert client.read(1, 3, CLOSE_AFTER, 2) == GOOD  # the gateway then closes the link
+        time.sleep(0.05)
+        good_read(client)
+        assert server.connections == 2
+        assert client.stats["connection_errors"] == 0 and client.stats["reconnects"] == 1
+    finally:
+        client.close()
+        server.stop()
+
+
+def test_serial_device_gone_is_connection_lost():
+    # a USB adapter unplugged mid-session: the pty's other side disappears
+    server, client = make_rtu("pty", rtu_handler)
+    try:
+        good_read(client)
+        server.stop()
+        with pytest.raises(ConnectionLost):
+            client.read(1, 3, OK, 2)
+        assert client.stats["connection_errors"] == 1
+    finally:
+        client.close()
 
 
 def test_serial_port_missing_is_connection_lost(tmp_path):

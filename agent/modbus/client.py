@@ -42,6 +42,13 @@ from agent.modbus.errors import (
     ModbusTimeout,
 )
 
+try:
+    import termios
+    # pyserial lets termios.error (not an OSError) through from tcflush/tcdrain
+    _SERIAL_ERRORS = (OSError, ValueError, termios.error)
+except ImportError:  # pragma: no cover - not a POSIX host
+    _SERIAL_ERRORS = (OSError, ValueError)
+
 _monotonic = time.monotonic
 
 STAT_KEYS = ("requests", "timeouts", "crc_errors", "frame_errors", "exceptions", "reconnects",
@@ -547,20 +554,20 @@ class _SerialLink(_FdLink):
         try:
             self.port.write(data)
             self.port.flush()  # tcdrain: the answer's timeout starts when the request is out
-        except (OSError, ValueError) as e:
+        except _SERIAL_ERRORS as e:
             raise ConnectionLost(f"{self.where}: write failed: {e}") from None
 
     def drop_input(self):
         try:
             self.port.reset_input_buffer()
-        except (OSError, ValueError) as e:
+        except _SERIAL_ERRORS as e:
             raise ConnectionLost(f"{self.where}: {e}") from None
         super().drop_input()
 
     def close(self):
         try:
             self.port.close()
-        except (OSError, ValueError):
+        except _SERIAL_ERRORS:
             pass
 
 
@@ -619,7 +626,7 @@ class RtuClient(_RtuBase):
                                  exclusive=True)
         except ImportError:
             raise ConnectionLost("pyserial is not installed") from None
-        except (OSError, ValueError) as e:
+        except _SERIAL_ERRORS as e:
             raise ConnectionLost(f"open {self.port} failed: {e}") from None
         self._link = _SerialLink(port, self.port)
 
