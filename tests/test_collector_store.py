@@ -387,3 +387,43 @@ def test_many_threads_posting_at_once_store_everything_once(store):
     assert not errors
     assert sum(r[0] for r in results) == 300 and sum(r[1] for r in results) == 180
     assert sorted(a["max_seq"] for a in store.agents()) == [49] * 6
+
+
+@pytest.mark.postgres
+def test_database_outage_is_503_not_500(pg_server, pg_url):
+    """The database goes away under a running collector: /health and POST answer 503 (the agent
+    backs off and retries), never 500."""
+    import psycopg
+
+    app = make_app(None, db=pg_url)
+    try:
+        from wsgiref.validate import validator
+
+        def call(method, path, body=b""):
+            import io
+            import sys
+
+            env = {"REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": "", "SCRIPT_NAME": "",
+                   "SERVER_NAME": "t", "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1",
+                   "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(body),
+                   "wsgi.errors": sys.stderr, "wsgi.multithread": True, "wsgi.multiprocess": False,
+                   "wsgi.run_once": False, "CONTENT_LENGTH": str(len(body)), "CONTENT_TYPE": "application/json"}
+            out = {}
+            it = validator(app)(env, lambda s, h, e=None: out.update(status=s, headers=dict(h)))
+            try:
+                return int(out["status"][:3]), json.loads(b"".join(it)), out["headers"]
+            finally:
+                it.close()
+
+        body = encode({"agent": "a", "records": [data("a", 1)]})
+        assert call("POST", "/api/v1/batches", body)[0] == 200
+        host, port = pg_server
+        name = pg_url.split("/")[3].split("?")[0]
+        with psycopg.connect(host=host, port=port, user="postgres", dbname="postgres", autocommit=True) as c:
+            c.execute("DROP DATABASE %s WITH (FORCE)" % name)
+        status, answer, _ = call("GET", "/health")
+        assert status == 503 and answer["status"] == "error"
+        status, answer, headers = call("POST", "/api/v1/batches", encode({"agent": "a", "records": [data("a", 2)]}))
+        assert (status, answer["where"], headers.get("Retry-After")) == (503, "storage", "5")
+    finally:
+        app.close()
