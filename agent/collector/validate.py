@@ -87,20 +87,26 @@ def parse_batch(text):
                     if text[idx:idx + 1] == "]":
                         idx += 1
                     else:
-                        while True:
+                        append = recs.append
+                        while True:  # the hot loop: one C scan per record, little else
                             obj, end = _scan_once(text, idx)
-                            recs.append((obj, text[idx:end]))
-                            c = text[end:end + 1]
+                            append((obj, text[idx:end]))
+                            c = text[end]
+                            if c == ",":
+                                idx = end + 1
+                                if text[idx] != "{":
+                                    idx = _skip(text, idx)
+                                continue
                             if c in _WS_CHARS:
                                 end = _WS.match(text, end).end()
                                 c = text[end:end + 1]
-                            if c == ",":
-                                idx = _skip(text, end + 1)
-                            elif c == "]":
+                                if c == ",":
+                                    idx = _skip(text, end + 1)
+                                    continue
+                            if c == "]":
                                 idx = end + 1
                                 break
-                            else:
-                                raise _Fallback
+                            raise _Fallback
                     value = recs
                 else:
                     value, idx = _scan_once(text, idx)
@@ -117,7 +123,7 @@ def parse_batch(text):
         if _skip(text, idx) != len(text):
             raise _Fallback
         return doc
-    except (_Fallback, StopIteration, ValueError):
+    except (_Fallback, StopIteration, ValueError, IndexError):
         pass
     doc = loads(text)  # raises the JSONDecodeError that names line and column
     if type(doc) is dict and type(doc.get("records")) is list:
