@@ -15,10 +15,12 @@ dead collector never loses it; uploads only use time the bus does not need, so a
 drains without moving a single poll (complaint: catch-up that disturbs polling).
 
 Dead-device isolation (complaint: one dead slave delays everybody): `device.poll` stops at the
-first failing request, so a failing device costs at most its own timeout per cycle; after
-`dead_after` consecutive failures it is only probed, with the wait doubling up to
-`dead_backoff_max`, so healthy devices on the same bus keep their cadence. A busy answer
-(exception 6, or 5 ACKNOWLEDGE) is retried once after the connection's pause.
+first failing request, so a failing device costs at most its own timeout per cycle; on a shared
+slot the devices that answered last time go first, failing ones after them; after `dead_after`
+consecutive failures a device is only probed, with the wait doubling up to `dead_backoff_max`,
+and a probe whose timeout would not fit before the next live device is due waits for a later
+slot (so several dead devices never stack their timeouts). A busy answer (exception 6, or
+5 ACKNOWLEDGE) is retried once after the connection's pause.
 
 Signals: SIGTERM/SIGINT finish the current step, flush and close the spool, exit 0.
 SIGHUP reloads the config file; an invalid file is logged error by error and the old
@@ -245,20 +247,47 @@ class Loop:
             self.shutdown()
         return code
 
-    def next_state(self):
-        """The device whose next cycle is due first (ties: config order)."""
-        best = None
+    def next_state(self, now):
+        """The device to poll next. Among those already due, devices that answered their last
+        poll go before failing ones, so on a shared slot a failing device's timeout comes after
+        the healthy ones' polls; otherwise the earliest due (ties: config order)."""
+        best = best_key = None
         for st in self.states:
-            if best is None or st.schedule.due < best.schedule.due:
-                best = st
+            due = st.schedule.due
+            key = (0, st.schedule.failures > 0, due) if due <= now else (1, False, due)
+            if best_key is None or key < best_key:
+                best, best_key = st, key
         return best
+
+    def probe_in_the_way(self, st, now):
+        """Would probing dead device `st` now make a live device late? Its probe costs up to its
+        connection's timeout; if that does not fit before the next live device is due, the probe
+        waits for a later slot: the probes of several dead devices spread over the slots instead
+        of stacking their timeouts. Never deferred for longer than its back-off, so a device is
+        still probed when its timeout cannot fit in any gap."""
+        sched = st.schedule
+        if sched.deferred_for(now) >= max(sched.backoff, sched.interval):
+            return False
+        conn = st.device.connection
+        cost = max(getattr(conn, "timeout", 0.0) or 0.0, getattr(conn, "connect_timeout", 0.0) or 0.0)
+        nxt = None
+        for other in self.states:
+            if other is not st and not other.schedule.dead:
+                due = other.schedule.due
+                if nxt is None or due < nxt:
+                    nxt = due
+        return nxt is not None and now + cost > nxt
 
     def step(self):
         now = self.mono()
         # periodic work first, every step: a saturated bus must not starve the status file
         self.periodic(now)
-        st = self.next_state()
+        st = self.next_state(now)
         if st is not None and st.schedule.due <= now:
+            if st.schedule.dead and self.probe_in_the_way(st, now):
+                st.schedule.defer(now)
+                st.health.skipped_cycles = st.schedule.skipped
+                return
             self.poll(st, now)
             self._tick()
             return

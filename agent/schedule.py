@@ -13,13 +13,15 @@ stalled upload costs readings that are reported, never a burst of back-to-back p
 Dead devices: after `dead_after` consecutive failed cycles the device is only probed, with the
 wait doubling from one interval up to `backoff_max`, always on a slot boundary. Slots passed over
 on purpose are counted in `skipped`, not `missed`. The first success makes it live again.
+A probe that would make a live device late can be deferred to a later slot (`defer`), which
+spreads the probes of several dead devices over the slots instead of stacking their timeouts.
 """
 import math
 
 
 class DeviceSchedule:
     __slots__ = ("start", "interval", "dead_after", "backoff_max", "k", "missed", "skipped",
-                 "failures", "backoff")
+                 "failures", "backoff", "deferred_since")
 
     def __init__(self, start, interval, dead_after=3, backoff_max=300.0):
         if interval <= 0:
@@ -33,6 +35,7 @@ class DeviceSchedule:
         self.skipped = 0      # slots passed over on purpose while the device is dead
         self.failures = 0     # consecutive failed cycles
         self.backoff = 0.0    # current probe wait while dead, seconds (0 when live)
+        self.deferred_since = None  # due time of a probe that has been deferred, else None
 
     @property
     def due(self):
@@ -63,9 +66,24 @@ class DeviceSchedule:
             return n
         return 0
 
+    def defer(self, now):
+        """Do not run the due cycle now: move to the next slot that starts after `now`; the slots
+        passed over are counted in `skipped`. Returns the next due time."""
+        if self.deferred_since is None:
+            self.deferred_since = self.due
+        nxt = max(self.k + 1, self.slot_at(now) + 1)
+        self.skipped += nxt - self.k
+        self.k = nxt
+        return self.due
+
+    def deferred_for(self, now):
+        """Seconds since the deferred probe was first due (0 when nothing is deferred)."""
+        return 0.0 if self.deferred_since is None else now - self.deferred_since
+
     def done(self, now, ok):
         """The cycle that was due has run (ended at `now`); pick the next slot.
         Returns the next due time."""
+        self.deferred_since = None
         if ok:
             self.failures = 0
             self.backoff = 0.0

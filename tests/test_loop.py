@@ -395,13 +395,17 @@ r0 = holding 0 uint16
 
 
 def test_dead_devices_do_not_disturb_a_healthy_device_on_the_same_connection(tmp_path, site, collector):
-    """Unit 4 does not exist on the simulator's bus (silence: every request times out) and
-    `gone` is on a closed port; the meter shares the connection with the silent one."""
+    """Unit 4 does not exist on the simulator's bus (silence: every request times out), `gone` is
+    on a closed port, `mute` on a port that accepts and never answers; the meter shares its
+    connection with the silent one."""
     import socket
 
     with socket.socket() as s:     # a port that was free a moment ago and nobody listens on
         s.bind(("127.0.0.1", 0))
         closed_port = s.getsockname()[1]
+    blackhole = socket.socket()    # listens, so connects succeed, but nothing is ever read or sent
+    blackhole.bind(("127.0.0.1", 0))
+    blackhole.listen(8)
     devices = """
 [device:silent]
 connection = sim
@@ -425,7 +429,21 @@ interval = 200ms
 
 [points:gone]
 x = holding 0 uint16
-""" % closed_port
+
+[connection:blackhole]
+type = tcp
+host = 127.0.0.1
+port = %d
+timeout = 150ms
+
+[device:mute]
+connection = blackhole
+unit = 1
+interval = 200ms
+
+[points:mute]
+x = input 0 uint16
+""" % (closed_port, blackhole.getsockname()[1])
     # no [upload]: this is about polling cadence, so nothing else shares the loop's time
     # the dead devices come first in the file, so on a shared slot they are polled before the meter:
     # the meter then starts late by at most one timeout, and only on the slots they are probed in
@@ -437,20 +455,22 @@ x = holding 0 uint16
         wait_for(lambda: len(spooled(tmp_path / "spool", "meter")) >= 30, 30, "30 meter cycles", proc, log_path)
         rc = stop(proc)
     finally:
+        blackhole.close()
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     assert rc == 0
     st = status(tmp_path)["devices"]
-    meter, silent, gone = st["meter"], st["silent"], st["gone"]
+    meter, silent, gone, mute = st["meter"], st["silent"], st["gone"], st["mute"]
     records = [r for r in pending_in_spool(tmp_path / "spool")[0] if "kind" not in r]
     jitter = start_jitter_ms([r for r in records if r["device"] == "meter"], 0.2)
-    print("\nhealthy meter start-time lateness with two dead devices (timeout 150 ms): p50 %.1f ms, "
-          "p99 %.1f ms, max %.1f ms over %d cycles; missed %d; silent probed %d times, gone %d times" % (
+    print("\nhealthy meter start-time lateness with three dead devices (timeout 150 ms): p50 %.1f ms, "
+          "p99 %.1f ms, max %.1f ms over %d cycles; missed %d; probes: silent %d, gone %d, mute %d" % (
               percentile(jitter, 50), percentile(jitter, 99), max(jitter), len(jitter),
-              meter["missed_cycles"], silent["polls_failed"], gone["polls_failed"]))
+              meter["missed_cycles"], silent["polls_failed"], gone["polls_failed"], mute["polls_failed"]))
     assert meter["polls_failed"] == 0 and meter["skipped_cycles"] == 0
-    assert silent["dead"] and gone["dead"]
+    assert silent["dead"] and gone["dead"] and mute["dead"]
+    assert mute["polls_ok"] == 0 and mute["timeouts"] == mute["polls_failed"] < meter["polls_ok"] / 3
     assert silent["polls_ok"] == 0 and silent["timeouts"] == silent["polls_failed"]
     assert gone["connection_errors"] == gone["polls_failed"]
     # back-off: the dead ones were probed far less often than the healthy one was polled

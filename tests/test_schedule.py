@@ -68,17 +68,33 @@ def test_first_success_revives_a_dead_device():
     assert s.due == due + 1.0
 
 
+def test_defer_moves_a_probe_to_the_next_slot_and_remembers_since_when():
+    s = DeviceSchedule(0.0, 1.0, dead_after=1, backoff_max=4.0)
+    s.done(0.1, ok=False)                       # dead; next probe on slot 1
+    assert s.dead and s.due == 1.0 and s.deferred_for(1.0) == 0.0
+    assert s.defer(1.2) == 2.0                  # in the way of a live device: next slot
+    assert s.defer(2.1) == 3.0
+    assert s.deferred_for(3.0) == 2.0 and s.skipped == 2 and s.missed == 0
+    s.done(3.2, ok=False)                       # probed: the deferral is over
+    assert s.deferred_for(5.0) == 0.0
+
+
 @settings(deadline=None, max_examples=150)
 @given(
     interval=st.sampled_from([0.1, 0.25, 1.0, 5.0]),
-    events=st.lists(st.tuples(st.floats(0.0, 4.0), st.booleans()), min_size=1, max_size=60),
+    events=st.lists(st.tuples(st.floats(0.0, 4.0), st.booleans(), st.booleans()), min_size=1, max_size=60),
 )
 def test_properties_grid_monotone_no_bunching(interval, events):
     s = DeviceSchedule(10.0, interval, dead_after=3, backoff_max=30.0)
     now = 10.0
     starts = []
-    for duration_slots, ok in events:
+    for duration_slots, ok, deferred in events:
         now = max(now, s.due)          # the loop starts a cycle no earlier than it is due
+        if deferred and s.dead:
+            before = s.k
+            s.defer(now + duration_slots * interval / 4)
+            assert s.k > before
+            continue
         s.catch_up(now)
         starts.append((s.k, now))
         now += duration_slots * interval
