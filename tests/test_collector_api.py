@@ -211,9 +211,9 @@ def test_batch_shape_errors(client):
         assert (r.status, r.json()["where"]) == (422, where)
 
 
-def test_too_many_records_is_422(client):
+def test_too_many_records_is_413_so_the_agent_splits(client):
     r = client.post(batch("a", [data("a", i) for i in range(501)]))
-    assert (r.status, r.json()["where"]) == (422, "$.records")
+    assert (r.status, r.json()["where"]) == (413, "$.records")
     assert client.count() == 0
 
 
@@ -501,21 +501,49 @@ def test_over_http_keep_alive_limits_and_export(server):
         assert s.get(url + "/health", timeout=10).json()["status"] == "ok"
 
 
-def test_the_agents_uploader_against_the_real_collector(server, tmp_path):
-    upload = pytest.importorskip("agent.upload")
+def _serve(app):
+    srv = make_server("127.0.0.1", 0, app)
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    return srv, "http://127.0.0.1:%d" % srv.server_address[1]
+
+
+def _spool(tmp_path, agent, n):
     spool_mod = pytest.importorskip("agent.spool")
-    url, app = server
-    sp = spool_mod.Spool(str(tmp_path / "spool"), "site7")
-    for i in range(120):
-        rec = data("site7", 0, device="m%d" % (i % 3), t=T0 + i)
+    sp = spool_mod.Spool(str(tmp_path / ("spool-" + agent)), agent)
+    for i in range(n):
+        rec = data(agent, 0, device="m%d" % (i % 3), t=T0 + i)
         rec["seq"] = None
         sp.append(rec)
-    up = upload.Uploader(url + "/api/v1/batches", "site7", batch_max_records=50, gzip=True, timeout=5.0)
-    up.drain(sp, time.monotonic() + 20)
-    sp.close()
-    recs = list(app.store.records(agent="site7"))
-    assert len(recs) == 120 and len({r[1] for r in recs}) == 120
-    assert app.store.agents()[0]["max_seq"] == max(r[1] for r in recs)
+    return sp
+
+
+def test_the_agents_uploader_against_the_real_collector(tmp_path):
+    """With tokens, a collector limit of 40 records per batch (413 -> the uploader splits), gzip."""
+    upload = pytest.importorskip("agent.upload")
+    app = make_app(None, db="sqlite:///%s" % (tmp_path / "u.db"), tokens={"site7": TOKEN_A, "site8": TOKEN_B},
+                   max_records=40)
+    srv, url = _serve(app)
+    try:
+        sp = _spool(tmp_path, "site7", 120)
+        up = upload.Uploader(url + "/api/v1/batches", "site7", token=TOKEN_A, batch_max_records=50, gzip=True,
+                             timeout=5.0)
+        up.drain(sp, time.monotonic() + 20)
+        assert sp.stats()["records"] == 0
+        sp.close()
+        recs = list(app.store.records(agent="site7"))
+        assert len(recs) == 120 and len({r[1] for r in recs}) == 120
+        assert app.store.agents()[0]["max_seq"] == max(r[1] for r in recs)
+        # an agent presenting another agent's token: refused, nothing stored, nothing quarantined
+        sp8 = _spool(tmp_path, "site8", 5)
+        up8 = upload.Uploader(url + "/api/v1/batches", "site8", token=TOKEN_A, timeout=5.0)
+        up8.drain(sp8, time.monotonic() + 5)
+        assert sp8.stats()["records"] == 5
+        assert list(app.store.records(agent="site8")) == []
+        sp8.close()
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        app.close()
 
 
 def test_cli_with_no_config_is_local_open_and_says_so(tmp_path, free_port):

@@ -261,6 +261,8 @@ class CollectorApp:
             agent, rows = validate.batch_rows(doc, received, self.cfg.max_records, self.cfg.max_depth)
         except validate.Invalid as e:
             raise HTTPError(422, e.reason, e.path) from None
+        except validate.TooMany as e:
+            raise HTTPError(413, str(e), "$.records") from None
         stored, dups, max_seq = self.store.ingest(agent, rows, received)
         log.debug("batch from %s: %d stored, %d duplicates, max_seq %s, %.1f ms",
                   agent, stored, dups, max_seq, (time.monotonic() - t0) * 1000)
@@ -275,7 +277,8 @@ class CollectorApp:
         received = self.clock()
         recs, prefix = (doc, "$") if type(doc) is list else ([doc], None)
         if len(recs) > self.cfg.max_records:
-            raise HTTPError(422, "more than %d records in one post" % self.cfg.max_records, "$")
+            raise HTTPError(413, "%d records in one post, more than max_records %d"
+                            % (len(recs), self.cfg.max_records), "$")
         try:
             rows = [validate.legacy_row(r, agent, received, "%s[%d]" % (prefix, i) if prefix else "$",
                                         self.cfg.max_depth, _hasher) for i, r in enumerate(recs)]

@@ -23,6 +23,10 @@ _DAYS = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
 _good_dates = set()
 
 
+class TooMany(ValueError):
+    """More records in one batch than max_records: a size limit (413), so the agent splits."""
+
+
 class Invalid(ValueError):
     """A record or batch failed validation; `path` is a JSON path like $.records[3].values.v."""
 
@@ -272,7 +276,7 @@ def batch_rows(doc, received, max_records, max_depth):
     if type(records) is not list:
         raise Invalid("$.records", "expected a list")
     if len(records) > max_records:
-        raise Invalid("$.records", "more than %d records in one batch" % max_records)
+        raise TooMany("%d records in one batch, more than max_records %d" % (len(records), max_records))
     rows = []
     append = rows.append
     try:
