@@ -27,7 +27,7 @@ def sim():
     s.stop()
 
 
-def make_loop(tmp_path, port, wall=time.time):
+def make_loop(tmp_path, port, wall=time.time, extra="", agent=""):
     ini = tmp_path / "agent.ini"
     ini.write_text("""[agent]
 id = unit-test
@@ -36,7 +36,7 @@ spool_dir = %(tmp)s/spool
 status_file = %(tmp)s/status.json
 health_interval = 1h
 summary_interval = 1h
-
+%(agent)s
 [connection:sim]
 type = tcp
 host = 127.0.0.1
@@ -49,7 +49,7 @@ unit = 1
 
 [points:meter]
 voltage_l1 = input 0 float32 CDAB
-""" % {"tmp": tmp_path, "port": port})
+""" % {"tmp": tmp_path, "port": port, "agent": agent} + extra)
     return Loop(load_config(str(ini)), wall=wall)
 
 
@@ -153,3 +153,29 @@ def test_a_slow_device_misses_cycles_counted_not_bunched(tmp_path, sim):
     assert h.missed_cycles >= 1
     # every slot up to the next one is accounted for: polled once, or counted as missed
     assert sched.k == h.polls_ok + h.missed_cycles + h.skipped_cycles
+
+
+def test_a_dead_device_whose_timeout_never_fits_a_gap_is_still_probed(tmp_path, sim):
+    """timeout 200 ms > interval 100 ms: a probe always makes the meter late, so it is deferred,
+    but never for longer than its back-off (dead_backoff_max 400 ms)."""
+    loop = make_loop(tmp_path, sim.tcp_port, extra="""
+[device:ghost]
+connection = sim
+unit = 9
+interval = 100ms
+
+[points:ghost]
+x = holding 0 uint16
+""", agent="dead_after = 2\ndead_backoff_max = 400ms\n")
+    try:
+        ghost = next(st for st in loop.states if st.device.name == "ghost")
+        for _ in range(400):
+            if ghost.health.polls_failed >= 6:
+                break
+            loop.step()
+        meter = loop.states[0].health
+    finally:
+        loop.shutdown()
+    assert ghost.health.polls_failed >= 6 and ghost.health.timeouts == ghost.health.polls_failed
+    assert ghost.schedule.dead and ghost.schedule.skipped > 0     # deferred and backed off
+    assert meter.polls_failed == 0 and meter.polls_ok > ghost.health.polls_failed
