@@ -30,7 +30,7 @@ from tests.conftest import ROOT
 sys.path.insert(0, str(ROOT / "tools"))
 from demo import Site, wait_for
 from faultproxy import FaultProxy
-from simulator import EnergyMeter, Plc, Simulator
+from simulator import EnergyMeter, Generic, Plc, Simulator
 
 FULL = os.environ.get("FULL") == "1"
 AGENT = "demo-site"
@@ -388,3 +388,40 @@ def test_device_faults_are_recorded_and_the_agent_recovers(e2e):
                 and r.get("status") == "error"]
     e.stop_agent()
     e.audit()
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 16 kB tmpfs (the router's spool partition, full in seconds); skips without mount rights."""
+    import subprocess
+
+    mnt = tmp_path / "spoolfs"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k,mode=0755", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root/CAP_SYS_ADMIN): %s" % r.stderr.strip())
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_spool_filesystem_full(e2e, small_fs):
+    """The spool's filesystem fills up while the collector is away: the oldest records go, a
+    gap record accounts for every one of them, nothing else is lost, and the agent keeps going."""
+    e = e2e(devices={1: EnergyMeter(seed=1), 2: Plc(seed=2), 3: Generic(seed=3, registers=60)}, changes={
+        ("agent", "spool_dir"): str(small_fs / "spool"), ("agent", "spool_segment_kb"): "4",
+        ("device:bulk", "connection"): "plc", ("device:bulk", "unit"): "3",
+        ("device:bulk", "interval"): "500ms",
+        **{("points:bulk", "r%02d" % a): "holding %d uint16" % a for a in range(60)}})
+    e.spool_dir = small_fs / "spool"
+    e.start_agent()
+    e.wait_stored(5)
+    e.proxy.set_fault("error", duration=30 if FULL else 12)
+    wait_for(lambda: e.proxy._fault is None, 60, "the outage to end", 0.2)
+    time.sleep(2)
+    e.stop_agent()
+    s = e.audit(expect_gaps=True)
+    reasons = {g["reason"] for g in e.stored() if g.get("kind") == "gap"}
+    print("gap reasons:", reasons)
+    assert any("disk full" in r or "No space" in r for r in reasons), reasons
+    assert s["missing"] > 0
