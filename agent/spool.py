@@ -141,6 +141,8 @@ class Spool:
         self._roff = 0              # reader: byte offset in _segs[0] of the first un-acked line
         self._rline = 0             # reader: lines before _roff in _segs[0]
         self._wfd = None            # fd of the active segment (_segs[-1]) or None
+        self._unsynced = []         # fds of rotated segments waiting for the interval's fsync
+        self._doomed = []           # dropped segment paths waiting for their gap record (_reap)
         self._bytes = 0
         self._next_seq = 1
         self._acked_seq = 0
@@ -520,6 +522,7 @@ class Spool:
         if retry and len(self._segs) > 1:
             # Make room: the oldest data goes (accounted for by a gap record), the newest is kept.
             self._remember_gap(self._drop_oldest(), "disk full: %s" % e.strerror)
+            self._reap()        # the space is needed now; the gap record follows with the next write
             return self._write(line, seq, ts, now, retry=False)
         log.error("spool %s: cannot write seq %d: %s; the record is lost and a gap record will say so",
                   self.directory, seq, e.strerror)
@@ -578,9 +581,14 @@ class Spool:
     def _rotate(self):
         if self._wfd is None:
             return
-        if self.fsync != "never":
-            self._sync()
-        os.close(self._wfd)
+        if self.fsync == "interval" and self._dirty:
+            # Synced (and closed) by the next interval's fsync, not now: rotating must not add
+            # fsyncs (flash wear) beyond one per interval. A few at most stay open.
+            self._unsynced.append(self._wfd)
+            if len(self._unsynced) >= 8:
+                self._sync()
+        else:       # always: every line is synced already; never: the kernel decides
+            os.close(self._wfd)
         self._wfd = None
 
     def _make_room(self, n, now):
@@ -596,7 +604,9 @@ class Spool:
             self._remember_gap(self._drop_oldest(), why)   # a lone closed segment over the bound
         if self._pending_loss:
             self._write_pending_gap()
+            self._reap()
             return True
+        self._reap()
         return False
 
     def _over(self, n):
@@ -615,6 +625,7 @@ class Spool:
             dropped = True
         if dropped and self._pending_loss:
             self._write_pending_gap()
+        self._reap()
 
     def _drop_oldest(self):
         """Delete the oldest segment; -> spans for _remember_gap: the un-acknowledged records it
@@ -666,7 +677,7 @@ class Spool:
         if self._wfd is not None and not self._segs:
             os.close(self._wfd)
             self._wfd = None
-        self._delete(seg, durable=True)
+        self._delete(seg, durable=False, defer=True)
         log.warning("spool %s: dropped segment %s: %d un-uploaded records%s",
                     self.directory, os.path.basename(seg.path), direct,
                     " seq %d..%d" % (fseq, lseq) if direct else "")
@@ -674,14 +685,33 @@ class Spool:
             return []
         return [(direct, fseq, lseq, fts, lts, None)] + carried
 
-    def _delete(self, seg, durable):
-        """Unlink a segment, after the cursor (and with it the seq floor) is on disk."""
+    def _delete(self, seg, durable, defer=False):
+        """Unlink a segment, after the cursor (and with it the seq floor) is written. A dropped
+        segment (defer) is only unlinked by _reap, once the gap record that accounts for it is
+        on disk: a power cut in between must not lose both the records and their account."""
         self._bytes -= seg.size
         self._write_cursor(durable=durable and self.fsync != "never")
+        if defer:
+            self._doomed.append(seg.path)
+            return
         try:
             os.unlink(seg.path)
         except FileNotFoundError:
             pass
+        self._dir_dirty = True
+
+    def _reap(self):
+        """Unlink dropped segments, after syncing the gap records written for them."""
+        if not self._doomed:
+            return
+        if self.fsync != "never" and self._dirty:
+            self._sync()
+        for path in self._doomed:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        self._doomed = []
         self._dir_dirty = True
 
     def _collect(self):
@@ -691,9 +721,17 @@ class Spool:
                 self._wfd is None or len(self._segs) > 1):
             seg = self._segs.pop(0)
             self._roff = self._rline = 0
-            self._delete(seg, durable=True)
+            self._delete(seg, durable=self.fsync == "always")
 
     def _sync(self):
+        err = None
+        for fd in self._unsynced:
+            try:
+                os.fdatasync(fd)
+            except OSError as e:
+                err = e
+            os.close(fd)
+        self._unsynced = []
         try:
             if self._wfd is not None and (self._dirty or self.fsync == "always"):
                 os.fdatasync(self._wfd)
@@ -701,8 +739,10 @@ class Spool:
                 os.fsync(self._dirfd)
                 self._dir_dirty = False
         except OSError as e:
+            err = e
+        if err is not None:
             self.totals["write_errors"] += 1
-            log.error("spool %s: fsync failed: %s", self.directory, e.strerror)
+            log.error("spool %s: fsync failed: %s", self.directory, err.strerror)
             return
         self._dirty = False
         self._last_sync = self._mono()
@@ -919,7 +959,7 @@ class Spool:
                 return
             seg = self._segs.pop(0)
             self._roff = self._rline = 0
-            self._delete(seg, durable=True)
+            self._delete(seg, durable=self.fsync == "always")
         if self._segs and self._segs[0].key == key and off > self._roff:
             self._roff, self._rline = off, lno
         self._collect()
@@ -1023,6 +1063,8 @@ class Spool:
         try:
             if self._pending_loss:
                 self._write_pending_gap()
+            self._sync()
+            self._reap()
             if self._wfd is not None:
                 os.fsync(self._wfd)
                 os.close(self._wfd)

@@ -16,6 +16,7 @@ import shutil
 import sys
 import tempfile
 import time
+import tracemalloc
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
@@ -126,6 +127,38 @@ def bench_flash(base, mode, cycles, online, devices=20):
     return logical, wb, fsyncs / cycles
 
 
+def bench_full(base, max_mb=16):
+    """A spool at its default bound (16 MB: a day of backlog for a small site), reopened after a
+    restart: open time (scans every segment) and the Python memory peak while opening and while
+    draining it in upload batches (memory must not grow with the backlog)."""
+    d = tempfile.mkdtemp(prefix="full-", dir=base)
+    sp = Spool(d, AGENT, max_bytes=max_mb << 20, fsync="never")
+    i = 0
+    while sp.stats()["dropped"] == 0:
+        sp.append(make_record(1795000000.0 + i, i))
+        i += 1
+    sp.close()
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    sp = Spool(d, AGENT, max_bytes=max_mb << 20, fsync="never")
+    t_open = time.perf_counter() - t0
+    _, peak_open = tracemalloc.get_traced_memory()
+    tracemalloc.reset_peak()
+    st = sp.stats()
+    t0 = time.perf_counter()
+    while True:
+        b = sp.peek(500, 256 << 10)
+        if b is None:
+            break
+        sp.ack(b)
+    t_drain = time.perf_counter() - t0
+    _, peak_drain = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    sp.close()
+    shutil.rmtree(d)
+    return st["records"], st["bytes"], st["segments"], t_open, peak_open, t_drain, peak_drain
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dir", default=None, help="where to put the spools (default: a temp dir in the cwd's filesystem)")
@@ -151,6 +184,12 @@ def main():
                 print("  %-9s %-8s %8d %14.1f %18s %14.2f" % (
                     mode, "online" if online else "offline", cycles * 20, logical,
                     "%.1f" % wb if wb is not None else "n/a", fpc))
+        n, nbytes, segs, t_open, peak_open, t_drain, peak_drain = bench_full(base)
+        print("\nfull spool (16 MB bound, %d records in %d segments, %.1f MB) after a restart:" % (
+            n, segs, nbytes / 1e6))
+        print("  open (scan) %.2f s, Python memory peak %.0f kB; read+ack all in batches of 500: %.2f s"
+              " (%.0f records/s), memory peak %.0f kB" % (t_open, peak_open / 1024, t_drain, n / t_drain,
+                                                          peak_drain / 1024))
     finally:
         if own:
             shutil.rmtree(base, ignore_errors=True)
