@@ -243,19 +243,38 @@ def test_connections_reset_mid_request(e2e):
 
 
 def test_agent_sigkill_at_random_moments(e2e):
+    """SIGKILL at random moments, a third of them at moments picked to hurt: right after a
+    batch reached the collector (stored, not yet acknowledged) and in the middle of a poll."""
     e = e2e()
     rng = random.Random(int(os.environ.get("SEED", "0")) or None)
-    kills = 20 if FULL else 5
-    for _ in range(kills):
-        e.start_agent(wait=False)           # sometimes it dies while still starting
-        time.sleep(rng.uniform(0.3, 1.5))
+    kills = 20 if FULL else 6
+    moments = {"random": 0, "after_send": 0, "mid_poll": 0}
+    for i in range(kills):
+        moment = ("random", "after_send", "mid_poll")[i % 3]
+        if moment == "random":
+            agent = e.start_agent(wait=False)       # sometimes it dies while still starting
+            time.sleep(rng.uniform(0.3, 1.5))
+        elif moment == "after_send":
+            agent = e.start_agent()
+            e.proxy.on_forward = agent.p.kill
+            wait_for(agent.p.poll, 30, "a batch to reach the collector")
+        else:
+            agent = e.start_agent()
+            served = e.sim.stats(2).get("delay", 0)
+            e.sim.set_fault(2, "delay", seconds=0.25, count=1)
+            wait_for(lambda s=served: e.sim.stats(2).get("delay", 0) > s, 30, "a poll to start")
+            time.sleep(rng.uniform(0.0, 0.2))
         e.kill_agent()
+        e.proxy.on_forward = None
+        moments[moment] += 1
     e.start_agent()
     e.wait_stored(10)
     e.stop_agent()
     s = e.audit()
+    print("kills:", moments)
     assert s["missing"] == 0
     assert s["generated"] > kills
+    assert s["resent"] > 0      # the after-send kills: the batch went again after the restart
 
 
 def test_spool_bound_hit_gap_accounts_for_every_drop(e2e):
