@@ -444,3 +444,28 @@ def test_spool_filesystem_full(e2e, small_fs):
     print("gap reasons:", reasons)
     assert any("disk full" in r or "No space" in r for r in reasons), reasons
     assert s["missing"] > 0
+
+
+def test_unit_that_disappears_and_comes_back(e2e):
+    """The meter vanishes from the bus: after dead_after failures it is only probed, with back-off
+    capped at dead_backoff_max; when it is back, readings resume and the PLC never noticed."""
+    e = e2e(changes={("agent", "dead_after"): "2", ("agent", "dead_backoff_max"): "2s",
+                     ("connection:bus1", "timeout"): "300ms"})
+    e.start_agent()
+    e.wait_stored(4)
+    e.sim.set_fault(1, "gone", duration=5)
+    gone_at = time.time()
+    time.sleep(5)
+    back = wait_for(lambda: [r for r in e.stored() if r.get("device") == "meter1" and r.get("status") == "ok"
+                             and _epoch(r["ts"]) > gone_at + 5], 30, "the meter's readings to resume", 0.2)
+    e.stop_agent()
+    recs = e.stored()
+    errors = [r for r in recs if r.get("device") == "meter1" and r.get("status") == "error"]
+    plc_gone = [r for r in recs if r.get("device") == "plc1" and r.get("kind", "data") == "data"
+                and gone_at <= _epoch(r["ts"]) <= gone_at + 5]
+    print("meter gone 5 s: %d error records, %d probes, back after %.1f s; plc readings meanwhile: %d"
+          % (len(errors), e.sim.stats(1).get("gone", 0), _epoch(back[0]["ts"]) - gone_at, len(plc_gone)))
+    assert errors and all(r["error"]["kind"] == "timeout" for r in errors)
+    assert e.sim.stats(1)["gone"] < 10          # 5 s at 500 ms would be 10 polls: probed less often
+    assert all(r["status"] == "ok" for r in plc_gone) and len(plc_gone) >= 8
+    e.audit()
