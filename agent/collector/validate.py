@@ -209,32 +209,34 @@ def record_row(rec, raw, agent, received, path, max_depth):
     whole record as sent (raw), re-encoded only when the source text is not at hand."""
     if type(rec) is not dict:
         raise Invalid(path, "expected an object")
-    # One flat object inside ({"values": {...}}) and short: no nesting or long-string walk needed.
-    flat = raw is not None and len(raw) <= MAX_TEXT and raw.count("{") <= 2 and "[" not in raw
-    if rec.get("agent") != agent:
+    get = rec.get
+    if get("agent") != agent:
         raise Invalid(path + ".agent", "must equal the batch's agent %r" % agent)
-    seq = rec.get("seq")
+    seq = get("seq")
     if type(seq) is not int or not 0 <= seq <= MAX_SEQ:
         raise Invalid(path + ".seq", "expected an integer 0..2^63-1")
-    ts = rec.get("ts")
+    ts = get("ts")
     if type(ts) is not str or len(ts) != 24 or ts[:10] not in _good_dates or _TS.fullmatch(ts) is None:
         ts = normalize_ts(ts)
         if ts is None:
             raise Invalid(path + ".ts", "expected a UTC time like 2026-11-21T10:30:45.123Z")
-    clock = rec.get("clock")
+    clock = get("clock")
     if clock is not None and clock != "unsynced":
         raise Invalid(path + ".clock", 'expected "unsynced" or absent')
-    kind = rec.get("kind")
+    kind = get("kind")
     if kind is None:
-        device = rec.get("device")
+        device = get("device")
         if type(device) is not str or not 0 < len(device) <= MAX_NAME:
             device = _name(rec, "device", path)
-        unit = rec.get("unit")
+        unit = get("unit")
         if unit is not None and (type(unit) is not int or not 0 <= unit <= 255):
             _int(rec, "unit", path, 0, 255)
-        status = rec.get("status")
+        status = get("status")
         if status == "ok":
-            if not flat or type(rec.get("values")) is not dict:
+            # One flat object inside ({"values": {...}}) and short: no nesting and no long
+            # string possible, so the per-value walk is skipped.
+            if (type(get("values")) is not dict or raw is None or len(raw) > MAX_TEXT
+                    or raw.count("{") > 2 or "[" in raw):
                 _object(rec, "values", path, max_depth)
         elif status == "error":
             if type(_object(rec, "error", path, max_depth).get("kind")) is not str:

@@ -99,17 +99,40 @@ def _client(port, chunks, q):
     q.put((time.perf_counter() - t0, errors))
 
 
-def http_rate(port, lines_per_client, size):
-    """records/s posting every client's lines in batches of `size`, all clients at once."""
+def tree_cpu(pid):
+    """CPU seconds (user + system) used so far by a process and all its descendants (Linux)."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    stack = [pid]
+    while stack:
+        p = stack.pop()
+        try:
+            with open("/proc/%d/stat" % p) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            for t in os.listdir("/proc/%d/task" % p):
+                with open("/proc/%d/task/%s/children" % (p, t)) as f:
+                    stack.extend(int(c) for c in f.read().split())
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def http_rate(port, lines_per_client, size, server_pid):
+    """(records/s, records per server CPU-second) posting every client's lines in batches of
+    `size`, all clients at once. The second figure does not depend on what else the machine runs."""
     chunks = [bodies("bench%d" % k, lines, size) for k, lines in enumerate(lines_per_client)]
     q = multiprocessing.get_context("fork").Queue()
     p = multiprocessing.get_context("fork").Process(target=_client, args=(port, chunks, q))
+    cpu0 = tree_cpu(server_pid)
     p.start()
     elapsed, errors = q.get()
+    cpu = tree_cpu(server_pid) - cpu0
     p.join()
     if errors:
         raise RuntimeError("server answered %s" % (errors[:3],))
-    return sum(len(x) for x in lines_per_client) / elapsed
+    n = sum(len(x) for x in lines_per_client)
+    return n / elapsed, n / max(cpu, 1e-9)
 
 
 def direct_rate(path, lines_per_client, size):
@@ -134,13 +157,15 @@ def direct_rate(path, lines_per_client, size):
         batches.extend(rows[i:i + size] for i in range(0, len(rows), size))
     n = sum(len(b) for b in batches)
     t0 = time.perf_counter()
+    c0 = time.process_time()
     for b in batches:
         conn.execute("BEGIN IMMEDIATE")
         conn.executemany(sql, b)
         conn.execute("COMMIT")
     elapsed = time.perf_counter() - t0
+    cpu = time.process_time() - c0
     conn.close()
-    return n / elapsed
+    return n / elapsed, n / max(cpu, 1e-9)
 
 
 def start(kind, port, db, log, workers=1):
@@ -219,12 +244,16 @@ def main():
                     with open(os.path.join(d, "server.log"), "w") as log:
                         proc = start(kind, port, db, log, args.workers)
                         try:
-                            row[kind] = max(row.get(kind, 0.0), http_rate(port, lines, size))
+                            rate, per_cpu = http_rate(port, lines, size, proc.pid)
+                            row[kind] = max(row.get(kind, 0.0), rate)
+                            row[kind + "_cpu"] = max(row.get(kind + "_cpu", 0.0), per_cpu)
                         finally:
                             stop(proc)
                     shutil.rmtree(d, ignore_errors=True)
                 d = tempfile.mkdtemp(dir=tmp)
-                row["direct"] = max(row.get("direct", 0.0), direct_rate(os.path.join(d, "direct.db"), lines, size))
+                rate, per_cpu = direct_rate(os.path.join(d, "direct.db"), lines, size)
+                row["direct"] = max(row.get("direct", 0.0), rate)
+                row["direct_cpu"] = max(row.get("direct_cpu", 0.0), per_cpu)
                 shutil.rmtree(d, ignore_errors=True)
             results.append(row)
             print_row(row, header=len(results) == 1)
@@ -243,11 +272,16 @@ def main():
 
 def print_row(r, header=False):
     if header:
-        print("%6s %8s %12s %12s %12s %9s %9s" % ("batch", "records", "collector/s", "fastapi/s",
-                                                 "direct/s", "x fastapi", "x direct"))
+        print("records/s over loopback (wall clock), and in brackets records per CPU-second of the server")
+        print("%6s %8s %20s %20s %20s %9s %9s" % ("batch", "records", "collector", "fastapi+uvicorn",
+                                                 "direct sqlite", "x fastapi", "x direct"))
     fa = r.get("fastapi")
-    print("%6d %8d %12.0f %12s %12.0f %9s %9.2f" % (
-        r["size"], r["records"], r["collector"], "%.0f" % fa if fa else "-", r["direct"],
+
+    def cell(k):
+        return "%9.0f (%8.0f)" % (r[k], r[k + "_cpu"]) if r.get(k) else "%20s" % "-"
+
+    print("%6d %8d %20s %20s %20s %9s %9.2f" % (
+        r["size"], r["records"], cell("collector"), cell("fastapi"), cell("direct"),
         "%.2f" % (r["collector"] / fa) if fa else "-", r["collector"] / r["direct"]), flush=True)
 
 
