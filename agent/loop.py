@@ -90,7 +90,8 @@ class DeviceState:
     """Everything the loop keeps about one device between cycles."""
 
     __slots__ = ("device", "schedule", "health", "deadbands", "last_sent", "last_sent_at",
-                 "next_health", "summary_ok", "summary_failed", "was_failing", "missed_logged_at")
+                 "next_health", "summary_ok", "summary_failed", "was_failing", "missed_logged_at",
+                 "last_error_kind")
 
     def __init__(self, device, start, agent_cfg, health=None):
         self.device = device
@@ -106,6 +107,7 @@ class DeviceState:
         self.summary_failed = 0
         self.was_failing = False
         self.missed_logged_at = None
+        self.last_error_kind = None   # "connection", "timeout", ... of the last failure
 
 
 def open_spool(cfg):
@@ -366,6 +368,7 @@ class Loop:
         if st.was_failing:
             log.info("answering again", extra=_where(dev))
             st.was_failing = False
+            self._revive_siblings(st)
         if getattr(dev, "mode", "on_schedule") == "on_change":
             now = self.mono()
             heartbeat = getattr(dev, "heartbeat", None) or 0.0
@@ -376,9 +379,21 @@ class Loop:
             st.last_sent_at = now
         self.append(data_record(self.cfg.agent.id, t, dev.name, dev.unit, values))
 
+    def _revive_siblings(self, st):
+        """The connection works again: dead devices on it that failed because the link was down
+        (a gateway reboot, a cable) are probed on their next slot, not after their back-off."""
+        now = self.mono()
+        name = st.device.connection.name
+        for other in self.states:
+            if (other is not st and other.schedule.dead and other.last_error_kind == "connection"
+                    and other.device.connection.name == name):
+                other.schedule.probe_soon(now)
+                other.health.skipped_cycles = other.schedule.skipped
+
     def _failed(self, st, t, err, duration):
         dev = st.device
         h = st.health
+        st.last_error_kind = getattr(err, "kind", None)
         first = h.consecutive_failures == 0
         h.failed(err, t, duration)
         st.summary_failed += 1

@@ -76,6 +76,15 @@ class DeviceSchedule:
         self.k = nxt
         return self.due
 
+    def probe_soon(self, now):
+        """A dead device's link is known to work again (another device on the same connection
+        answered): probe it on the next slot instead of waiting out its back-off."""
+        nxt = self.slot_at(now) + 1
+        if nxt < self.k:
+            self.skipped -= self.k - nxt   # counted in advance by done(), not skipped after all
+            self.k = nxt
+        return self.due
+
     def deferred_for(self, now):
         """Seconds since the deferred probe was first due (0 when nothing is deferred)."""
         return 0.0 if self.deferred_since is None else now - self.deferred_since

@@ -2,6 +2,7 @@
 Real peers still: the simulator on 127.0.0.1 and a real spool directory."""
 import json
 import re
+import socket
 import sys
 import time
 from pathlib import Path
@@ -179,3 +180,51 @@ x = holding 0 uint16
     assert ghost.health.polls_failed >= 6 and ghost.health.timeouts == ghost.health.polls_failed
     assert ghost.schedule.dead and ghost.schedule.skipped > 0     # deferred and backed off
     assert meter.polls_failed == 0 and meter.polls_ok > ghost.health.polls_failed
+
+
+def test_when_a_connection_comes_back_its_dead_devices_are_probed_at_once(tmp_path, sim):
+    """The whole link goes down (a gateway reboot): every device on it dies and backs off up to
+    60 s. The first one to answer again brings its siblings back on the next slot."""
+    loop = make_loop(tmp_path, sim.tcp_port, agent="dead_after = 2\ndead_backoff_max = 60s\n", extra="""
+[device:plc]
+connection = sim
+unit = 2
+
+[points:plc]
+setpoint = holding 1 int16
+""")
+    try:
+        meter, plc = loop.states
+        sim.set_down(2.0)
+        for _ in range(2000):
+            if meter.schedule.backoff >= 0.4 and plc.schedule.backoff >= 0.4:
+                break
+            loop.step()
+        assert meter.schedule.dead and plc.schedule.dead
+        assert meter.last_error_kind == plc.last_error_kind == "connection"
+        for _ in range(100):                          # until the simulator listens again
+            try:
+                socket.create_connection(("127.0.0.1", sim.tcp_port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        first = None
+        for _ in range(2000):
+            loop.step()
+            if meter.health.polls_ok or plc.health.polls_ok:
+                first, other = (meter, plc) if meter.health.polls_ok else (plc, meter)
+                break
+        assert first is not None
+        # the sibling is due on the next slot, not after the rest of its back-off
+        assert other.schedule.due <= loop.mono() + other.schedule.interval + 1e-6
+        for _ in range(50):
+            if other.health.polls_ok:
+                break
+            loop.step()
+        assert other.health.polls_ok == 1 and not other.schedule.dead
+        # every slot is accounted for: polled, missed, or skipped (backing off / deferred)
+        for st in (meter, plc):
+            h = st.health
+            assert st.schedule.k == h.polls_ok + h.polls_failed + st.schedule.missed + st.schedule.skipped
+    finally:
+        loop.shutdown()

@@ -79,6 +79,16 @@ def test_defer_moves_a_probe_to_the_next_slot_and_remembers_since_when():
     assert s.deferred_for(5.0) == 0.0
 
 
+def test_probe_soon_pulls_a_dead_device_back_to_the_next_slot():
+    s = DeviceSchedule(0.0, 1.0, dead_after=1, backoff_max=64.0)
+    for _ in range(5):
+        s.done(s.due + 0.1, ok=False)          # backing off: 1, 2, 4, 8, 16 slots
+    assert s.due == 31.0 and s.skipped == 1 + 3 + 7 + 15
+    assert s.probe_soon(15.5) == 16.0          # its link is back: next slot, not slot 31
+    assert s.k == 5 + s.skipped                # 5 polls + skipped: the accounting still adds up
+    assert s.probe_soon(15.7) == 16.0          # idempotent; never pushes a probe later
+
+
 @settings(deadline=None, max_examples=150)
 @given(
     interval=st.sampled_from([0.1, 0.25, 1.0, 5.0]),
