@@ -20,7 +20,7 @@ import math
 
 
 class DeviceSchedule:
-    __slots__ = ("start", "interval", "dead_after", "backoff_max", "k", "missed", "skipped",
+    __slots__ = ("start", "interval", "dead_after", "backoff_max", "_k", "due", "missed", "skipped",
                  "failures", "backoff", "deferred_since")
 
     def __init__(self, start, interval, dead_after=3, backoff_max=300.0):
@@ -30,7 +30,7 @@ class DeviceSchedule:
         self.interval = float(interval)
         self.dead_after = max(1, int(dead_after))
         self.backoff_max = max(float(backoff_max), self.interval)
-        self.k = 0            # index of the next cycle to run
+        self.k = 0            # index of the next cycle to run (sets `due`)
         self.missed = 0       # slots that passed while we were busy elsewhere
         self.skipped = 0      # slots passed over on purpose while the device is dead
         self.failures = 0     # consecutive failed cycles
@@ -38,9 +38,16 @@ class DeviceSchedule:
         self.deferred_since = None  # due time of a probe that has been deferred, else None
 
     @property
-    def due(self):
-        """Monotonic time the next cycle should start."""
-        return self.start + self.k * self.interval
+    def k(self):
+        """Index of the next cycle to run."""
+        return self._k
+
+    @k.setter
+    def k(self, k):
+        self._k = k
+        # `due`, the monotonic time cycle k starts, is a plain attribute: the loop reads it for
+        # every device at every step, and a property call costs more than the arithmetic
+        self.due = self.start + k * self.interval
 
     @property
     def dead(self):

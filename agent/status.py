@@ -25,9 +25,10 @@ def write_status(path, data):
     is rewritten every few seconds and usually lives on tmpfs; flash is spared."""
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, ".%s.%d.tmp" % (os.path.basename(path), os.getpid()))
+    # dumps, not dump: json.dump streams through the pure-Python encoder, dumps uses the C one
+    text = json.dumps(data, separators=(",", ":"), sort_keys=True, default=str)
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, separators=(",", ":"), sort_keys=True, default=str)
-        f.write("\n")
+        f.write(text + "\n")
     os.replace(tmp, path)
 
 
