@@ -15,7 +15,9 @@ Answers:
   413                  too large: split the batch in halves (down to one record; a single record
                        still too large is quarantined) and send smaller batches from then on
   400, 422, other 4xx  the records are rejected: bisect to find the bad ones, quarantine only those
-                       with the reason, go on (one bad record never blocks the queue)
+                       with the reason, go on (one bad record never blocks the queue); unless the
+                       answer's "where" names the request, not a record ("$.agent", a header):
+                       then every batch would be rejected, so back off instead
   401 403 404 405 407 408 411 415 421 425 426 429, 5xx, network errors
                        not the records' fault (token, URL, overload, outage): exponential back-off
                        with jitter up to backoff_max, nothing quarantined (Retry-After honoured)
@@ -125,7 +127,7 @@ class Uploader:
             if left < MIN_REQUEST_TIME:
                 return False
             code, reason, answer = self._post(b, min(self.timeout, left))
-            if code is None or code >= 500 or code in RETRY_4XX:
+            if code is None or code >= 500 or code in RETRY_4XX or _envelope_error(code, answer):
                 self._fail(code, reason, answer)
                 raise _Retry()
             if 200 <= code < 300:
@@ -232,6 +234,16 @@ class Uploader:
         st["backoff_until"] = utc_timestamp(time.time() + delay)
         log.warning("upload: %s %s; retry in %.1fs (failure %d)", self.url, st["last_error"], delay,
                     self._failures)
+
+
+def _envelope_error(code, answer):
+    """A 4xx whose `where` names the request rather than a record ("$.agent", "$", a header):
+    every batch would get it, so quarantining would move the whole backlog aside. The collector
+    names record problems "$.records[i]..." and unparseable bodies "body..." (bisected)."""
+    if not (400 <= code < 500) or code == 413 or not isinstance(answer, dict):
+        return False
+    where = answer.get("where")
+    return isinstance(where, str) and bool(where) and not where.startswith(("$.records", "records", "body"))
 
 
 def _short(e):

@@ -84,6 +84,8 @@ class Collector:
                 body = self.rfile.read(n)
                 if cue == "500":
                     return self.answer(500, {"error": "database is locked", "where": "store"})
+                if cue == "bad_agent":
+                    return self.answer(400, {"error": "agent id not allowed", "where": "$.agent"})
                 if cue == "portal":     # a captive portal: 200 and a web page, nothing stored
                     out = b"<html><body>Please accept the terms of use</body></html>"
                     self.send_response(200)
@@ -112,7 +114,7 @@ class Collector:
                 if coll.reject:
                     for i, r in enumerate(recs):
                         if coll.reject(r):
-                            return self.answer(400, {"error": "value out of range", "where": "records[%d]" % i})
+                            return self.answer(400, {"error": "value out of range", "where": "$.records[%d].values" % i})
                 with coll.lock:
                     stored = dups = 0
                     for r in recs:
@@ -279,8 +281,21 @@ def test_400_quarantines_only_the_bad_records_and_goes_on(tmp_path, collector):
     assert sorted(coll.stored) == [s for s in range(1, 101) if s - 1 not in bad]
     q = [json.loads(x) for x in (tmp_path / "spool" / QUARANTINE).read_bytes().splitlines()]
     assert sorted(x["record"]["values"]["i"] for x in q) == sorted(bad)
-    assert all(x["reason"] == "HTTP 400: value out of range (where: records[0])" for x in q)
+    assert all(x["reason"] == "HTTP 400: value out of range (where: $.records[0].values)" for x in q)
     assert sp.stats()["records"] == 0 and sp.stats()["quarantined"] == 3
+    sp.close()
+
+
+def test_request_level_rejection_backs_off_instead_of_quarantining(tmp_path, collector):
+    coll = collector()
+    coll.cues = ["bad_agent", "bad_agent"]
+    sp = fill(tmp_path, 50)
+    up = Uploader(coll.url, AGENT, **FAST)
+    assert up.drain(sp, time.monotonic() + 10)["status"] == "backoff"
+    assert "agent id not allowed (where: $.agent)" in up.state()["last_error"]
+    pump(up, sp)
+    assert_exactly_once(coll, 50)
+    assert sp.stats()["quarantined"] == 0
     sp.close()
 
 
