@@ -641,8 +641,8 @@ class Spool:
             with open(seg.path, "rb") as f:
                 f.seek(start)
                 data = f.read(seg.size - start)
-        except FileNotFoundError:
-            self._vanished(seg)
+        except OSError as e:
+            self._lost_segment(seg, e)
             return []
         pos = 0
         while pos < len(data):
@@ -798,21 +798,35 @@ class Spool:
             except OSError:
                 gone = True
             if gone:    # deleted from outside: appending to an unlinked file would lose everything
-                self._vanished(self._segs[-1])
+                self._lost_segment(self._segs[-1], "unlinked")
         if self._pending_loss:
             self._write_pending_gap()
         self._age_bound(now)
 
-    def _vanished(self, seg):
-        """A segment file was deleted from outside the agent: account for its unread records with a
-        gap record (their count is known; the range is from the first unread seq to the last)."""
+    def _lost_segment(self, seg, err):
+        """A segment file was deleted from outside the agent (err FileNotFoundError or nlink 0),
+        cannot be read (err: an OSError, e.g. EIO from worn flash) or was truncated from outside
+        (err None): account for its unread records with a gap record (their count is known; the
+        range is from the first unread seq to the last), keep a readable rest aside for a human
+        (<segment>.unreadable), go on with the next segment: never stop reading."""
         head = seg is self._segs[0]
         lost = seg.count - (self._rline if head else 0)
         first = seg.first_seq
         if head and self._acked_seq + 1 > (first or 0):
             first = self._acked_seq + 1
-        log.error("spool %s: segment %s vanished (deleted from outside the agent): %d records lost",
-                  self.directory, os.path.basename(seg.path), lost)
+        if isinstance(err, FileNotFoundError) or err == "unlinked":
+            why = "segment file deleted from outside the agent"
+        elif err is None:
+            why = "segment file truncated from outside the agent"
+        else:
+            why = "segment file unreadable: %s" % (err.strerror or err)
+        if why != "segment file deleted from outside the agent":
+            try:
+                os.replace(seg.path, seg.path + ".unreadable")
+            except OSError:
+                pass
+        log.error("spool %s: segment %s: %s: %d records lost", self.directory, os.path.basename(seg.path),
+                  why, lost)
         if seg is self._segs[-1] and self._wfd is not None:
             os.close(self._wfd)
             self._wfd = None
@@ -822,8 +836,7 @@ class Spool:
             self._roff = self._rline = 0
         self.totals["dropped"] += max(lost, 0)
         if lost > 0 and first is not None and seg.last_seq is not None:
-            self._remember_gap([(lost, first, seg.last_seq, seg.first_ts, seg.last_ts, None)],
-                               "segment file deleted from outside the agent")
+            self._remember_gap([(lost, first, seg.last_seq, seg.first_ts, seg.last_ts, None)], why)
 
     # ------------------------------------------------------------------ reading
 
@@ -886,15 +899,20 @@ class Spool:
                 continue
             try:
                 fd = os.open(seg.path, os.O_RDONLY)
-            except FileNotFoundError:
-                self._vanished(seg)
+            except OSError as e:
+                self._lost_segment(seg, e)
                 return None     # the segment list changed: read again
             try:
                 want = max(max_bytes, 64 << 10)
                 while off < seg.size:
-                    data = os.pread(fd, min(want, seg.size - off), off)
+                    try:
+                        data = os.pread(fd, min(want, seg.size - off), off)
+                    except OSError as e:
+                        self._lost_segment(seg, e)
+                        return None
                     if not data:
-                        break
+                        self._lost_segment(seg, None)
+                        return None
                     pos = 0
                     end = len(data)
                     while pos < end:

@@ -380,6 +380,8 @@ def test_segment_deleted_from_outside_is_accounted_for(tmp_path):
     names = segments(tmp_path)
     os.unlink(tmp_path / names[0])                   # the head, partly acknowledged
     os.unlink(tmp_path / names[-1])                  # the active one: appends would go nowhere
+    middle = tmp_path / names[len(names) // 2]
+    os.truncate(middle, os.path.getsize(middle) // 2)  # cut short: kept aside, accounted for
     sp.tick()
     for i in range(100, 110):
         sp.append(rec(i))
@@ -387,7 +389,9 @@ def test_segment_deleted_from_outside_is_accounted_for(tmp_path):
     lost = set(range(6, sp.next_seq)) - {r["seq"] for r in delivered}
     gaps = [r for r in delivered if r.get("kind") == "gap"]
     assert sum(g["dropped"] for g in gaps) == len(lost) > 0
-    assert all("deleted from outside" in g["reason"] for g in gaps)
+    assert {g["reason"] for g in gaps} == {"segment file deleted from outside the agent",
+                                           "segment file truncated from outside the agent"}
+    assert os.path.exists(str(middle) + ".unreadable")
     assert [r["values"]["i"] for r in delivered if r.get("kind") != "gap"][-10:] == list(range(100, 110))
     sp.close()
 
