@@ -1,5 +1,6 @@
 """The status page: server-rendered HTML, inline SVG sparklines, a meta refresh. No JavaScript."""
 import json
+import math
 from html import escape
 
 SPARK_W, SPARK_H = 160, 28
@@ -42,7 +43,7 @@ def series_points(rows, name):
             v = (rec.get("values") or {}).get(name)
         except (ValueError, AttributeError):
             continue
-        if type(v) in (int, float):
+        if type(v) in (int, float) and math.isfinite(v):
             pts.append((_ts_seconds(ts), float(v)))
     # a month boundary inside the hour would fold x; keep order by position instead
     if any(b[0] < a[0] for a, b in zip(pts, pts[1:])):

@@ -6,10 +6,12 @@ a long query, fetched in chunks, connection released when the generator is close
 (the parameter placeholder). Everything else, the SQL included, lives here once.
 """
 import json
+import math
 
 from agent.collector.schema import VERSION, statements
 
-_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, check_circular=False).encode
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False,
+                           check_circular=False).encode
 
 ROW_COLUMNS = ("agent", "seq", "ts", "kind", "device", "unit", "status", "payload", "clock", "received")
 DEVICE_COLUMNS = ("agent", "device", "unit", "last_ts", "last_status", "values_ts", "last_values",
@@ -40,10 +42,26 @@ def _newer(col, ts_col):
             "THEN excluded.%s ELSE devices.%s END" % (col, ts_col, ts_col, ts_col, ts_col, col, col))
 
 
+def _finite(v):
+    """v with non-finite floats (1e400 parses as inf) replaced by None: JSON has no infinity."""
+    if type(v) is float:
+        return v if math.isfinite(v) else None
+    if type(v) is dict:
+        return {k: _finite(x) for k, x in v.items()}
+    if type(v) is list:
+        return [_finite(x) for x in v]
+    return v
+
+
 def _field(payload, key):
     """One field of a stored record (payload = the record's JSON text) as compact JSON text."""
     v = json.loads(payload).get(key) if type(payload) is str else payload.get(key)
-    return None if v is None else _encode(v)
+    if v is None:
+        return None
+    try:
+        return _encode(v)
+    except ValueError:
+        return _encode(_finite(v))
 
 
 def aggregate(rows):
