@@ -530,24 +530,31 @@ class Spool:
         return False
 
     def _remember_gap(self, spans, reason):
-        """Queue losses for gap records. A span is (count, first_seq, last_seq, first_ts, last_ts,
-        reason or None). Spans stay separate unless adjacent, so the seq ranges of gap records never
-        overlap and each one's count is exactly the number of its range's records that are gone."""
+        """Queue losses for the next gap record. A span is (count, first_seq, last_seq, first_ts,
+        last_ts, reason or None); spans never share a lost seq, and all pending ones fold into one
+        record: `dropped` is exactly how many records are gone, all of them within
+        first_seq..last_seq (the range may also hold records that were delivered, such as other
+        gap records). Folding (rather than one record per disjoint range) keeps a spool that
+        overflows for days from filling up with gap records re-issuing each other's accounts."""
+        acc = self._pending_loss[0] if self._pending_loss else None
         for span in spans:
             count, fseq, lseq, fts, lts, why = span
             if not count:
                 continue
             why = why or reason
-            p = self._pending_loss[-1] if self._pending_loss else None
-            if p is not None and p[5] == why and p[2] + 1 == fseq:
-                p[0] += count
-                p[2] = lseq
-                if fts is not None and (p[3] is None or fts < p[3]):
-                    p[3] = fts
-                if lts is not None and (p[4] is None or lts > p[4]):
-                    p[4] = lts
-            else:
-                self._pending_loss.append([count, fseq, lseq, fts, lts, why])
+            if acc is None:
+                acc = [count, fseq, lseq, fts, lts, why]
+                self._pending_loss = [acc]
+                continue
+            acc[0] += count
+            acc[1] = min(acc[1], fseq)
+            acc[2] = max(acc[2], lseq)
+            if fts is not None and (acc[3] is None or fts < acc[3]):
+                acc[3] = fts
+            if lts is not None and (acc[4] is None or lts > acc[4]):
+                acc[4] = lts
+            if why not in acc[5].split("; "):
+                acc[5] = (acc[5] + "; " + why)[:300]
 
     def _write_pending_gap(self):
         pending, self._pending_loss = self._pending_loss, []
@@ -581,15 +588,15 @@ class Spool:
     def _rotate(self):
         if self._wfd is None:
             return
+        fd, self._wfd = self._wfd, None
         if self.fsync == "interval" and self._dirty:
             # Synced (and closed) by the next interval's fsync, not now: rotating must not add
             # fsyncs (flash wear) beyond one per interval. A few at most stay open.
-            self._unsynced.append(self._wfd)
+            self._unsynced.append(fd)
             if len(self._unsynced) >= 8:
                 self._sync()
         else:       # always: every line is synced already; never: the kernel decides
-            os.close(self._wfd)
-        self._wfd = None
+            os.close(fd)
 
     def _make_room(self, n, now):
         """Rotate the active segment and enforce max_bytes before writing n bytes.
