@@ -232,7 +232,7 @@ def test_connections_reset_mid_request(e2e):
     e.wait_stored(5)
     for kind, count in (("reset_before", 2), ("reset_mid", 2), ("reset_after", 3), ("error", 2)):
         e.proxy.set_fault(kind, count=count)
-        wait_for(lambda: e.proxy._fault is None, 30, "the %s faults to be used" % kind, 0.1)
+        wait_for(lambda: not e.proxy.fault_active(), 30, "the %s faults to be used" % kind, 0.1)
     before = len(e.stored())
     e.wait_stored(before + 5)
     e.stop_agent()
@@ -282,7 +282,7 @@ def test_spool_bound_hit_gap_accounts_for_every_drop(e2e):
     e.start_agent()
     e.wait_stored(5)
     e.proxy.set_fault("error", duration=30 if FULL else 10)    # the collector answers 503
-    wait_for(lambda: e.proxy._fault is None, 60, "the outage to end", 0.2)
+    wait_for(lambda: not e.proxy.fault_active(), 60, "the outage to end", 0.2)
     time.sleep(2)
     e.stop_agent()
     s = e.audit(expect_gaps=True)
@@ -436,7 +436,7 @@ def test_spool_filesystem_full(e2e, small_fs):
     e.start_agent()
     e.wait_stored(5)
     e.proxy.set_fault("error", duration=30 if FULL else 12)
-    wait_for(lambda: e.proxy._fault is None, 60, "the outage to end", 0.2)
+    wait_for(lambda: not e.proxy.fault_active(), 60, "the outage to end", 0.2)
     time.sleep(2)
     e.stop_agent()
     s = e.audit(expect_gaps=True)

@@ -23,4 +23,5 @@ def test_soak_rss_does_not_grow_while_the_collector_flaps(tmp_path):
         res = soak.run(duration=45, warmup=15, up=8, down=4, run_dir=tmp_path)
     assert res["collector_flaps"] >= 2
     assert res["polls_ok"] >= 20 * (res["duration_s"] - 10)   # every device kept polling
+    assert res["agent_exit"] == 0 and res["lost"] == 0 and res["stored_twice"] == 0, res
     assert res["rss_max_growth_kb"] <= 1024, res

@@ -90,6 +90,14 @@ class FaultProxy:
         with self._lock:
             self._fault = None
 
+    def fault_active(self):
+        """True while a fault set with set_fault has requests or time left."""
+        with self._lock:
+            f = self._fault
+            if f is not None and f[2] is not None and time.monotonic() >= f[2]:
+                self._fault = f = None
+            return f is not None
+
     def _take_fault(self):
         with self._lock:
             f = self._fault
@@ -114,7 +122,8 @@ class FaultProxy:
             return sorted(k for k, v in self.seen.items() if len(v) > 1)
 
     def resent(self):
-        """How many record sends were repeats (the agent retrying an un-acknowledged batch)."""
+        """How many record sends were repeats: the agent retrying a batch it had no answer for
+        (counted when the request reached the proxy, whether or not the collector got it)."""
         with self._lock:
             return sum(n - 1 for n in self.sends.values())
 

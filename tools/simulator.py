@@ -18,6 +18,9 @@ Devices, one per unit id, the same unit ids on every transport:
   generic  N holding registers that change every second (reg i = (second + i) mod 65536);
            for load tests
 
+A unit id with no device behind it never answers (RTU and TCP alike, like a gateway without
+gateway exceptions).
+
 Faults (per unit; see Simulator.set_fault): delay, silence, exception, crc, truncate,
 garbage, drop, reset, gone. Server-wide: down (the TCP listeners close, connections are
 refused, then they come back on the same ports).

@@ -67,6 +67,27 @@ def agent_ini(run, tcp_port, collector_port, devices, points, interval):
     return path
 
 
+def audit(site, agent):
+    """Stop the agent; every seq it generated must be at the collector or still in its spool."""
+    rc = site.procs.pop("agent").stop(timeout=30)
+    spool = site.run / "spool"
+    cursor = json.loads((spool / "cursor.json").read_text())
+    in_spool = set()
+    for seg in spool.glob("seg-*.jsonl"):
+        for line in seg.read_bytes().splitlines():
+            try:
+                in_spool.add(json.loads(line)["seq"])
+            except (ValueError, KeyError, TypeError):
+                pass
+    if "collector" not in site.procs:
+        site.start_collector(port=site.collector_port)
+    stored = [r["seq"] for r in site.records(agent="soak")]
+    generated = set(range(1, cursor["next_seq"]))
+    lost = generated - set(stored) - in_spool
+    return {"agent_exit": rc, "generated": len(generated), "stored": len(stored),
+            "stored_twice": len(stored) - len(set(stored)), "lost": len(lost)}
+
+
 def run(duration=1800.0, warmup=120.0, up=60.0, down=20.0, devices=20, points=50, interval=1.0,
         run_dir=None, log=print):
     """Returns a dict of figures; see the module docstring."""
@@ -120,6 +141,7 @@ def run(duration=1800.0, warmup=120.0, up=60.0, down=20.0, devices=20, points=50
             "cpu_percent": round(100.0 * (last[2] - first[2]) / max(1e-9, last[0] - first[0]), 1),
             "polls_ok": polls_ok, "spool_backlog": (st.get("spool") or {}).get("records"),
         }
+        res.update(audit(site, agent))
         log("soak: " + json.dumps(res))
         return res
     finally:
