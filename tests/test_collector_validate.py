@@ -7,7 +7,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.collector.validate import Invalid, legacy_row, normalize_ts, parse_batch
+from agent.collector.validate import (
+    Invalid,
+    TooMany,
+    batch_rows,
+    fast_head,
+    fast_rows,
+    legacy_row,
+    normalize_ts,
+    parse_batch,
+)
+from agent.record import encode
 
 scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text()
 values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
@@ -79,3 +89,54 @@ def test_legacy_identity_is_the_content():
     with pytest.raises(Invalid) as e:
         legacy_row(dict(rec, device_id=""), "legacy", 1.0, "$[3]", 8, _h)
     assert e.value.path == "$[3].device_id"
+
+
+# --- the fast path agrees with the general one --------------------------------------------------
+
+
+names = st.text(st.characters(blacklist_categories=("Cs",)), min_size=0, max_size=6)
+scalar_values = (st.none() | st.booleans() | st.integers(-(1 << 70), 1 << 70)
+                 | st.floats(allow_nan=False, allow_infinity=False) | names)
+dates = st.sampled_from(["2026-11-21T10:30:45.123Z", "2026-02-28T23:59:59.999Z", "2026-02-30T00:00:00.000Z",
+                         "2026-11-21T10:30:45Z", "2026-11-21T25:30:45.123Z", "1999-01-01T00:00:00.000Z"])
+fast_records = st.fixed_dictionaries({
+    "agent": st.sampled_from(["site7", "site7", "site7", "other"]),
+    "seq": st.sampled_from([0, 1, 17, (1 << 63) - 1, 1 << 63, 10 ** 19]) | st.integers(0, 1000),
+    "ts": dates, "device": st.sampled_from(["meter1", "m\u00e9ter", "", "x" * 129, 'q"uote']) | names,
+    "unit": st.integers(0, 300),
+    "values": st.dictionaries(names, scalar_values | st.lists(st.integers(), max_size=2), max_size=4),
+    "status": st.sampled_from(["ok", "ok", "ok", "error"]),
+}, optional={"clock": st.sampled_from(["unsynced", "later"]), "kind": st.sampled_from(["gap", "health"])})
+
+
+def _general(text):
+    try:
+        return batch_rows(parse_batch(text), 1.0, 5, 8)[1]
+    except (Invalid, TooMany, ValueError):
+        return "refused"
+
+
+@settings(max_examples=300, deadline=None)
+@given(records=st.lists(fast_records, max_size=7))
+def test_fast_path_agrees_with_the_general_path(records):
+    text = encode({"agent": "site7", "records": records}).decode().rstrip("\n")
+    head = fast_head(text)
+    assert head is not None and head[0] == "site7"
+    fast = fast_rows(text, head[1], head[0], 1.0, 5, 8)
+    general = _general(text)
+    if fast is None:
+        return  # declined: the general path decides alone
+    assert general != "refused", text
+    assert fast == general
+
+
+def test_fast_path_takes_the_agents_own_records():
+    recs = [{"agent": "site7", "seq": i, "ts": "2026-11-21T10:30:45.%03dZ" % i, "device": "meter1", "unit": 1,
+             "values": {"v": 230.5, "i": -3, "s": "\u00e9", "b": False, "n": None}, "status": "ok"} for i in range(3)]
+    recs[1]["clock"] = "unsynced"
+    text = encode({"agent": "site7", "records": recs}).decode().rstrip("\n")
+    rows = fast_rows(text, fast_head(text)[1], "site7", 1.0, 10, 8)
+    assert rows == _general(text)
+    assert [r[8] for r in rows] == [None, "unsynced", None]
+    assert fast_head('{"records":[],"agent":"site7"}') is None
+    assert fast_head('{"agent":"site7","records":[]} ') is None

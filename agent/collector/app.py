@@ -162,6 +162,9 @@ class CollectorApp:
         return found
 
     def _read_json(self, environ, allowed_types, parse=validate.loads):
+        return self._parse_json(self._read_body(environ, allowed_types), parse)
+
+    def _read_body(self, environ, allowed_types):
         ctype = environ.get("CONTENT_TYPE", "").split(";", 1)[0].strip().lower()
         if ctype not in allowed_types:
             raise HTTPError(415, "expected Content-Type: application/json, got %r" % ctype[:100],
@@ -193,6 +196,10 @@ class CollectorApp:
             body = self._gunzip(body)
         if not body:
             raise HTTPError(400, "empty body", "body")
+        return body
+
+    @staticmethod
+    def _parse_json(body, parse):
         try:
             doc = parse(body.decode("utf-8"))
         except RecursionError:
@@ -253,16 +260,30 @@ class CollectorApp:
     def post_batches(self, environ, start_response):
         t0 = time.monotonic()
         token_agent = self._token_agent(environ) if self.cfg.tokens_required else None
-        doc = self._read_json(environ, _JSON_TYPES, validate.parse_batch)
+        body = self._read_body(environ, _JSON_TYPES)
         received = self.clock()
-        if token_agent is not None and type(doc) is dict and doc.get("agent") != token_agent:
-            raise HTTPError(403, "token belongs to another agent", "$.agent")
-        try:
-            agent, rows = validate.batch_rows(doc, received, self.cfg.max_records, self.cfg.max_depth)
-        except validate.Invalid as e:
-            raise HTTPError(422, e.reason, e.path) from None
-        except validate.TooMany as e:
-            raise HTTPError(413, str(e), "$.records") from None
+        rows = head = None
+        if b"\\" not in body:  # no escapes at all: no NUL or surrogate to look for
+            try:
+                text = body.decode("utf-8")
+                head = validate.fast_head(text)
+            except UnicodeDecodeError:
+                pass
+        if head is not None:
+            agent = head[0]
+            if token_agent is not None and agent != token_agent:
+                raise HTTPError(403, "token belongs to another agent", "$.agent")
+            rows = validate.fast_rows(text, head[1], agent, received, self.cfg.max_records, self.cfg.max_depth)
+        if rows is None:  # the general path: any shape, every check, precise errors
+            doc = self._parse_json(body, validate.parse_batch)
+            if token_agent is not None and type(doc) is dict and doc.get("agent") != token_agent:
+                raise HTTPError(403, "token belongs to another agent", "$.agent")
+            try:
+                agent, rows = validate.batch_rows(doc, received, self.cfg.max_records, self.cfg.max_depth)
+            except validate.Invalid as e:
+                raise HTTPError(422, e.reason, e.path) from None
+            except validate.TooMany as e:
+                raise HTTPError(413, str(e), "$.records") from None
         stored, dups, max_seq = self.store.ingest(agent, rows, received)
         log.debug("batch from %s: %d stored, %d duplicates, max_seq %s, %.1f ms",
                   agent, stored, dups, max_seq, (time.monotonic() - t0) * 1000)

@@ -289,6 +289,73 @@ def batch_rows(doc, received, max_records, max_depth):
     return agent, rows
 
 
+# --- the fast path: the agent's own encoding, matched by one regular expression per record ---------
+#
+# The agent writes every record the same way (agent/record.py: compact, keys in a fixed order, no
+# escapes in the usual case). A record in exactly that form is checked and split into its columns
+# by one regex match, without building a dict: about 40% less CPU than parse + validate, which is
+# most of the collector's work per record. Anything else (another key order, a gap, health or
+# error record, an escape, a number beyond 300 digits, a date not seen yet) takes the general
+# path, record by record, with the same rules; tests check that both paths agree.
+
+_FS = r'"[^"\\\x00-\x1f]{0,4096}"'  # a JSON string without escapes, at most MAX_TEXT characters
+_FN = r"-?(?:0|[1-9]\d{0,300})(?:\.\d{1,300})?(?:[eE][+-]?\d{1,4})?"  # a JSON number
+_FKV = r"%s:(?:%s|%s|true|false|null)" % (_FS, _FN, _FS)
+_FAST_RECORD = re.compile(
+    r'\{"agent":"([^"\\\x00-\x1f]{1,128})","seq":(0|[1-9]\d{0,18}),'
+    r'"ts":"(\d{4}-\d\d-\d\dT(?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d\.\d{3}Z)",'
+    r'"device":"([^"\\\x00-\x1f]{1,128})","unit":(\d{1,3}),'
+    r'"values":\{(?:%s(?:,%s)*)?\},"status":"ok"(,"clock":"unsynced")?\}' % (_FKV, _FKV)).match
+_FAST_HEAD = re.compile(r'\{"agent":"([^"\\\x00-\x1f]{1,128})","records":\[').match
+
+
+def fast_head(text):
+    """'{"agent":"X","records":[' ... ']}' exactly (the uploader's body) -> (agent, index of the
+    first record); None for any other shape."""
+    m = _FAST_HEAD(text)
+    if m is None or not text.endswith("]}"):
+        return None
+    return m.group(1), m.end()
+
+
+def fast_rows(text, idx, agent, received, max_records, max_depth):
+    """Rows of a body accepted by fast_head, or None when the general path must decide: any
+    record it cannot accept (malformed, invalid, too many) sends the whole body there, so what
+    is refused, and the message saying why, never depends on which path saw it first."""
+    rows = []
+    append = rows.append
+    match = _FAST_RECORD
+    last = len(text) - 2  # the records' closing bracket
+    if idx == last:
+        return rows
+    try:
+        while True:
+            m = match(text, idx)
+            if m is not None:
+                end = m.end()
+                a, seq, ts, device, unit, clock = m.groups()
+                seq, unit = int(seq), int(unit)
+                if a != agent or seq > MAX_SEQ or unit > 255 or ts[:10] not in _good_dates:
+                    m = None  # the general checks decide (and learn a new date)
+                else:
+                    append((agent, seq, ts, "data", device, unit, "ok", text[idx:end], clock and "unsynced",
+                            received))
+            if m is None:
+                obj, end = _scan_once(text, idx)
+                append(record_row(obj, text[idx:end], agent, received, "", max_depth))
+            if len(rows) > max_records:
+                return None
+            c = text[end]
+            if c == ",":
+                idx = end + 1
+            elif c == "]" and end == last:
+                return rows
+            else:
+                return None
+    except (StopIteration, ValueError, IndexError, RecursionError):  # Invalid is a ValueError
+        return None
+
+
 # --- the legacy /receive-data format -------------------------------------------------------------
 
 _LEGACY_TS = re.compile(r"(\d{4}-\d\d-\d\d)[ T](\d\d:\d\d:\d\d)(\.\d{1,6})?Z?")
