@@ -1006,20 +1006,13 @@ class Spool:
         head = ('{"quarantined":"%s","reason":%s,"record":' % (
             utc_timestamp(self._clock()), json.dumps(str(reason)[:500]))).encode("utf-8")
         data = b"".join(head + line + b"}\n" for line in batch.lines)
-        q = self.quarantine_file
-        try:
-            if os.path.getsize(q) + len(data) > self.quarantine_max_bytes:
-                os.replace(q, q + ".1")
-        except OSError:
-            pass
-        try:
-            with open(q, "ab") as f:
-                f.write(data)
-                f.flush()
-                if self.fsync != "never":
-                    os.fsync(f.fileno())
-        except OSError as e:
-            log.error("spool %s: cannot write quarantine file %s: %s", self.directory, q, e.strerror)
+        q = self._write_quarantine(self.quarantine_file, data)
+        if q is None and self.quarantine_file != os.path.join(self.directory, QUARANTINE):
+            q = self._write_quarantine(os.path.join(self.directory, QUARANTINE), data)
+        if q is None:
+            # Nowhere to keep them (disk full): the queue must still move on; say exactly what went.
+            log.error("spool %s: quarantine impossible, %d rejected records seq %d..%d discarded: %s",
+                      self.directory, batch.count, batch.first_seq, batch.last_seq, str(reason)[:200])
         self.totals["quarantined"] += batch.count
         log.warning("spool %s: quarantined %d records seq %d..%d in %s: %s", self.directory,
                     batch.count, batch.first_seq, batch.last_seq, q, str(reason)[:200])
@@ -1027,6 +1020,29 @@ class Spool:
         if batch.last_seq > self._acked_seq:
             self._acked_seq = batch.last_seq
         self._persist_cursor()
+
+    def _write_quarantine(self, q, data):
+        """Append to the quarantine file (bounded: one older generation, q.1, is kept). -> q or None."""
+        try:
+            if os.path.getsize(q) + len(data) > self.quarantine_max_bytes:
+                os.replace(q, q + ".1")
+                log.warning("spool %s: quarantine file %s full: moved to %s.1, replacing the older one",
+                            self.directory, q, q)
+        except OSError:
+            pass
+        try:
+            parent = os.path.dirname(q)
+            if parent:
+                os.makedirs(parent, exist_ok=True)
+            with open(q, "ab") as f:
+                f.write(data)
+                f.flush()
+                if self.fsync != "never":
+                    os.fsync(f.fileno())
+            return q
+        except OSError as e:
+            log.error("spool %s: cannot write quarantine file %s: %s", self.directory, q, e.strerror)
+            return None
 
     def _persist_cursor(self):
         due = self.fsync == "always" or (

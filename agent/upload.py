@@ -250,12 +250,3 @@ def _short(e):
     """One line, without the noise urllib3 nests into connection errors."""
     s = str(e).replace("\n", " ")
     return s[:200]
-
-
-def uploader_from_config(up, agent_id):
-    """Build an Uploader from config's `cfg.upload` section object."""
-    return Uploader(up.url, agent_id, token=getattr(up, "token", None),
-                    batch_max_records=getattr(up, "batch_max_records", 500),
-                    batch_max_kb=getattr(up, "batch_max_kb", 256), gzip=getattr(up, "gzip", True),
-                    timeout=getattr(up, "timeout", 10.0), ca_file=getattr(up, "ca_file", None),
-                    verify=getattr(up, "verify", True), backoff_max=getattr(up, "backoff_max", 300.0))

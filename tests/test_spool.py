@@ -370,6 +370,25 @@ def test_quarantine_moves_on(tmp_path):
     sp.close()
 
 
+def test_quarantine_falls_back_to_the_spool_dir_and_stays_bounded(tmp_path):
+    (tmp_path / "not-a-dir").write_text("x")
+    sp = Spool(tmp_path / "spool", AGENT, quarantine_file=tmp_path / "not-a-dir" / "q.jsonl",
+               quarantine_max_bytes=3000)
+    for i in range(40):
+        sp.append(rec(i))
+    while True:
+        b = sp.peek(5, 1 << 20)
+        if b is None:
+            break
+        sp.quarantine(b, "HTTP 422: test")
+    q = tmp_path / "spool" / QUARANTINE
+    older = (tmp_path / "spool" / (QUARANTINE + ".1")).read_bytes().splitlines()
+    assert os.path.getsize(q) <= 3000 and older
+    assert json.loads(q.read_bytes().splitlines()[-1])["record"]["seq"] == 40
+    assert sp.stats()["quarantined"] == 40 and sp.stats()["records"] == 0
+    sp.close()
+
+
 def test_foreign_record_order_is_normalised(tmp_path):
     sp = Spool(tmp_path, AGENT)
     sp.append({"ts": "2026-11-21T10:30:45.123Z", "device": "x", "status": "ok", "agent": "other"})
