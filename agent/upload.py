@@ -69,7 +69,8 @@ class Uploader:
         if token:
             h["Authorization"] = "Bearer %s" % token
         self._headers = h
-        # After a 413 the collector's limit is known to be lower: stay below it for a while.
+        # After a 413 (or a timeout) the collector's limit or the link's speed is known to be lower:
+        # stay below it for a while.
         self._limit = self.batch_max_records
         self._ok_since_413 = 0
         self._failures = 0
@@ -128,6 +129,11 @@ class Uploader:
                 return False
             code, reason, answer = self._post(b, min(self.timeout, left))
             if code is None or code >= 500 or code in RETRY_4XX or _envelope_error(code, answer):
+                if code is None and b.count > 1 and _timed_out(reason):
+                    # Too big for the time we have (slow uplink, busy collector, short gaps
+                    # between polls): smaller batches from now on, or it would never get through.
+                    self._limit = max(1, b.count // 2)
+                    self._ok_since_413 = 0
                 self._fail(code, reason, answer)
                 raise _Retry()
             if 200 <= code < 300:
@@ -234,6 +240,12 @@ class Uploader:
         st["backoff_until"] = utc_timestamp(time.time() + delay)
         log.warning("upload: %s %s; retry in %.1fs (failure %d)", self.url, st["last_error"], delay,
                     self._failures)
+
+
+def _timed_out(reason):
+    """A read timeout, or a send that timed out (requests wraps that in a ConnectionError);
+    not a connect timeout, which says nothing about the batch."""
+    return reason.startswith("ReadTimeout") or ("timed out" in reason and not reason.startswith("ConnectTimeout"))
 
 
 def _envelope_error(code, answer):

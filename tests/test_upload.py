@@ -39,6 +39,7 @@ class Collector:
         self.max_body = max_body
         self.reject = reject
         self.slow = slow
+        self.per_record = 0.0
         self.headers = []
         self.lock = threading.Lock()
         coll = self
@@ -129,6 +130,8 @@ class Collector:
                     return self.reset()
                 if cue == "slow":
                     time.sleep(coll.slow)
+                if coll.per_record:             # a slow link or a busy database: time grows with size
+                    time.sleep(coll.per_record * len(recs))
                 self.answer(200, {"stored": stored, "duplicates": dups, "max_seq": max(coll.stored)})
 
         self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
@@ -347,6 +350,21 @@ def test_deadline_caps_the_request_timeout(tmp_path, collector):
     assert m and float(m.group(1)) <= 0.8, up.state()["last_error"]
     pump(up, sp)
     assert_exactly_once(coll, 10)
+    sp.close()
+
+
+def test_timeouts_shrink_the_batches_until_they_fit(tmp_path, collector):
+    coll = collector()
+    coll.per_record = 0.002           # 400 records: 0.8 s, more than a slice; 200: 0.4 s
+    sp = fill(tmp_path, 400)
+    up = Uploader(coll.url, AGENT, batch_max_records=500, backoff_max=0.02, timeout=10.0)
+    for _ in range(100):
+        up.drain(sp, time.monotonic() + 0.6)    # the loop's slices between polls
+        if sp.stats()["records"] == 0:
+            break
+        time.sleep(0.01)
+    assert sorted(coll.stored) == list(range(1, 401))
+    assert up.state()["batch_limit"] <= 200
     sp.close()
 
 
