@@ -2,12 +2,17 @@
 """Ingest benchmark: records/s into the collector over loopback, side by side with a FastAPI +
 uvicorn reference (tools/bench/ref/) and with direct SQLite inserts of the same rows.
 
-    .venv/bin/python tools/bench/ingest.py [--records 20000] [--clients 4] [--sizes 1,100,1000] [--workers 1]
+    .venv/bin/python tools/bench/ingest.py [--records 20000] [--clients 4] [--sizes 1,100,1000]
+                                           [--rounds 3] [--workers 1]
 
-All three store the same rows into the same schema with WAL + synchronous=FULL, one transaction
-per batch. The client is a separate process (keep-alive HTTP/1.1, pre-encoded bodies, --clients
-connections in parallel), so server CPU is what is measured. Needs fastapi, uvicorn (+httptools,
-uvloop) in the venv for the reference; without them the reference column is skipped.
+All three store the same rows (payload = the record's JSON text, as the collector keeps it) into
+the same schema with WAL + synchronous=FULL, one transaction per batch. The client is a separate
+process (keep-alive HTTP/1.1, pre-encoded bodies, --clients connections in parallel). --workers
+gives both servers the same number of processes (modbus-collector --workers, uvicorn --workers).
+The machine may be shared: each contender's best of --rounds interleaved rounds counts, and next
+to the wall-clock rate the table shows records per CPU-second of the server's processes, which
+does not depend on what else runs. Needs fastapi, uvicorn (+httptools, uvloop) in the venv for
+the reference; without them that column is skipped.
 """
 import argparse
 import http.client
