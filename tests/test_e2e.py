@@ -210,15 +210,16 @@ def test_collector_killed_mid_batch(e2e):
     e = e2e(changes={("upload", "batch_max_records"): "200"})
     e.start_agent()
     e.wait_stored(5)
-    kills = 10 if FULL else 3
-    for _ in range(kills):
-        # Build a backlog (503s), then SIGKILL the collector the moment a batch has reached it:
-        # it may or may not have committed; either way the agent must resend and the collector
-        # store each record once.
+    kills = 12 if FULL else 3
+    for i in range(kills):
+        # Build a backlog (503s), then SIGKILL the collector 0, 3 or 15 ms after a batch has
+        # reached it: before, during or after its transaction. Either way the records must end
+        # up stored exactly once (resent when no answer came back).
         e.proxy.set_fault("error", duration=1.0)
         time.sleep(1.2)
         collector = e.site.procs.pop("collector")
-        e.proxy.on_forward = collector.kill
+        delay = (0.0, 0.003, 0.015)[i % 3]
+        e.proxy.on_forward = lambda c=collector, d=delay: (time.sleep(d), c.kill())
         wait_for(collector.p.poll, 20, "a batch to reach the collector")
         e.restart_collector()
     before = len(e.stored())
@@ -226,6 +227,11 @@ def test_collector_killed_mid_batch(e2e):
     e.stop_agent()
     s = e.audit()
     assert s["missing"] == 0
+    assert s["resent"] > 0      # at least the immediate kills left batches unacknowledged
+    import sqlite3
+
+    with sqlite3.connect(str(e.site.run / "collector.db")) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
 def test_connections_reset_mid_request(e2e):
