@@ -370,9 +370,12 @@ def main(argv=None):
         print("demo: collector on %s, database %s" % (site.collector_url(""), site.run / "collector.db"), flush=True)
         site.write_agent_ini()
         chk = site.check_agent()
-        if chk.returncode == 2:
+        if chk.returncode != 0:
             print("demo: the agent rejected %s:\n%s%s" % (site.agent_ini, chk.stdout, chk.stderr), file=sys.stderr)
             return 1
+        print("demo: the polling plan (modbus-agent check -c %s):" % site.agent_ini, flush=True)
+        for line in chk.stdout.splitlines():
+            print("   " + line, flush=True)
         site.start_agent()
         print("demo: agent running: %s run -c %s" % ("modbus-agent", site.agent_ini), flush=True)
         print("", flush=True)
