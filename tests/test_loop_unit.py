@@ -28,11 +28,11 @@ def sim():
     s.stop()
 
 
-def make_loop(tmp_path, port, wall=time.time, extra="", agent=""):
+def make_loop(tmp_path, port, wall=time.time, extra="", agent="", interval="100ms"):
     ini = tmp_path / "agent.ini"
     ini.write_text("""[agent]
 id = unit-test
-interval = 100ms
+interval = %(interval)s
 spool_dir = %(tmp)s/spool
 status_file = %(tmp)s/status.json
 health_interval = 1h
@@ -50,7 +50,7 @@ unit = 1
 
 [points:meter]
 voltage_l1 = input 0 float32 CDAB
-""" % {"tmp": tmp_path, "port": port, "agent": agent} + extra)
+""" % {"tmp": tmp_path, "port": port, "agent": agent, "interval": interval} + extra)
     return Loop(load_config(str(ini)), wall=wall)
 
 
@@ -228,3 +228,34 @@ setpoint = holding 1 int16
             assert st.schedule.k == h.polls_ok + h.polls_failed + st.schedule.missed + st.schedule.skipped
     finally:
         loop.shutdown()
+
+
+def test_upload_linger_lets_a_small_backlog_wait_then_sends_it_in_one_batch(tmp_path, sim):
+    import threading
+
+    from agent.collector import make_app
+    from agent.collector.cli import make_server
+
+    server = make_server("127.0.0.1", 0, make_app(None, db="sqlite:///%s" % (tmp_path / "c.db")))
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    url = "http://127.0.0.1:%d/api/v1/batches" % server.server_address[1]
+    # 300 ms: after a poll the gap is long enough for an upload request
+    loop = make_loop(tmp_path, sim.tcp_port, extra="\n[upload]\nurl = %s\ntimeout = 1s\n" % url,
+                     interval="300ms")
+    loop.cfg.upload.linger = 1.0     # not an INI key (yet): the loop honours it when the config has it
+    try:
+        held = 0
+        for _ in range(100):
+            loop.step()
+            sent = loop.uploader.state()["sent_total"]
+            if sent:
+                break
+            held += 1
+        assert sent and held > 3
+        state = loop.uploader.state()
+    finally:
+        loop.shutdown()
+        server.shutdown()
+        server.server_close()
+    # everything that waited went in one POST, not one per poll
+    assert state["batches_total"] == 1 and state["sent_total"] >= 3
