@@ -377,12 +377,16 @@ def main(argv=None):
         for line in chk.stdout.splitlines():
             print("   " + line, flush=True)
         site.start_agent()
-        print("demo: agent running: %s run -c %s" % ("modbus-agent", site.agent_ini), flush=True)
+        # commands the user can paste into another terminal (the venv need not be active)
+        exe = Path(sys.executable)
+        agent_cmd = str(exe.parent / "modbus-agent") if (exe.parent / "modbus-agent").exists() else (
+            "%s -m agent" % exe)
+        print("demo: agent running: %s run -c %s" % (agent_cmd, site.agent_ini), flush=True)
         print("", flush=True)
         print("   status page:  %s" % site.collector_url("/"), flush=True)
-        print("   agent status: modbus-agent status -c %s" % site.agent_ini, flush=True)
-        print("   faults:       python tools/simulator.py ctl 127.0.0.1:%d fault 1 silence --duration 10"
-              % info["control_port"], flush=True)
+        print("   agent status: %s status -c %s" % (agent_cmd, site.agent_ini), flush=True)
+        print("   faults:       %s %s ctl 127.0.0.1:%d fault 1 silence --duration 10"
+              % (exe, TOOLS / "simulator.py", info["control_port"]), flush=True)
         print("   logs:         %s/{agent,collector,simulator}.log" % site.run, flush=True)
         print("\nvalues as they arrive at the collector (Ctrl-C stops; earlier runs' data stays in the "
               "collector and is not repeated here):", flush=True)
