@@ -74,6 +74,11 @@ class E2E:
         self.site.stop()
         self.proxy.stop()
         self.sim.stop()
+        # pytest shows this only when the test failed: the processes' own account
+        for name in ("agent", "drain", "collector"):
+            log = self.site.run / ("%s.log" % name)
+            if log.exists():
+                print("---- %s (last lines)\n%s" % (log, "\n".join(log.read_text(errors="replace").splitlines()[-25:])))
 
     # -- processes
 
