@@ -444,6 +444,33 @@ def test_fsync_modes_round_trip(tmp_path, mode):
         Spool(tmp_path / "x", AGENT, fsync="sometimes")
 
 
+def test_interval_mode_syncs_before_handing_out_and_at_most_once_per_interval(tmp_path, monkeypatch):
+    """A record is durable before the uploader sees it (no seq reuse after a power cut), and
+    appending alone fsyncs at most once per interval, rotations included (flash wear)."""
+    calls = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (calls.append(fd), real(fd))[1])
+    mono = [0.0]
+    sp = Spool(tmp_path, AGENT, fsync="interval", fsync_interval=5.0, segment_bytes=4096,
+               monotonic=lambda: mono[0])
+    for i in range(200):                       # several rotations within one interval
+        sp.append(rec(i))
+        sp.tick()
+    assert calls == []
+    mono[0] += 5.0
+    sp.tick()
+    assert len(calls) >= 1
+    n = len(calls)
+    sp.tick()
+    assert len(calls) == n                     # nothing new: no fsync
+    sp.append(rec(200))
+    b = sp.peek(500, 1 << 20)
+    assert len(calls) == n + 1 and b.last_seq == 201
+    sp.peek(500, 1 << 20)
+    assert len(calls) == n + 1                 # already durable
+    sp.close()
+
+
 DISK_FULL = textwrap.dedent("""
     import json, os, resource, signal, sys
     sys.path.insert(0, sys.argv[2])
