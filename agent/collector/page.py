@@ -100,12 +100,13 @@ def render(agents, devices, series, now, refresh=5):
             vals += ", &hellip;"
         out.append(
             '<tr class="device" data-agent="%s" data-device="%s"><td>%s</td><td>%s</td><td>%s</td>'
-            '<td class="%s">%s</td><td class="%s">%s</td><td class="vals">%s</td><td>%s%s</td>'
+            '<td class="%s">%s</td><td class="%s">%s%s</td><td class="vals">%s</td><td>%s%s</td>'
             '<td title="%s">%d</td></tr>'
             % (escape(d["agent"]), escape(d["device"]), escape(d["agent"]), escape(d["device"]),
                "" if d["unit"] is None else d["unit"], "ok" if d["fresh"] else "stale", _age(d["age_s"]),
-               "ok" if status == "ok" else "err", escape(status), vals, spark,
-               ' <small>%s</small>' % escape(name) if spark else "",
+               "ok" if status == "ok" else "err", escape(status),
+               ' <small>%s</small>' % escape(str(err.get("message", ""))[:80]) if status == "error" else "",
+               vals, spark, ' <small>%s</small>' % escape(name) if spark else "",
                escape(str(err.get("message", ""))), d["errors"]))
     if not devices:
         out.append('<tr><td colspan="8"><small>no device data yet</small></td></tr>')
