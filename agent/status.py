@@ -87,9 +87,11 @@ def format_status(st, now=None):
     now = time.time() if now is None else now
     lines = []
     written = st.get("written_at")
+    started = _parse_utc(st.get("started"))
+    # a stopped agent's uptime ends when it wrote its last status
+    until = (written or now) if st.get("state") == "stopped" else now
     lines.append("agent %s  pid %s  up %s  status written %s" % (
-        st.get("agent"), st.get("pid"),
-        _age(now - _parse_utc(st.get("started"))) if _parse_utc(st.get("started")) else "-",
+        st.get("agent"), st.get("pid"), _age(until - started) if started else "-",
         _ago(st.get("written"), now) if written is None else "%s ago" % _age(now - written)))
     if st.get("state") == "stopped":
         lines.append("STOPPED: the agent exited cleanly; figures below are from its last moment")
@@ -136,13 +138,16 @@ def format_status(st, now=None):
     if up is None:
         lines.append("upload: not configured (no [upload] section)")
     else:
-        parts = []
-        for key in sorted(up):
-            val = up[key]
-            if val is None or val == "":
-                continue
-            parts.append("%s=%s" % (key, val))
-        lines.append("upload: " + (" ".join(parts) if parts else "no attempt yet"))
+        text = "upload: last ok %s; sent %s records in %s batches; %s failures" % (
+            _ago(up.get("last_ok"), now), up.get("sent_total", 0), up.get("batches_total", 0),
+            up.get("failures_total", 0))
+        if up.get("quarantined_total"):
+            text += "; %s quarantined" % up["quarantined_total"]
+        if up.get("last_error"):
+            text += "\n  last error %s: %s" % (_ago(up.get("last_error_at"), now), up["last_error"])
+        if up.get("backoff_until") and (_parse_utc(up["backoff_until"]) or 0) > now:
+            text += "\n  backing off until %s" % up["backoff_until"]
+        lines.append(text)
     return "\n".join(lines)
 
 

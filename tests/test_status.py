@@ -44,7 +44,7 @@ def test_format_names_each_device_its_state_and_the_backlog():
     assert " dead " in plc and "never" in plc and "6:2" in plc
     assert any("no answer" in line for line in lines)       # the failing device's last error
     assert "spool: 12 records, 3.3 kB, oldest 12s" in text
-    assert "sent_total=100" in text
+    assert "sent 100 records" in text
 
 
 def test_stale_when_not_rewritten_for_several_periods():
