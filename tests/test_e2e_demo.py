@@ -115,3 +115,26 @@ def test_demo_ctrl_c_stops_everything_and_a_second_run_carries_on(tmp_path):
             p.kill()
     assert p.returncode == 0
     assert again[0] > max(first)       # the spool and the collector kept their data: seq carries on
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_demo_killed_with_sigkill_leaves_no_orphans(tmp_path):
+    """Even when the demo itself is SIGKILLed (no chance to clean up), its children follow."""
+    run = tmp_path / "demo-run"
+    p = subprocess.Popen(DEMO + ["--run-dir", str(run)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                         text=True, cwd=str(tmp_path), start_new_session=True)
+    try:
+        for line in p.stdout:
+            if VALUE_LINE.match(line):
+                break
+        assert len(processes_mentioning(str(run))) >= 3     # the demo's agent, collector, simulator
+        p.kill()
+        p.wait(timeout=10)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    deadline = time.monotonic() + 20
+    while processes_mentioning(str(run)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert processes_mentioning(str(run)) == []

@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -92,13 +93,33 @@ def free_port():
         return s.getsockname()[1]
 
 
-def _die_with_parent():
-    """Runs in the child before exec: get SIGTERM when the demo dies, even by SIGKILL, so
-    nothing is left running (Linux prctl PR_SET_PDEATHSIG)."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)
-    except Exception:
-        pass
+_setpriv = []   # [argv prefix] once looked up
+
+
+def _pdeathsig_prefix():
+    """Make a child get SIGTERM when the demo dies, even by SIGKILL, so nothing is left running
+    (Linux PR_SET_PDEATHSIG). util-linux's `setpriv` sets it and execs the command (same pid);
+    without it, a preexec_fn does, but only while this process has a single thread (a
+    preexec_fn after fork in a threaded process can deadlock). -> (argv prefix, preexec_fn)"""
+    if not _setpriv:
+        exe = shutil.which("setpriv")
+        out = ""
+        if exe:
+            try:
+                out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=5).stdout
+            except (OSError, subprocess.SubprocessError):
+                pass
+        _setpriv.append([exe, "--pdeathsig", "TERM", "--"] if "--pdeathsig" in out else [])
+    if _setpriv[0]:
+        return list(_setpriv[0]), None
+    if threading.active_count() == 1:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+        def preexec():
+            prctl(1, signal.SIGTERM, 0, 0, 0)
+
+        return [], preexec
+    return [], None
 
 
 class Proc:
@@ -107,9 +128,11 @@ class Proc:
 
     def __init__(self, name, argv, log_path, env=None, cwd=None):
         self.name, self.argv, self.log_path = name, argv, Path(log_path)
+        prefix, preexec = _pdeathsig_prefix()
         with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
-            self.p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                      env=env, cwd=cwd, start_new_session=True, preexec_fn=_die_with_parent)
+            self.p = subprocess.Popen(prefix + list(argv), stdout=log, stderr=subprocess.STDOUT,
+                                      stdin=subprocess.DEVNULL, env=env, cwd=cwd, start_new_session=True,
+                                      preexec_fn=preexec)
 
     @property
     def pid(self):
