@@ -259,3 +259,22 @@ def test_upload_linger_lets_a_small_backlog_wait_then_sends_it_in_one_batch(tmp_
         server.server_close()
     # everything that waited went in one POST, not one per poll
     assert state["batches_total"] == 1 and state["sent_total"] >= 3
+
+
+def test_reload_reopens_what_changed_and_keeps_device_health(tmp_path, sim):
+    loop = make_loop(tmp_path, sim.tcp_port)
+    try:
+        run_steps(loop, 2)
+        spool_before, health_before = loop.spool, loop.states[0].health
+        ini = Path(loop.cfg.path)
+        ini.write_text(ini.read_text().replace("/spool", "/spool2")
+                       + "\n[upload]\nurl = http://127.0.0.1:9/api/v1/batches\n")
+        loop.reload()
+        assert loop.spool is not spool_before and loop.spool.directory.endswith("spool2")
+        assert loop.uploader is not None and loop.uploader.url.endswith(":9/api/v1/batches")
+        assert loop.states[0].health is health_before and health_before.polls_ok == 2
+        spool_now = loop.spool
+        loop.reload()                        # nothing changed: nothing reopened
+        assert loop.spool is spool_now
+    finally:
+        loop.shutdown()
