@@ -17,7 +17,7 @@ import zlib
 from urllib.parse import parse_qs
 
 from agent.collector import page, validate
-from agent.collector.store import ROW_COLUMNS
+from agent.collector.store import ROW_COLUMNS, finite
 from agent.record import utc_timestamp
 
 log = logging.getLogger("modbus.collector")
@@ -70,6 +70,11 @@ def bad_string_path(value, path="$"):
             if p:
                 return p
     return None
+
+
+def _loads_finite(text):
+    """Stored JSON text -> value, numbers beyond float range as None (JSON has no infinity)."""
+    return None if not text else finite(json.loads(text))
 
 
 def _plain(doc):
@@ -331,9 +336,9 @@ class CollectorApp:
                 "last_seen": utc_timestamp(d["last_seen"]), "age_s": round(age, 1),
                 "fresh": age <= self.cfg.stale_after, "last_ts": d["last_ts"], "last_status": d["last_status"],
                 "values_ts": d["values_ts"],
-                "values": json.loads(d["last_values"]) if d["last_values"] else None,
-                "error_ts": d["error_ts"], "last_error": json.loads(d["last_error"]) if d["last_error"] else None,
-                "health_ts": d["health_ts"], "health": json.loads(d["health"]) if d["health"] else None,
+                "values": _loads_finite(d["last_values"]),
+                "error_ts": d["error_ts"], "last_error": _loads_finite(d["last_error"]),
+                "health_ts": d["health_ts"], "health": _loads_finite(d["health"]),
                 "records": d["records"], "errors": d["errors"],
             })
         return out
