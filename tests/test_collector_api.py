@@ -624,3 +624,49 @@ def test_status_page_in_headless_chromium(server):
     assert "<title>modbus-collector</title>" in dom
     assert 'data-device="meter&lt;1&gt;"' in dom  # escaped, not injected
     assert "<polyline" in dom and "site7" in dom
+
+
+def test_cli_with_two_worker_processes(tmp_path, free_port):
+    """--workers 2: two processes on one socket and one SQLite file; every record stored once."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.Popen([sys.executable, "-m", "agent.collector.cli", "--listen", "127.0.0.1:%d" % free_port,
+                             "--db", "sqlite:///%s" % (tmp_path / "w.db"), "--workers", "2"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = "http://127.0.0.1:%d" % free_port
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                requests.get(url + "/health", timeout=2)
+                break
+            except requests.ConnectionError:
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.1)
+        results, errors = [], []
+
+        def agent(k):
+            try:
+                with requests.Session() as s:
+                    for b in range(10):
+                        recs = [data("w%d" % k, b * 10 + i) for i in range(10)]
+                        for _ in range(2):  # every batch twice: the retry is a duplicate
+                            r = s.post(url + "/api/v1/batches", data=batch("w%d" % k, recs), timeout=10,
+                                       headers={"Content-Type": "application/json"})
+                            results.append(r.json())
+            except Exception as e:  # pragma: no cover - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=agent, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        assert sum(r["stored"] for r in results) == 400 and sum(r["duplicates"] for r in results) == 400
+        agents = requests.get(url + "/api/v1/agents", timeout=10).json()["agents"]
+        assert [(a["agent"], a["max_seq"], a["records"]) for a in agents] == [("w%d" % k, 99, 100) for k in range(4)]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=30)[0]
+    assert proc.returncode == 0, out
+    assert "2 worker processes" in out
