@@ -572,10 +572,10 @@ class Loop:
             log.error("reload: %s: %s: still running the previous config", path, e)
             return
         old = self.cfg
-        if _section_key(old.agent, _SPOOL_KEYS) != _section_key(new.agent, _SPOOL_KEYS) or \
-                _section_key(old.upload, _QUARANTINE_KEYS) != _section_key(new.upload, _QUARANTINE_KEYS):
-            self.spool.close()
-            self.spool = open_spool(new)
+        spool_changed = (_section_key(old.agent, _SPOOL_KEYS) != _section_key(new.agent, _SPOOL_KEYS) or
+                         _section_key(old.upload, _QUARANTINE_KEYS) != _section_key(new.upload, _QUARANTINE_KEYS))
+        if spool_changed and not self._reopen_spool(old, new):
+            return
         if _section_key(old.upload, _UPLOAD_KEYS) != _section_key(new.upload, _UPLOAD_KEYS) or \
                 old.agent.id != new.agent.id:
             _close(self.uploader)
@@ -590,6 +590,24 @@ class Loop:
         self.states = [DeviceState(d, now, new.agent, kept.get((d.name, d.unit))) for d in new.devices]
         self._set_timers(now)
         log.info("reloaded: %d device(s) on %d connection(s)", len(self.states), len(new.connections))
+
+    def _reopen_spool(self, old, new):
+        """Switch to the spool `new` describes. A spool that cannot be opened (directory not
+        writable, locked by another agent) leaves the previous config running."""
+        same_dir = os.path.abspath(old.agent.spool_dir) == os.path.abspath(new.agent.spool_dir)
+        if same_dir:
+            self.spool.close()   # the directory lock must be released before it is taken again
+        try:
+            spool = open_spool(new)
+        except Exception as e:
+            log.error("reload: cannot open the spool: %s: still running the previous config", e)
+            if same_dir:
+                self.spool = open_spool(old)
+            return False
+        if not same_dir:
+            self.spool.close()
+        self.spool = spool
+        return True
 
     def shutdown(self):
         log.info("stopping: closing the spool")

@@ -278,3 +278,22 @@ def test_reload_reopens_what_changed_and_keeps_device_health(tmp_path, sim):
         assert loop.spool is spool_now
     finally:
         loop.shutdown()
+
+
+def test_reload_to_a_spool_that_cannot_be_opened_keeps_the_running_config(tmp_path, sim):
+    from agent.spool import Spool
+
+    loop = make_loop(tmp_path, sim.tcp_port)
+    other = Spool(str(tmp_path / "taken"), "someone-else")     # holds that directory's lock
+    try:
+        run_steps(loop, 1)
+        running = loop.cfg
+        ini = Path(loop.cfg.path)
+        ini.write_text(ini.read_text().replace("%s/spool" % tmp_path, "%s/taken" % tmp_path))
+        loop.reload()
+        assert loop.cfg is running and loop.spool.directory.endswith("/spool")
+        run_steps(loop, 1)                                       # still polling and spooling
+        assert len(spooled(loop)) == 2
+    finally:
+        other.close()
+        loop.shutdown()
