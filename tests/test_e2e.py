@@ -482,3 +482,35 @@ def test_unit_that_disappears_and_comes_back(e2e):
     assert e.sim.stats(1)["gone"] < 10          # 5 s at 500 ms would be 10 polls: probed less often
     assert all(r["status"] == "ok" for r in plc_gone) and len(plc_gone) >= 8
     e.audit()
+
+
+def test_fuzzed_answers_never_crash_the_agent(e2e):
+    """Random bytes and random PDUs in valid frames, on RTU and TCP, in bursts: the agent keeps
+    running, records each failure as a wire error (never an internal one), reads the devices
+    again between bursts, and loses nothing."""
+    e = e2e(changes={("connection:bus1", "timeout"): "300ms", ("connection:plc", "timeout"): "300ms",
+                     ("agent", "dead_backoff_max"): "1s"})
+    agent = e.start_agent()
+    e.wait_stored(4)
+    fuzzed_before = {u: e.sim.stats(u).get("fuzz", 0) for u in (1, 2)}
+    end = time.monotonic() + (60 if FULL else 8)
+    while time.monotonic() < end:
+        for unit in (1, 2):
+            e.sim.set_fault(unit, "fuzz", count=2)
+        time.sleep(1.5)
+        assert agent.alive(), agent.tail()
+    e.sim.clear_fault()
+    cleared = time.time()
+    start = len(e.stored())
+    e.wait_stored(start + 6)
+    e.stop_agent()
+    recs = [r for r in e.stored() if r.get("kind", "data") == "data"]
+    errors = [r for r in recs if r["status"] == "error"]
+    kinds = {r["error"]["kind"] for r in errors}
+    fuzzed = sum(e.sim.stats(u).get("fuzz", 0) - fuzzed_before[u] for u in (1, 2))
+    print("fuzz: %d fuzzed answers, %d error records, kinds %s" % (fuzzed, len(errors), sorted(kinds)))
+    assert fuzzed >= 8 and errors
+    assert kinds <= {"timeout", "crc", "frame", "connection", "exception"}, kinds
+    for dev in ("meter1", "plc1"):   # read again once the fuzzing stopped
+        assert any(r["device"] == dev and r["status"] == "ok" and _epoch(r["ts"]) > cleared for r in recs), dev
+    e.audit()

@@ -253,3 +253,14 @@ def test_bad_device_spec_exits_2():
     r = subprocess.run([sys.executable, str(ROOT / "tools" / "simulator.py"), "--device", "toaster:1"],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "toaster:1" in r.stderr
+
+
+def test_fuzz_fault_sends_random_frames(sim):
+    sim.set_fault(2, "fuzz", count=20)
+    answers = []
+    with connect(sim.tcp_port) as c:
+        for _ in range(20):
+            c.sendall(utcp.read_holding_registers(2, 1, 1))
+            answers.append(recv_some(c, 0.05))
+    framed = [a for a in answers if len(a) >= 8 and a[2:4] == b"\x00\x00" and struct.unpack(">H", a[4:6])[0] == len(a) - 6]
+    assert len(set(answers)) > 10 and framed  # varied, and some of them well framed

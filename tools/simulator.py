@@ -64,6 +64,7 @@ FAULT_KINDS = {
     "drop": "TCP: close the connection instead of answering (RTU: silence)",
     "reset": "TCP: reset the connection (RST) instead of answering (RTU: silence)",
     "gone": "the unit has disappeared: silence until the fault ends, then it is back",
+    "fuzz": "random bytes instead of the answer; half the time a random PDU in a valid frame",
 }
 
 # Which store a function code reads or writes (Modbus Application Protocol V1.1b3, 6.1-6.12).
@@ -276,6 +277,7 @@ class Simulator:
         for unit, dev in self.devices.items():
             self.route_map.add_rule(dev.endpoint, [unit], None, None)
         self._faults = {}
+        self._fuzz_rng = random.Random(0)
         self._flock = threading.Lock()
         self._stats = {}
         self._stop = threading.Event()
@@ -451,6 +453,15 @@ class Simulator:
             return adu[:max(1, len(adu) // 2)]
         if fault.kind == "garbage":
             return adu + b"\xde\xad\xbe\xef"
+        if fault.kind == "fuzz":
+            rng = self._fuzz_rng
+            if rng.random() < 0.5:
+                return bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 2 * len(adu))))
+            pdu = bytes([adu[1] if rtu else adu[7]]) + bytes(
+                rng.getrandbits(8) for _ in range(rng.randint(0, 60)))
+            if rtu:
+                return _rtu_frame(adu[0], pdu)
+            return adu[:4] + struct.pack(">HB", len(pdu) + 1, adu[6]) + pdu
         return adu
 
     # -- TCP (MBAP) and RTU-over-TCP connections
