@@ -132,7 +132,7 @@ def _ts_epoch(ts):
 class Spool:
     def __init__(self, directory, agent_id, max_bytes=16 << 20, max_age=7 * 86400, segment_bytes=256 << 10,
                  fsync="interval", fsync_interval=5.0, clock=time.time, quarantine_file=None,
-                 quarantine_max_bytes=1 << 20, monotonic=time.monotonic):
+                 quarantine_max_bytes=1 << 20, monotonic=time.monotonic, fresh_seq=None):
         if fsync not in FSYNC_MODES:
             raise ValueError("fsync must be one of %s, not %r" % ("|".join(FSYNC_MODES), fsync))
         self.directory = str(directory)
@@ -144,6 +144,9 @@ class Spool:
         self.fsync = fsync
         self.fsync_interval = float(fsync_interval)
         self._clock = clock           # wall clock: segment ages, gap record times
+        # First seq of a spool with no state at all (None: 1). See _recover.
+        self._fresh_seq = fresh_seq
+        self.origin_seq = 1
         self._mono = monotonic        # fsync interval (immune to clock steps)
         self.quarantine_file = str(quarantine_file or os.path.join(self.directory, QUARANTINE))
         self.quarantine_max_bytes = int(quarantine_max_bytes)
@@ -269,6 +272,18 @@ class Spool:
             seg.verified = False
             self._segs.append(seg)
             self._bytes += seg.size
+        if not cursor and not names and self._fresh_seq is not None:
+            # No cursor, no segment: a new spool, or one whose state was lost (a spool on tmpfs
+            # after a reboot, new flash). The collector keeps (agent, seq) once, so restarting at
+            # 1 would have every new reading discarded as a duplicate of an old one. The caller's
+            # start (the agent: the clock in ms) is beyond any seq a previous life could have
+            # reached unless it averaged more than one record per millisecond.
+            floor = max(floor, int(self._fresh_seq()))
+            log.info("spool %s: no previous state; sequence starts at %d", self.directory, floor)
+        if cursor and isinstance(cursor.get("origin_seq"), int):
+            self.origin_seq = cursor["origin_seq"]
+        else:
+            self.origin_seq = names[0][0] if names else floor
         self._next_seq = floor
         self._position(cursor)
         now = self._clock()
@@ -771,7 +786,7 @@ class Spool:
 
     def _write_cursor(self, durable):
         seg = self._segs[0] if self._segs else None
-        cur = {"acked_seq": self._acked_seq, "next_seq": self._next_seq,
+        cur = {"acked_seq": self._acked_seq, "next_seq": self._next_seq, "origin_seq": self.origin_seq,
                "segment": seg.key if seg else self._next_seq, "offset": self._roff if seg else 0}
         for k, v in self.totals.items():
             if k != "appended":
@@ -1104,6 +1119,7 @@ class Spool:
         st = {"records": self._backlog(), "bytes": self._bytes - self._roff, "oldest_ts": ts,
               "oldest_age": round(max(0.0, self._clock() - t), 3) if t is not None else None,
               "segments": len(self._segs), "next_seq": self._next_seq, "acked_seq": self._acked_seq,
+              "origin_seq": self.origin_seq,
               "fsync": self.fsync, "bytes_written": self.bytes_written}
         st.update(self.totals)
         return st

@@ -138,6 +138,36 @@ def test_seq_continues_after_everything_acked_and_restart(tmp_path):
     sp.close()
 
 
+def test_lost_state_starts_beyond_any_earlier_seq(tmp_path):
+    """A spool on tmpfs loses everything at reboot. Starting again at seq 1 would have the
+    collector discard every new reading as a duplicate of an old one: `fresh_seq` (the agent
+    passes the clock in ms) is where a stateless spool starts instead, and only then."""
+    start = iter([1_800_000_000_000, 1_800_000_600_000])
+    sp = Spool(tmp_path, AGENT, fresh_seq=lambda: next(start))
+    assert sp.stats()["origin_seq"] == 1_800_000_000_000
+    seqs = [sp.append(rec(i)) for i in range(50)]
+    assert seqs == list(range(1_800_000_000_000, 1_800_000_000_050))
+    drain_all(sp, n=20)
+    sp.close()
+    # state kept: the floor and the origin carry on, the fresh start is not consulted again
+    sp = Spool(tmp_path, AGENT, fresh_seq=lambda: pytest.fail("consulted with state on disk"))
+    assert sp.append(rec(0)) == 1_800_000_000_050
+    assert sp.stats()["origin_seq"] == 1_800_000_000_000
+    sp.close()
+    # state lost (reboot with the spool in RAM): the next start is beyond everything handed out
+    for name in os.listdir(tmp_path):
+        os.unlink(tmp_path / name)
+    sp = Spool(tmp_path, AGENT, fresh_seq=lambda: next(start))
+    assert sp.append(rec(0)) == 1_800_000_600_000
+    sp.close()
+
+
+def test_without_fresh_seq_a_new_spool_starts_at_one(tmp_path):
+    sp = Spool(tmp_path, AGENT)
+    assert sp.append(rec(0)) == 1 and sp.stats()["origin_seq"] == 1
+    sp.close()
+
+
 def test_rotation_and_acked_segments_deleted(tmp_path):
     sp = Spool(tmp_path, AGENT, segment_bytes=4096, max_bytes=1 << 20)
     for i in range(300):
