@@ -8,6 +8,7 @@ A plain WSGI callable, stdlib only (psycopg for the PostgreSQL option):
 Production: `gunicorn -w 4 'agent.collector:make_app("conf/collector.ini")'` or
 `waitress-serve --call 'agent.collector:make_app'` (config from MODBUS_COLLECTOR_CONFIG).
 """
+import copy
 import os
 
 
@@ -21,7 +22,10 @@ def make_app(config=None, **overrides):
     store = overrides.pop("store", None)
     clock = overrides.pop("clock", None)
     if isinstance(config, Config):
-        cfg = config
+        cfg = copy.copy(config)
+        for k, v in overrides.items():
+            if v is not None:
+                setattr(cfg, k, v)
     else:
         if config is None:
             config = os.environ.get("MODBUS_COLLECTOR_CONFIG") or None

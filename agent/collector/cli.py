@@ -206,9 +206,7 @@ def _worker(server, cfg, k):
     code = 0
     app = None
     try:
-        if k:
-            cfg.retention_days = 0  # retention runs in worker 0 only
-        app = make_app(cfg)
+        app = make_app(cfg, retention_days=0 if k else None)  # retention runs in worker 0 only
         server.set_app(app)
         server.serve_forever(poll_interval=0.5)
     except KeyboardInterrupt:
