@@ -291,10 +291,10 @@ def test_agent_sigkill_at_random_moments(e2e):
 
 
 def test_spool_bound_hit_gap_accounts_for_every_drop(e2e):
-    e = e2e(changes={("agent", "spool_max_mb"): "0.008", ("agent", "spool_segment_kb"): "4"})
+    e = e2e(changes={("agent", "spool_max_mb"): "0.006", ("agent", "spool_segment_kb"): "4"})
     e.start_agent()
     e.wait_stored(5)
-    e.proxy.set_fault("error", duration=30 if FULL else 10)    # the collector answers 503
+    e.proxy.set_fault("error", duration=30 if FULL else 8)    # the collector answers 503
     wait_for(lambda: not e.proxy.fault_active(), 60, "the outage to end", 0.2)
     time.sleep(2)
     e.stop_agent()
@@ -448,7 +448,7 @@ def test_spool_filesystem_full(e2e, small_fs):
     e.spool_dir = small_fs / "spool"
     e.start_agent()
     e.wait_stored(5)
-    e.proxy.set_fault("error", duration=30 if FULL else 12)
+    e.proxy.set_fault("error", duration=30 if FULL else 9)
     wait_for(lambda: not e.proxy.fault_active(), 60, "the outage to end", 0.2)
     time.sleep(2)
     e.stop_agent()
