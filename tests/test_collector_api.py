@@ -670,3 +670,25 @@ def test_cli_with_two_worker_processes(tmp_path, free_port):
         out = proc.communicate(timeout=30)[0]
     assert proc.returncode == 0, out
     assert "2 worker processes" in out
+
+
+def test_connections_beyond_max_connections_get_503_at_once(tmp_path):
+    import socket as socketmod
+
+    app = make_app(None, db="sqlite:///%s" % (tmp_path / "m.db"))
+    srv = make_server("127.0.0.1", 0, app, max_connections=1)
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    port = srv.server_address[1]
+    try:
+        idle = socketmod.create_connection(("127.0.0.1", port), timeout=10)  # holds the only slot
+        r = requests.get("http://127.0.0.1:%d/health" % port, timeout=10)
+        assert (r.status_code, r.json()["where"], r.headers["Retry-After"]) == (503, "max_connections", "5")
+        idle.close()
+        deadline = time.monotonic() + 10
+        while requests.get("http://127.0.0.1:%d/health" % port, timeout=10).status_code != 200:
+            assert time.monotonic() < deadline, "the slot was never given back"
+            time.sleep(0.05)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        app.close()

@@ -11,6 +11,7 @@ import signal
 import socket
 import socketserver
 import sys
+import threading
 from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer
 
 from agent import __version__
@@ -125,14 +126,46 @@ class RequestHandler(WSGIRequestHandler):
         log.debug('%s "%s" %s', self.address_string(), self.requestline, code)
 
 
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 5\r\n"
+         b"Connection: close\r\nContent-Length: 59\r\n\r\n"
+         b'{"error":"too many connections","where":"max_connections"}\n')
+
+
 class Server(socketserver.ThreadingMixIn, WSGIServer):
+    """One thread per connection, at most max_connections at once: beyond that a client gets an
+    immediate 503 (its uploader backs off) instead of a thread, so idle or slow connections
+    cannot use up the process."""
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
 
+    def __init__(self, address, handler, max_connections=200):
+        self._slots = threading.BoundedSemaphore(max_connections)
+        super().__init__(address, handler)
 
-def make_server(host, port, app):
-    server = Server((host, port), RequestHandler)
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            try:
+                request.sendall(_BUSY)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+def make_server(host, port, app, max_connections=200):
+    server = Server((host, port), RequestHandler, max_connections)
     server.set_app(app)
     return server
 
@@ -168,13 +201,13 @@ def main(argv=None):
     workers = args.workers or cfg.workers
     try:
         if workers > 1:
-            server = Server((host, port), RequestHandler)
+            server = Server((host, port), RequestHandler, cfg.max_connections)
             server.socket.setblocking(False)  # workers race for accept(); losers must not block in it
             make_app(cfg, retention_days=0).close()  # migrate once, before forking; fail early
             app = None
         else:
             app = make_app(cfg)
-            server = make_server(host, port, app)
+            server = make_server(host, port, app, cfg.max_connections)
     except Exception as e:
         log.error("cannot start: %s", e)
         return 1

@@ -25,10 +25,11 @@ DEFAULTS = {
     "refresh": 5,
     "log_level": "INFO",
     "workers": 1,                  # built-in server: processes sharing the listening socket
+    "max_connections": 200,        # built-in server: open connections per process
 }
 
 _INT_KEYS = ("max_body_bytes", "max_decompressed_bytes", "max_records", "max_depth",
-             "retention_chunk", "refresh", "workers")
+             "retention_chunk", "refresh", "workers", "max_connections")
 _FLOAT_KEYS = ("retention_days", "retention_interval", "stale_after")
 _SIZE = re.compile(r"^\s*(\d+)\s*([kKmMgG]?)[bB]?\s*$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
