@@ -285,7 +285,7 @@ class Simulator:
         self._listeners = {}   # name -> socket (tcp, rtu_tcp)
         self._conns = set()
         self._controls = set()
-        self._clock = threading.Lock()
+        self._conn_lock = threading.Lock()    # listeners, connections, down state
         self._down_until = 0.0
         self._pty = None
 
@@ -304,7 +304,7 @@ class Simulator:
             # would otherwise fail with EIO until somebody opens it again.
             self._pty = (master, slave)
             self.rtu_path = os.ttyname(slave)
-            self._spawn(self._rtu_loop, master, None)
+            self._spawn(self._rtu_loop, master)
         self._spawn(self._accept_loop)
         if self.control_port is not None:
             self.control_port = self._listen("control", self.control_port)
@@ -312,7 +312,7 @@ class Simulator:
 
     def stop(self):
         self._stop.set()
-        with self._clock:
+        with self._conn_lock:
             for s in list(self._listeners.values()) + list(self._conns) + list(self._controls):
                 _close(s)
             self._listeners.clear()
@@ -345,7 +345,7 @@ class Simulator:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind((self.host, port))
         s.listen(16)
-        with self._clock:
+        with self._conn_lock:
             self._listeners[name] = s
         return s.getsockname()[1]
 
@@ -373,7 +373,7 @@ class Simulator:
     def set_down(self, duration):
         """Close the TCP listeners and every connection; reopen on the same ports after
         `duration` seconds (meanwhile connections are refused)."""
-        with self._clock:
+        with self._conn_lock:
             self._down_until = time.monotonic() + float(duration)
             for name in ("tcp", "rtu_tcp"):
                 _close(self._listeners.pop(name, None))
@@ -468,7 +468,7 @@ class Simulator:
 
     def _accept_loop(self):
         while not self._stop.is_set():
-            with self._clock:
+            with self._conn_lock:
                 if self._down_until and time.monotonic() >= self._down_until:
                     self._down_until = 0.0
                     reopen = True
@@ -498,12 +498,12 @@ class Simulator:
                     continue
                 name = by_sock[s]
                 if name == "control":
-                    with self._clock:
+                    with self._conn_lock:
                         self._controls.add(conn)
                     self._spawn(self._control_conn, conn)
                     continue
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                with self._clock:
+                with self._conn_lock:
                     self._conns.add(conn)
                 self._spawn(self._tcp_conn if name == "tcp" else self._rtu_tcp_conn, conn)
 
@@ -519,7 +519,7 @@ class Simulator:
         return b""
 
     def _finish_conn(self, conn, reset=False):
-        with self._clock:
+        with self._conn_lock:
             self._conns.discard(conn)
         _close(conn, shutdown=not reset)
 
@@ -579,7 +579,7 @@ class Simulator:
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             except OSError:
                 pass
-            with self._clock:
+            with self._conn_lock:
                 self._conns.discard(conn)
             _close(conn, shutdown=False)  # linger 0 + close = RST, not FIN
             return False
@@ -595,7 +595,7 @@ class Simulator:
 
     # -- RTU on the pty
 
-    def _rtu_loop(self, fd, _unused):
+    def _rtu_loop(self, fd):
         buf = b""
         while not self._stop.is_set():
             try:
@@ -657,7 +657,7 @@ class Simulator:
         except (OSError, ValueError):
             pass
         finally:
-            with self._clock:
+            with self._conn_lock:
                 self._controls.discard(conn)
             _close(conn)
 
