@@ -297,3 +297,16 @@ def test_reload_to_a_spool_that_cannot_be_opened_keeps_the_running_config(tmp_pa
     finally:
         other.close()
         loop.shutdown()
+
+
+def test_summary_names_each_device_the_backlog_and_a_starved_upload(tmp_path, sim):
+    """100 ms polls leave no gap long enough to start an upload request: the summary says so."""
+    loop = make_loop(tmp_path, sim.tcp_port, extra="\n[upload]\nurl = http://127.0.0.1:9/api/v1/batches\n")
+    try:
+        run_steps(loop, 5)
+        loop.summary()
+        text = loop.last_summary
+    finally:
+        loop.shutdown()
+    assert text.startswith("summary: meter ok=5(+5) failed=0(+0); spool ")
+    assert "upload STARVED" in text and loop.uploader.state()["sent_total"] == 0
