@@ -692,3 +692,36 @@ def test_connections_beyond_max_connections_get_503_at_once(tmp_path):
         srv.shutdown()
         srv.server_close()
         app.close()
+
+
+def test_under_gunicorn_with_chunked_uploads(tmp_path, free_port):
+    """The production form from docs/collector.md: gunicorn, two workers, one SQLite file."""
+    pytest.importorskip("gunicorn", reason="gunicorn not installed (pip install gunicorn)")
+    ini = tmp_path / "c.ini"
+    ini.write_text("[collector]\ndb = sqlite:///%s\n[tokens]\nsite7 = %s\n" % (tmp_path / "g.db", TOKEN_A))
+    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-w", "2", "-b", "127.0.0.1:%d" % free_port,
+                             "--chdir", ROOT, "--control-socket", str(tmp_path / "ctl"),
+                             'agent.collector:make_app("%s")' % ini],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = "http://127.0.0.1:%d/api/v1/batches" % free_port
+    auth = {"Content-Type": "application/json", "Authorization": "Bearer " + TOKEN_A}
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                requests.get("http://127.0.0.1:%d/health" % free_port, timeout=2)
+                break
+            except requests.ConnectionError:
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.1)
+        body = batch("site7", [data("site7", i) for i in range(20)])
+        r = requests.post(url, data=iter([body[:100], body[100:]]), headers=auth, timeout=10)  # chunked
+        assert r.json() == {"stored": 20, "duplicates": 0, "max_seq": 19}
+        r = requests.post(url, data=gzip.compress(body), headers=dict(auth, **{"Content-Encoding": "gzip"}), timeout=10)
+        assert r.json() == {"stored": 0, "duplicates": 20, "max_seq": 19}
+        assert requests.post(url, data=iter([b" " * (9 << 20)]), headers=auth, timeout=30).status_code == 413
+        assert requests.post(url, data=body, headers=dict(auth, Authorization="Bearer " + TOKEN_B),
+                             timeout=10).status_code == 401
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
