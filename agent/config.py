@@ -15,7 +15,6 @@ Point lines (the [points:NAME] sections and the [points] section of a meter prof
     energy_total = holding 342 uint32 CDAB scale=0.01 unit=kWh
     temperature  = 301200 int16 scale=0.1 unit=degC       ; classic address: input register 1199
 """
-import difflib
 import math
 import os
 import re
@@ -183,6 +182,7 @@ UPLOAD_SCHEMA = {
     "verify": (parse_bool, True),
     "backoff_max": (_positive(parse_duration), 300.0),
     "quarantine_file": (_text, None),   # None: <spool_dir>/quarantine.jsonl
+    "linger": (_not_negative(parse_duration), 0.0),
 }
 
 CONNECTION_TYPES = ("tcp", "rtu", "rtu-over-tcp")
@@ -520,6 +520,8 @@ def read_ini(path, problems, text=None):
 
 
 def _suggest(word, choices):
+    import difflib  # only when a key is wrong: keeps it out of the running agent's memory
+
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return " (did you mean %r?)" % close[0] if close else ""
 

@@ -465,12 +465,12 @@ class Loop:
                 return   # empty, backing off, or the whole gap is used
 
     def _lingering(self):
-        """`[upload] linger` (when the config offers it; 0 = upload in every gap): let a small
+        """`[upload] linger` (0 = upload in every gap): let a small
         backlog wait until its oldest record is that old or a full batch is ready. Every POST
         costs the router's CPU the same few milliseconds whatever its size, so fewer, fuller
         batches mean less CPU; a catch-up is never held back (its oldest record is old)."""
         up = self.cfg.upload
-        linger = getattr(up, "linger", None) or 0.0
+        linger = up.linger
         if linger <= 0:
             return False
         try:
@@ -478,7 +478,7 @@ class Loop:
         except Exception:
             return False
         age = sp.get("oldest_age")
-        return (sp.get("records") or 0) < getattr(up, "batch_max_records", 500) and (age is None or age < linger)
+        return (sp.get("records") or 0) < up.batch_max_records and (age is None or age < linger)
 
     def summary(self):
         parts = []

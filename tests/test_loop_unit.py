@@ -240,9 +240,9 @@ def test_upload_linger_lets_a_small_backlog_wait_then_sends_it_in_one_batch(tmp_
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     url = "http://127.0.0.1:%d/api/v1/batches" % server.server_address[1]
     # 300 ms: after a poll the gap is long enough for an upload request
-    loop = make_loop(tmp_path, sim.tcp_port, extra="\n[upload]\nurl = %s\ntimeout = 1s\n" % url,
+    loop = make_loop(tmp_path, sim.tcp_port, extra="\n[upload]\nurl = %s\ntimeout = 1s\nlinger = 1s\n" % url,
                      interval="300ms")
-    loop.cfg.upload.linger = 1.0     # not an INI key (yet): the loop honours it when the config has it
+    assert loop.cfg.upload.linger == 1.0
     try:
         held = 0
         for _ in range(100):
