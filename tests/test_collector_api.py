@@ -695,7 +695,7 @@ def test_connections_beyond_max_connections_get_503_at_once(tmp_path):
 
 
 def test_under_gunicorn_with_chunked_uploads(tmp_path, free_port):
-    """The production form from docs/collector.md: gunicorn, two workers, one SQLite file."""
+    """The production form from the README: gunicorn, two workers, one SQLite file."""
     pytest.importorskip("gunicorn", reason="gunicorn not installed (pip install gunicorn)")
     ini = tmp_path / "c.ini"
     ini.write_text("[collector]\ndb = sqlite:///%s\n[tokens]\nsite7 = %s\n" % (tmp_path / "g.db", TOKEN_A))
