@@ -386,23 +386,32 @@ def test_status_page_lists_devices_with_sparklines(client):
     assert 'data-device="meter1"' in html and "<polyline" in html and "v=0" in html
 
 
-def test_retention_deletes_old_records_in_chunks(tmp_path):
-    app = make_app(None, db="sqlite:///%s" % (tmp_path / "r.db"), retention_chunk=7)
-    c = Client(app)
+def test_retention_deletes_by_received_time_in_chunks(tmp_path):
     now = time.time()
-    c.post(batch("a", [data("a", i, t=now - 40 * 86400 + i) for i in range(20)]))
-    c.post(batch("a", [data("a", 100 + i, t=now - 86400) for i in range(3)]))
+    clock = [now - 40 * 86400]
+    app = make_app(None, db="sqlite:///%s" % (tmp_path / "r.db"), retention_chunk=7, clock=lambda: clock[0])
+    c = Client(app)
+    c.post(batch("a", [data("a", i, t=clock[0] + i) for i in range(20)]))  # received 40 days ago
+    clock[0] = now - 86400
+    c.post(batch("a", [data("a", 100 + i, t=clock[0]) for i in range(3)]))
+    clock[0] = now
+    # Taken while the router's clock was unset (ts at its firmware date), received just now.
+    unsynced = [dict(data("a", 200 + i, t=1_780_000_000.0 + i), clock="unsynced") for i in range(2)]
+    assert c.post(batch("a", unsynced)).json()["stored"] == 2
     assert app.retention_once() == 0  # retention_days = 0: keep forever
     app.cfg.retention_days = 30
     assert app.retention_once() == 20
-    assert [r[1] for r in app.store.records()] == [100, 101, 102]
+    assert sorted(r[1] for r in app.store.records()) == [100, 101, 102, 200, 201]
     app.close()
 
 
 def test_retention_runs_in_the_background(tmp_path):
     db = "sqlite:///%s" % (tmp_path / "r.db")
+    first = make_app(None, db=db, clock=lambda: time.time() - 40 * 86400)
+    Client(first).post(batch("a", [data("a", i, t=time.time() - 40 * 86400) for i in range(5)]))
+    first.close()
     first = make_app(None, db=db)
-    Client(first).post(batch("a", [data("a", i, t=time.time() - 40 * 86400) for i in range(5)] + [data("a", 9)]))
+    Client(first).post(batch("a", [data("a", 9)]))
     first.close()
     app = make_app(None, db=db, retention_days=30, retention_interval=0.05)  # a restart with retention on
     deadline = time.monotonic() + 20

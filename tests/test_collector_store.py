@@ -15,7 +15,7 @@ import time
 import pytest
 
 from agent.collector import make_app
-from agent.collector.schema import VERSION
+from agent.collector.schema import VERSION, statements
 from agent.collector.store import open_store
 from agent.collector.validate import batch_rows, parse_batch
 from agent.record import encode, error_record, gap_record, health_record, utc_timestamp
@@ -152,6 +152,34 @@ def test_migrations_are_applied_once_and_reopening_keeps_data(db_url):
     s2.close()
 
 
+def _indexes(store):
+    with store._read() as cur:
+        if store.dialect == "sqlite":
+            cur.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'records'")
+        else:
+            cur.execute("SELECT indexname FROM pg_indexes WHERE tablename = 'records'")
+        return {r[0] for r in cur.fetchall()}
+
+
+def test_a_version_1_database_is_migrated_and_keeps_its_data(db_url):
+    """A database written by a collector of schema version 1 (no index on `received`)."""
+    old = open_store(db_url, migrate=False)
+    with old._write() as cur:  # exactly what migrate() did at version 1
+        cur.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        for stmt in statements(old.dialect, 1):
+            cur.execute(stmt)
+        cur.execute("INSERT INTO schema_version (version) VALUES (1)")
+    assert ingest(old, "a", [data("a", 1), data("a", 2)]) == (2, 0, 2)
+    assert "records_received" not in _indexes(old)
+    old.close()
+    s = open_store(db_url)
+    assert VERSION >= 2 and s.ping() == VERSION
+    assert "records_received" in _indexes(s)
+    assert stored_seqs(s) == [1, 2]
+    assert ingest(s, "a", [data("a", 2), data("a", 3)]) == (1, 1, 3)
+    s.close()
+
+
 def test_a_batch_sent_twice_is_stored_once(store):
     recs = [data("a", i) for i in range(10)]
     assert ingest(store, "a", recs) == (10, 0, 9)
@@ -272,15 +300,19 @@ def test_concurrent_posts_of_the_same_batch_store_each_record_once(store):
     assert stored_seqs(store, "a") == list(range(200))
 
 
-def test_retention_deletes_in_chunks(store):
-    ingest(store, "a", [data("a", i, t=T0 - 40 * 86400 + i) for i in range(25)])
-    ingest(store, "a", [data("a", 100 + i) for i in range(5)])
-    cutoff = utc_timestamp(T0 - 30 * 86400)
+def test_retention_deletes_by_received_time_in_chunks(store):
+    received_old = T0 - 40 * 86400
+    store.ingest("a", rows_of("a", [data("a", i) for i in range(25)], received_old), received_old)
+    # Taken while the agent's clock was unset (ts years back), received now: must be kept.
+    unsynced = [dict(data("a", 100 + i, t=1_000_000_000.0 + i), clock="unsynced") for i in range(5)]
+    assert ingest(store, "a", unsynced) == (5, 0, 104)
+    cutoff = T0 - 30 * 86400
     assert store.delete_older(cutoff, 10) == 10
     assert store.delete_older(cutoff, 10) == 10
     assert store.delete_older(cutoff, 10) == 5
     assert store.delete_older(cutoff, 10) == 0
     assert stored_seqs(store) == [100, 101, 102, 103, 104]
+    assert {r[8] for r in store.records()} == {"unsynced"}
 
 
 @pytest.mark.postgres

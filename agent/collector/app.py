@@ -397,10 +397,11 @@ class CollectorApp:
     # --- retention ----------------------------------------------------------------------------
 
     def retention_once(self, pause=0.0):
-        """Delete records older than retention_days in chunks; returns how many went."""
+        """Delete records received more than retention_days ago, in chunks; returns how many went.
+        By the time the collector received them, not their ts (see Store.delete_older)."""
         if not self.cfg.retention_days:
             return 0
-        cutoff = utc_timestamp(self.clock() - self.cfg.retention_days * 86400.0)
+        cutoff = self.clock() - self.cfg.retention_days * 86400.0
         total = 0
         while not self._stop.is_set():
             n = self.store.delete_older(cutoff, self.cfg.retention_chunk)
@@ -410,7 +411,7 @@ class CollectorApp:
             if pause:
                 self._stop.wait(pause)  # let ingest take the write lock between chunks
         if total:
-            log.info("retention: deleted %d records older than %s", total, cutoff)
+            log.info("retention: deleted %d records received before %s", total, utc_timestamp(cutoff))
         return total
 
     def start_retention(self):

@@ -11,7 +11,9 @@ records   one row per record, identity (agent, seq)
              read's error under $.error, gap details ($.dropped, $.first_seq, ...), health counters
              under $.health. (PostgreSQL: jsonb.)
     clock    'unsynced' when the agent's clock was not set yet, else NULL
-    received REAL     server time (epoch seconds) the batch was stored
+    received REAL     server time (epoch seconds) the batch was stored; retention deletes by it
+                      (not by ts: a record taken while the agent's clock was unset has a ts
+                      far in the past, yet must live as long as any other once received)
 agents    agent, max_seq, records, gaps, dropped, first_seen, last_seen (epoch seconds)
 devices   per (agent, device): unit, last_ts/last_status (newest reading), values_ts/last_values,
           error_ts/last_error, health_ts/health, records, errors, last_seen (epoch seconds)
@@ -59,6 +61,12 @@ MIGRATIONS = [
                 error_ts TEXT, last_error TEXT, health_ts TEXT, health TEXT,
                 records BIGINT NOT NULL DEFAULT 0, errors BIGINT NOT NULL DEFAULT 0,
                 last_seen DOUBLE PRECISION NOT NULL, PRIMARY KEY (agent, device))""",
+        ],
+    },
+    # 2: index for retention, which deletes by `received` (server time), not by the record's ts
+    {
+        "common": [
+            "CREATE INDEX records_received ON records (received)",
         ],
     },
 ]

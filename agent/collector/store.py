@@ -260,10 +260,13 @@ class Store:
             args.append(int(limit))
         return self._stream(self._sql(sql), args)
 
-    def delete_older(self, cutoff_ts, chunk):
-        """Delete up to `chunk` records older than cutoff (one short transaction); returns count."""
+    def delete_older(self, cutoff, chunk):
+        """Delete up to `chunk` records received before `cutoff` (epoch seconds, server time) in
+        one short transaction; returns the count. By `received`, not by the record's ts: records
+        taken while the agent's clock was unset ("clock":"unsynced") carry a ts far in the past
+        and would otherwise go right after they were received and acknowledged."""
         with self._write() as cur:
             cur.execute(self._sql(
                 "DELETE FROM records WHERE (agent, seq) IN "
-                "(SELECT agent, seq FROM records WHERE ts < ? LIMIT ?)"), (cutoff_ts, chunk))
+                "(SELECT agent, seq FROM records WHERE received < ? LIMIT ?)"), (float(cutoff), chunk))
             return cur.rowcount
