@@ -703,6 +703,83 @@ def test_connections_beyond_max_connections_get_503_at_once(tmp_path):
         app.close()
 
 
+def test_agents_beyond_max_connections_get_through_when_others_keep_alive(tmp_path):
+    """Agents that reuse their keep-alive connection more often than the idle timeout must not
+    hold the slots forever: with few slots free, answers say `Connection: close`."""
+    app = make_app(None, db="sqlite:///%s" % (tmp_path / "k.db"))
+    srv = make_server("127.0.0.1", 0, app, max_connections=2)
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    url = "http://127.0.0.1:%d/api/v1/batches" % srv.server_address[1]
+    agents = ["a%d" % i for i in range(6)]
+    sessions = {a: requests.Session() for a in agents}
+    refused = {a: 0 for a in agents}
+    try:
+        for rnd in range(4):
+            for a in agents:
+                body = batch(a, [data(a, rnd)])
+                for _attempt in range(20):  # the uploader's retry, bounded
+                    r = sessions[a].post(url, data=body, headers={"Content-Type": "application/json"},
+                                         timeout=10)
+                    if r.status_code != 503:
+                        break
+                    refused[a] += 1
+                    time.sleep(0.02)
+                assert r.status_code == 200, (a, rnd, r.status_code, refused)
+                assert r.headers.get("Connection", "").lower() == "close"  # 2 slots: always low
+        stored = {}
+        for row in app.store.records():
+            stored.setdefault(row[0], []).append(row[1])
+        assert stored == {a: [0, 1, 2, 3] for a in agents}
+    finally:
+        for s in sessions.values():
+            s.close()
+        srv.shutdown()
+        srv.server_close()
+        app.close()
+
+
+def _ask_health(conn):
+    """One GET /health on an open socket; returns the answer's Connection header (or None)."""
+    conn.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    f = conn.makefile("rb")
+    assert f.readline().startswith(b"HTTP/1.1 200")
+    head = {}
+    while True:
+        line = f.readline().strip()
+        if not line:
+            break
+        k, _, v = line.decode().partition(":")
+        head[k.strip().lower()] = v.strip()
+    f.read(int(head["content-length"]))
+    f.close()
+    return head.get("connection")
+
+
+def test_keep_alive_while_slots_are_plenty_close_when_few_are_left(tmp_path):
+    import socket as socketmod
+
+    app = make_app(None, db="sqlite:///%s" % (tmp_path / "k.db"))
+    srv = make_server("127.0.0.1", 0, app, max_connections=20)  # keep-alive while >= 2 slots free
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    port = srv.server_address[1]
+    held = []
+    try:
+        for _ in range(18):  # 18 of 20 slots taken, 2 left: each is kept open, reusable
+            held.append(socketmod.create_connection(("127.0.0.1", port), timeout=10))
+            assert _ask_health(held[-1]) is None
+        assert [_ask_health(h) for h in held[:3]] == [None, None, None]
+        last = socketmod.create_connection(("127.0.0.1", port), timeout=10)  # 1 slot left: low
+        held.append(last)
+        assert _ask_health(last) == "close"
+        assert last.recv(1) == b""  # and the server did close it
+    finally:
+        for h in held:
+            h.close()
+        srv.shutdown()
+        srv.server_close()
+        app.close()
+
+
 def test_under_gunicorn_with_chunked_uploads(tmp_path, free_port):
     """The production form from the README: gunicorn, two workers, one SQLite file."""
     pytest.importorskip("gunicorn", reason="gunicorn not installed (pip install gunicorn)")

@@ -22,14 +22,27 @@ DRAIN_MAX = 64 << 20
 
 class _Handler(ServerHandler):
     http_version = "1.1"
+    _keep = False
+
+    def cleanup_headers(self):
+        # Decided here, before the headers go out, so the client is told `Connection: close`.
+        # wsgiref's ServerHandler closes after every request: keep the connection when the
+        # response has a length, the client did not ask to close, and the server has slots to
+        # spare. When free slots run low, connections close after their answer so the slots
+        # turn over: agents that post more often than the idle timeout would otherwise keep
+        # theirs forever, and every agent beyond max_connections would get 503 forever.
+        super().cleanup_headers()
+        rh = self.request_handler
+        self._keep = ("Content-Length" in self.headers and rh.request_version == "HTTP/1.1"
+                      and not rh.close_connection
+                      and self.environ.get("HTTP_CONNECTION", "").lower() != "close"
+                      and not rh.server.slots_low())
+        if not self._keep and "Connection" not in self.headers:
+            self.headers["Connection"] = "close"
 
     def close(self):
-        # wsgiref's ServerHandler closes after every request: keep the connection when the
-        # response had a length (and the client did not ask to close); else close as before.
-        keep = (self.headers is not None and "Content-Length" in self.headers
-                and self.request_handler.request_version == "HTTP/1.1"
-                and (self.environ.get("HTTP_CONNECTION", "").lower() != "close"))
-        self.request_handler.close_connection = not keep
+        if not self._keep:
+            self.request_handler.close_connection = True
         super().close()
 
 
@@ -134,17 +147,35 @@ _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\
 class Server(socketserver.ThreadingMixIn, WSGIServer):
     """One thread per connection, at most max_connections at once: beyond that a client gets an
     immediate 503 (its uploader backs off) instead of a thread, so idle or slow connections
-    cannot use up the process."""
+    cannot use up the process. Keep-alive only while at least `keepalive_min_free` slots are
+    free (10 %, at least 2); below that every answer closes its connection (see _Handler)."""
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
 
     def __init__(self, address, handler, max_connections=200):
-        self._slots = threading.BoundedSemaphore(max_connections)
+        self.max_connections = max_connections
+        self.keepalive_min_free = max(2, -(-max_connections // 10))
+        self._free = max_connections
+        self._free_lock = threading.Lock()
         super().__init__(address, handler)
 
+    def slots_low(self):
+        return self._free < self.keepalive_min_free
+
+    def _take_slot(self):
+        with self._free_lock:
+            if self._free <= 0:
+                return False
+            self._free -= 1
+            return True
+
+    def _give_slot(self):
+        with self._free_lock:
+            self._free += 1
+
     def process_request(self, request, client_address):
-        if not self._slots.acquire(blocking=False):
+        if not self._take_slot():
             try:
                 request.sendall(_BUSY)
             except OSError:
@@ -154,14 +185,14 @@ class Server(socketserver.ThreadingMixIn, WSGIServer):
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._slots.release()
+            self._give_slot()
             raise
 
     def process_request_thread(self, request, client_address):
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._slots.release()
+            self._give_slot()
 
 
 def make_server(host, port, app, max_connections=200):
