@@ -187,11 +187,16 @@ def mbap_request_length(buf):
 
 
 class PtyServer(_ByteServer):
-    """Serves on the master side of a pty pair; the client opens `path` with pyserial."""
+    """Serves on the master side of a pty pair; the client opens `path` with pyserial.
+    `pty`: a (master_fd, slave_path) pair from the `pty_pair` fixture, which then closes it."""
 
-    def __init__(self, handler):
+    def __init__(self, handler, pty=None):
         super().__init__(handler)
-        self.master, self.slave, self.path = new_pty()
+        if pty is None:
+            self.master, self.slave, self.path = new_pty()
+        else:
+            (self.master, self.path), self.slave = pty, None
+        self._own_fds = pty is None
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -212,18 +217,20 @@ class PtyServer(_ByteServer):
     def stop(self):
         self._stop.set()
         self.thread.join(2)
-        close_fds(self.master, self.slave)
+        if self._own_fds:
+            close_fds(self.master, self.slave)
 
 
 class SocketServer(_ByteServer):
-    """Raw TCP server: one thread per connection, each served by `handler`."""
+    """Raw TCP server: one thread per connection, each served by `handler`. `port` 0: any free
+    one; a given port is bound with SO_REUSEADDR (a new server behind an address in use)."""
 
-    def __init__(self, handler, framing="rtu"):
+    def __init__(self, handler, framing="rtu", port=0):
         super().__init__(handler)
         self.framing = framing
         self.listener = socket.socket()
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(("127.0.0.1", 0))
+        self.listener.bind(("127.0.0.1", port))
         self.listener.listen(8)
         self.listener.settimeout(0.05)
         self.port = self.listener.getsockname()[1]
@@ -279,6 +286,52 @@ class SocketServer(_ByteServer):
         for t in self.threads:
             t.join(2)
         self.listener.close()
+
+
+class SilentServer:
+    """Accepts connections and reads requests but never answers nor closes: from the client's
+    side a half-open link (the peer gone without a FIN) looks just like this."""
+
+    def __init__(self):
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(8)
+        self.port = self.listener.getsockname()[1]
+        self.conns = []
+        self._stop = threading.Event()
+        self._unlisten = threading.Event()
+        self._unlistened = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            if self._unlisten.is_set() and self.listener is not None:
+                self.listener.close()  # closed here, never under a select() of this thread
+                self.listener = None
+                self._unlistened.set()
+            ready = select.select(self.conns + [self.listener] * (self.listener is not None),
+                                  [], [], 0.02)[0]
+            for s in ready:
+                if s is self.listener:
+                    self.conns.append(s.accept()[0])
+                    continue
+                try:
+                    s.recv(512)
+                except OSError:
+                    pass
+
+    def stop_listening(self):
+        """Free the port for another server; the accepted connections stay open and silent."""
+        self._unlisten.set()
+        self._unlistened.wait(2)
+
+    def stop(self):
+        self._stop.set()
+        self.thread.join(2)
+        for s in self.conns + [self.listener] * (self.listener is not None):
+            s.close()
 
 
 def umodbus_rtu_handler(app):

@@ -15,7 +15,11 @@ Robustness rules (each answers a known field problem):
 - after a lost connection, reconnects back off exponentially (one attempt per step, up to
   `backoff_max`); inside the window the call fails at once without touching the network;
   a connection the peer closed while idle is reopened once at once (gateways do that);
-- two timeouts in a row on TCP close the connection (a half-open link only shows as silence);
+- two timeouts in a row on a socket (Modbus TCP, RTU over TCP) close the connection (a
+  half-open link only shows as silence); the next call opens a fresh one;
+- RTU: a read answer of this unit and function with another byte count is a late answer and
+  skipped; after a timeout the next request waits out a late-answer window first (see
+  `_RtuBase` for it and for the blind spot that remains);
 - RTU: the exception-sized prefix (5 bytes) is read first, so an exception reply never costs
   a timeout; stale input is dropped before sending; `pause` and the 3.5-character silence are
   kept between exchanges; noise before the answer is skipped byte by byte until a frame starts;
@@ -68,6 +72,14 @@ _STALE_WINDOW = 64
 _RECV_SIZE = 4096
 #: wait after an RTU broadcast before the next request (Serial Line v1.02 2.4.1: 100-200 ms)
 BROADCAST_TURNAROUND = 0.1
+#: RTU late-answer window after a timeout: this share of the timeout, kept within the bounds
+#: below, plus the time the timed-out answer takes on the line (see `_RtuBase`)
+LATE_WINDOW_SHARE = 0.25
+LATE_WINDOW_MIN = 0.05      # USB-serial latency timers (FTDI: 16 ms) and gateways add this much
+LATE_WINDOW_MAX = 0.25
+#: the line counts as quiet after this long without a byte (plus the 3.5-character silence)
+LATE_QUIET = 0.02
+_READ_CODES = frozenset((1, 2, 3, 4))
 
 
 class _OutOfSync(FrameError):
@@ -76,6 +88,12 @@ class _OutOfSync(FrameError):
 
 class _Client:
     """Request building, validation, stats, back-off; subclasses move the bytes."""
+
+    #: consecutive timeouts after which the link is closed, to be reopened by the next call.
+    #: On a socket a half-open link (gateway rebooted, NAT entry or Wi-Fi gone, no FIN) only
+    #: shows as silence, and TCP itself gives up only after many minutes. None: never (a serial
+    #: port, where reopening proves nothing).
+    close_after_timeouts = None
 
     def __init__(self, timeout, pause, backoff_min, backoff_max):
         self.timeout = float(timeout)
@@ -87,6 +105,7 @@ class _Client:
         self._down_until = 0.0      # monotonic time before which we do not reconnect
         self._connected_once = False
         self._last_end = 0.0        # monotonic end of the last exchange (pause, RTU silence)
+        self._timeouts = 0          # consecutive timeouts (a half-open link shows as these)
 
     # --- public API ------------------------------------------------------------------------
 
@@ -189,6 +208,15 @@ class _Client:
         delay = min(self.backoff_min * (2 ** min(self._failures - 1, 30)), self.backoff_max)
         self._down_until = _monotonic() + delay
 
+    def _timed_out(self):
+        """Count a timeout; close the link after `close_after_timeouts` in a row."""
+        self._timeouts += 1
+        if self.close_after_timeouts and self._timeouts >= self.close_after_timeouts:
+            # maybe a half-open link: the next call opens a fresh one (and needs as many
+            # timeouts again before it is dropped, so a dead device is not a reconnect storm)
+            self._timeouts = 0
+            self._close()
+
     def _wait_gap(self, gap):
         wait = self._last_end + gap - _monotonic()
         if wait > 0:
@@ -200,6 +228,8 @@ class _Client:
 class TcpClient(_Client):
     """Modbus TCP client (MBAP framing), one connection, one request in flight."""
 
+    close_after_timeouts = 2
+
     def __init__(self, host, port=502, timeout=1.0, connect_timeout=None, pause=0.0,
                  backoff_max=60.0, backoff_min=0.5):
         super().__init__(timeout, pause, backoff_min, backoff_max)
@@ -208,7 +238,6 @@ class TcpClient(_Client):
         self.connect_timeout = float(connect_timeout) if connect_timeout else self.timeout
         self._sock = None
         self._tid = 0
-        self._timeouts = 0          # consecutive timeouts (a half-open link shows as these)
 
     def _where(self):
         return f"{self.host}:{self.port}"
@@ -279,10 +308,7 @@ class TcpClient(_Client):
                     continue
                 raise
             except ModbusTimeout:
-                self._timeouts += 1
-                if self._timeouts >= 2:
-                    # two silent answers in a row: maybe a half-open link; start afresh next time
-                    self._close()
+                self._timed_out()
                 if self.pause:
                     self._last_end = _monotonic()
                 raise
@@ -364,7 +390,23 @@ class TcpClient(_Client):
 # === RTU (serial and over TCP) ================================================================
 
 class _RtuBase(_Client):
-    """RTU framing over a byte link; subclasses provide the link."""
+    """RTU framing over a byte link; subclasses provide the link.
+
+    RTU frames carry no transaction id, so a late answer to an earlier request can only be
+    told from ours by its shape (unit, function code, length) or by when it arrives:
+    - a frame of another unit or function, or a read answer whose byte count is not the one
+      we asked for, is cut by its own length and, when its CRC holds, discarded as stale;
+    - input that arrived before a request is dropped unread;
+    - after a timeout (or a truncated answer) the next request first waits out a late-answer
+      window, `late_window` seconds after the failure (default: a quarter of the timeout,
+      0.05..0.25 s, plus the time the missing answer takes on the line), dropping whatever
+      arrives, and extended while bytes keep coming until the line is quiet (bounded by the
+      timeout).
+    Blind spot: a device that answers later than that window, after our next request went
+    out, with a frame of the same unit, function code and byte count as the next answer (the
+    same read again, or another read of the same size) is indistinguishable from the answer
+    and is taken as it. A `timeout` that covers the device's slowest answer avoids it.
+    """
 
     rs485_echo = False
     #: silence before a request (3.5 characters on a serial line; 0 on a socket)
@@ -372,9 +414,12 @@ class _RtuBase(_Client):
     #: time to move one character (0 on a socket)
     _char_time = 0.0
 
-    def __init__(self, timeout, pause, backoff_min, backoff_max):
+    def __init__(self, timeout, pause, backoff_min, backoff_max, late_window=None):
         super().__init__(timeout, pause, backoff_min, backoff_max)
         self._link = None
+        #: seconds after a timeout in which a late answer is expected (None: from the timeout)
+        self.late_window = late_window
+        self._late_until = 0.0      # monotonic end of the pending late-answer window (0: none)
 
     def _close(self):
         link, self._link = self._link, None
@@ -400,10 +445,12 @@ class _RtuBase(_Client):
         if self._link is None:
             self._open()
         try:
-            gap = max(self.pause, self._silence)
-            if gap:
-                self._wait_gap(gap)
             try:
+                if self._late_until:
+                    self._drop_late_answer()
+                gap = max(self.pause, self._silence)
+                if gap:
+                    self._wait_gap(gap)
                 self._link.drop_input()  # stale bytes (late answers, noise) must not be read as the answer
             except ConnectionLost:
                 # the peer closed the idle link (gateways do); nothing was sent yet: reopen once
@@ -421,10 +468,42 @@ class _RtuBase(_Client):
         except ConnectionLost:
             self._lost()
             raise
+        except (ModbusTimeout, FrameError) as e:
+            # no (whole) answer: the rest of it may still come; keep it from the next request
+            self._late_until = _monotonic() + self._late_window(expected)
+            if isinstance(e, ModbusTimeout):
+                self._timed_out()
+            raise
         finally:
             self._last_end = _monotonic()
         self._failures = 0
+        self._timeouts = 0
         return adu
+
+    def _late_window(self, expected):
+        if self.late_window is not None:
+            return float(self.late_window)
+        share = min(max(self.timeout * LATE_WINDOW_SHARE, LATE_WINDOW_MIN), LATE_WINDOW_MAX)
+        return share + self._silence + self._char_time * expected
+
+    def _drop_late_answer(self):
+        """Wait until the late-answer window ends and the line is quiet, dropping what arrives."""
+        link = self._link
+        until, self._late_until = self._late_until, 0.0
+        limit = until + self.timeout    # a busy line (another master) cannot hold us longer
+        quiet = LATE_QUIET + self._silence
+        dropped = False
+        while True:
+            now = _monotonic()
+            remaining = min(until, limit) - now
+            if remaining <= 0:
+                break
+            if link.read_some(_RECV_SIZE, remaining):
+                dropped = True
+                self._last_end = now = _monotonic()  # the 3.5-character silence counts from here
+                until = max(until, now + quiet)
+        if dropped:
+            self.stats["stale_discarded"] += 1
 
     def _broadcast(self, request):
         """Unit 0 (Serial Line 2.1): every device executes the write, none answers. The next
@@ -446,13 +525,15 @@ class _RtuBase(_Client):
     def _receive(self, unit, function, expected, deadline):
         """The response frame for (unit, function).
 
-        Complete frames for other requests (a late answer, another master's traffic) are
-        skipped; bytes that start no valid frame (line noise, a bias glitch before the answer)
-        are skipped one at a time until a frame starts. Either way the wait ends at `deadline`.
+        Complete frames for other requests (a late answer, another master's traffic, a read
+        answer of this unit and function with another byte count) are skipped; bytes that start
+        no valid frame (line noise, a bias glitch before the answer) are skipped one at a time
+        until a frame starts. Either way the wait ends at `deadline`.
         """
         buf = b""
         skipped = b""       # noise bytes dropped while hunting for a frame start
         stale = None        # the last complete frame that answered something else
+        byte_count = expected - rtu.OVERHEAD - 2 if function in _READ_CODES else None
         while True:
             if len(buf) < rtu.EXCEPTION_ADU_LENGTH:
                 try:
@@ -464,28 +545,52 @@ class _RtuBase(_Client):
                                          expected=f"unit {unit} fc {function:02d}",
                                          got=skipped + got) from None
                     if stale is not None and not buf:
+                        if stale[0] == unit and stale[1] == function:
+                            raise FrameError(
+                                "no answer of the expected size, only one with byte count %d "
+                                "(a late answer to an earlier read, or the device answers "
+                                "another count)" % stale[2],
+                                expected=f"byte count {byte_count}", got=stale) from None
                         raise FrameError("no answer, only a frame for another request",
                                          expected=f"unit {unit} fc {function:02d}", got=stale) from None
                     raise
             if buf[0] == unit and (buf[1] == function or buf[1] == function | 0x80):
-                n = rtu.EXCEPTION_ADU_LENGTH if buf[1] & 0x80 else expected
+                if buf[1] & 0x80:
+                    n = rtu.EXCEPTION_ADU_LENGTH
+                else:
+                    n = expected
+                    if byte_count is not None and buf[2] != byte_count:
+                        # a read answer of another size: a late answer to an earlier read of
+                        # this unit if it is a whole frame by its own byte count
+                        buf, whole = self._whole_frame(buf, buf[2] + rtu.OVERHEAD + 2, deadline)
+                        if whole:
+                            stale, buf = buf[:whole], buf[whole:]
+                            continue
                 if len(buf) < n:
                     buf += self._read_exact(n - len(buf), deadline, buf)
                 # ours by its header; the codec checks length, CRC and the rest
                 return buf[:n]
-            # not ours: cut a whole frame by its own length if it is one. A real frame arrives
-            # in one burst, so wait only as long as its bytes take on the line.
+            # not ours: cut a whole frame by its own length if it is one
             n = rtu.frame_length(buf)
             if n is not None and n <= rtu.MAX_ADU_LENGTH:
-                if len(buf) < n:
-                    burst = min(deadline, _monotonic() + 0.02 + 2 * self._char_time * n)
-                    buf += self._read_upto(n - len(buf), burst)
-                if len(buf) >= n and rtu.crc16(buf[:n]) == 0:
-                    self.stats["stale_discarded"] += 1
-                    stale, buf = buf[:n], buf[n:]
+                buf, whole = self._whole_frame(buf, n, deadline)
+                if whole:
+                    stale, buf = buf[:whole], buf[whole:]
                     continue
             skipped += buf[:1]
             buf = buf[1:]
+
+    def _whole_frame(self, buf, n, deadline):
+        """(buf, n) when the first `n` bytes of `buf` are a frame whose CRC holds, counted as
+        stale; else (buf, 0). A real frame arrives in one burst, so more bytes are waited for
+        only as long as they take on the line."""
+        if len(buf) < n:
+            burst = min(deadline, _monotonic() + 0.02 + 2 * self._char_time * n)
+            buf += self._read_upto(n - len(buf), burst)
+        if len(buf) >= n and rtu.crc16(buf[:n]) == 0:
+            self.stats["stale_discarded"] += 1
+            return buf, n
+        return buf, 0
 
     def _read_upto(self, n, deadline):
         """Up to `n` bytes, whatever arrives before `deadline`."""
@@ -603,8 +708,8 @@ class RtuClient(_RtuBase):
     """RTU master on a serial port (pyserial)."""
 
     def __init__(self, port, baudrate=9600, parity="N", bytesize=8, stopbits=1, timeout=0.5,
-                 pause=0.0, rs485_echo=False, backoff_max=60.0, backoff_min=0.5):
-        super().__init__(timeout, pause, backoff_min, backoff_max)
+                 pause=0.0, rs485_echo=False, backoff_max=60.0, backoff_min=0.5, late_window=None):
+        super().__init__(timeout, pause, backoff_min, backoff_max, late_window)
         self.port = port
         self.baudrate = int(baudrate)
         self.parity = str(parity).upper()[:1]
@@ -634,9 +739,11 @@ class RtuClient(_RtuBase):
 class RtuOverTcpClient(_RtuBase):
     """RTU frames on a TCP socket (serial-to-Ethernet gateways in transparent mode)."""
 
+    close_after_timeouts = 2
+
     def __init__(self, host, port=502, timeout=1.0, connect_timeout=None, pause=0.0,
-                 backoff_max=60.0, backoff_min=0.5):
-        super().__init__(timeout, pause, backoff_min, backoff_max)
+                 backoff_max=60.0, backoff_min=0.5, late_window=None):
+        super().__init__(timeout, pause, backoff_min, backoff_max, late_window)
         self.host = host
         self.port = int(port)
         self.connect_timeout = float(connect_timeout) if connect_timeout else self.timeout
