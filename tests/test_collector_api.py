@@ -134,6 +134,45 @@ def test_config_errors_name_file_line_section_and_key(tmp_path):
     assert len(errs) == 5
 
 
+SECRET = "S3cretPassw0rd"
+SECRET_TOKEN = "9f8e7d6c5b4a39281706f5e4d3c2b1a0"
+
+
+@pytest.mark.parametrize("text,where", [
+    ("[collector]\ndb = postgresq://ingest:%s@db.example/modbus\n" % SECRET, ":2: [collector] db:"),
+    ("[collector]\ndb = mysql://ingest:%s@db/x?password=%s\n" % (SECRET, SECRET), ":2: [collector] db:"),
+    ("[tokens]\nsite7 %s\n" % SECRET_TOKEN, ":2: [tokens]: expected `key = value`"),
+    ("[tokens]\nsite7 = 0123456789abcdef\n  %s\n[collector]\nread_token %s\n" % (SECRET_TOKEN, SECRET_TOKEN),
+     ":5: [collector]: expected `key = value`, got a line starting 'read_token'"),
+    ("site7 = %s\n[tokens]\n" % SECRET_TOKEN, ":1: expected a [section] header"),
+    ("[tokens]\nsite7 = %s\nsite7 = %s\n" % (SECRET_TOKEN, SECRET_TOKEN), ":3: [tokens] site7: given twice"),
+])
+def test_config_errors_never_show_passwords_or_tokens(tmp_path, text, where):
+    p = tmp_path / "c.ini"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert str(p) + where in msg, msg
+    assert SECRET not in msg and SECRET_TOKEN not in msg, msg
+
+
+def test_db_password_is_redacted_in_overrides_repr_and_cli_output(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, db="postgresq://u:%s@h/db" % SECRET)
+    assert "postgresq://u:***@h/db" in str(e.value) and SECRET not in str(e.value)
+    cfg = load_config(None, db="postgresql://u:%s@h/db?password=%s" % (SECRET, SECRET))
+    assert SECRET not in repr(cfg)
+    # The CLI's start failure names the database without the password (port 1: refused at once).
+    pytest.importorskip("psycopg")
+    r = subprocess.run([sys.executable, "-m", "agent.collector.cli", "--listen", "127.0.0.1:0",
+                        "--db", "postgresql://ingest:%s@127.0.0.1:1/modbus?connect_timeout=5" % SECRET],
+                       cwd=tmp_path, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 1 and "cannot start" in r.stderr, r.stderr
+    assert SECRET not in r.stdout + r.stderr
+
+
 def test_defaults_are_local_and_open():
     cfg = load_config(None)
     assert cfg.listen == "127.0.0.1:8080" and cfg.db == "sqlite:///collector.db"
@@ -292,6 +331,29 @@ def test_tokens(secure, caplog):
     assert r.status == 200 and r.json()["stored"] == 1
     assert TOKEN_A not in caplog.text and TOKEN_B not in caplog.text and "wrong-token" not in caplog.text
     assert "401" in caplog.text  # the refusals were logged, without the tokens
+
+
+def test_refusals_are_logged_with_the_agent_and_where_never_the_token(secure, caplog):
+    caplog.set_level(logging.INFO, logger="modbus.collector")
+    auth_a = {"Authorization": "Bearer " + TOKEN_A}
+    bad = dict(data("a", 1), ts="yesterday")
+    r = secure.post(batch("a", [data("a", 0), bad]), headers=auth_a)
+    assert r.status == 422
+    line = [m for m in caplog.messages if " 422 " in m][-1]
+    assert "agent 'a'" in line and "where %s" % r.json()["where"] in line and "127.0.0.1" in line, line
+    r = secure.post(batch("a", [data("a", 1)]), headers={"Authorization": "Bearer " + TOKEN_B})
+    assert r.status == 403
+    line = [m for m in caplog.messages if " 403 " in m][-1]
+    assert "agent 'a' (token of 'b')" in line and "where $.agent" in line, line
+    r = secure.post(b'{"agent": "a\\nforged line", "records": []}', headers=auth_a)
+    assert r.status == 403
+    line = [m for m in caplog.messages if " 403 " in m][-1]
+    assert "\n" not in line and "agent 'a\\nforged line' (token of 'a')" in line, line
+    r = secure.post(b"{", headers=auth_a)  # the body never got as far as naming an agent
+    assert r.status == 400
+    line = [m for m in caplog.messages if " 400 " in m][-1]
+    assert " agent " not in line and "(token of 'a')" in line, line
+    assert TOKEN_A not in caplog.text and TOKEN_B not in caplog.text
 
 
 def test_read_token_protects_queries_but_not_health(secure):

@@ -13,10 +13,12 @@ import json
 import logging
 import threading
 import time
+import traceback
 import zlib
 from urllib.parse import parse_qs
 
 from agent.collector import page, validate
+from agent.collector.config import redact
 from agent.collector.store import ROW_COLUMNS, finite
 from agent.record import utc_timestamp
 
@@ -84,6 +86,22 @@ def _plain(doc):
     return doc
 
 
+_AGENT_KEY = "modbus_collector.agent"  # environ: the batch's agent id, once read
+_TOKEN_AGENT_KEY = "modbus_collector.token_agent"  # environ: the agent the token belongs to
+
+
+def _agent_note(environ):
+    """' agent X' (and ' (token of Y)' when that differs) for a log line, or ''."""
+    agent = environ.get(_AGENT_KEY)
+    token_agent = environ.get(_TOKEN_AGENT_KEY)
+    out = ""
+    if agent is not None:  # repr: the body's agent may be any JSON value, newlines included
+        out = " agent %s" % repr(agent[:64] if type(agent) is str else agent)[:80]
+    if token_agent is not None and token_agent != agent:
+        out += " (token of %r)" % token_agent
+    return out
+
+
 def _db_errors(dialect):
     """Exception classes that mean 'storage unavailable' (503): the agent backs off and retries."""
     import sqlite3
@@ -131,11 +149,14 @@ class CollectorApp:
             if e.status >= 500:
                 log.warning("%s %s: %d %s", environ.get("REQUEST_METHOD"), path, e.status, e.error)
             else:
-                log.info("%s %s from %s: %d %s (%s)", environ.get("REQUEST_METHOD"), path,
-                         environ.get("REMOTE_ADDR", "?"), e.status, e.error, e.where)
+                # Which agent, when the body got that far (an agent's quarantined batch is found
+                # by its id, not by the router's changing address); the token never.
+                log.info("%s %s from %s%s: %d %s (where %s)", environ.get("REQUEST_METHOD"), path,
+                         environ.get("REMOTE_ADDR", "?"), _agent_note(environ), e.status, e.error,
+                         e.where)
             return self._json(start_response, e.status, {"error": e.error, "where": e.where}, e.headers)
         except self._db_errors as e:
-            log.error("%s %s: database error: %s", environ.get("REQUEST_METHOD"), path, e)
+            log.error("%s %s: database error: %s", environ.get("REQUEST_METHOD"), path, redact(e))
             return self._json(start_response, 503, {"error": "database unavailable", "where": "storage"},
                               [("Retry-After", "5")])
 
@@ -265,6 +286,8 @@ class CollectorApp:
     def post_batches(self, environ, start_response):
         t0 = time.monotonic()
         token_agent = self._token_agent(environ) if self.cfg.tokens_required else None
+        if token_agent is not None:
+            environ[_TOKEN_AGENT_KEY] = token_agent
         body = self._read_body(environ, _JSON_TYPES)
         received = self.clock()
         rows = head = None
@@ -275,12 +298,14 @@ class CollectorApp:
             except UnicodeDecodeError:
                 pass
         if head is not None:
-            agent = head[0]
+            agent = environ[_AGENT_KEY] = head[0]
             if token_agent is not None and agent != token_agent:
                 raise HTTPError(403, "token belongs to another agent", "$.agent")
             rows = validate.fast_rows(text, head[1], agent, received, self.cfg.max_records, self.cfg.max_depth)
         if rows is None:  # the general path: any shape, every check, precise errors
             doc = self._parse_json(body, validate.parse_batch)
+            if type(doc) is dict and "agent" in doc:
+                environ[_AGENT_KEY] = doc["agent"]
             if token_agent is not None and type(doc) is dict and doc.get("agent") != token_agent:
                 raise HTTPError(403, "token belongs to another agent", "$.agent")
             try:
@@ -299,6 +324,7 @@ class CollectorApp:
         if mode == "closed":
             raise HTTPError(404, "/receive-data is closed on this collector", "receive_data")
         agent = self._token_agent(environ) if mode == "token" else self.cfg.receive_data_agent
+        environ[_AGENT_KEY] = agent
         doc = self._read_json(environ, _LEGACY_TYPES)
         received = self.clock()
         recs, prefix = (doc, "$") if type(doc) is list else ([doc], None)
@@ -320,7 +346,7 @@ class CollectorApp:
         try:
             version = self.store.ping()
         except Exception as e:  # any driver error: the answer is "not healthy", not a 500
-            return self._json(start_response, 503, {"status": "error", "db": "unreachable: %s" % e,
+            return self._json(start_response, 503, {"status": "error", "db": "unreachable: %s" % redact(e),
                                                    "where": "storage"})
         return self._json(start_response, 200, {"status": "ok", "db": "ok", "schema": version,
                                                "time": utc_timestamp(self.clock())})
@@ -423,7 +449,7 @@ class CollectorApp:
                 try:
                     self.retention_once(pause=0.05)
                 except Exception:
-                    log.exception("retention failed; will retry")
+                    log.error("retention failed; will retry:\n%s", redact(traceback.format_exc()).rstrip())
                 self._stop.wait(self.cfg.retention_interval)
 
         self._retention_thread = threading.Thread(target=loop, name="retention", daemon=True)

@@ -216,19 +216,20 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     from agent.collector import make_app
-    from agent.collector.config import ConfigError, load_config, parse_listen
+    from agent.collector.config import ConfigError, load_config, parse_listen, redact
 
     try:
         cfg = load_config(args.config, listen=args.listen, db=args.db, log_level=args.log_level)
         host, port = parse_listen(cfg.listen)
     except (ConfigError, ValueError) as e:
-        print("modbus-collector: %s" % e, file=sys.stderr)
+        print("modbus-collector: %s" % redact(e), file=sys.stderr)
         return 2
     logging.basicConfig(level=getattr(logging, cfg.log_level), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not cfg.tokens_required:
         log.warning("agents are accepted WITHOUT tokens (no [tokens] configured)%s",
-                    "" if args.config else "; built-in defaults: listening on %s, storing in %s" % (cfg.listen, cfg.db))
+                    "" if args.config else "; built-in defaults: listening on %s, storing in %s"
+                    % (cfg.listen, redact(cfg.db)))
     workers = args.workers or cfg.workers
     try:
         if workers > 1:
@@ -240,7 +241,7 @@ def main(argv=None):
             app = make_app(cfg)
             server = make_server(host, port, app, cfg.max_connections)
     except Exception as e:
-        log.error("cannot start: %s", e)
+        log.error("cannot start: %s", redact(e))
         return 1
 
     def stop(signum, frame):
@@ -248,7 +249,7 @@ def main(argv=None):
 
     signal.signal(signal.SIGTERM, stop)
     log.info("modbus-collector %s listening on http://%s:%d, storing in %s%s", __version__, host,
-             server.server_address[1], cfg.db.split("@")[-1],  # no password in the log
+             server.server_address[1], redact(cfg.db),
              " (%d worker processes)" % workers if workers > 1 else "")
     if workers > 1:
         return _prefork(server, cfg, workers)
@@ -276,7 +277,11 @@ def _worker(server, cfg, k):
     except KeyboardInterrupt:
         pass
     except Exception:
-        log.exception("worker %d failed", k)
+        import traceback
+
+        from agent.collector.config import redact
+
+        log.error("worker %d failed:\n%s", k, redact(traceback.format_exc()).rstrip())
         code = 1
     finally:
         if app is not None:

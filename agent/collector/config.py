@@ -35,6 +35,17 @@ _SIZE = re.compile(r"^\s*(\d+)\s*([kKmMgG]?)[bB]?\s*$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 _AGENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+# Secrets inside text: a URL's userinfo password (scheme://user:PASSWORD@host; up to the last @,
+# since passwords are not always percent-encoded) and password=VALUE (URL query, libpq keywords).
+_URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@'\"]*:)[^\s'\"]*@")
+_KEY_PASSWORD = re.compile(r"(\bpassword\s*=\s*)[^\s&'\"]+", re.IGNORECASE)
+
+
+def redact(text):
+    """`text` with database passwords replaced by ***: run every error or log text that may hold
+    the db URL (or a driver's message about it) through this."""
+    text = _URL_PASSWORD.sub(r"\1***@", str(text))
+    return _KEY_PASSWORD.sub(r"\1***", text)
 
 
 class ConfigError(Exception):
@@ -66,8 +77,8 @@ class Config:
             return "token" if self.tokens_required else "open"
         return self.receive_data
 
-    def __repr__(self):  # never show tokens
-        return "Config(listen=%r, db=%r, agents=%d)" % (self.listen, self.db, len(self.tokens))
+    def __repr__(self):  # never show tokens or the database password
+        return "Config(listen=%r, db=%r, agents=%d)" % (self.listen, redact(self.db), len(self.tokens))
 
 
 def parse_size(text):
@@ -115,6 +126,45 @@ def _line_numbers(path):
     return where
 
 
+def _section_at(path, lineno):
+    """The [section] a line number of the file belongs to (None before the first header)."""
+    section = None
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if n >= lineno:
+                break
+            s = line.strip()
+            if s.startswith("[") and s.endswith("]"):
+                section = s[1:-1].strip()
+    return section
+
+
+def _syntax_errors(path, e):
+    """configparser's error as `file:line: [section]: reason` lines. configparser quotes the
+    offending lines, and a [tokens] line, a read_token or a db URL holds a secret: lines before
+    any section header or inside [tokens] are not shown at all, others only up to the first
+    space (the key that lacks its `=`), with passwords redacted."""
+    if isinstance(e, configparser.MissingSectionHeaderError):
+        return ["%s:%d: expected a [section] header before the first setting (line not shown: it may "
+                "hold a secret)" % (path, e.lineno)]
+    if isinstance(e, configparser.ParsingError):
+        out = []
+        for lineno, line in e.errors:
+            section = _section_at(path, lineno)
+            if section in (None, "tokens"):
+                shown = "(line not shown: it may hold a token)"
+            else:
+                words = str(line).strip("'\"").split()  # configparser hands over repr(line)
+                shown = "got a line starting %r" % redact(words[0] if words else "")[:60]
+            out.append("%s:%d: [%s]: expected `key = value`, %s" % (path, lineno, section, shown))
+        return out
+    if isinstance(e, configparser.DuplicateOptionError):
+        return ["%s:%s: [%s] %s: given twice" % (path, e.lineno, e.section, e.option)]
+    if isinstance(e, configparser.DuplicateSectionError):
+        return ["%s:%s: [%s]: section given twice" % (path, e.lineno, e.section)]
+    return ["%s: %s" % (path, redact(e))]
+
+
 def convert(key, value):
     """Typed value for one [collector] key; raises ValueError with the reason."""
     if key in ("max_body_bytes", "max_decompressed_bytes"):
@@ -147,7 +197,7 @@ def convert(key, value):
     if key == "db":
         if not (value.startswith("sqlite://") or value.startswith("postgresql://")
                 or value.startswith("postgres://")):
-            raise ValueError("expected sqlite:///path or postgresql://..., got %r" % value)
+            raise ValueError("expected sqlite:///path or postgresql://..., got %r" % redact(value))
         return value
     if key == "log_level":
         v = value.upper()
@@ -168,8 +218,10 @@ def load_config(path=None, **overrides):
         try:
             with open(path, encoding="utf-8") as f:
                 cp.read_file(f)
-        except (OSError, configparser.Error) as e:
+        except OSError as e:
             raise ConfigError(["%s: %s" % (path, e)]) from None
+        except configparser.Error as e:
+            raise ConfigError(_syntax_errors(path, e)) from None
         lines = _line_numbers(path)
 
         def where(section, key):
