@@ -342,6 +342,40 @@ def test_two_collector_processes_share_one_postgres_database(pg_url):
 
 
 @pytest.mark.postgres
+def test_overlapping_batches_on_two_workers_do_not_deadlock(pg_url):
+    """Two collector processes (two stores) each get a batch of one agent at the same moment,
+    overlapping in seq, devices first seen in opposite order. Rows are locked in one order
+    (records by seq, devices by name), so neither waits for the other in a cycle; a deadlock
+    would be a 503 and a retry for the agent, not a loss, but it costs a second each."""
+    stores = [open_store(pg_url), open_store(pg_url)]
+    errors = []
+    try:
+        for rnd in range(8):
+            base = rnd * 1000
+            a = [data("a", base + i, device="d%02d" % (i % 30)) for i in range(60)]
+            b = [data("a", base + i, device="d%02d" % (i % 30)) for i in range(30, 90)][::-1]
+            barrier = threading.Barrier(2)
+
+            def post(store, recs, barrier=barrier):
+                try:
+                    barrier.wait(10)
+                    ingest(store, "a", recs)
+                except Exception as e:
+                    errors.append(e)
+
+            threads = [threading.Thread(target=post, args=(st, recs)) for st, recs in zip(stores, (a, b))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            assert not errors, errors
+        assert stored_seqs(stores[0], "a") == [r * 1000 + i for r in range(8) for i in range(90)]
+    finally:
+        for st in stores:
+            st.close()
+
+
+@pytest.mark.postgres
 def test_the_app_over_postgres(pg_url):
     """The WSGI app end to end on PostgreSQL: post, duplicate, query, health."""
     import io

@@ -7,6 +7,7 @@ a long query, fetched in chunks, connection released when the generator is close
 """
 import json
 import math
+import operator
 
 from agent.collector.schema import VERSION, statements
 from agent.collector.validate import fast_record
@@ -17,6 +18,10 @@ _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=
 ROW_COLUMNS = ("agent", "seq", "ts", "kind", "device", "unit", "status", "payload", "clock", "received")
 DEVICE_COLUMNS = ("agent", "device", "unit", "last_ts", "last_status", "values_ts", "last_values",
                   "error_ts", "last_error", "health_ts", "health", "records", "errors", "last_seen")
+
+
+_seq_of = operator.itemgetter(1)  # ROW_COLUMNS: (agent, seq, ...)
+_device_key = operator.itemgetter(0, 1)  # DEVICE_COLUMNS: (agent, device, ...)
 
 
 def open_store(url, **kw):
@@ -196,11 +201,18 @@ class Store:
                     fresh.append(r)
         else:
             fresh = rows
+        # Lock order (PostgreSQL): two overlapping batches of one agent on two workers must take
+        # their row locks in the same order, or each waits for the other (deadlock: 503 and a
+        # retry). So records by seq (an agent's batch is in seq order already: sorting it costs
+        # one pass; legacy content-hash seqs are not), then devices by name, then the one agent
+        # row last. aggregate() then sees rows in seq order: of two equal ts, the higher seq wins.
+        fresh = sorted(fresh, key=_seq_of)
         stored = self._insert(cur, fresh) if fresh else 0
         # `stored` < len(fresh) only if another process stored some of them in between: the
         # device counters may then count those twice, the records themselves never.
         devices, gaps, dropped = aggregate(fresh)
         if devices:
+            devices.sort(key=_device_key)
             cur.executemany(self.sql_device, devices)
         cur.execute(self.sql_agent, (agent, hi, stored, gaps, dropped, received, received))
         max_seq = cur.fetchone()[0]
