@@ -86,6 +86,20 @@ def test_late_answer_of_another_count_is_skipped(late_pty):
     assert device.requests == [0, 100, 200]
 
 
+def test_late_answer_of_the_same_shape_right_before_ours_is_skipped(late_pty):
+    # a device still busy with the timed-out read answers it when the next request arrives,
+    # then answers that one: same unit, function and byte count. The first read after a
+    # failure listens one window past its answer and takes the second whole answer.
+    device, client = late_pty("after_next_request")
+    with pytest.raises(ModbusTimeout):
+        client.read(1, 3, 0, 2)
+    assert client.read(1, 3, 100, 2) == regs(100, 101)
+    assert client.stats["stale_discarded"] == 1
+    assert client.stats["crc_errors"] == client.stats["frame_errors"] == 0
+    assert client.read(1, 3, 200, 2) == regs(200, 201)
+    assert device.requests == [0, 100, 200]
+
+
 def test_late_answer_of_the_same_shape_is_dropped_before_the_next_request(late_pty):
     # the late answer has the same unit, function and byte count as the next answer: nothing
     # in it tells it apart, so it must not be on the line when the next request goes out

@@ -402,10 +402,14 @@ class _RtuBase(_Client):
       0.05..0.25 s, plus the time the missing answer takes on the line), dropping whatever
       arrives, and extended while bytes keep coming until the line is quiet (bounded by the
       timeout).
-    Blind spot: a device that answers later than that window, after our next request went
-    out, with a frame of the same unit, function code and byte count as the next answer (the
-    same read again, or another read of the same size) is indistinguishable from the answer
-    and is taken as it. A `timeout` that covers the device's slowest answer avoids it.
+    - the first read after such a failure listens one more window after its answer: a
+      second whole answer of the same shape right behind it means the first was the late
+      answer (a device still busy answers the old request when the new one arrives).
+    Blind spot: a late answer with the same unit, function code and byte count as the next
+    answer (the same read again, or another read of the same size) that arrives after the
+    next request went out, and more than a window before the real answer (or with no real
+    answer behind it), is indistinguishable from the answer and is taken as it. A `timeout`
+    that covers the device's slowest answer avoids it.
     """
 
     rs485_echo = False
@@ -420,6 +424,7 @@ class _RtuBase(_Client):
         #: seconds after a timeout in which a late answer is expected (None: from the timeout)
         self.late_window = late_window
         self._late_until = 0.0      # monotonic end of the pending late-answer window (0: none)
+        self._rest = b""            # bytes read past the last answer
 
     def _close(self):
         link, self._link = self._link, None
@@ -444,9 +449,11 @@ class _RtuBase(_Client):
     def _transact(self, request, unit, function, expected):
         if self._link is None:
             self._open()
+        # the exchange after a failed one: a late answer may still be on its way (see below)
+        suspect = bool(self._late_until)
         try:
             try:
-                if self._late_until:
+                if suspect:
                     self._drop_late_answer()
                 gap = max(self.pause, self._silence)
                 if gap:
@@ -465,6 +472,8 @@ class _RtuBase(_Client):
                     raise FrameError("RS-485 echo does not match the request",
                                      expected=request.hex(" "), got=echo)
             adu = self._receive(unit, function, expected, deadline)
+            if suspect and function in _READ_CODES and len(adu) == expected:
+                adu = self._second_answer(adu, unit, function, expected)
         except ConnectionLost:
             self._lost()
             raise
@@ -485,6 +494,22 @@ class _RtuBase(_Client):
             return float(self.late_window)
         share = min(max(self.timeout * LATE_WINDOW_SHARE, LATE_WINDOW_MIN), LATE_WINDOW_MAX)
         return share + self._silence + self._char_time * expected
+
+    def _second_answer(self, adu, unit, function, expected):
+        """First read after a failed one: a device still busy with the failed request may
+        answer it only when our request arrives, and ours right behind. Listen one more
+        late-answer window; a second whole answer of the same shape means the first was the
+        late one. (Only here: it costs that window once per failure.)"""
+        if rtu.crc16(adu):
+            return adu      # the codec reports it
+        more = self._rest
+        if len(more) < expected:
+            more += self._read_upto(expected - len(more), _monotonic() + self._late_window(expected))
+        if len(more) >= expected and more[0] == unit and more[1] == function \
+                and rtu.crc16(more[:expected]) == 0:
+            self.stats["stale_discarded"] += 1
+            return more[:expected]
+        return adu
 
     def _drop_late_answer(self):
         """Wait until the late-answer window ends and the line is quiet, dropping what arrives."""
@@ -569,6 +594,7 @@ class _RtuBase(_Client):
                 if len(buf) < n:
                     buf += self._read_exact(n - len(buf), deadline, buf)
                 # ours by its header; the codec checks length, CRC and the rest
+                self._rest = buf[n:]
                 return buf[:n]
             # not ours: cut a whole frame by its own length if it is one
             n = rtu.frame_length(buf)
