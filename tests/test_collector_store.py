@@ -347,13 +347,14 @@ def test_overlapping_batches_on_two_workers_do_not_deadlock(pg_url):
     overlapping in seq, devices first seen in opposite order. Rows are locked in one order
     (records by seq, devices by name), so neither waits for the other in a cycle; a deadlock
     would be a 503 and a retry for the agent, not a loss, but it costs a second each."""
+    rounds = 25  # without the fix, 5 runs out of 5 deadlocked within these rounds
     stores = [open_store(pg_url), open_store(pg_url)]
     errors = []
     try:
-        for rnd in range(8):
+        for rnd in range(rounds):
             base = rnd * 1000
-            a = [data("a", base + i, device="d%02d" % (i % 30)) for i in range(60)]
-            b = [data("a", base + i, device="d%02d" % (i % 30)) for i in range(30, 90)][::-1]
+            a = [data("a", base + i, device="d%02d" % (i % 50)) for i in range(200)]
+            b = [data("a", base + i, device="d%02d" % (i % 50)) for i in range(100, 300)][::-1]
             barrier = threading.Barrier(2)
 
             def post(store, recs, barrier=barrier):
@@ -369,7 +370,7 @@ def test_overlapping_batches_on_two_workers_do_not_deadlock(pg_url):
             for t in threads:
                 t.join(60)
             assert not errors, errors
-        assert stored_seqs(stores[0], "a") == [r * 1000 + i for r in range(8) for i in range(90)]
+        assert stored_seqs(stores[0], "a") == [r * 1000 + i for r in range(rounds) for i in range(300)]
     finally:
         for st in stores:
             st.close()
