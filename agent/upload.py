@@ -5,27 +5,52 @@ the spool's lines (never re-encoded), Content-Type application/json, optional Co
 Authorization: Bearer TOKEN. The collector is idempotent on (agent, seq), so a batch whose answer was
 lost is simply sent again: at-least-once here + idempotent storage there = exactly once.
 
+Time: the loop gives `drain` the monotonic time of the next poll. A request is only STARTED when
+the time left is at least max(MIN_REQUEST_TIME, a running estimate of recent request durations
+(EWMA of answered requests)); once started it runs to its own `[upload] timeout` and the poll waits
+for it. Cutting a request short would be worse than a late poll: a collector slower than the
+gap (cellular + TLS) would store every batch and never get to acknowledge one. A gap left unused
+only because of the estimate lowers it a little, so one slow answer cannot starve uploads for good.
+
+One agent per batch: the envelope's "agent" is always the agent of the records in the batch (every
+spool line starts {"agent":ID,"seq":...}). After an `[agent] id` rename the old id's backlog goes
+out as the old agent, in order, before the new id's records; nothing is rewritten or quarantined.
+If the collector refuses that agent for our token (403: the token belongs to the new id) the
+uploader backs off and logs an ERROR saying what to do: keep the old id until the backlog is
+uploaded, or let the collector accept this token for the old id. Blocking loudly is the price of
+never discarding good readings.
+
 Answers:
   2xx + the collector's answer {"stored": n, ...}
                        stored: the spool acknowledges the batch (the only way a record leaves it).
                        A 2xx without that answer (a captive portal, a proxy's page, a wrong URL
                        served by some web server) is NOT an acknowledgement: back off.
+                       Every record a duplicate while the collector already holds higher seqs:
+                       the signature of a spool whose seq restarted (readings discarded as
+                       duplicates): ERROR once per streak, counted as seq_reuse_suspected.
   3xx                  not followed (requests would turn the POST into a GET, and a GET's 200
                        would acknowledge records nobody stored): back off, log the Location
   413                  too large: split the batch in halves (down to one record; a single record
                        still too large is quarantined) and send smaller batches from then on
-  400, 422, other 4xx  the records are rejected: bisect to find the bad ones, quarantine only those
-                       with the reason, go on (one bad record never blocks the queue); unless the
-                       answer's "where" names the request, not a record ("$.agent", a header):
-                       then every batch would be rejected, so back off instead
+  400, 422, other 4xx  only the collector's own JSON error naming a record ("where":
+                       "$.records[i]...", or a position "body: ..." of malformed JSON) rejects
+                       records: bisect to find the bad ones, quarantine only those with the
+                       reason, go on (one bad record never blocks the queue). Anything else is
+                       not the records' fault and backs off with one log line naming the url,
+                       the status and the first bytes of the answer: a proxy's or WAF's HTML 400,
+                       "where" naming the request ("$.agent", a header), and "$.records[i].agent"
+                       when record i does carry an agent id (an id mismatch, not a bad record)
   401 403 404 405 407 408 411 415 421 425 426 429, 5xx, network errors
                        not the records' fault (token, URL, overload, outage): exponential back-off
                        with jitter up to backoff_max, nothing quarantined (Retry-After honoured)
+  timeout              the configured `timeout` passed: back off and send smaller batches (the
+                       batch may be too big for the link)
 """
 import gzip as _gzip
 import json
 import logging
 import random
+import re
 import time
 
 import requests
@@ -39,7 +64,13 @@ log = logging.getLogger("agent.upload")
 RETRY_4XX = frozenset((401, 403, 404, 405, 407, 408, 411, 415, 421, 425, 426, 429))
 GZIP_LEVEL = 1      # ~3x faster than level 6 on JSON, barely larger: the router's CPU is the bottleneck
 BACKOFF_BASE = 1.0
-MIN_REQUEST_TIME = 0.2  # do not start a request with less time than this before the deadline
+MIN_REQUEST_TIME = 0.2  # never start a request with less time than this before the next poll
+ESTIMATE_WEIGHT = 0.5   # EWMA weight of the latest answered request's duration
+ESTIMATE_DECAY = 0.8    # a gap skipped only because of the estimate lowers it by this factor
+
+_AGENT_KEY = b'{"agent":'
+_RECORD_AGENT = re.compile(r"^\$\.records\[(\d+)\]\.agent$")
+_JSON = json.JSONDecoder()
 
 
 class _Retry(Exception):
@@ -58,7 +89,9 @@ class Uploader:
         self.gzip_level = gzip_level
         self.timeout = float(timeout)
         self.backoff_max = float(backoff_max)
-        self._head = b'{"agent":' + json.dumps(agent_id, ensure_ascii=False).encode("utf-8") + b',"records":['
+        self._head = _envelope_head(agent_id)
+        # how the spool's lines of this agent start: a batch whose lines all start so is ours
+        self._line_prefix = _line_prefix(agent_id)
         self._session = session or requests.Session()
         # Passed with every request: a session-level verify loses to $REQUESTS_CA_BUNDLE in
         # requests (psf/requests#3829), which would silently ignore ca_file.
@@ -76,40 +109,72 @@ class Uploader:
         self._failures = 0
         self._backoff_until = 0.0       # monotonic
         self._retry_after = None
+        self._estimate = MIN_REQUEST_TIME   # seconds a request is expected to take (EWMA)
+        self._skipped = False               # the last drain call left its gap unused
+        self._seq_reuse_streak = False
         self._st = {"last_ok": None, "last_error": None, "last_error_at": None, "backoff_until": None,
                     "sent_total": 0, "batches_total": 0, "duplicates_total": 0, "quarantined_total": 0,
                     "failures_total": 0, "consecutive_failures": 0, "bytes_sent_total": 0,
-                    "last_max_seq": None}
+                    "last_max_seq": None, "seq_reuse_suspected": 0, "other_agent": None}
 
     # ------------------------------------------------------------------ public
 
-    def drain(self, spool, deadline):
-        """Upload batches until the spool is empty, the monotonic `deadline` passes or an error
-        starts a back-off. Returns {"status": "empty"|"deadline"|"backoff", "sent", "batches",
-        "quarantined"}; returns at once while a back-off is running."""
+    def drain(self, spool, deadline, slice_end=None):
+        """Upload batches until the spool is empty, the time left before the monotonic `deadline`
+        (the next poll) is too short to start another request, or an error starts a back-off.
+        A started request is never cut short by `deadline`: it runs to `timeout`. `slice_end`
+        (optional, monotonic): start no further batch after it, so the caller regains control
+        (timers, signals) in a long gap. Returns {"status": "empty"|"deadline"|"slice"|"backoff",
+        "sent", "batches", "quarantined"}; returns at once while a back-off is running."""
         res = {"status": "empty", "sent": 0, "batches": 0, "quarantined": 0}
         if time.monotonic() < self._backoff_until:
             res["status"] = "backoff"
             return res
+        started = False
         try:
             while True:
-                if deadline - time.monotonic() < MIN_REQUEST_TIME:
+                now = time.monotonic()
+                left = deadline - now
+                if left < self.request_time():
+                    if not started and left >= MIN_REQUEST_TIME:
+                        # A whole gap unused because of the estimate (the previous call started
+                        # nothing either, so this is not just the tail of a busy gap): lower it,
+                        # or one slow answer would keep every later gap idle for good.
+                        if self._skipped:
+                            self._estimate = max(MIN_REQUEST_TIME, self._estimate * ESTIMATE_DECAY)
+                        self._skipped = True
                     res["status"] = "deadline"
+                    break
+                if started and slice_end is not None and now >= slice_end:
+                    res["status"] = "slice"
                     break
                 batch = spool.peek(self._limit, self.batch_max_bytes)
                 if batch is None:
                     break
-                if not self._send_batch(spool, batch, deadline, res):
+                started = True
+                self._skipped = False
+                agent, batch = self._one_agent(batch)
+                if not self._send_batch(spool, batch, agent, deadline, res):
                     res["status"] = "deadline"
                     break
         except _Retry:
             res["status"] = "backoff"
         return res
 
+    def request_time(self):
+        """The time a gap must still have for a request to start (seconds)."""
+        return max(MIN_REQUEST_TIME, self._estimate)
+
+    def retry_in(self):
+        """Seconds until a back-off ends, None when not backing off: the loop wakes then."""
+        left = self._backoff_until - time.monotonic()
+        return left if left > 0 else None
+
     def state(self):
         """For the status file."""
         st = dict(self._st)
         st["batch_limit"] = self._limit
+        st["request_time"] = round(self._estimate, 3)
         return st
 
     def close(self):
@@ -117,64 +182,148 @@ class Uploader:
 
     # ------------------------------------------------------------------ batches
 
-    def _send_batch(self, spool, batch, deadline, res):
+    def _one_agent(self, batch):
+        """-> (agent, the leading part of `batch` whose records all belong to that agent). The
+        spool holds the records of an earlier `[agent] id` until they are uploaded; each goes out
+        under its own agent, so the collector's (agent, seq) identity is kept."""
+        lines = batch.lines
+        own = self._line_prefix
+        first = lines[0]
+        if first.startswith(own):
+            agent, prefix = self.agent_id, own
+        else:
+            agent = _line_agent(first)
+            if agent is None:   # no agent id: send it as ours, the collector judges the record
+                agent = self.agent_id
+            prefix = _line_prefix(agent)
+        k = 1
+        for line in lines[1:]:
+            if not line.startswith(prefix):
+                a = _line_agent(line)
+                if a != agent and not (a is None and agent == self.agent_id):
+                    break
+            k += 1
+        if agent != self.agent_id:
+            if self._st["other_agent"] != agent:
+                log.warning("upload: the spool holds records of agent %r (written before [agent] id became "
+                            "%r): sending them as %r", agent, self.agent_id, agent)
+            self._st["other_agent"] = agent
+        if k < batch.count:
+            batch = batch.split(k)[0]
+        return agent, batch
+
+    def _send_batch(self, spool, batch, agent, deadline, res):
         """Send one batch, splitting it on 413 and bisecting it on a rejection. Sub-batches are
-        sent in seq order so the spool's cursor only moves forward. False when the deadline
-        leaves no time for the next request (nothing is lost: the rest stays in the spool)."""
+        sent in seq order so the spool's cursor only moves forward. False when the time left
+        before `deadline` is too short to start the next request (nothing is lost: the rest
+        stays in the spool)."""
         stack = [batch]
         while stack:
             b = stack.pop()
-            left = deadline - time.monotonic()
-            if left < MIN_REQUEST_TIME:
+            if deadline - time.monotonic() < self.request_time():
                 return False
-            code, reason, answer = self._post(b, min(self.timeout, left))
-            if code is None or code >= 500 or code in RETRY_4XX or _envelope_error(code, answer):
-                if code is None and b.count > 1 and _timed_out(reason):
-                    # Too big for the time we have (slow uplink, busy collector, short gaps
-                    # between polls): smaller batches from now on, or it would never get through.
-                    self._limit = max(1, b.count // 2)
-                    self._ok_since_413 = 0
-                self._fail(code, reason, answer)
-                raise _Retry()
-            if 200 <= code < 300:
-                self._ok(b, answer)
+            code, reason, answer = self._post(b, agent)
+            if code is not None and 200 <= code < 300:
+                self._ok(b, agent, answer)
                 spool.ack(b)
                 res["sent"] += b.count
                 res["batches"] += 1
                 continue
-            if code == 413 and b.count > 1:
-                self._limit = max(1, b.count // 2)
-                self._ok_since_413 = 0
-                log.info("upload: 413 for %d records (%d bytes): splitting, batches of at most %d from now",
-                         b.count, b.nbytes, self._limit)
-            elif code != 413 and b.count > 1:
+            if code == 413:
+                if b.count > 1:
+                    self._limit = max(1, b.count // 2)
+                    self._ok_since_413 = 0
+                    log.info("upload: 413 for %d records (%d bytes): splitting, batches of at most %d from now",
+                             b.count, b.nbytes, self._limit)
+                    first, second = b.split()
+                    stack.append(second)
+                    stack.append(first)
+                    continue
+                self._quarantine(spool, b, code, reason, res)
+                continue
+            if code is not None and 400 <= code < 500 and code not in RETRY_4XX and \
+                    self._names_a_bad_record(b, answer):
+                if b.count == 1:
+                    self._quarantine(spool, b, code, reason, res)
+                    continue
                 log.info("upload: %d rejected %d records seq %d..%d (%s): bisecting to find the bad ones",
                          code, b.count, b.first_seq, b.last_seq, reason)
-            else:
-                why = "HTTP %d: %s" % (code, reason)
-                spool.quarantine(b, why)
-                self._st["quarantined_total"] += b.count
-                res["quarantined"] += b.count
+                first, second = b.split()
+                stack.append(second)
+                stack.append(first)
                 continue
-            first, second = b.split()
-            stack.append(second)
-            stack.append(first)
+            # Not the records' fault: network, timeout, 5xx, token, url, a proxy's page, an id.
+            if code is None and b.count > 1 and _timed_out(reason):
+                # The configured timeout passed: too big for the link or the collector, smaller
+                # batches from now on, or it would never get through.
+                self._limit = max(1, b.count // 2)
+                self._ok_since_413 = 0
+            self._fail(code, reason, self._hint(b, agent, code, answer))
+            raise _Retry()
         return True
 
-    def _body(self, batch):
-        body = self._head + b",".join(batch.lines) + b"]}"
+    def _names_a_bad_record(self, batch, answer):
+        """Is this 4xx the collector's verdict on a record (bisect, quarantine) rather than on the
+        request (back off)? Only the collector's JSON error names a record; a proxy's HTML 400
+        does not. "$.records[i].agent" is a record's fault only when record i carries no agent
+        id at all: a real id that differs from the envelope's is a mismatch, not a bad reading."""
+        if not isinstance(answer, dict):
+            return False
+        where, error = answer.get("where"), answer.get("error")
+        if not (isinstance(where, str) and isinstance(error, str) and error):
+            return False
+        m = _RECORD_AGENT.match(where)
+        if m:
+            i = int(m.group(1))
+            return i < batch.count and _line_agent(batch.lines[i]) is None
+        if where.startswith("$.records["):
+            return True
+        # malformed JSON located in the body: one of the joined lines (the envelope is ours)
+        return where.startswith("body:") or (where == "body" and error.startswith("malformed JSON"))
+
+    def _hint(self, batch, agent, code, answer):
+        """What the operator must do, for the failures a configuration change causes."""
+        where = answer.get("where") if isinstance(answer, dict) else None
+        if agent != self.agent_id and code in (401, 403):
+            return ("the spool still holds records of agent %r (before [agent] id became %r), and the collector "
+                    "refuses them with this token: keep [agent] id = %s until they are uploaded, or let the "
+                    "collector accept this token for %r; newer records wait behind them"
+                    % (agent, self.agent_id, agent, agent))
+        m = _RECORD_AGENT.match(where) if isinstance(where, str) else None
+        if m and int(m.group(1)) < batch.count:
+            return ("agent id mismatch: the spool's record says %r, the batch says %r, [agent] id is %r; "
+                    "nothing quarantined" % (_line_agent(batch.lines[int(m.group(1))]), agent, self.agent_id))
+        if where == "$.agent" and code not in (401, 403):
+            return "the collector refuses the agent id %r ([agent] id); nothing quarantined" % agent
+        if code is not None and 400 <= code < 500 and code not in RETRY_4XX and not _collector_error(answer):
+            return ("HTTP %d is not the collector's answer (a proxy, a firewall, plain HTTP to an HTTPS port?): "
+                    "check [upload] url; nothing quarantined" % code)
+        return None
+
+    def _quarantine(self, spool, b, code, reason, res):
+        spool.quarantine(b, "HTTP %d: %s" % (code, reason))
+        self._st["quarantined_total"] += b.count
+        res["quarantined"] += b.count
+
+    def _body(self, batch, agent):
+        head = self._head if agent == self.agent_id else _envelope_head(agent)
+        body = head + b",".join(batch.lines) + b"]}"
         if self.gzip:
             body = _gzip.compress(body, self.gzip_level)
         return body
 
-    def _post(self, batch, timeout):
+    def _post(self, batch, agent=None):
         """-> (status code or None for a network error, reason text, parsed JSON answer or None)."""
-        body = self._body(batch)
+        body = self._body(batch, self.agent_id if agent is None else agent)
+        t0 = time.monotonic()
         try:
-            r = self._session.post(self.url, data=body, headers=self._headers, timeout=timeout,
+            r = self._session.post(self.url, data=body, headers=self._headers, timeout=self.timeout,
                                    verify=self._verify, allow_redirects=False)
         except requests.exceptions.RequestException as e:
             return None, "%s: %s" % (type(e).__name__, _short(e)), None
+        # answered: how long requests take now decides which gaps can start one
+        took = time.monotonic() - t0
+        self._estimate += ESTIMATE_WEIGHT * (took - self._estimate)
         answer = None
         try:
             answer = r.json()
@@ -184,7 +333,7 @@ class Uploader:
         if isinstance(answer, dict) and answer.get("error"):
             reason = "%s (where: %s)" % (answer.get("error"), answer.get("where", "-"))
         elif r.status_code >= 400 and r.text:
-            reason = "%s: %s" % (reason, r.text[:200].replace("\n", " "))
+            reason = "%s: %s" % (reason, " ".join(r.text[:200].split())[:120])
         self._st["bytes_sent_total"] += len(body)
         if 300 <= r.status_code < 400:
             return None, "HTTP %d redirect to %s: not followed, check [upload] url" % (
@@ -199,16 +348,32 @@ class Uploader:
                 pass
         return r.status_code, reason, answer
 
-    def _ok(self, batch, answer):
+    def _ok(self, batch, agent, answer):
         st = self._st
         st["last_ok"] = utc_timestamp(time.time())
         st["sent_total"] += batch.count
         st["batches_total"] += 1
-        if isinstance(answer, dict):
-            if isinstance(answer.get("duplicates"), int):
-                st["duplicates_total"] += answer["duplicates"]
-            if isinstance(answer.get("max_seq"), int):
-                st["last_max_seq"] = answer["max_seq"]
+        dups = answer.get("duplicates") if isinstance(answer, dict) else None
+        max_seq = answer.get("max_seq") if isinstance(answer, dict) else None
+        if type(dups) is int:
+            st["duplicates_total"] += dups
+        if type(max_seq) is int:
+            st["last_max_seq"] = max_seq
+        if dups == batch.count and type(max_seq) is int and max_seq > batch.last_seq:
+            # All already there, and the collector holds later seqs too: a resend after a lost
+            # answer never looks like this (the collector's max would be this batch's last seq).
+            st["seq_reuse_suspected"] += batch.count
+            if not self._seq_reuse_streak:
+                self._seq_reuse_streak = True
+                log.error("upload: the collector already holds all %d records seq %d..%d of agent %r and has seqs "
+                          "up to %d: if this spool was recreated (new spool_dir, wiped flash) its seq restarted "
+                          "and these readings are being DISCARDED as duplicates; give the agent a new [agent] id "
+                          "or restore the spool's cursor (after a crash that lost the cursor, it is only a resend)",
+                          batch.count, batch.first_seq, batch.last_seq, agent, max_seq)
+        elif type(dups) is int and dups < batch.count:
+            self._seq_reuse_streak = False
+        if agent == self.agent_id:
+            st["other_agent"] = None
         if self._failures:
             log.info("upload: %s reachable again after %d failures", self.url, self._failures)
         self._failures = 0
@@ -220,13 +385,15 @@ class Uploader:
                 self._limit = min(self.batch_max_records, self._limit * 2)
                 self._ok_since_413 = 0
 
-    def _fail(self, code, reason, answer):
+    def _fail(self, code, reason, hint=None):
         self._failures += 1
         st = self._st
         st["failures_total"] += 1
         st["consecutive_failures"] = self._failures
         # code None: the reason names it (ConnectionError, ReadTimeout, SSLError, redirect, ...)
         st["last_error"] = reason if code is None else "HTTP %d: %s" % (code, reason)
+        if hint:
+            st["last_error"] += "; " + hint
         st["last_error_at"] = utc_timestamp(time.time())
         # Exponential, capped, with jitter (half to full delay) so a fleet of routers coming back
         # after an outage does not hit the collector in lockstep.
@@ -238,24 +405,43 @@ class Uploader:
             self._retry_after = None
         self._backoff_until = time.monotonic() + delay
         st["backoff_until"] = utc_timestamp(time.time() + delay)
-        log.warning("upload: %s %s; retry in %.1fs (failure %d)", self.url, st["last_error"], delay,
-                    self._failures)
+        # an operator's action is needed (hint): ERROR; an outage or overload: WARNING
+        log.log(logging.ERROR if hint else logging.WARNING, "upload: %s %s; retry in %.1fs (failure %d)",
+                self.url, st["last_error"], delay, self._failures)
+
+
+def _envelope_head(agent_id):
+    return b'{"agent":' + json.dumps(agent_id, ensure_ascii=False).encode("utf-8") + b',"records":['
+
+
+def _line_prefix(agent_id):
+    """How the spool starts a line of this agent (agent.record / agent.spool)."""
+    return b'{"agent":' + json.dumps(agent_id, ensure_ascii=False).encode("utf-8") + b',"seq":'
+
+
+def _line_agent(line):
+    """The agent id a spool line carries (a non-empty string), None when it has none."""
+    agent = None
+    try:
+        if line.startswith(_AGENT_KEY):
+            agent, _ = _JSON.raw_decode(line[len(_AGENT_KEY):len(_AGENT_KEY) + 1024].decode("utf-8", "replace"))
+        else:
+            rec = json.loads(line)
+            agent = rec.get("agent") if isinstance(rec, dict) else None
+    except ValueError:
+        return None
+    return agent if isinstance(agent, str) and agent else None
+
+
+def _collector_error(answer):
+    """The collector's error body: {"error": ..., "where": ...}."""
+    return isinstance(answer, dict) and isinstance(answer.get("error"), str) and isinstance(answer.get("where"), str)
 
 
 def _timed_out(reason):
     """A read timeout, or a send that timed out (requests wraps that in a ConnectionError);
     not a connect timeout, which says nothing about the batch."""
     return reason.startswith("ReadTimeout") or ("timed out" in reason and not reason.startswith("ConnectTimeout"))
-
-
-def _envelope_error(code, answer):
-    """A 4xx whose `where` names the request rather than a record ("$.agent", "$", a header):
-    every batch would get it, so quarantining would move the whole backlog aside. The collector
-    names record problems "$.records[i]..." and unparseable bodies "body..." (bisected)."""
-    if not (400 <= code < 500) or code == 413 or not isinstance(answer, dict):
-        return False
-    where = answer.get("where")
-    return isinstance(where, str) and bool(where) and not where.startswith(("$.records", "records", "body"))
 
 
 def _short(e):

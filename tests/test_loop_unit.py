@@ -310,3 +310,77 @@ def test_summary_names_each_device_the_backlog_and_a_starved_upload(tmp_path, si
         loop.shutdown()
     assert text.startswith("summary: meter ok=5(+5) failed=0(+0); spool ")
     assert "upload STARVED" in text and loop.uploader.state()["sent_total"] == 0
+
+
+def _serve(app, port=0):
+    import threading
+
+    from agent.collector.cli import make_server
+
+    server = make_server("127.0.0.1", port, app)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    return server, "http://127.0.0.1:%d/api/v1/batches" % server.server_address[1]
+
+
+def test_a_collector_slower_than_the_drain_slice_is_acknowledged(tmp_path, sim):
+    """Review r5: the loop's 1 s drain slice used to cap every request's timeout, so a collector
+    needing 1.2 s (cellular + TLS) stored each batch and never acknowledged one. A request that
+    starts runs to [upload] timeout (5 s here) and is acknowledged at the first attempt."""
+    from agent.collector import make_app
+
+    app = make_app(None, db="sqlite:///%s" % (tmp_path / "c.db"))
+
+    def slow(environ, start_response):
+        time.sleep(1.2)
+        return app(environ, start_response)
+
+    server, url = _serve(slow)
+    loop = make_loop(tmp_path, sim.tcp_port, interval="60s",
+                     extra="\n[upload]\nurl = %s\ntimeout = 5s\nbackoff_max = 1s\n" % url)
+    try:
+        run_steps(loop, 1)
+        for i in range(20):            # a backlog beside the poll's record
+            loop.append({"agent": "unit-test", "ts": "2026-11-21T10:00:%02d.000Z" % i, "device": "meter",
+                         "unit": 1, "values": {"i": i}, "status": "ok"})
+        loop.upload_until(loop.mono() + 60)
+        st = loop.uploader.state()
+        left = loop.spool.stats()["records"]
+    finally:
+        loop.shutdown()
+        server.shutdown()
+        server.server_close()
+    assert st["failures_total"] == 0 and st["last_error"] is None
+    assert st["sent_total"] == 21 and st["batches_total"] == 1 and st["duplicates_total"] == 0 and left == 0
+    seqs = sorted(r[1] for r in app.store.records(agent="unit-test"))
+    assert len(seqs) == 21 and seqs == list(range(seqs[0], seqs[0] + 21))
+
+
+def test_a_backing_off_upload_wakes_the_loop_for_its_retry_before_the_next_poll(tmp_path, sim, free_port):
+    """The loop used to sleep until the next poll or the status timer (5 s) even when the
+    upload's back-off ended sooner: retries came late."""
+    from agent.collector import make_app
+
+    url = "http://127.0.0.1:%d/api/v1/batches" % free_port
+    loop = make_loop(tmp_path, sim.tcp_port, interval="60s",
+                     extra="\n[upload]\nurl = %s\ntimeout = 2s\nbackoff_max = 300ms\n" % url)
+    server = None
+    try:
+        run_steps(loop, 1)
+        loop.step()                    # the collector is down: the upload backs off, the loop sleeps
+        assert loop.uploader.state()["failures_total"] == 1
+        # It woke for the retry: neither the status timer (5 s) nor the next poll (60 s) came first.
+        assert loop.mono() < loop.next_status and loop.mono() < loop.states[0].schedule.due
+        app = make_app(None, db="sqlite:///%s" % (tmp_path / "c.db"))
+        server, _ = _serve(app, free_port)
+        for _ in range(5):
+            loop.step()
+            if loop.uploader.state()["sent_total"]:
+                break
+        st = loop.uploader.state()
+        polls = loop.states[0].health.polls_ok
+    finally:
+        loop.shutdown()
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+    assert st["sent_total"] == 1 and polls == 1
