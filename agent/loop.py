@@ -7,8 +7,9 @@ One thread, synchronous, no asyncio. Each turn of the loop does one step:
   2. if it is due: poll it (`device.poll(client)`, one client per connection, shared by the
      devices on it), build a record (agent.record), apply on_change, `spool.append`;
   3. otherwise, in the gap before it is due: periodic work (health records, summary log line,
-     status file), then `uploader.drain(spool, deadline)` in slices that end SAFETY_MARGIN before
-     the next poll, `spool.tick`, and sleep until the next due time.
+     status file), then `uploader.drain(spool, deadline)`: requests start only while the time
+     left before the next poll (less SAFETY_MARGIN) covers one, `spool.tick`, and sleep until
+     the next due time (or the end of an upload back-off, when that comes first).
 
 Why this shape: a reading is appended to the spool before anything is uploaded, so a crash or a
 dead collector never loses it; uploads only use time the bus does not need, so a day of backlog
@@ -47,7 +48,8 @@ from agent.status import write_status
 # Seconds left free between the end of an upload slice and the next poll: the upload's last
 # request must be over before the bus needs the CPU again.
 SAFETY_MARGIN = 0.05
-# Longest single drain call: bounds how long SIGTERM/SIGHUP wait when the gap is long.
+# A drain call starts batches for at most this long, so SIGTERM/SIGHUP and the timers are served
+# between calls in a long gap. It never limits a request: a started request runs to [upload] timeout.
 DRAIN_SLICE = 1.0
 # Don't start an upload in a gap shorter than this: one HTTP round trip would not fit.
 MIN_DRAIN_GAP = 0.02
@@ -298,7 +300,7 @@ class Loop:
         # must not chop the gap into pieces too short for a request), then sleep.
         self.upload_until(due)
         self._tick()
-        self._sleep_until(min(due, self.next_status, self.next_summary))
+        self._sleep_until(min(due, self.next_status, self.next_summary, self._upload_retry_at()))
 
     def _tick(self):
         try:
@@ -442,8 +444,13 @@ class Loop:
             self.write_status()
 
     def upload_until(self, until):
-        """Drain the spool in slices that end SAFETY_MARGIN before `until` (the next poll).
-        Stops when the uploader says the spool is empty or it is backing off, or the gap is used."""
+        """Upload in the gap before `until` (the next poll). The uploader starts a request only
+        when the time left before `until` - SAFETY_MARGIN covers one (its estimate of recent
+        request durations, at least MIN_REQUEST_TIME); a started request runs to its own
+        `[upload] timeout` and the poll waits for it: cut short, a slow collector would store
+        batches that are never acknowledged. Each drain call starts batches for DRAIN_SLICE at
+        most, then the timers and signals get a turn. Stops when the spool is empty, the uploader
+        backs off, or no further request fits."""
         if self.uploader is None or self._lingering():
             return
         while not (self.stop_requested or self.reload_requested):
@@ -454,15 +461,23 @@ class Loop:
                 return
             if end - now >= self.upload_window:
                 self.upload_windows += 1
-            deadline = min(end, now + DRAIN_SLICE)
+            # The uploader's own clock: the loop's may be a test's.
+            t = time.monotonic()
             try:
-                res = self.uploader.drain(self.spool, deadline)
+                res = self.uploader.drain(self.spool, t + (end - now), t + DRAIN_SLICE)
             except Exception:  # the uploader handles network errors; anything else is a bug
                 log.exception("upload failed")
                 return
             status = res.get("status") if isinstance(res, dict) else None
-            if status != "deadline" or deadline >= end:
-                return   # empty, backing off, or the whole gap is used
+            if status != "slice":
+                return   # empty, backing off, or no further request fits before the poll
+
+    def _upload_retry_at(self):
+        """When a backing-off uploader may try again (loop clock), +inf when it is not backing
+        off: the loop wakes then if that is before the next poll, so a retry is not late."""
+        retry_in = getattr(self.uploader, "retry_in", None)
+        left = retry_in() if retry_in is not None else None
+        return float("inf") if left is None else self.mono() + left
 
     def _lingering(self):
         """`[upload] linger` (0 = upload in every gap): let a small
