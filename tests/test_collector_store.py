@@ -457,10 +457,14 @@ def test_many_threads_posting_at_once_store_everything_once(store):
 
 
 @pytest.mark.postgres
-def test_database_outage_is_503_not_500(pg_server, pg_url):
+def test_database_outage_is_503_not_500(pg_server, pg_url, caplog):
     """The database goes away under a running collector: /health and POST answer 503 (the agent
-    backs off and retries), never 500."""
+    backs off and retries), never 500; the log line names the agent."""
+    import logging
+
     import psycopg
+
+    caplog.set_level(logging.INFO, logger="modbus.collector")
 
     app = make_app(None, db=pg_url)
     try:
@@ -492,5 +496,6 @@ def test_database_outage_is_503_not_500(pg_server, pg_url):
         assert status == 503 and answer["status"] == "error"
         status, answer, headers = call("POST", "/api/v1/batches", encode({"agent": "a", "records": [data("a", 2)]}))
         assert (status, answer["where"], headers.get("Retry-After")) == (503, "storage", "5")
+        assert any("database error" in m and "agent 'a'" in m for m in caplog.messages), caplog.messages
     finally:
         app.close()

@@ -156,7 +156,8 @@ class CollectorApp:
                          e.where)
             return self._json(start_response, e.status, {"error": e.error, "where": e.where}, e.headers)
         except self._db_errors as e:
-            log.error("%s %s: database error: %s", environ.get("REQUEST_METHOD"), path, redact(e))
+            log.error("%s %s from %s%s: database error: %s", environ.get("REQUEST_METHOD"), path,
+                      environ.get("REMOTE_ADDR", "?"), _agent_note(environ), redact(e))
             return self._json(start_response, 503, {"error": "database unavailable", "where": "storage"},
                               [("Retry-After", "5")])
 
