@@ -133,6 +133,44 @@ def _text(text):
 
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# The collector's limit on agent and device names (agent/collector/validate.py MAX_NAME): a
+# longer name would have every record of that device rejected (422) and quarantined.
+MAX_NAME = 128
+# Characters the collector's fast path and the one-line logs cannot take as they are.
+_BAD_NAME_CHAR = re.compile(r'["\\\x00-\x1f\x7f]')
+
+
+def name_problem(name):
+    """Why a device name cannot be used, or None."""
+    if len(name) > MAX_NAME:
+        return "device name is %d characters long; the collector takes at most %d" % (len(name), MAX_NAME)
+    if _BAD_NAME_CHAR.search(name):
+        return "device name must not contain quotes, backslashes or control characters"
+    return None
+
+
+# Values never shown in an error or warning (they end up in logread on SIGHUP, in support
+# tickets): keys that hold secrets, and the user:password part of URLs.
+_SECRET_VALUE = re.compile(r"(?i)\b((?:[a-z0-9_.-]*(?:token|password|passwd|secret)[a-z0-9_.-]*)[\"']?\s*[:=]\s*)"
+                           r"(?:'[^']*'|\"[^\"]*\"|[^\s'\",;]+)")
+_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s'\"]+@")
+
+
+_SECRET_KEY = re.compile(r"(?i)token|password|passwd|secret")
+
+
+def redact(text):
+    """`text` with secret values and URL credentials replaced by ***."""
+    text = _URL_USERINFO.sub(r"\1***@", text)
+    return _SECRET_VALUE.sub(r"\1***", text)
+
+
+def _reason(key, value, error):
+    """The text of a value's parse error; a secret key's value is never part of it."""
+    reason = str(error)
+    if value and _SECRET_KEY.search(key):
+        reason = reason.replace(repr(value), "***").replace(value, "***")
+    return reason
 
 
 def _agent_id(text):
@@ -155,6 +193,7 @@ AGENT_SCHEMA = {
     "id": (_agent_id, REQUIRED),
     "interval": (_positive(parse_duration), 10.0),
     "spool_dir": (_text, "/var/lib/modbus-agent/spool"),
+    "seq_file": (_text, None),      # None: <directory of the config file>/<id>.seq
     "spool_max_mb": (_positive(parse_number), 16.0),
     "spool_max_age": (_positive(parse_duration), 7 * 86400.0),
     "spool_segment_kb": (_positive(parse_int), 256),
@@ -437,7 +476,7 @@ class Problems:
         where = "%s:%s: [%s]" % (path, line, section)
         if key:
             where += " " + key
-        return "%s: %s" % (where, reason)
+        return "%s: %s" % (where, redact(reason))
 
     def error(self, path, line, section, key, reason):
         self._errors.append((path, line or 0, len(self._errors),
@@ -496,8 +535,11 @@ def read_ini(path, problems, text=None):
                            "indented line: continuation lines are not supported")
             continue
         if "=" not in line:
+            # only the first word: the rest may be a secret (`token: 9f8e...`, `token 9f8e...`)
+            word = re.split(r"[\s:]", line, maxsplit=1)[0]
             problems.error(path, lineno, current.name if current else "-", None,
-                           "expected `key = value`, got %r" % line)
+                           "expected `key = value`, got a line starting with %r%s" % (
+                               word, " (rest not shown)" if len(word) < len(line) else ""))
             continue
         key, value = line.split("=", 1)
         key = key.strip()
@@ -548,7 +590,7 @@ def _apply_schema(section, schema, problems, applies=None, kind=None):
         try:
             values[k] = parse(text)
         except ValueError as e:
-            problems.error(section.path, line, section.name, key, str(e))
+            problems.error(section.path, line, section.name, key, _reason(k, text, e))
             values[k] = _BAD
     for key, spec in schema.items():
         if spec[1] is REQUIRED and key not in values:
@@ -866,6 +908,12 @@ def check_config(path, text=None):
 SECTION_KINDS = ("agent", "upload", "connection:NAME", "device:NAME", "points:NAME")
 
 
+def default_seq_file(config_path, agent_id):
+    """`[agent] seq_file` when not set: next to the config file (/etc/modbus-agent on OpenWrt:
+    flash, which survives a reboot, unlike a spool under /var)."""
+    return os.path.join(os.path.dirname(os.path.abspath(config_path)), agent_id + ".seq")
+
+
 def _load(path, text):
     problems = Problems()
     try:
@@ -884,6 +932,8 @@ def _load(path, text):
         agent = AgentSettings()
     else:
         agent = AgentSettings(**_good(_apply_schema(agent_sec, AGENT_SCHEMA, problems)))
+    if agent.seq_file is None and agent.id:
+        agent.seq_file = default_seq_file(path, agent.id)
     upload = None
     if by_kind["upload"] is not None:
         upload = _load_upload(by_kind["upload"], agent, problems)
@@ -933,6 +983,8 @@ def _sort_sections(path, sections, problems):
         head, name = head.strip().lower(), name.strip()
         if s.name in ("agent", "upload"):
             out[s.name] = s
+        elif sep and name and head in ("device", "points") and name_problem(name):
+            problems.error(path, s.line, s.name, None, name_problem(name))
         elif sep and name and head in ("connection", "device", "points"):
             out[head][name] = s
         else:

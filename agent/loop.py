@@ -112,11 +112,19 @@ class DeviceState:
         self.last_error_kind = None   # "connection", "timeout", ... of the last failure
 
 
+def clock_seq(wall=time.time):
+    """First seq of a spool that has no state: the clock in milliseconds (never earlier than the
+    release date), so a spool lost with its seq floor (tmpfs after a reboot) never hands out a seq
+    the collector already holds for this agent. With the clock unset (no RTC, no NTP yet) the
+    seq lease in `[agent] seq_file` is what keeps it beyond the earlier lives (agent.seqlease)."""
+    return int(max(wall(), CLOCK_SANE) * 1000)
+
+
 def open_spool(cfg):
     from agent.spool import Spool
 
     a = cfg.agent
-    return Spool(a.spool_dir, a.id,
+    return Spool(a.spool_dir, a.id, fresh_seq=clock_seq, seq_file=getattr(a, "seq_file", None),
                  max_bytes=int(a.spool_max_mb * (1 << 20)),
                  max_age=a.spool_max_age,
                  segment_bytes=int(a.spool_segment_kb * 1024),
@@ -421,6 +429,34 @@ class Loop:
             # decide what is kept once it can write again.
             self.append_errors += 1
             log.error("spool append failed (%d so far): %s", self.append_errors, e)
+        except (ValueError, TypeError, OverflowError) as e:
+            # A value JSON cannot carry (an infinity a decoder let through, an odd type) must
+            # not stop the loop: procd would restart the agent into the same reading, forever.
+            # The reading becomes an error record (kind "agent") saying what was wrong.
+            self.append_errors += 1
+            self._append_unencodable(rec, e)
+
+    def _append_unencodable(self, rec, e):
+        device, unit = rec.get("device"), rec.get("unit")
+        values = rec.get("values")
+        bad = ""
+        if isinstance(values, dict):
+            bad = ", ".join("%s=%r" % (k, v) for k, v in values.items()
+                            if not (v is None or type(v) in (str, bool, int) or
+                                    (type(v) is float and v - v == 0.0)))
+        message = "record cannot be encoded (%s: %s)%s" % (type(e).__name__, e, ": " + bad if bad else "")
+        log.error("%s; spooled as an error record instead", message[:300], extra=agentlog.where(device, unit))
+        err = error_record(self.cfg.agent.id, self.wall(), device, unit, {"kind": "agent", "message": message[:500]})
+        err["ts"] = rec.get("ts") if isinstance(rec.get("ts"), str) else err["ts"]
+        err.pop("clock", None)
+        if rec.get("clock") == "unsynced":
+            err["clock"] = "unsynced"
+        try:
+            self.spool.append(err)
+            self.appended += 1
+        except (OSError, ValueError, TypeError) as e2:
+            log.error("spool append failed (%d so far): %s", self.append_errors, e2,
+                      extra=agentlog.where(device, unit))
 
     # -- the gaps between polls ----------------------------------------------------------
     def periodic(self, now):

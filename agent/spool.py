@@ -57,6 +57,7 @@ import os
 import time
 import zlib
 
+from agent import seqlease
 from agent.record import CLOCK_SANE, encode, gap_record, utc_timestamp
 
 log = logging.getLogger("agent.spool")
@@ -73,6 +74,9 @@ FSYNC_MODES = ("always", "interval", "never")
 _SCAN_CHUNK = 256 << 10
 _SETASIDE_MAX = 1 << 20     # a wholly corrupt spool must not fill the flash with its copy
 _DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG, errno.EROFS, errno.EACCES)
+# A change of (wall clock - monotonic clock) larger than this between two ticks is a clock step
+# (NTP setting an unset clock, an operator's `date -s`), not drift: segment ages follow it.
+CLOCK_STEP = 60.0
 
 
 class SpoolError(Exception):
@@ -132,7 +136,8 @@ def _ts_epoch(ts):
 class Spool:
     def __init__(self, directory, agent_id, max_bytes=16 << 20, max_age=7 * 86400, segment_bytes=256 << 10,
                  fsync="interval", fsync_interval=5.0, clock=time.time, quarantine_file=None,
-                 quarantine_max_bytes=1 << 20, monotonic=time.monotonic, fresh_seq=None):
+                 quarantine_max_bytes=1 << 20, monotonic=time.monotonic, fresh_seq=None,
+                 seq_file=None, seq_lease=seqlease.LEASE):
         if fsync not in FSYNC_MODES:
             raise ValueError("fsync must be one of %s, not %r" % ("|".join(FSYNC_MODES), fsync))
         self.directory = str(directory)
@@ -147,7 +152,14 @@ class Spool:
         # First seq of a spool with no state at all (None: 1). See _recover.
         self._fresh_seq = fresh_seq
         self.origin_seq = 1
-        self._mono = monotonic        # fsync interval (immune to clock steps)
+        # Seq lease on persistent storage apart from the spool (agent.seqlease); None: none.
+        self.seq_file = str(seq_file) if seq_file else None
+        self.seq_lease = max(1, int(seq_lease))
+        # No seq >= _lease_end may be handed out before the lease moves on (no seq_file: never).
+        self._lease_end = 0 if self.seq_file else 1 << 64
+        self._lease_failed = False    # the seq_file could not be written (warned once)
+        self._mono = monotonic        # fsync interval, clock step detection
+        self._wall_off = None         # wall - monotonic at the last look (see _check_step)
         self.quarantine_file = str(quarantine_file or os.path.join(self.directory, QUARANTINE))
         self.quarantine_max_bytes = int(quarantine_max_bytes)
         # Every line the spool writes starts with this, so seq and ts are sliced, not parsed.
@@ -272,14 +284,31 @@ class Spool:
             seg.verified = False
             self._segs.append(seg)
             self._bytes += seg.size
-        if not cursor and not names and self._fresh_seq is not None:
+        lease = self._read_lease()
+        if not cursor and not names and (self._fresh_seq is not None or lease is not None):
             # No cursor, no segment: a new spool, or one whose state was lost (a spool on tmpfs
             # after a reboot, new flash). The collector keeps (agent, seq) once, so restarting at
-            # 1 would have every new reading discarded as a duplicate of an old one. The caller's
-            # start (the agent: the clock in ms) is beyond any seq a previous life could have
-            # reached unless it averaged more than one record per millisecond.
-            floor = max(floor, int(self._fresh_seq()))
+            # 1 would have every new reading discarded as a duplicate of an old one. Start at or
+            # above the seq lease (beyond every seq handed out while it was writable) and the
+            # caller's start (the agent: the clock in ms, beyond any seq a previous life could
+            # have reached unless it averaged more than one record per millisecond).
+            if self._fresh_seq is not None:
+                floor = max(floor, int(self._fresh_seq()))
+            if lease is not None:
+                floor = max(floor, lease[0])
             log.info("spool %s: no previous state; sequence starts at %d", self.directory, floor)
+        elif lease is not None and floor < lease[1]:
+            # The lease says seq lease[1] was handed out, this spool never got that far: an
+            # older copy of the spool (an earlier spool_dir, a restored backup). Going on from
+            # its floor would reuse seqs the collector holds.
+            log.warning("spool %s: its state ends at seq %d but seq %d was handed out already "
+                        "(seq file %s): an older copy of the spool? sequence continues at %d",
+                        self.directory, floor - 1, lease[1], self.seq_file, lease[0])
+            floor = lease[0]
+        if lease is not None:
+            self._lease_end = lease[0]
+        if floor >= self._lease_end:
+            self._extend_lease(floor - 1, floor)
         if cursor and isinstance(cursor.get("origin_seq"), int):
             self.origin_seq = cursor["origin_seq"]
         else:
@@ -292,6 +321,7 @@ class Spool:
             # never drop data because of a clock jump; it starts ageing now.
             if seg.mtime < CLOCK_SANE <= now:
                 seg.mtime = now
+        self._wall_off = now - self._mono()
         self._collect()
         self._age_bound(now)
         log.info("spool %s: opened, %d segments, %d records, %d bytes, next seq %d, acked seq %d",
@@ -343,6 +373,40 @@ class Spool:
             self._write_cursor(durable=False)
             return
         self._cursor_dirty = True
+
+    def _read_lease(self):
+        if self.seq_file is None:
+            return None
+        try:
+            return seqlease.read(self.seq_file)
+        except OSError as e:
+            self._lease_trouble("cannot read: %s" % (e.strerror or e))
+        except ValueError as e:
+            log.warning("[agent] seq_file %s: unusable (%s): replaced; this start relies on the "
+                        "spool's state and the clock alone", self.seq_file, e)
+        return None
+
+    def _lease_trouble(self, what):
+        if not self._lease_failed:
+            log.warning("[agent] seq_file %s: %s; the sequence floor is kept only in the spool and "
+                        "the clock: if the spool is lost while the clock is unset, new records may "
+                        "reuse seqs the collector already holds", self.seq_file, what)
+        self._lease_failed = True
+
+    def _extend_lease(self, base, seq):
+        """Lease the block from `seq` on before it is handed out: one durable write per
+        seq_lease seqs. A seq_file that cannot be written never stops the agent: one warning,
+        and another try a block later."""
+        end = seq + self.seq_lease
+        try:
+            seqlease.write(self.seq_file, end, max(0, base), self.agent_id)
+        except OSError as e:
+            self._lease_trouble("cannot write: %s" % (e.strerror or e))
+        else:
+            if self._lease_failed:
+                log.info("[agent] seq_file %s: written again", self.seq_file)
+            self._lease_failed = False
+        self._lease_end = end
 
     def _scan(self, seg):
         """Fill seg's size/count/first/last from its file; set a torn tail aside and truncate it.
@@ -494,10 +558,13 @@ class Spool:
             rec.update((k, v) for k, v in record.items() if k not in ("agent", "seq"))
             line = encode(rec)
         now = self._clock()
+        self._check_step(now)
         if self._make_room(len(line), now):
             seq = self._next_seq          # a gap record took the seq
             record["seq"] = seq
             line = self._prefix + str(seq).encode() + line[line.find(b",", self._plen):]
+        if seq >= self._lease_end:
+            self._extend_lease(seq, seq)
         self._next_seq = seq + 1
         self._write(line, seq, record.get("ts"), now)
         return seq
@@ -594,6 +661,8 @@ class Spool:
             rec = gap_record(self.agent_id, self._clock(), count, fseq, lseq, fts, lts, reason)
             rec["seq"] = seq
             line = encode(rec)
+            if seq >= self._lease_end:
+                self._extend_lease(seq, seq)
             self._next_seq = seq + 1
             now = self._clock()
             if self._wfd is not None and self._segs[-1].size + len(line) > self.segment_bytes:
@@ -823,7 +892,7 @@ class Spool:
         """Once per loop iteration: periodic fsync (interval mode), durable cursor, age bound."""
         if now is None:
             now = self._clock()
-        mono = self._mono()
+        mono = self._check_step(now)
         if self.fsync == "interval":
             if self._dirty and mono - self._last_sync >= self.fsync_interval:
                 self._sync()
@@ -839,6 +908,24 @@ class Spool:
         if self._pending_loss:
             self._write_pending_gap()
         self._age_bound(now)
+
+    def _check_step(self, now):
+        """Segment ages are elapsed time, not clock readings. When the wall clock moved against
+        the monotonic clock by more than CLOCK_STEP since the last look (NTP setting a clock that
+        was unset at boot: records spooled offline would all look older than max_age and be
+        dropped before the link that brought NTP back could upload them), the segments' times
+        move with it. Small changes (drift, slewing) are followed silently. -> monotonic now."""
+        mono = self._mono()
+        off = now - mono
+        prev, self._wall_off = self._wall_off, off
+        if prev is not None:
+            step = off - prev
+            if step > CLOCK_STEP or step < -CLOCK_STEP:
+                for seg in self._segs:
+                    seg.mtime += step
+                log.info("spool %s: wall clock stepped by %+.0fs: segment ages follow (measured in "
+                         "elapsed time, not clock readings)", self.directory, step)
+        return mono
 
     def _lost_segment(self, seg, err):
         """A segment file was deleted from outside the agent (err FileNotFoundError or nlink 0),

@@ -4,7 +4,7 @@ duplicates after each fault of issue 6.
 
 The audit, after every scenario:
   * the agent is stopped, then a device-less agent on the same spool drains the backlog, so
-    every record the agent ever generated (seq 1 .. next_seq-1 of its spool) has had its chance;
+    every record the agent ever generated (seq origin_seq .. next_seq-1 of its spool) has had its chance;
   * every generated seq is stored at the collector, except seqs covered by a gap record (a
     bound forced the drop; the gap must account for each one) or explicitly destroyed by the
     test (a corrupted line, a torn line);
@@ -113,12 +113,12 @@ class E2E:
     def wait_stored(self, n, timeout=30):
         return wait_for(lambda: len(self.stored()) >= n, timeout, "%d records at the collector" % n, 0.2)
 
-    def spool_next_seq(self):
+    def spool_next_seq(self, key="next_seq"):
         from agent.spool import Spool
 
         sp = Spool(str(self.spool_dir), AGENT)
         try:
-            return sp.stats()["next_seq"]
+            return sp.stats()[key]
         finally:
             sp.close()
 
@@ -154,7 +154,9 @@ class E2E:
         recs = self.stored()
         seqs = [r["seq"] for r in recs]
         assert len(seqs) == len(set(seqs)), "the collector holds a seq twice"
-        generated = set(range(1, next_seq))
+        # a spool without state starts far above 1 (the clock in ms, the seq lease): the first
+        # seq it handed out is kept in its cursor
+        generated = set(range(self.spool_next_seq("origin_seq"), next_seq))
         stored = set(seqs)
         assert stored <= generated, "seqs the agent never generated: %s" % sorted(stored - generated)[:10]
         gaps = [r for r in recs if r.get("kind") == "gap"]
@@ -310,6 +312,7 @@ def test_torn_and_corrupt_spool_file_at_start(e2e):
     time.sleep(1.0)
     e.stop_agent()
     e.proxy.clear_fault()
+    origin = e.spool_next_seq("origin_seq")     # seqs origin..last are spooled (one is corrupted below)
     segs = sorted(e.spool_dir.glob("seg-*.jsonl"))
     assert segs
     lines = segs[-1].read_bytes().split(b"\n")
@@ -322,7 +325,7 @@ def test_torn_and_corrupt_spool_file_at_start(e2e):
     torn = b'{"agent":"%s","seq":%d,"ts":"2026-11-2' % (AGENT.encode(), last + 1)
     segs[-1].write_bytes(b"\n".join(lines) + torn)
     e.start_agent()
-    e.wait_stored(last + 5)
+    e.wait_stored(last - origin + 1 + 5)
     e.stop_agent()
     s = e.audit(allowed_missing={victim})
     # Only the corrupted line is gone. The torn line was never complete, so never uploaded:

@@ -344,7 +344,7 @@ frequency = input 22 float32 CDAB unit=Hz
     # SIGTERM flushed the spool: every seq handed out is at the collector or still spooled
     pending, stats = pending_in_spool(tmp_path / "spool")
     seqs = set(collector.snapshot()) | {r["seq"] for r in pending}
-    assert seqs == set(range(1, stats["next_seq"]))
+    assert seqs == set(range(stats["origin_seq"], stats["next_seq"]))
     assert not collector.reused
 
     r = subprocess.run([sys.executable, "-m", "agent", "status", "-c", str(cfg)], cwd=str(ROOT),
@@ -524,7 +524,7 @@ def test_sigkill_at_random_moments_never_skips_or_reuses_a_seq(tmp_path, site, c
     at_server = collector.snapshot()
     assert not collector.reused, collector.reused[:3]
     # every seq ever handed out is at the server or still waiting in the spool: none skipped
-    assert set(at_server) | {r["seq"] for r in pending} == set(range(1, stats["next_seq"]))
+    assert set(at_server) | {r["seq"] for r in pending} == set(range(stats["origin_seq"], stats["next_seq"]))
     assert len(at_server) >= kills   # the runs did produce and upload records
     assert collector.lost_acks
     print("\n%d SIGKILLs: %d records at the collector, %d still spooled, %d POSTs, %d acks lost" % (

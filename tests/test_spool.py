@@ -350,7 +350,7 @@ def test_size_bound_drops_oldest_with_exact_gap_records(tmp_path):
 
 def test_age_bound_drops_with_gap_record(tmp_path):
     clock = Clock()
-    sp = Spool(tmp_path, AGENT, max_age=3600, segment_bytes=4096, clock=clock)
+    sp = Spool(tmp_path, AGENT, max_age=3600, segment_bytes=4096, clock=clock, monotonic=clock)
     for i in range(100):
         sp.append(rec(i))
     clock.t += 1800
@@ -548,7 +548,7 @@ ops = st.lists(st.one_of(
 def test_model_random_operations(tmp_path_factory, ops):
     d = tmp_path_factory.mktemp("spool")
     clock = Clock()
-    kw = dict(max_bytes=32 << 10, segment_bytes=4096, max_age=3600, clock=clock)
+    kw = dict(max_bytes=32 << 10, segment_bytes=4096, max_age=3600, clock=clock, monotonic=clock)
     sp = Spool(d, AGENT, **kw)
     appended, delivered = [], []
     for op, n in ops:

@@ -82,7 +82,7 @@ def audit(site, agent):
     if "collector" not in site.procs:
         site.start_collector(port=site.collector_port)
     stored = [r["seq"] for r in site.records(agent="soak")]
-    generated = set(range(1, cursor["next_seq"]))
+    generated = set(range(cursor.get("origin_seq", 1), cursor["next_seq"]))
     lost = generated - set(stored) - in_spool
     return {"agent_exit": rc, "generated": len(generated), "stored": len(stored),
             "stored_twice": len(stored) - len(set(stored)), "lost": len(lost)}
