@@ -3,11 +3,12 @@
 Exit codes (agent.cli): 0 ok, 1 a device failed (poll) or nothing matched (probe), 2 bad
 configuration or usage.
 """
+import os
 import struct
 import sys
 import time
 
-from agent.config import BUS_WARN, ConfigError, check_config, load_config
+from agent.config import BUS_WARN, ConfigError, check_config, load_config, redact
 from agent.modbus.errors import ModbusError, hexdump
 from agent.record import data_record, encode, error_record
 
@@ -81,6 +82,8 @@ def plan_lines(cfg):
 
 def cmd_check(args):
     cfg, errors, warnings = check_config(args.config)
+    if cfg is not None:
+        warnings = list(warnings) + spool_warnings(cfg)
     for w in warnings:
         _err("warning: " + w)
     if errors:
@@ -92,12 +95,68 @@ def cmd_check(args):
     _out("%s: OK: agent %s, %d connection(s), %d device(s), %d point(s)%s" % (
         args.config, cfg.agent.id, len(cfg.connections), len(cfg.devices), npoints,
         ", disabled: " + ", ".join(cfg.disabled) if cfg.disabled else ""))
-    _out("upload: %s" % (cfg.upload.url if cfg.upload else "off (no [upload] section)"))
+    _out("upload: %s" % (redact(cfg.upload.url) if cfg.upload else "off (no [upload] section)"))
     _out("spool: %s, at most %g MB and %s, fsync %s" % (
         cfg.agent.spool_dir, cfg.agent.spool_max_mb, _seconds(cfg.agent.spool_max_age), cfg.agent.fsync))
     for line in plan_lines(cfg):
         _out(line)
     return 0
+
+
+def ram_filesystem(path, mounts="/proc/mounts"):
+    """(mount point, fs type) when `path`, or its nearest existing parent, is on tmpfs or ramfs
+    (lost at power off); None otherwise or when the mount table cannot be read."""
+    try:
+        with open(mounts, encoding="utf-8", errors="replace") as f:
+            table = [line.split()[:3] for line in f if len(line.split()) >= 3]
+    except OSError:
+        return None
+    p = os.path.abspath(path)
+    while not os.path.exists(p) and os.path.dirname(p) != p:
+        p = os.path.dirname(p)
+    p = os.path.realpath(p)
+    best = None
+    for _dev, mnt, fstype in table:
+        mnt = mnt.replace("\\040", " ")   # /proc/mounts escapes spaces
+        # longest mount point wins; on a tie the later line (mounted over the earlier one)
+        if (p == mnt or p.startswith(mnt.rstrip("/") + "/")) and (best is None or len(mnt) >= len(best[0])):
+            best = (mnt, fstype)
+    if best is not None and best[1] in RAM_FILESYSTEMS:
+        return best
+    return None
+
+
+RAM_FILESYSTEMS = ("tmpfs", "ramfs")
+
+
+def spool_warnings(cfg, mounts="/proc/mounts"):
+    """`check` warnings about where the spool lives (not errors: a test bench may want RAM)."""
+    out = []
+    ram = ram_filesystem(cfg.agent.spool_dir, mounts)
+    if ram is not None:
+        out.append("%s:%d: [agent] spool_dir: %s is in RAM (%s): records waiting for upload are lost "
+                   "on power loss; put it on flash or USB storage" % (
+                       cfg.path, _key_line(cfg.path, "agent", "spool_dir"), cfg.agent.spool_dir, ram[1]))
+    return out
+
+
+def _key_line(path, section, key):
+    """Line of `key` in [section] of the INI file (the section's line when the key is left at
+    its default; 0 when neither is found)."""
+    found, current = 0, None
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for n, line in enumerate(f, 1):
+                t = line.strip()
+                if t.startswith("["):
+                    current = t[1:].split("]", 1)[0].strip()
+                    if current == section and not found:
+                        found = n
+                elif current == section and t.split("=", 1)[0].strip().lower() == key:
+                    return n
+    except OSError:
+        pass
+    return found
 
 
 # --- poll ----------------------------------------------------------------------------------
@@ -151,7 +210,14 @@ def cmd_poll(args):
             if args.json:
                 rec = (data_record(cfg.agent.id, t, dev.name, dev.unit, values) if error is None
                        else error_record(cfg.agent.id, t, dev.name, dev.unit, error))
-                sys.stdout.write(encode(rec).decode("utf-8"))
+                try:
+                    line = encode(rec)
+                except (ValueError, TypeError, OverflowError) as e:
+                    # a value JSON cannot carry: say so as the agent would spool it, go on
+                    failed += error is None
+                    line = encode(error_record(cfg.agent.id, t, dev.name, dev.unit, {
+                        "kind": "agent", "message": "record cannot be encoded (%s: %s)" % (type(e).__name__, e)}))
+                sys.stdout.write(line.decode("utf-8"))
                 continue
             head = "%s (unit %d on %s)" % (dev.name, dev.unit, dev.connection.name)
             if error is not None:

@@ -139,7 +139,8 @@ def make_transform(kind, scale=1.0, offset=0.0, divisor=1.0, decimals=None, enum
     """Closure turning the raw struct value of one point into its reported value, or None when
     the raw value can be reported as is. Order: bits/byte extraction, enum, then
     value = raw * scale / divisor + offset, then rounding to `decimals`. `digits` rounds a float
-    to that many significant digits first (7 for float32). NaN and infinities become None."""
+    to that many significant digits first (7 for float32). NaN and infinities (raw, or
+    reached by scaling) become None."""
     steps = []
     if kind == "bit":
         n = bit_lo
@@ -171,28 +172,31 @@ def make_transform(kind, scale=1.0, offset=0.0, divisor=1.0, decimals=None, enum
             mul, div = 1.0, div * recip
         off = float(offset)
         scaled = mul != 1.0 or div != 1.0 or off != 0.0
+        # `x - x == 0.0` is False exactly for NaN and the infinities (and cheaper than a
+        # math.isfinite call or a helper): those become None, JSON has no spelling for them.
+        # Checked on the result, after scaling: a finite raw value can overflow there (float64
+        # 1e308 * 10, an int64 times a huge scale), and one infinite value must not reach the
+        # encoder (it would stop the agent at every poll of that device).
         if kind == "float":
-            # `v - v == 0.0` is False exactly for NaN and the infinities (and cheaper than a
-            # math.isfinite call): those become None, JSON has no spelling for them.
             if digits:
                 # float32 carries ~7 significant digits; widening to a double adds noise
                 # (230.1 -> 230.10000610351562) that would be spooled, uploaded and stored.
                 fmt = "%%.%dg" % digits
                 if scaled:
-                    steps.append(lambda v: float(fmt % v) * mul / div + off if v - v == 0.0 else None)
+                    steps.append(lambda v: x if (x := float(fmt % v) * mul / div + off) - x == 0.0 else None)
                 else:
                     steps.append(lambda v: float(fmt % v) if v - v == 0.0 else None)
             elif scaled:
-                steps.append(lambda v: v * mul / div + off if v - v == 0.0 else None)
+                steps.append(lambda v: x if (x := v * mul / div + off) - x == 0.0 else None)
             else:
                 steps.append(lambda v: v if v - v == 0.0 else None)
         elif scaled:
             if mul == 1.0 and off == 0.0:
-                steps.append(lambda v: v / div)
+                steps.append(lambda v: x if (x := v / div) - x == 0.0 else None)
             elif div == 1.0 and off == 0.0:
-                steps.append(lambda v: v * mul)
+                steps.append(lambda v: x if (x := v * mul) - x == 0.0 else None)
             else:
-                steps.append(lambda v: v * mul / div + off)
+                steps.append(lambda v: x if (x := v * mul / div + off) - x == 0.0 else None)
         if decimals is not None:
             nd = int(decimals)
             steps.append(lambda v: None if v is None else round(v, nd))
