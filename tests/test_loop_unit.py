@@ -372,10 +372,11 @@ def test_a_backing_off_upload_wakes_the_loop_for_its_retry_before_the_next_poll(
         assert loop.mono() < loop.next_status and loop.mono() < loop.states[0].schedule.due
         app = make_app(None, db="sqlite:///%s" % (tmp_path / "c.db"))
         server, _ = _serve(app, free_port)
-        for _ in range(5):
-            loop.step()
+        for _ in range(50):    # what the next step does (its sleep after the upload is not the point)
+            loop.upload_until(loop.states[0].schedule.due)
             if loop.uploader.state()["sent_total"]:
                 break
+            time.sleep(0.02)
         st = loop.uploader.state()
         polls = loop.states[0].health.polls_ok
     finally:
