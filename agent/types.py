@@ -128,6 +128,8 @@ def _reciprocal(x):
     if x == 0 or x >= 1:
         return None
     r = 1.0 / x
+    if r - r != 0.0:    # 1 / 5e-324 is infinite: no reciprocal (and round() would raise)
+        return None
     n = round(r)
     if n > 1 and abs(r - n) < 1e-9 * n:
         return n

@@ -51,3 +51,10 @@ def test_any_scaled_float64_encodes(raw, scale, offset):
     v = decode_one("holding 0 float64 scale=%r offset=%r" % (scale, offset), struct.pack(">d", raw))
     assert v is None or math.isfinite(v)
     encode(data_record("a", 1.8e9, "m", 1, {"p": v}))      # never raises
+
+
+def test_tiny_scale_loads_and_decodes():
+    """scale=5e-324 (found by the property test above): its reciprocal is infinite, which made
+    the config loader raise OverflowError instead of decoding."""
+    assert decode_one("holding 0 float64 scale=5e-324", struct.pack(">d", 1.0)) == 5e-324
+    assert decode_one("holding 0 uint16 scale=5e-324", struct.pack(">H", 2)) == 1e-323
