@@ -137,6 +137,12 @@ def spool_warnings(cfg, mounts="/proc/mounts"):
         out.append("%s:%d: [agent] spool_dir: %s is in RAM (%s): records waiting for upload are lost "
                    "on power loss; put it on flash or USB storage" % (
                        cfg.path, _key_line(cfg.path, "agent", "spool_dir"), cfg.agent.spool_dir, ram[1]))
+    seq_file = getattr(cfg.agent, "seq_file", None)
+    ram = ram_filesystem(seq_file, mounts) if seq_file else None
+    if ram is not None:
+        out.append("%s:%d: [agent] seq_file: %s is in RAM (%s): after a reboot a spool that lost its "
+                   "state may reuse seqs the collector holds (new readings dropped as duplicates); "
+                   "put it on flash" % (cfg.path, _key_line(cfg.path, "agent", "seq_file"), seq_file, ram[1]))
     return out
 
 

@@ -92,6 +92,20 @@ def test_check_warns_about_a_spool_in_ram(tmp_path):
     assert ("warning: %s:3: [agent] spool_dir: %s is in RAM (tmpfs): records waiting for upload are "
             "lost on power loss; put it on flash or USB storage" % (ini, spool)) in r.stderr
     assert not os.path.exists(os.path.dirname(spool))
+    assert "seq_file" not in r.stderr           # next to the config file: on disk
+
+
+@pytest.mark.skipif(_tmpfs_dir() is None, reason="no writable tmpfs on this machine")
+def test_check_warns_about_a_seq_file_in_ram(tmp_path):
+    if ram_filesystem(str(tmp_path)) is not None:
+        pytest.skip("tmp_path is on tmpfs here")
+    seq_file = os.path.join(_tmpfs_dir(), "modbus-agent-test-%s" % uuid.uuid4().hex, "site7.seq")
+    ini = tmp_path / "agent.ini"
+    ini.write_text(AGENT_INI.replace("[upload]", "seq_file = %s\n[upload]" % seq_file) % (tmp_path / "spool"))
+    r = run_check(ini)
+    assert r.returncode == 0, r.stderr
+    assert "warning: %s:4: [agent] seq_file: %s is in RAM (tmpfs)" % (ini, seq_file) in r.stderr
+    assert "spool_dir" not in r.stderr
 
 
 def test_check_does_not_warn_about_a_spool_on_disk_and_hides_credentials(tmp_path):
