@@ -31,6 +31,13 @@ Promises (see issue 4/6):
   has seen (the idempotent collector would discard the new reading as a duplicate: silent loss).
   With fsync never that guarantee is the kernel's writeback: use it only where the spool is not
   flash or power is protected.
+- A spool whose state is gone (spool_dir in RAM after a reboot, a new spool_dir) or is an older
+  copy does not start again below seqs handed out before: it starts at the seq lease kept in
+  `seq_file` on persistent storage (agent.seqlease; written durably before a leased block is
+  used, about once per 65536 records) or at `fresh_seq()` (the agent: the clock in ms), whichever
+  is higher.
+- Segment ages (max_age) are elapsed time: a wall-clock step (NTP setting a clock that was unset
+  at boot) moves the segments' times with it instead of ageing out the whole offline backlog.
 - When `max_bytes` or `max_age` is hit the oldest segment is dropped and a gap record
   (agent.record.gap_record) says how many records were lost (exactly), all within its
   first_seq..last_seq and first_ts..last_ts; it is uploaded like any record. A dropped segment is
