@@ -131,12 +131,17 @@ def run(duration=1800.0, warmup=120.0, up=60.0, down=20.0, devices=20, points=50
         warm = [s for s in samples if s[0] >= warmup] or samples[-1:]
         first, last = warm[0], warm[-1]
         cycles = max(1.0, (last[0] - first[0]) / interval)
+        with open(site.run / "samples.csv", "w") as f:   # the curve, to tell a plateau from a leak
+            f.write("t_s,rss_kb,cpu_s\n")
+            f.writelines("%.1f,%d,%.2f\n" % smp for smp in samples)
+        q = [warm[min(len(warm) - 1, int(k * (len(warm) - 1) / 4))][1] for k in range(5)]
         res = {
             "duration_s": round(samples[-1][0], 1), "warmup_s": warmup, "devices": devices, "points": points,
             "interval_s": interval, "collector_flaps": flaps,
             "rss_kb_at_warmup": first[1], "rss_kb_end": last[1], "rss_kb_max_after_warmup": max(s[1] for s in warm),
             "rss_growth_kb": last[1] - first[1],
             "rss_max_growth_kb": max(s[1] for s in warm) - first[1],
+            "rss_kb_quartiles": q,   # after warm-up: start, 25%, 50%, 75%, end
             "cpu_ms_per_cycle": round(1000.0 * (last[2] - first[2]) / cycles, 2),
             "cpu_percent": round(100.0 * (last[2] - first[2]) / max(1e-9, last[0] - first[0]), 1),
             "polls_ok": polls_ok, "spool_backlog": (st.get("spool") or {}).get("records"),
