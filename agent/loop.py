@@ -39,6 +39,7 @@ import sys
 import time
 
 from agent import log as agentlog
+from agent.config import redact
 from agent.health import Health
 from agent.modbus.errors import DeviceError, ModbusError
 from agent.record import CLOCK_SANE, data_record, error_record, health_record, utc_timestamp
@@ -151,7 +152,8 @@ def _section_key(section, names):
     return tuple(repr(getattr(section, n, None)) for n in names)
 
 
-_SPOOL_KEYS = ("spool_dir", "spool_max_mb", "spool_max_age", "spool_segment_kb", "fsync", "fsync_interval", "id")
+_SPOOL_KEYS = ("spool_dir", "spool_max_mb", "spool_max_age", "spool_segment_kb", "fsync", "fsync_interval", "id",
+               "seq_file")
 _QUARANTINE_KEYS = ("quarantine_file",)
 _UPLOAD_KEYS = ("url", "token", "batch_max_records", "batch_max_kb", "gzip", "timeout", "ca_file", "verify",
                 "backoff_max", "quarantine_file")
@@ -239,7 +241,7 @@ class Loop:
         a = self.cfg.agent
         log.info("started: agent %s, %d device(s) on %d connection(s), spool %s, upload %s",
                  a.id, len(self.states), len(self.cfg.connections), a.spool_dir,
-                 self.cfg.upload.url if self.cfg.upload else "off")
+                 redact(self.cfg.upload.url) if self.cfg.upload else "off")
         for w in getattr(self.cfg, "warnings", ()):
             log.warning("config: %s", w)
         if self.clock_unsynced:
