@@ -8,7 +8,7 @@ import struct
 import sys
 import time
 
-from agent.config import BUS_WARN, ConfigError, check_config, load_config, redact
+from agent.config import BUS_WARN, check_config, load_or_report, redact
 from agent.modbus.errors import ModbusError, hexdump
 from agent.record import data_record, encode, error_record
 
@@ -33,16 +33,6 @@ def _seconds(s):
     if s < 1:
         return "%gms" % round(s * 1000, 3)
     return "%gs" % s
-
-
-def _load_or_report(path):
-    try:
-        return load_config(path)
-    except ConfigError as e:
-        for line in e.errors:
-            _err(line)
-        _err("%s: %d error(s)" % (path, len(e.errors)))
-        return None
 
 
 # --- check ---------------------------------------------------------------------------------
@@ -190,7 +180,7 @@ def _select_devices(cfg, name):
 
 
 def cmd_poll(args):
-    cfg = _load_or_report(args.config)
+    cfg = load_or_report(args.config)
     if cfg is None:
         return 2
     devices = _select_devices(cfg, getattr(args, "device", None))
@@ -364,7 +354,7 @@ def point_line(name, table, c, device_base):
 
 
 def cmd_probe(args):
-    cfg = _load_or_report(args.config)
+    cfg = load_or_report(args.config)
     if cfg is None:
         return 2
     devices = _select_devices(cfg, args.device)

@@ -49,6 +49,21 @@ class ConfigError(Exception):
         super().__init__("\n".join(self.errors))
 
 
+def load_or_report(path, out=None):
+    """`load_config`, or None after printing every error and their count (to stderr): what
+    each command does with a bad file before exiting 2."""
+    import sys
+
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        out = out or sys.stderr
+        for line in e.errors:
+            print(line, file=out)
+        print("%s: %d error(s)" % (path, len(e.errors)), file=out)
+        return None
+
+
 # --- value parsers: text -> value, or ValueError with the reason ---------------------------
 
 _DURATION = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?$")

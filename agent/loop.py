@@ -99,13 +99,13 @@ class DeviceState:
     def __init__(self, device, start, agent_cfg, health=None):
         self.device = device
         self.schedule = DeviceSchedule(start, device.interval,
-                                       dead_after=getattr(agent_cfg, "dead_after", 3) or 3,
-                                       backoff_max=getattr(agent_cfg, "dead_backoff_max", 300.0) or 300.0)
+                                       dead_after=agent_cfg.dead_after,
+                                       backoff_max=agent_cfg.dead_backoff_max)
         self.health = health or Health(device.name, device.unit)
-        self.deadbands = {p.name: (getattr(p, "deadband", None) or 0.0) for p in device.points}
+        self.deadbands = {p.name: p.deadband or 0.0 for p in device.points}
         self.last_sent = None         # values of the last record sent (on_change)
         self.last_sent_at = None      # monotonic time it was sent
-        self.next_health = start + (getattr(agent_cfg, "health_interval", None) or 300.0)
+        self.next_health = start + agent_cfg.health_interval
         self.summary_ok = 0
         self.summary_failed = 0
         self.was_failing = False
@@ -125,7 +125,7 @@ def open_spool(cfg):
     from agent.spool import Spool
 
     a = cfg.agent
-    return Spool(a.spool_dir, a.id, fresh_seq=clock_seq, seq_file=getattr(a, "seq_file", None),
+    return Spool(a.spool_dir, a.id, fresh_seq=clock_seq, seq_file=a.seq_file,
                  max_bytes=int(a.spool_max_mb * (1 << 20)),
                  max_age=a.spool_max_age,
                  segment_bytes=int(a.spool_segment_kb * 1024),
@@ -184,8 +184,8 @@ class Loop:
 
     def _set_timers(self, now):
         a = self.cfg.agent
-        self.summary_interval = getattr(a, "summary_interval", None) or 300.0
-        self.health_interval = getattr(a, "health_interval", None) or 300.0
+        self.summary_interval = a.summary_interval
+        self.health_interval = a.health_interval
         self.next_summary = now + self.summary_interval
         self.next_status = now  # right away: `status` works from the first second
 
@@ -242,7 +242,7 @@ class Loop:
         log.info("started: agent %s, %d device(s) on %d connection(s), spool %s, upload %s",
                  a.id, len(self.states), len(self.cfg.connections), a.spool_dir,
                  redact(self.cfg.upload.url) if self.cfg.upload else "off")
-        for w in getattr(self.cfg, "warnings", ()):
+        for w in self.cfg.warnings:
             log.warning("config: %s", w)
         if self.clock_unsynced:
             log.warning("clock reads %s, before the release date: records are flagged \"clock\": \"unsynced\" "
@@ -381,9 +381,9 @@ class Loop:
             log.info("answering again", extra=_where(dev))
             st.was_failing = False
             self._revive_siblings(st)
-        if getattr(dev, "mode", "on_schedule") == "on_change":
+        if dev.mode == "on_change":
             now = self.mono()
-            heartbeat = getattr(dev, "heartbeat", None) or 0.0
+            heartbeat = dev.heartbeat or 0.0
             due_heartbeat = heartbeat > 0 and st.last_sent_at is not None and now - st.last_sent_at >= heartbeat
             if not (due_heartbeat or moved(st.last_sent, values, st.deadbands)):
                 return
@@ -570,7 +570,7 @@ class Loop:
         for st in self.states:
             d = st.health.snapshot(utc_timestamp)
             dev = st.device
-            d.update(unit=dev.unit, interval=dev.interval, mode=getattr(dev, "mode", "on_schedule"),
+            d.update(unit=dev.unit, interval=dev.interval, mode=dev.mode,
                      connection=dev.connection.name, next_due_in=round(st.schedule.due - now, 3),
                      probe_backoff=st.schedule.backoff or None)
             devices[dev.name] = d
@@ -584,7 +584,7 @@ class Loop:
             "agent": self.cfg.agent.id,
             "pid": os.getpid(),
             "state": "stopped" if self.stopped else "running",
-            "config": getattr(self.cfg, "path", None),
+            "config": self.cfg.path,
             "started": utc_timestamp(self.started_wall),
             "written": utc_timestamp(wall),
             "written_at": wall,
@@ -599,7 +599,7 @@ class Loop:
         }
 
     def write_status(self):
-        path = getattr(self.cfg.agent, "status_file", None)
+        path = self.cfg.agent.status_file
         if not path:
             return
         try:
@@ -700,22 +700,15 @@ def _upload_text(uploader):
 
 def setup_logging(cfg, level=None):
     a = cfg.agent
-    agentlog.setup(level or getattr(a, "log_level", None) or "info", getattr(a, "log_file", None),
-                   getattr(a, "log_max_kb", None) or 1024)
+    agentlog.setup(level or a.log_level, a.log_file, a.log_max_kb)
 
 
 def cmd_run(args):
     """Exit codes: 0 stopped by SIGTERM/SIGINT, 1 the loop failed, 2 bad config."""
-    from agent.config import ConfigError, load_config
+    from agent.config import load_or_report
 
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as e:
-        for err in getattr(e, "errors", None) or [str(e)]:
-            print(err, file=sys.stderr)
-        return 2
-    except OSError as e:
-        print("%s: %s" % (args.config, e), file=sys.stderr)
+    cfg = load_or_report(args.config)
+    if cfg is None:
         return 2
     try:
         setup_logging(cfg, getattr(args, "log_level", None))

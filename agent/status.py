@@ -162,16 +162,10 @@ def is_stale(st, now=None):
 
 def cmd_status(args):
     """Exit 0: status printed and fresh; 1: no status file or stale (agent not running); 2: bad config."""
-    from agent.config import ConfigError, load_config
+    from agent.config import load_or_report
 
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as e:
-        for err in getattr(e, "errors", None) or [str(e)]:
-            print(err, file=sys.stderr)
-        return 2
-    except OSError as e:
-        print("%s: %s" % (args.config, e), file=sys.stderr)
+    cfg = load_or_report(args.config)
+    if cfg is None:
         return 2
     path = cfg.agent.status_file
     try:

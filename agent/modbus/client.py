@@ -82,6 +82,19 @@ LATE_QUIET = 0.02
 _READ_CODES = frozenset((1, 2, 3, 4))
 
 
+
+def open_tcp(host, port, connect_timeout):
+    """A TCP connection to a device or gateway, Nagle off (requests are small and answered at
+    once); ConnectionLost naming host:port when it cannot be made."""
+    try:
+        sock = socket.create_connection((host, port), connect_timeout)
+    except socket.timeout:
+        raise ConnectionLost(f"connect to {host}:{port} timed out after {connect_timeout:g} s") from None
+    except OSError as e:
+        raise ConnectionLost(f"connect to {host}:{port} failed: {e.strerror or e}") from None
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
 class _OutOfSync(FrameError):
     """TCP stream no longer at a frame boundary: close, reopen, resend once."""
 
@@ -243,13 +256,7 @@ class TcpClient(_Client):
         return f"{self.host}:{self.port}"
 
     def _connect(self):
-        try:
-            sock = socket.create_connection((self.host, self.port), self.connect_timeout)
-        except socket.timeout:
-            raise ConnectionLost(f"connect to {self._where()} timed out after {self.connect_timeout:g} s") from None
-        except OSError as e:
-            raise ConnectionLost(f"connect to {self._where()} failed: {e.strerror or e}") from None
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = open_tcp(self.host, self.port, self.connect_timeout)
         sock.settimeout(self.timeout)
         self._sock = sock
 
@@ -778,12 +785,6 @@ class RtuOverTcpClient(_RtuBase):
         return f"{self.host}:{self.port}"
 
     def _connect(self):
-        try:
-            sock = socket.create_connection((self.host, self.port), self.connect_timeout)
-        except socket.timeout:
-            raise ConnectionLost(f"connect to {self._where()} timed out after {self.connect_timeout:g} s") from None
-        except OSError as e:
-            raise ConnectionLost(f"connect to {self._where()} failed: {e.strerror or e}") from None
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = open_tcp(self.host, self.port, self.connect_timeout)
         sock.settimeout(None)  # blocking; select() bounds every wait
         self._link = _SocketLink(sock, self._where())
