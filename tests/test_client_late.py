@@ -114,6 +114,66 @@ def test_late_answer_of_the_same_shape_is_dropped_before_the_next_request(late_p
     assert client.stats["timeouts"] == 1
 
 
+class EchoTwiceDevice:
+    """FC03 device: address 0 is never answered (a dead request); any other address is answered
+    twice in one burst, first with [address, ...], then with [9000 + address, ...]. The second
+    copy is what `_second_answer` would take for the real answer if it listened."""
+
+    def __init__(self):
+        self.requests = []
+
+    def __call__(self, request):
+        unit, fc, address, count = struct.unpack_from(">BBHH", request)
+        self.requests.append((unit, address))
+        if address == 0:
+            return []
+        first = answer(unit, *((address + i) & 0xFFFF for i in range(count)))
+        second = answer(unit, *((9000 + address + i) & 0xFFFF for i in range(count)))
+        return [first + second]
+
+
+@pytest.mark.parametrize("failed, unit, count", [
+    ((5, 2), 1, 2),     # another unit (a dead one on the same bus), same shape
+    ((1, 3), 1, 2),     # the same unit, another answer length
+], ids=["other-unit", "other-shape"])
+def test_no_second_listen_for_a_request_a_late_answer_cannot_match(pty_pair, failed, unit, count):
+    # after a failure, only the same question asked again listens one more window behind its
+    # answer; any other request takes its answer at once. Shown by logic, not time: the second
+    # whole answer right behind the first is not consumed (it would be, and counted as stale,
+    # if the client listened).
+    device = EchoTwiceDevice()
+    server = peers.PtyServer(device, pty=pty_pair)
+    client = RtuClient(server.path, baudrate=115200, timeout=TIMEOUT, backoff_min=0.01)
+    try:
+        with pytest.raises(ModbusTimeout):
+            client.read(failed[0], 3, 0, failed[1])
+        assert client.read(unit, 3, 100, count) == regs(*range(100, 100 + count))
+        assert client.stats["stale_discarded"] == 0
+        # the unconsumed copy is dropped before the next request, not read as its answer
+        assert client.read(unit, 3, 200, count) == regs(*range(200, 200 + count))
+        assert device.requests == [(failed[0], 0), (unit, 100), (unit, 200)]
+    finally:
+        client.close()
+        server.stop()
+
+
+def test_second_listen_for_the_failed_request_asked_again(pty_pair):
+    # the control: the same unit, function and length right after the failure does listen,
+    # and the second whole answer wins (the first is taken for the late one)
+    device = EchoTwiceDevice()
+    server = peers.PtyServer(device, pty=pty_pair)
+    client = RtuClient(server.path, baudrate=115200, timeout=TIMEOUT, backoff_min=0.01)
+    try:
+        with pytest.raises(ModbusTimeout):
+            client.read(1, 3, 0, 2)
+        assert client.read(1, 3, 100, 2) == regs(9100, 9101)
+        assert client.stats["stale_discarded"] == 1
+        assert device.requests == [(1, 0), (1, 100)]
+    finally:
+        client.close()
+        server.stop()
+
+
 def test_late_window_default_after_a_timeout_only(late_pty):
     # default window: a share of the timeout within bounds, plus the answer's time on the line
     _device, client = late_pty("silent")

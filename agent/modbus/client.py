@@ -409,9 +409,12 @@ class _RtuBase(_Client):
       0.05..0.25 s, plus the time the missing answer takes on the line), dropping whatever
       arrives, and extended while bytes keep coming until the line is quiet (bounded by the
       timeout).
-    - the first read after such a failure listens one more window after its answer: a
-      second whole answer of the same shape right behind it means the first was the late
-      answer (a device still busy answers the old request when the new one arrives).
+    - the request right after such a failure, when it asks the failed one's question again
+      (same unit, function code and answer length), listens one more window after its answer:
+      a second whole answer of the same shape right behind it means the first was the late
+      answer (a device still busy answers the old request when the new one arrives). A
+      request to another unit, or of another shape, skips that window: a late answer of the
+      failed request could never be taken for its answer.
     Blind spot: a late answer with the same unit, function code and byte count as the next
     answer (the same read again, or another read of the same size) that arrives after the
     next request went out, and more than a window before the real answer (or with no real
@@ -431,6 +434,8 @@ class _RtuBase(_Client):
         #: seconds after a timeout in which a late answer is expected (None: from the timeout)
         self.late_window = late_window
         self._late_until = 0.0      # monotonic end of the pending late-answer window (0: none)
+        #: (unit, function, expected length) of the request that just failed, None otherwise
+        self._failed = None
         self._rest = b""            # bytes read past the last answer
 
     def _close(self):
@@ -456,11 +461,15 @@ class _RtuBase(_Client):
     def _transact(self, request, unit, function, expected):
         if self._link is None:
             self._open()
-        # the exchange after a failed one: a late answer may still be on its way (see below)
-        suspect = bool(self._late_until)
+        # the exchange after a failed one: a late answer may still be on its way (see below).
+        # Waiting it out protects any request (the failed device may still be sending: a
+        # collision); listening past our answer only pays off when the late answer could be
+        # taken for ours, i.e. for the same question again.
+        failed, self._failed = self._failed, None
+        repeat = failed == (unit, function, expected) and function in _READ_CODES
         try:
             try:
-                if suspect:
+                if self._late_until:
                     self._drop_late_answer()
                 gap = max(self.pause, self._silence)
                 if gap:
@@ -479,7 +488,7 @@ class _RtuBase(_Client):
                     raise FrameError("RS-485 echo does not match the request",
                                      expected=request.hex(" "), got=echo)
             adu = self._receive(unit, function, expected, deadline)
-            if suspect and function in _READ_CODES and len(adu) == expected:
+            if repeat and len(adu) == expected:
                 adu = self._second_answer(adu, unit, function, expected)
         except ConnectionLost:
             self._lost()
@@ -487,6 +496,7 @@ class _RtuBase(_Client):
         except (ModbusTimeout, FrameError) as e:
             # no (whole) answer: the rest of it may still come; keep it from the next request
             self._late_until = _monotonic() + self._late_window(expected)
+            self._failed = (unit, function, expected)
             if isinstance(e, ModbusTimeout):
                 self._timed_out()
             raise
@@ -503,10 +513,11 @@ class _RtuBase(_Client):
         return share + self._silence + self._char_time * expected
 
     def _second_answer(self, adu, unit, function, expected):
-        """First read after a failed one: a device still busy with the failed request may
+        """The failed read asked again: a device still busy with the failed request may
         answer it only when our request arrives, and ours right behind. Listen one more
         late-answer window; a second whole answer of the same shape means the first was the
-        late one. (Only here: it costs that window once per failure.)"""
+        late one. (Only here: it costs that window once per failure, and only for a request
+        whose answer a late one could be taken for.)"""
         if rtu.crc16(adu):
             return adu      # the codec reports it
         more = self._rest
