@@ -168,7 +168,10 @@ def name_problem(name):
 # tickets): keys that hold secrets, and the user:password part of URLs.
 _SECRET_VALUE = re.compile(r"(?i)\b((?:[a-z0-9_.-]*(?:token|password|passwd|secret)[a-z0-9_.-]*)[\"']?\s*[:=]\s*)"
                            r"(?:'[^']*'|\"[^\"]*\"|[^\s'\",;]+)")
-_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s'\"]+@")
+# Userinfo runs to the LAST '@' of the URL: a password may hold '@' (or '/', which breaks the URL
+# but still must not show), and stopping at the first one would print the rest of it. A path that
+# holds '@' hides the host too: showing too little beats showing a secret.
+_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^\s'\"]*@")
 
 
 _SECRET_KEY = re.compile(r"(?i)token|password|passwd|secret")

@@ -118,6 +118,12 @@ def test_reload_logs_config_errors_without_the_token(tmp_path, caplog):
     ("password=hunter2 and more", "password=*** and more"),
     ("db_secret = 'x y z' next", "db_secret = *** next"),
     ("postgresql://ingest:pw@db.example/modbus", "postgresql://***@db.example/modbus"),
+    # '@' inside the password: the userinfo runs to the last '@' (review: 't-pass' was shown)
+    ("http://site7:s3cr@t-pass@host/api/v1/batches", "http://***@host/api/v1/batches"),
+    ("upload: https://site7:a@b@c@collector.example:8443/api/v1/batches down",
+     "upload: https://***@collector.example:8443/api/v1/batches down"),
+    ("https://tok@h/x and http://h2/y", "https://***@h/x and http://h2/y"),
+    ("http://127.0.0.1:8080/api/v1/batches", "http://127.0.0.1:8080/api/v1/batches"),
     ("token too short (at least 16 characters)", "token too short (at least 16 characters)"),
     ("unknown option (did you mean 'token'?)", "unknown option (did you mean 'token'?)"),
 ])
