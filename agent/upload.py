@@ -9,8 +9,13 @@ Time: the loop gives `drain` the monotonic time of the next poll. A request is o
 the time left is at least max(MIN_REQUEST_TIME, a running estimate of recent request durations
 (EWMA of answered requests)); once started it runs to its own `[upload] timeout` and the poll waits
 for it. Cutting a request short would be worse than a late poll: a collector slower than the
-gap (cellular + TLS) would store every batch and never get to acknowledge one. A gap left unused
-only because of the estimate lowers it a little, so one slow answer cannot starve uploads for good.
+gap (cellular + TLS) would store every batch and never get to acknowledge one. Only the connect
+phase is bounded by the time left (nothing has been sent yet, so nothing is lost): a black-holed
+SYN costs the gap, not the whole timeout. A request that gets no answer (timeout, reset, refused)
+raises the estimate to at least the time it took, so after a collector that accepts and hangs the
+next retry waits for a gap that long instead of overrunning every short one. A gap left unused
+only because of the estimate lowers it a little, so one slow answer or one hung request cannot
+starve uploads for good.
 
 One agent per batch: the envelope's "agent" is always the agent of the records in the batch (every
 spool line starts {"agent":ID,"seq":...}). After an `[agent] id` rename the old id's backlog goes
@@ -25,9 +30,13 @@ Answers:
                        stored: the spool acknowledges the batch (the only way a record leaves it).
                        A 2xx without that answer (a captive portal, a proxy's page, a wrong URL
                        served by some web server) is NOT an acknowledgement: back off.
-                       Every record a duplicate while the collector already holds higher seqs:
-                       the signature of a spool whose seq restarted (readings discarded as
-                       duplicates): ERROR once per streak, counted as seq_reuse_suspected.
+                       Every record a duplicate while the collector already holds seqs higher
+                       than this batch's AND than any this agent could have sent (the highest
+                       seq it posted since start, at least the spool's last seq at start): the
+                       signature of a seq that restarted or of a second router with the same
+                       [agent] id (readings discarded as duplicates): ERROR once per streak,
+                       counted as seq_reuse_suspected. A resend after a lost or late answer
+                       (halved batch, or a lagging cursor after a restart) never looks so.
   3xx                  not followed (requests would turn the POST into a GET, and a GET's 200
                        would acknowledge records nobody stored): back off, log the Location
   413                  too large: split the batch in halves (down to one record; a single record
@@ -55,6 +64,7 @@ import time
 
 import requests
 
+from agent.config import redact
 from agent.record import utc_timestamp
 
 log = logging.getLogger("agent.upload")
@@ -71,6 +81,8 @@ ESTIMATE_DECAY = 0.8    # a gap skipped only because of the estimate lowers it b
 _AGENT_KEY = b'{"agent":'
 _RECORD_AGENT = re.compile(r"^\$\.records\[(\d+)\]\.agent$")
 _JSON = json.JSONDecoder()
+_CAUSED_BY = re.compile(r"\(Caused by (\w+)\((.*)\)\)$")
+_OBJECT_REPR = re.compile(r"<[^<>]*>(?:: |, )?")
 
 
 class _Retry(Exception):
@@ -82,6 +94,7 @@ class Uploader:
                  timeout=10.0, ca_file=None, verify=True, backoff_max=300.0, session=None,
                  gzip_level=GZIP_LEVEL):
         self.url = url
+        self._url_shown = redact(url)   # what logs and state() show: never the URL's credentials
         self.agent_id = agent_id
         self.batch_max_records = max(1, int(batch_max_records))
         self.batch_max_bytes = max(1024, int(batch_max_kb * 1024))
@@ -112,6 +125,10 @@ class Uploader:
         self._estimate = MIN_REQUEST_TIME   # seconds a request is expected to take (EWMA)
         self._skipped = False               # the last drain call left its gap unused
         self._seq_reuse_streak = False
+        # The highest seq this agent may have put on the collector: seeded at the first drain
+        # from the spool's last seq (a previous process may have posted anything it had spooled,
+        # and a lagging cursor resends it), raised before every request.
+        self._posted_hi = None
         self._st = {"last_ok": None, "last_error": None, "last_error_at": None, "backoff_until": None,
                     "sent_total": 0, "batches_total": 0, "duplicates_total": 0, "quarantined_total": 0,
                     "failures_total": 0, "consecutive_failures": 0, "bytes_sent_total": 0,
@@ -127,6 +144,8 @@ class Uploader:
         (timers, signals) in a long gap. Returns {"status": "empty"|"deadline"|"slice"|"backoff",
         "sent", "batches", "quarantined"}; returns at once while a back-off is running."""
         res = {"status": "empty", "sent": 0, "batches": 0, "quarantined": 0}
+        if self._posted_hi is None:
+            self._posted_hi = spool.next_seq - 1
         if time.monotonic() < self._backoff_until:
             res["status"] = "backoff"
             return res
@@ -222,7 +241,7 @@ class Uploader:
             b = stack.pop()
             if deadline - time.monotonic() < self.request_time():
                 return False
-            code, reason, answer = self._post(b, agent)
+            code, reason, answer = self._post(b, agent, deadline)
             if code is not None and 200 <= code < 300:
                 self._ok(b, agent, answer)
                 spool.ack(b)
@@ -312,14 +331,23 @@ class Uploader:
             body = _gzip.compress(body, self.gzip_level)
         return body
 
-    def _post(self, batch, agent=None):
-        """-> (status code or None for a network error, reason text, parsed JSON answer or None)."""
+    def _post(self, batch, agent=None, deadline=None):
+        """-> (status code or None for a network error, reason text, parsed JSON answer or None).
+        The connect phase ends by the monotonic `deadline` (at least MIN_REQUEST_TIME); once
+        connected the request runs to the configured timeout."""
         body = self._body(batch, self.agent_id if agent is None else agent)
+        if self._posted_hi is None or batch.last_seq > self._posted_hi:
+            self._posted_hi = batch.last_seq
         t0 = time.monotonic()
+        left = self.timeout if deadline is None else deadline - t0
         try:
-            r = self._session.post(self.url, data=body, headers=self._headers, timeout=self.timeout,
+            r = self._session.post(self.url, data=body, headers=self._headers,
+                                   timeout=(min(self.timeout, max(left, MIN_REQUEST_TIME)), self.timeout),
                                    verify=self._verify, allow_redirects=False)
         except requests.exceptions.RequestException as e:
+            # No answer, but it took this long: a hung collector (accepts, never answers) must
+            # not get a retry in every short gap, each overrunning the poll by the whole timeout.
+            self._estimate = max(self._estimate, time.monotonic() - t0)
             return None, "%s: %s" % (type(e).__name__, _short(e)), None
         # answered: how long requests take now decides which gaps can start one
         took = time.monotonic() - t0
@@ -359,23 +387,28 @@ class Uploader:
             st["duplicates_total"] += dups
         if type(max_seq) is int:
             st["last_max_seq"] = max_seq
-        if dups == batch.count and type(max_seq) is int and max_seq > batch.last_seq:
-            # All already there, and the collector holds later seqs too: a resend after a lost
-            # answer never looks like this (the collector's max would be this batch's last seq).
+        ours = max(batch.last_seq, self._posted_hi or 0)
+        if dups == batch.count and type(max_seq) is int and max_seq > ours:
+            # All already there, and the collector holds seqs this agent never sent: a resend
+            # (lost or late answer, a halved batch, a lagging cursor after a restart) never
+            # looks like this, the collector's max would be at most `ours`.
             st["seq_reuse_suspected"] += batch.count
             if not self._seq_reuse_streak:
                 self._seq_reuse_streak = True
                 log.error("upload: the collector already holds all %d records seq %d..%d of agent %r and has seqs "
-                          "up to %d: if this spool was recreated (new spool_dir, wiped flash) its seq restarted "
-                          "and these readings are being DISCARDED as duplicates; give the agent a new [agent] id "
-                          "or restore the spool's cursor (after a crash that lost the cursor, it is only a resend)",
-                          batch.count, batch.first_seq, batch.last_seq, agent, max_seq)
+                          "up to %d, beyond any this agent has sent (%d): these readings are being DISCARDED as "
+                          "duplicates, and new ones will be at least until its seq passes %d. Either another "
+                          "router sends as %r too (each needs its own [agent] id), or this agent's seq went back "
+                          "(spool state lost or rolled back: fsync = never and a power cut, or spool_dir and "
+                          "seq_file both replaced while the clock was unset); a new [agent] id for this agent "
+                          "stops the loss of new readings",
+                          batch.count, batch.first_seq, batch.last_seq, agent, max_seq, ours, max_seq, agent)
         elif type(dups) is int and dups < batch.count:
             self._seq_reuse_streak = False
         if agent == self.agent_id:
             st["other_agent"] = None
         if self._failures:
-            log.info("upload: %s reachable again after %d failures", self.url, self._failures)
+            log.info("upload: %s reachable again after %d failures", self._url_shown, self._failures)
         self._failures = 0
         st["consecutive_failures"] = 0
         st["backoff_until"] = None
@@ -390,6 +423,8 @@ class Uploader:
         st = self._st
         st["failures_total"] += 1
         st["consecutive_failures"] = self._failures
+        # a redirect's Location, an exception's or a proxy's text may carry a URL with credentials
+        reason = redact(reason)
         # code None: the reason names it (ConnectionError, ReadTimeout, SSLError, redirect, ...)
         st["last_error"] = reason if code is None else "HTTP %d: %s" % (code, reason)
         if hint:
@@ -407,7 +442,7 @@ class Uploader:
         st["backoff_until"] = utc_timestamp(time.time() + delay)
         # an operator's action is needed (hint): ERROR; an outage or overload: WARNING
         log.log(logging.ERROR if hint else logging.WARNING, "upload: %s %s; retry in %.1fs (failure %d)",
-                self.url, st["last_error"], delay, self._failures)
+                self._url_shown, st["last_error"], delay, self._failures)
 
 
 def _envelope_head(agent_id):
@@ -445,6 +480,11 @@ def _timed_out(reason):
 
 
 def _short(e):
-    """One line, without the noise urllib3 nests into connection errors."""
+    """One line, without the noise urllib3 nests into connection errors: "HTTPConnectionPool(...):
+    Max retries exceeded with url: ... (Caused by X(<object at 0x...>, 'what happened'))" becomes
+    "X: what happened", so the cause (and the connect timeout used) is not cut off."""
     s = str(e).replace("\n", " ")
+    m = _CAUSED_BY.search(s)
+    if m:
+        s = "%s: %s" % (m.group(1), _OBJECT_REPR.sub("", m.group(2)).strip("'\" "))
     return s[:200]

@@ -4,6 +4,7 @@ counts the duplicates it saw: every record must arrive exactly once in its store
 import gzip
 import json
 import logging
+import re
 import socket
 import ssl
 import struct
@@ -39,6 +40,7 @@ class Collector:
         self.reject = reject
         self.slow = slow
         self.per_record = 0.0
+        self.location = "http://portal.example/login"     # where the "redirect" cue points
         self.headers = []
         self.lock = threading.Lock()
         coll = self
@@ -107,7 +109,7 @@ class Collector:
                     return None
                 if cue == "redirect":
                     self.send_response(302)
-                    self.send_header("Location", "http://portal.example/login")
+                    self.send_header("Location", coll.location)
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return None
@@ -405,6 +407,169 @@ def test_configured_timeouts_shrink_the_batches_until_they_fit(tmp_path, collect
     sp.close()
 
 
+def syn_black_hole():
+    """A listening socket whose accept queue is full: Linux drops further SYNs, so a connect
+    hangs as it does to a collector behind a dead route or a firewall that drops."""
+    bh = socket.socket()
+    bh.bind(("127.0.0.1", 0))
+    bh.listen(0)
+    held = []
+    for _ in range(4):
+        try:
+            held.append(socket.create_connection(bh.getsockname(), timeout=0.3))
+        except OSError:
+            return bh, held
+    for s in held + [bh]:
+        s.close()
+    pytest.skip("every connect was accepted: no SYN black hole on this kernel")
+
+
+class SilentCollector:
+    """Accepts connections and never answers: a hung collector, or a NAT that lost the flow."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.05)
+        self.conns = []
+        self.stop = False
+        self.url = "http://127.0.0.1:%d/api/v1/batches" % self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self):
+        while not self.stop:
+            try:
+                self.conns.append(self.sock.accept()[0])
+            except OSError:
+                pass
+
+    def close(self):
+        self.stop = True
+        self.thread.join()
+        for c in self.conns + [self.sock]:
+            c.close()
+
+
+def wait_backoff(up):
+    while up.retry_in():
+        time.sleep(up.retry_in())
+
+
+def test_a_black_holed_connect_is_bounded_by_the_gap_and_teaches_the_estimate(tmp_path):
+    """Review r6: a SYN nobody answers blocked the poll for the whole [upload] timeout at every
+    retry. The connect phase (nothing sent yet) ends with the gap; the time it took becomes the
+    estimate, so the next gap of that size starts nothing and a later one tries again."""
+    bh, held = syn_black_hole()
+    sp = fill(tmp_path, 10)
+    up = Uploader("http://127.0.0.1:%d/api/v1/batches" % bh.getsockname()[1], AGENT, timeout=5.0,
+                  backoff_max=0.02)
+    try:
+        res = up.drain(sp, time.monotonic() + 0.4)
+        st = up.state()
+        assert res["status"] == "backoff" and st["failures_total"] == 1 and "ConnectTimeout" in st["last_error"]
+        bound = float(re.search(r"connect timeout=([0-9.]+)", st["last_error"]).group(1))
+        assert bound <= 0.4
+        assert st["batch_limit"] == 500                # nothing was sent: no reason to halve the batch
+        assert up.request_time() >= bound
+        statuses = []
+        for _ in range(6):
+            wait_backoff(up)
+            res = up.drain(sp, time.monotonic() + 0.4)
+            statuses.append(res["status"])
+            if res["status"] == "backoff":
+                break
+        assert statuses[0] == "deadline" and statuses[-1] == "backoff", statuses
+        st = up.state()
+        assert st["failures_total"] == 2 and float(re.search(r"connect timeout=([0-9.]+)",
+                                                              st["last_error"]).group(1)) <= 0.4
+        assert sp.stats()["records"] == 10
+    finally:
+        for s in held + [bh]:
+            s.close()
+        sp.close()
+
+
+def test_a_hung_collector_costs_one_overrun_then_waits_for_a_gap_as_long(tmp_path):
+    """Review r6: a collector that accepts and never answers made every retry run to the whole
+    timeout in any 0.3 s gap (only answered requests fed the estimate). Now a request without an
+    answer raises the estimate to the time it took: the gaps after it start nothing until the
+    estimate has decayed, then one gap tries again."""
+    silent = SilentCollector()
+    sp = fill(tmp_path, 10)
+    up = Uploader(silent.url, AGENT, timeout=1.0, backoff_max=0.02)
+    try:
+        res = up.drain(sp, time.monotonic() + 0.3)
+        st = up.state()
+        assert res["status"] == "backoff" and "read timeout=1.0" in st["last_error"]    # ran to its timeout
+        assert up.request_time() >= 1.0
+        statuses = []
+        for _ in range(12):
+            wait_backoff(up)
+            res = up.drain(sp, time.monotonic() + 0.3)
+            statuses.append(res["status"])
+        tries = statuses.count("backoff")
+        assert statuses[:4] == ["deadline"] * 4 and 1 <= tries <= 2, statuses
+        assert up.state()["failures_total"] == 1 + tries and sp.stats()["records"] == 10
+    finally:
+        silent.close()
+        sp.close()
+
+
+def test_a_resend_after_a_late_answer_is_not_taken_for_seq_reuse(tmp_path, collector, caplog):
+    """Review r6: a batch stored but answered after the timeout is resent halved; its first half
+    is all duplicates below the collector's max_seq, which is this agent's own last post, not a
+    restarted seq. No ERROR, nothing counted."""
+    coll = collector(slow=1.0)
+    coll.cues = ["slow"]
+    sp = fill(tmp_path, 0)
+    up = Uploader(coll.url, AGENT, batch_max_records=100, timeout=0.5, backoff_max=0.02)
+    assert up.drain(sp, time.monotonic() + 10)["status"] == "empty"    # the first gap: nothing spooled yet
+    for i in range(100):
+        sp.append(data_record(AGENT, T0 + i, "meter1", 1, {"i": i}))
+    pump(up, sp)
+    st = up.state()
+    assert "ReadTimeout" in st["last_error"] and st["batch_limit"] == 50
+    assert st["duplicates_total"] == 100 and st["seq_reuse_suspected"] == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert sorted(coll.stored) == list(range(1, 101))
+    sp.close()
+
+
+def test_a_resend_after_a_restart_with_a_lagging_cursor_is_not_taken_for_seq_reuse(tmp_path, collector, caplog):
+    """After a crash the cursor lags what the collector stored, and the batches need not fall on
+    the same boundaries: every seq resent is one the spool had written, so no alarm."""
+    coll = collector()
+    sp = fill(tmp_path, 100)
+    assert Uploader(coll.url, AGENT, **FAST)._post(sp.peek(100, 1 << 20))[0] == 200   # stored, never acked
+    sp.close()
+    sp = Spool(tmp_path / "spool", AGENT)                    # the next process
+    up = Uploader(coll.url, AGENT, batch_max_records=30, **FAST)
+    assert up.drain(sp, time.monotonic() + 20)["sent"] == 100
+    st = up.state()
+    assert st["duplicates_total"] == 100 and st["seq_reuse_suspected"] == 0 and st["last_max_seq"] == 100
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    sp.close()
+
+
+def test_the_urls_credentials_never_reach_the_log_or_the_state(tmp_path, collector, caplog):
+    """Review r6: the failure WARNING and the "reachable again" line logged the raw url."""
+    coll = collector()
+    coll.cues = ["500", "redirect"]
+    coll.location = "http://portal:pw0rd@portal.example/login"
+    sp = fill(tmp_path, 5)
+    up = Uploader(coll.url.replace("http://", "http://site7:s3cr@t-pass@"), AGENT, **FAST)
+    with caplog.at_level(logging.INFO, logger="agent.upload"):
+        pump(up, sp)
+    text = "\n".join(r.getMessage() for r in caplog.records) + json.dumps(up.state())
+    assert "s3cr" not in text and "t-pass" not in text and "pw0rd" not in text
+    assert "reachable again" in text and "http://***@127.0.0.1:%d/api/v1/batches" % coll.port in text
+    assert "redirect to http://***@portal.example/login" in up.state()["last_error"]
+    assert_exactly_once(coll, 5)
+    sp.close()
+
+
 def test_reset_mid_request_then_500_then_ok(tmp_path, collector):
     coll = collector()
     coll.cues = ["reset", "reset", "500"]
@@ -631,6 +796,7 @@ def test_all_duplicates_below_the_collectors_max_seq_is_reported_as_seq_reuse(tm
     assert st["duplicates_total"] == 30 and st["seq_reuse_suspected"] == 30 and st["last_max_seq"] == 100
     err = [r.getMessage() for r in caplog.records if r.name == "agent.upload" and r.levelno == logging.ERROR]
     assert len(err) == 1 and "seq 1..10" in err[0] and "up to 100" in err[0] and "DISCARDED" in err[0]
+    assert "beyond any this agent has sent (30)" in err[0] and "another router" in err[0]
     again.close()
 
 
