@@ -385,3 +385,41 @@ def test_a_backing_off_upload_wakes_the_loop_for_its_retry_before_the_next_poll(
             server.shutdown()
             server.server_close()
     assert st["sent_total"] == 1 and polls == 1
+
+
+def test_a_hung_collector_makes_one_poll_late_not_every_one(tmp_path, sim):
+    """Review r6: a collector that accepts and never answers cost every gap after a back-off the
+    whole [upload] timeout (1 s here, polls every 400 ms), since only answered requests taught the
+    uploader how long one takes. Now the gaps after such a request start none until the estimate
+    has decayed: a few late polls per try, not every poll late."""
+    import threading
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    silent.settimeout(0.05)
+    conns, stop = [], []
+
+    def accept():
+        while not stop:
+            try:
+                conns.append(silent.accept()[0])
+            except OSError:
+                pass
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    url = "http://127.0.0.1:%d/api/v1/batches" % silent.getsockname()[1]
+    loop = make_loop(tmp_path, sim.tcp_port, interval="400ms",
+                     extra="\n[upload]\nurl = %s\ntimeout = 1s\nbackoff_max = 100ms\n" % url)
+    try:
+        run_steps(loop, 10)
+        tries = loop.uploader.state()["failures_total"]
+        missed = loop.states[0].schedule.missed
+    finally:
+        loop.shutdown()
+        stop.append(True)
+        t.join()
+        for c in conns + [silent]:
+            c.close()
+    assert 1 <= tries <= 3 and missed <= 3 * tries, (tries, missed)
