@@ -646,19 +646,17 @@ class Loop:
 
     def _reopen_spool(self, old, new):
         """Switch to the spool `new` describes. A spool that cannot be opened (directory not
-        writable, locked by another agent) leaves the previous config running."""
-        same_dir = os.path.abspath(old.agent.spool_dir) == os.path.abspath(new.agent.spool_dir)
-        if same_dir:
-            self.spool.close()   # the directory lock must be released before it is taken again
+        writable, locked by another agent) leaves the previous config running.
+        The old spool is closed first: the directory lock must be released when it is the same
+        directory, and its last writes (a pending gap record, the seq_file at close) must come
+        before the new spool reads the seq_file and continues beyond it (agent.seqlease)."""
+        self.spool.close()
         try:
             spool = open_spool(new)
         except Exception as e:
             log.error("reload: cannot open the spool: %s: still running the previous config", e)
-            if same_dir:
-                self.spool = open_spool(old)
+            self.spool = open_spool(old)
             return False
-        if not same_dir:
-            self.spool.close()
         self.spool = spool
         return True
 

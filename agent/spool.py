@@ -3,8 +3,8 @@
 Layout of the spool directory:
   seg-<first seq>.jsonl  segment files, one record per line (agent.record.encode), oldest first;
                          the newest one is "active" (appended to); rotated at `segment_bytes`.
-  cursor.json            upload cursor + seq floor + totals, replaced atomically
-                         (tmp, fsync, rename, directory fsync).
+  cursor.json            upload cursor + seq floor + totals + the seq lease generation ("gen"),
+                         replaced atomically (tmp, fsync, rename, directory fsync).
   ack.hint               the latest acknowledgement between two durable cursor writes: one
                          fixed-size line with a CRC, overwritten in place (same page, same inode),
                          so acknowledging every poll cycle costs no new file and no fsync; it
@@ -34,10 +34,27 @@ Promises (see issue 4/6):
 - A spool whose state is gone (spool_dir in RAM after a reboot, a new spool_dir) or is an older
   copy does not start again below seqs handed out before: it starts at the seq lease kept in
   `seq_file` on persistent storage (agent.seqlease; written durably before a leased block is
-  used, about once per 65536 records) or at `fresh_seq()` (the agent: the clock in ms), whichever
-  is higher.
-- Segment ages (max_age) are elapsed time: a wall-clock step (NTP setting a clock that was unset
-  at boot) moves the segments' times with it instead of ageing out the whole offline backlog.
+  used, about once per 65536 records, and at every open and clean close) or at `fresh_seq()`
+  (the agent: the clock in ms), whichever is higher. "Older copy" is decided by a generation
+  drawn at every open and written to cursor.json, then to the seq_file: only the spool whose
+  cursor carries the seq_file's generation (the same spool, restarted) goes on from its own
+  floor, and only if that floor is not below the seq the seq_file records (at a clean close: the
+  exact next seq). spool_dir A, B, A again, and a backup restored after the spool was opened
+  again, continue beyond the lease. Not recognised: a copy taken during the spool's latest run
+  and restored after that run ended without a clean close (kill, power cut) at or above the
+  last seq_file write.
+- Segment ages (max_age) are elapsed time, and the age of a segment is its file's mtime (the
+  time of its last write), on the scale of the current wall clock. A wall-clock step seen while
+  the agent runs (NTP setting a clock that was unset or behind at boot: an OpenWrt router
+  without RTC boots at sysfixtime, sane but old) moves the segments' times with it, in memory
+  and on the files (os.utime, one per segment per step: steps are rare), so neither the running
+  agent nor the next start ages out the whole offline backlog. Why the file mtime and not the
+  spool's own state: it is per segment, goes with the file, needs no cursor write, and a
+  record's ts is no better (written by the same clock). Steps while the agent is not running
+  cannot be measured; two cases are caught at start-up: a segment time before CLOCK_SANE (the
+  clock was unset) starts ageing at the start (and is stamped so), and a segment time in the
+  future (written with a synced clock, read with one that is behind) counts as now (in memory
+  only: the file may be the right one), so it does not hold back the ageing of the others.
 - When `max_bytes` or `max_age` is hit the oldest segment is dropped and a gap record
   (agent.record.gap_record) says how many records were lost (exactly), all within its
   first_seq..last_seq and first_ts..last_ts; it is uploaded like any record. A dropped segment is
@@ -165,6 +182,10 @@ class Spool:
         # No seq >= _lease_end may be handed out before the lease moves on (no seq_file: never).
         self._lease_end = 0 if self.seq_file else 1 << 64
         self._lease_failed = False    # the seq_file could not be written (warned once)
+        # Generation of this run (see agent.seqlease), written to cursor.json and the seq_file;
+        # _gen_prev: the seq_file's generation when this run's cursor was first written (matches
+        # until the seq_file is written with ours: a crash in between must not look like a copy).
+        self._gen = self._gen_prev = None
         self._mono = monotonic        # fsync interval, clock step detection
         self._wall_off = None         # wall - monotonic at the last look (see _check_step)
         self.quarantine_file = str(quarantine_file or os.path.join(self.directory, QUARANTINE))
@@ -292,6 +313,7 @@ class Spool:
             self._segs.append(seg)
             self._bytes += seg.size
         lease = self._read_lease()
+        mine = self._lease_is_mine(cursor, lease)
         if not cursor and not names and (self._fresh_seq is not None or lease is not None):
             # No cursor, no segment: a new spool, or one whose state was lost (a spool on tmpfs
             # after a reboot, new flash). The collector keeps (agent, seq) once, so restarting at
@@ -302,32 +324,49 @@ class Spool:
             if self._fresh_seq is not None:
                 floor = max(floor, int(self._fresh_seq()))
             if lease is not None:
-                floor = max(floor, lease[0])
+                floor = max(floor, lease["lease"])
             log.info("spool %s: no previous state; sequence starts at %d", self.directory, floor)
-        elif lease is not None and floor < lease[1]:
-            # The lease says seq lease[1] was handed out, this spool never got that far: an
-            # older copy of the spool (an earlier spool_dir, a restored backup). Going on from
-            # its floor would reuse seqs the collector holds.
-            log.warning("spool %s: its state ends at seq %d but seq %d was handed out already "
-                        "(seq file %s): an older copy of the spool? sequence continues at %d",
-                        self.directory, floor - 1, lease[1], self.seq_file, lease[0])
-            floor = lease[0]
+        elif lease is not None and floor < lease["lease"] and (not mine or floor < lease["base"]):
+            # Another spool wrote the seq_file since this one last ran (spool_dir A, B, A again;
+            # a restored backup), or this is an older copy of the spool that wrote it (its state
+            # ends below the seq the writer had reached): going on from this floor could reuse
+            # seqs the collector holds. Beyond the lease nothing was ever handed out.
+            log.warning("spool %s: its state ends at seq %d but the seq file %s was written by %s "
+                        "(at seq %d): an older copy of the spool? sequence continues at %d",
+                        self.directory, floor - 1, self.seq_file,
+                        "this spool, further on" if mine else "another spool or run", lease["base"],
+                        lease["lease"])
+            floor = lease["lease"]
         if lease is not None:
-            self._lease_end = lease[0]
-        if floor >= self._lease_end:
-            self._extend_lease(floor - 1, floor)
+            self._lease_end = lease["lease"]
         if cursor and isinstance(cursor.get("origin_seq"), int):
             self.origin_seq = cursor["origin_seq"]
         else:
             self.origin_seq = names[0][0] if names else floor
         self._next_seq = floor
+        if cursor:
+            # Cursor writes until the new generation is in place (and all of them when the spool
+            # is opened without the seq_file: a status look, a test) keep the one on disk.
+            self._gen, self._gen_prev = cursor.get("gen"), cursor.get("gen_prev")
         self._position(cursor)
+        if self.seq_file is not None:
+            self._new_generation(cursor, lease, mine)
         now = self._clock()
+        rescued = []
         for seg in self._segs:
-            # A segment written while the clock was unset would look decades old once NTP sets it:
-            # never drop data because of a clock jump; it starts ageing now.
             if seg.mtime < CLOCK_SANE <= now:
+                # Written while the clock was unset: it would look decades old now that the clock
+                # is set. Never drop data because of a clock jump: it starts ageing now (kept on
+                # the file, so the next start does not start it again).
                 seg.mtime = now
+                rescued.append(seg)
+            elif seg.mtime > now:
+                # From the future: written with a clock that was right, read with one that is
+                # behind (an offline boot at sysfixtime). Not on the file: the clock on disk may
+                # well be the right one; in memory, a segment no younger than now, so it neither
+                # holds back the ageing of the others nor gets the next clock step added on top.
+                seg.mtime = now
+        self._restamp(rescued)
         self._wall_off = now - self._mono()
         self._collect()
         self._age_bound(now)
@@ -385,7 +424,7 @@ class Spool:
         if self.seq_file is None:
             return None
         try:
-            return seqlease.read(self.seq_file)
+            return seqlease.load(self.seq_file)
         except OSError as e:
             self._lease_trouble("cannot read: %s" % (e.strerror or e))
         except ValueError as e:
@@ -400,20 +439,64 @@ class Spool:
                         "reuse seqs the collector already holds", self.seq_file, what)
         self._lease_failed = True
 
-    def _extend_lease(self, base, seq):
-        """Lease the block from `seq` on before it is handed out: one durable write per
-        seq_lease seqs. A seq_file that cannot be written never stops the agent: one warning,
-        and another try a block later."""
-        end = seq + self.seq_lease
+    @staticmethod
+    def _lease_is_mine(cursor, lease):
+        """Did this spool, in its latest run, write the seq_file last? Its cursor carries the
+        lease's generation, or the generation the lease had when that run wrote its cursor (it
+        stopped before it wrote the seq_file, so it handed out nothing under its own)."""
+        if lease is None or not cursor:
+            return False
+        if lease["gen"] is None:
+            return True         # a seq_file from before generations: only `base` tells
+        return lease["gen"] in (cursor.get("gen"), cursor.get("gen_prev"))
+
+    def _new_generation(self, cursor, lease, mine):
+        """Start a new generation (agent.seqlease): cursor.json first, then the seq_file, both
+        durably, so a crash in between leaves a cursor whose gen_prev still matches. A backup
+        of the spool taken before this point carries an older generation and will jump."""
+        self._gen = seqlease.new_generation()
+        self._gen_prev = lease["gen"] if lease is not None else None
+        if not self._write_cursor(durable=True) and mine:
+            # cursor.json cannot be written (disk full): keep the generation it holds, or the
+            # next start would take this spool for a copy.
+            self._gen, self._gen_prev = cursor.get("gen"), cursor.get("gen_prev")
+        floor = self._next_seq
+        end = self._lease_end if floor < self._lease_end else floor + self.seq_lease
+        if self._write_lease(end, floor):
+            self._gen_prev = None
+
+    def _write_lease(self, end, base):
+        """Write the seq_file (lease `end`, `base`, this run's generation). A seq_file that cannot
+        be written never stops the agent: one warning, another try a block later. -> written?"""
+        self._lease_end = end
         try:
-            seqlease.write(self.seq_file, end, max(0, base), self.agent_id)
+            seqlease.write(self.seq_file, end, max(0, base), self.agent_id, gen=self._gen)
         except OSError as e:
             self._lease_trouble("cannot write: %s" % (e.strerror or e))
-        else:
-            if self._lease_failed:
-                log.info("[agent] seq_file %s: written again", self.seq_file)
-            self._lease_failed = False
-        self._lease_end = end
+            return False
+        if self._lease_failed:
+            log.info("[agent] seq_file %s: written again", self.seq_file)
+        self._lease_failed = False
+        return True
+
+    def _extend_lease(self, seq):
+        """Lease the block from `seq` on before it is handed out: one durable write per
+        seq_lease seqs; `base` is `seq`, the seq about to be handed out."""
+        self._write_lease(seq + self.seq_lease, seq)
+
+    def _close_lease(self):
+        """At a clean close: record the exact next seq as `base`, so a copy of this spool taken
+        during this run (same generation, lower floor) is told apart. Only while the seq_file is
+        still ours: another spool may have written it since (it has the newer word)."""
+        if self.seq_file is None or self._gen is None:
+            return
+        try:
+            doc = seqlease.load(self.seq_file)
+        except (OSError, ValueError):
+            return
+        if doc is not None and doc["gen"] != self._gen:
+            return
+        self._write_lease(max(self._lease_end, self._next_seq), self._next_seq)
 
     def _scan(self, seg):
         """Fill seg's size/count/first/last from its file; set a torn tail aside and truncate it.
@@ -571,7 +654,7 @@ class Spool:
             record["seq"] = seq
             line = self._prefix + str(seq).encode() + line[line.find(b",", self._plen):]
         if seq >= self._lease_end:
-            self._extend_lease(seq, seq)
+            self._extend_lease(seq)
         self._next_seq = seq + 1
         self._write(line, seq, record.get("ts"), now)
         return seq
@@ -669,7 +752,7 @@ class Spool:
             rec["seq"] = seq
             line = encode(rec)
             if seq >= self._lease_end:
-                self._extend_lease(seq, seq)
+                self._extend_lease(seq)
             self._next_seq = seq + 1
             now = self._clock()
             if self._wfd is not None and self._segs[-1].size + len(line) > self.segment_bytes:
@@ -864,6 +947,10 @@ class Spool:
         seg = self._segs[0] if self._segs else None
         cur = {"acked_seq": self._acked_seq, "next_seq": self._next_seq, "origin_seq": self.origin_seq,
                "segment": seg.key if seg else self._next_seq, "offset": self._roff if seg else 0}
+        if self._gen is not None:
+            cur["gen"] = self._gen
+        if self._gen_prev is not None:
+            cur["gen_prev"] = self._gen_prev
         for k, v in self.totals.items():
             if k != "appended":
                 cur[k] = v
@@ -929,10 +1016,33 @@ class Spool:
             step = off - prev
             if step > CLOCK_STEP or step < -CLOCK_STEP:
                 for seg in self._segs:
-                    seg.mtime += step
+                    # never into the future: a segment's last write is not later than now
+                    seg.mtime = min(seg.mtime + step, now)
+                self._restamp(self._segs)
                 log.info("spool %s: wall clock stepped by %+.0fs: segment ages follow (measured in "
                          "elapsed time, not clock readings)", self.directory, step)
         return mono
+
+    def _restamp(self, segs):
+        """Put the segments' times (seg.mtime) on their files, so that the next start reads
+        the ages this run measured, not the clock readings of their writes (a restart after an
+        NTP step would otherwise age out the whole offline backlog). Clock steps are rare: one
+        utime (and fsync, unless fsync=never) per segment then. A file that cannot be stamped
+        keeps its age in memory for this run."""
+        for seg in segs:
+            try:
+                fd = os.open(seg.path, os.O_RDONLY)
+            except OSError:
+                continue        # gone: the next read accounts for it
+            try:
+                os.utime(fd, (seg.mtime, seg.mtime))
+                if self.fsync != "never":
+                    os.fsync(fd)
+            except OSError as e:
+                log.warning("spool %s: cannot set the time of %s: %s", self.directory,
+                            os.path.basename(seg.path), e.strerror)
+            finally:
+                os.close(fd)
 
     def _lost_segment(self, seg, err):
         """A segment file was deleted from outside the agent (err FileNotFoundError or nlink 0),
@@ -1237,6 +1347,7 @@ class Spool:
                 self._wfd = None
             self._write_cursor(durable=True)
             os.fsync(self._dirfd)
+            self._close_lease()
         finally:
             if self._hintfd is not None:
                 os.close(self._hintfd)

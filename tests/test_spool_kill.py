@@ -1,6 +1,8 @@
 """SIGKILL at random moments while a real process appends, uploads (to a file) and acknowledges:
 after every restart the seqs are contiguous, nothing acknowledged reappears, and at the end every
-seq ever assigned was delivered, each seq always with the same record (never reused)."""
+seq ever assigned was delivered, each seq always with the same record (never reused). With a
+seq_file (small lease blocks, so kills land around its writes too), the same: the spool that wrote
+the seq_file last goes on from its own floor (agent.seqlease generations), no seq skipped."""
 import json
 import os
 import random
@@ -8,6 +10,8 @@ import signal
 import subprocess
 import sys
 import textwrap
+
+import pytest
 
 from agent.spool import Spool
 
@@ -21,7 +25,7 @@ CHILD = textwrap.dedent("""
     from agent.spool import Spool
     spool_dir, delivered, acklog, run = sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
     sp = Spool(spool_dir, "site7", segment_bytes=4096, max_bytes=64 << 20, fsync="interval",
-               fsync_interval=0.02)
+               fsync_interval=0.02, seq_file=sys.argv[6] or None, seq_lease=50)
     dfd = os.open(delivered, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     afd = os.open(acklog, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     print("ready", flush=True)
@@ -50,8 +54,8 @@ def read_lines(path):
     return data.split(b"\n")[:-1]
 
 
-def remaining(spool_dir):
-    sp = Spool(spool_dir, "site7")
+def remaining(spool_dir, seq_file):
+    sp = Spool(spool_dir, "site7", seq_file=seq_file, seq_lease=50)
     seqs = []
     b = sp.peek(10 ** 6, 1 << 30)
     if b is not None:
@@ -61,13 +65,15 @@ def remaining(spool_dir):
     return seqs, nxt
 
 
-def test_sigkill_at_random_moments(tmp_path):
+@pytest.mark.parametrize("with_seq_file", [False, True], ids=["no-seq-file", "seq-file"])
+def test_sigkill_at_random_moments(tmp_path, with_seq_file):
+    seq_file = str(tmp_path / "site7.seq") if with_seq_file else None
     rnd = random.Random(int.from_bytes(os.urandom(4), "big"))
     spool_dir, delivered, acklog = tmp_path / "spool", tmp_path / "delivered", tmp_path / "acks"
     last_next = 1
     for k in range(KILLS):
         p = subprocess.Popen([sys.executable, "-c", CHILD, ROOT, str(spool_dir), str(delivered),
-                              str(acklog), "run%d" % k], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                              str(acklog), "run%d" % k, seq_file or ""], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         try:
             assert p.stdout.readline() == b"ready\n"
             try:
@@ -79,7 +85,7 @@ def test_sigkill_at_random_moments(tmp_path):
             p.send_signal(signal.SIGKILL)
             p.wait(timeout=30)
             p.stdout.close()
-        seqs, nxt = remaining(spool_dir)
+        seqs, nxt = remaining(spool_dir, seq_file)
         acks = [int(x) for x in read_lines(acklog)]
         # Contiguous, following what was acknowledged, and seq never went backwards.
         assert seqs == list(range(seqs[0], seqs[0] + len(seqs))) if seqs else True
@@ -92,7 +98,7 @@ def test_sigkill_at_random_moments(tmp_path):
             assert got >= set(range(1, seqs[0])), "records left the spool without being delivered"
         last_next = nxt
     # Final drain, as the uploader would after the last restart.
-    sp = Spool(spool_dir, "site7")
+    sp = Spool(spool_dir, "site7", seq_file=seq_file, seq_lease=50)
     while True:
         b = sp.peek(500, 1 << 20)
         if b is None:

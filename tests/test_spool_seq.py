@@ -7,6 +7,7 @@ collector (agent.collector on 127.0.0.1, SQLite), real spool directories, real s
 import json
 import logging
 import os
+import shutil
 import threading
 import urllib.request
 
@@ -105,7 +106,7 @@ def test_default_seq_file_is_next_to_the_config(tmp_path):
     seq = sp.append(reading(CLOCK_SANE, 1.0))
     sp.close()
     lease, base = seqlease.read(cfg.agent.seq_file)
-    assert base < seq < lease
+    assert base == seq + 1 < lease                  # a clean close records the exact next seq
 
 
 def test_unset_clock_every_boot_no_collision(tmp_path, collector):
@@ -133,20 +134,26 @@ def test_unset_clock_every_boot_no_collision(tmp_path, collector):
 def test_lease_moves_ahead_of_the_seqs_once_per_block(tmp_path):
     seq_file = tmp_path / "x.seq"
     sp = Spool(tmp_path / "spool", AGENT, seq_file=seq_file, seq_lease=100)
-    assert seqlease.read(seq_file) == (101, 0)      # written when the fresh spool opens
+    # written when the fresh spool opens; base: the seq about to be handed out
+    assert seqlease.read(seq_file) == (101, 1)
+    writes = [os.stat(seq_file).st_ino]
     for i in range(1, 251):
         seq = sp.append(reading(CLOCK_SANE, i))
         lease, base = seqlease.read(seq_file)
         assert base <= seq < lease <= seq + 100     # always ahead, never far ahead
+        if os.stat(seq_file).st_ino != writes[-1]:
+            writes.append(os.stat(seq_file).st_ino)
     assert seqlease.read(seq_file) == (301, 201)    # moved at seq 101 and 201 only
+    assert len(writes) == 3
     sp.close()
-    # a restart with state inside the lease: seqs go on without a jump and the file stays
-    before = os.stat(seq_file)
+    assert seqlease.read(seq_file) == (301, 251)    # a clean close: the exact next seq
+    # a restart with state inside the lease: seqs go on without a jump, the lease stays (the
+    # file is written once, with the new run's generation)
     sp = Spool(tmp_path / "spool", AGENT, seq_file=seq_file, seq_lease=100)
+    assert seqlease.read(seq_file) == (301, 251)
     assert sp.append(reading(CLOCK_SANE, 0)) == 251
     sp.close()
-    after = os.stat(seq_file)
-    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert seqlease.read(seq_file) == (301, 252)
 
 
 def test_lost_state_starts_at_the_lease_even_with_a_later_clock_start(tmp_path):
@@ -176,6 +183,104 @@ def test_an_older_copy_of_the_spool_continues_beyond_the_lease(tmp_path):
     a = Spool(tmp_path / "a", AGENT, seq_file=seq_file, seq_lease=50)
     assert a.append(reading(CLOCK_SANE, 0)) > max(b_seqs)
     a.close()
+
+
+def run_spool(d, seq_file, n, lease=10, v=0):
+    """Open the spool in `d`, hand out n seqs, close it cleanly: -> the seqs."""
+    sp = Spool(d, AGENT, seq_file=seq_file, seq_lease=lease, fsync="always")
+    seqs = [sp.append(reading(CLOCK_SANE, v)) for _ in range(n)]
+    sp.close()
+    return seqs
+
+
+def test_spool_dir_a_b_a_at_a_block_boundary_reuses_no_seq(tmp_path):
+    """A ends exactly at the end of its lease block, B continues there, A comes back: A's
+    floor is B's first seq (not below the seq_file's base), yet B handed it out."""
+    seq_file = tmp_path / "x.seq"
+    a = run_spool(tmp_path / "a", seq_file, 10)
+    b = run_spool(tmp_path / "b", seq_file, 5)
+    assert min(b) > max(a)
+    a2 = run_spool(tmp_path / "a", seq_file, 3)
+    assert min(a2) > max(b)
+    b2 = run_spool(tmp_path / "b", seq_file, 3)         # and back to B, the same
+    assert min(b2) > max(a2)
+
+
+def test_a_restored_backup_from_inside_the_lease_block_reuses_no_seq(tmp_path):
+    seq_file = tmp_path / "x.seq"
+    a = run_spool(tmp_path / "a", seq_file, 13)           # lease block moved at seq 11
+    shutil.copytree(str(tmp_path / "a"), str(tmp_path / "backup"))
+    a += run_spool(tmp_path / "a", seq_file, 5)          # 14..18, same block
+    shutil.rmtree(str(tmp_path / "a"))
+    shutil.copytree(str(tmp_path / "backup"), str(tmp_path / "a"))
+    r = run_spool(tmp_path / "a", seq_file, 3)
+    assert min(r) > max(a)
+
+
+def test_a_copy_taken_while_the_spool_ran_reuses_no_seq(tmp_path):
+    """Same run (same generation): the clean close recorded the exact next seq."""
+    seq_file = tmp_path / "x.seq"
+    sp = Spool(tmp_path / "a", AGENT, seq_file=seq_file, seq_lease=1000, fsync="always")
+    seqs = [sp.append(reading(CLOCK_SANE, i)) for i in range(5)]
+    shutil.copytree(str(tmp_path / "a"), str(tmp_path / "copy"))
+    seqs += [sp.append(reading(CLOCK_SANE, i)) for i in range(5)]
+    sp.close()
+    assert run_spool(tmp_path / "copy", seq_file, 1)[0] > max(seqs)
+
+
+def test_restarts_of_the_same_spool_skip_no_seq(tmp_path):
+    """The normal case: the spool that wrote the seq_file last goes on from its own floor,
+    whether it was closed or not, across lease blocks."""
+    seq_file = tmp_path / "x.seq"
+    seqs = []
+    for _ in range(4):
+        seqs += run_spool(tmp_path / "a", seq_file, 7, lease=5)
+    assert seqs == list(range(1, 29))
+    # stopped without a close (kill): the seq_file still has this run's generation
+    sp = Spool(tmp_path / "a", AGENT, seq_file=seq_file, seq_lease=5, fsync="always")
+    seqs += [sp.append(reading(CLOCK_SANE, 0)) for _ in range(3)]
+    shutil.copytree(str(tmp_path / "a"), str(tmp_path / "after-kill"))    # the state a kill leaves
+    sp.close()
+    assert run_spool(tmp_path / "after-kill", seq_file, 2) == [32, 33]
+
+
+def test_a_crash_between_the_cursor_and_the_seq_file_at_open_skips_no_seq(tmp_path):
+    """An open writes its new generation to cursor.json, then to the seq_file; killed in
+    between, the cursor's gen_prev still matches the seq_file: no jump."""
+    seq_file = tmp_path / "x.seq"
+    assert run_spool(tmp_path / "a", seq_file, 4) == [1, 2, 3, 4]
+    before = seq_file.read_bytes()
+    sp = Spool(tmp_path / "a", AGENT, seq_file=seq_file, seq_lease=10, fsync="always")
+    shutil.copytree(str(tmp_path / "a"), str(tmp_path / "crashed"))
+    seq_file.write_bytes(before)                          # the seq_file write never happened
+    sp.close()
+    assert json.loads((tmp_path / "crashed" / "cursor.json").read_bytes())["gen_prev"] == \
+        seqlease.load(seq_file)["gen"]
+    assert run_spool(tmp_path / "crashed", seq_file, 2) == [5, 6]
+
+
+def test_sighup_spool_dir_a_b_a_reuses_no_seq(tmp_path):
+    """The loop's reload: the old spool's close must not put back a seq_file the new spool
+    has moved on (lease or generation)."""
+    from agent.loop import Loop
+
+    spools = {k: tmp_path / k for k in "ab"}
+    seq_file = tmp_path / "etc" / (AGENT + ".seq")
+    loop = Loop(write_ini(tmp_path, spools["a"]), uploader=None)
+    seqs = []
+    try:
+        for k in "abab":
+            if str(loop.spool.directory) != str(spools[k]):
+                write_ini(tmp_path, spools[k])
+                loop.reload()
+                assert loop.spool.directory == str(spools[k])
+            got = [loop.spool.append(reading(CLOCK_SANE, i)) for i in range(5)]
+            assert min(got) > max(seqs or [0])
+            assert seqlease.load(seq_file)["lease"] > max(got)
+            seqs += got
+    finally:
+        loop.shutdown()
+    assert seqlease.load(seq_file)["lease"] > max(seqs)
 
 
 def test_unwritable_seq_file_warns_once_and_the_agent_goes_on(tmp_path, caplog):
@@ -270,4 +375,116 @@ def test_small_clock_changes_are_followed(tmp_path):
     c.elapse(3575)
     sp.tick(c.wall)                                  # 3575 s elapsed + 30 s slew > max_age
     assert sp.stats()["dropped"] > 0
+    sp.close()
+
+
+def test_ntp_step_then_restart_keeps_the_offline_backlog(tmp_path):
+    """An offline boot at sysfixtime (sane, so no start-up rescue, but 30 days behind), NTP
+    steps the clock while the agent runs, then the agent restarts before the backlog is
+    uploaded: the segment ages measured across the step must survive the restart."""
+    c = Clocks(CLOCK_SANE + 10 * 86400)
+
+    def open_():
+        return Spool(tmp_path / "spool", AGENT, clock=lambda: c.wall, monotonic=lambda: c.mono,
+                     max_age=7 * 86400, seq_file=tmp_path / "x.seq", segment_bytes=4096, fsync="always")
+
+    sp = open_()
+    for i in range(200):
+        c.elapse(60)
+        sp.append(reading(c.wall, i))
+        for name in os.listdir(tmp_path / "spool"):     # the kernel's clock is the offline one too
+            if name.startswith("seg-"):
+                os.utime(tmp_path / "spool" / name, (c.wall, c.wall))
+    assert sp.stats()["segments"] > 3
+    c.wall += 30 * 86400                                 # NTP
+    c.mono += 1
+    sp.tick(c.wall)
+    assert sp.stats()["records"] == 200
+    sp.close()
+    sp = open_()                                          # procd respawn, upgrade, config change
+    st = sp.stats()
+    assert st["records"] == 200 and st["dropped"] == 0
+    sp.close()
+    c.elapse(7 * 86400 + 60)                              # ...and they still age, in elapsed time
+    sp = open_()
+    assert sp.stats()["dropped"] == 200
+    sp.close()
+
+
+def test_segments_from_the_future_do_not_hold_back_ageing(tmp_path):
+    """Written with a synced clock; the router reboots offline 30 days behind (sysfixtime); NTP
+    steps it forward again: the step must not be added on top of the segments' right times."""
+    c = Clocks(CLOCK_SANE + 60 * 86400)
+
+    def open_():
+        return Spool(tmp_path / "spool", AGENT, clock=lambda: c.wall, monotonic=lambda: c.mono,
+                     max_age=7 * 86400, segment_bytes=4096, fsync="always")
+
+    sp = open_()
+    for i in range(100):
+        c.elapse(60)
+        sp.append(reading(c.wall, i))
+    sp.close()
+    for name in os.listdir(tmp_path / "spool"):
+        if name.startswith("seg-"):
+            os.utime(tmp_path / "spool" / name, (c.wall, c.wall))
+    end = c.wall
+    c.wall, c.mono = end - 30 * 86400, 0.0               # reboot offline, 30 days behind
+    sp = open_()
+    c.wall += 30 * 86400                                 # NTP
+    c.mono += 1
+    sp.tick(c.wall)
+    assert sp.stats()["dropped"] == 0
+    c.wall, c.mono = end + 6 * 86400, 1 + 6 * 86400
+    sp.tick(c.wall)
+    assert sp.stats()["dropped"] == 0
+    c.wall, c.mono = end + 8 * 86400, 1 + 8 * 86400      # 8 days after the last record: gone
+    sp.tick(c.wall)
+    assert sp.stats()["dropped"] == 100
+    sp.close()
+
+
+def test_a_clock_step_never_puts_segment_times_in_the_future(tmp_path):
+    c = Clocks(CLOCK_SANE + 86400)
+    sp = Spool(tmp_path, AGENT, clock=lambda: c.wall, monotonic=lambda: c.mono,
+               segment_bytes=4096, max_age=3600)
+    for i in range(100):
+        sp.append(reading(c.wall, i))
+    c.wall -= 86400                                     # stepped back: the segments follow...
+    c.mono += 1
+    sp.tick(c.wall)
+    c.wall += 2 * 86400                                 # ...and forward, past where they were
+    c.mono += 1
+    sp.tick(c.wall)
+    sp.close()
+    mtimes = [os.stat(tmp_path / n).st_mtime for n in os.listdir(tmp_path) if n.startswith("seg-")]
+    assert mtimes and max(mtimes) <= c.wall             # on the files too (the next start reads them)
+    c.elapse(3601)
+    sp = Spool(tmp_path, AGENT, clock=lambda: c.wall, monotonic=lambda: c.mono,
+               segment_bytes=4096, max_age=3600)
+    assert sp.stats()["dropped"] == 100
+    sp.close()
+
+
+def test_a_segment_rescued_from_an_unset_clock_keeps_ageing_across_restarts(tmp_path):
+    """Written with the clock unset, opened with it set: it starts ageing then, once (the file
+    keeps that time), not again at every restart."""
+    c = Clocks(BOOT_CLOCK)
+    kw = dict(clock=lambda: c.wall, monotonic=lambda: c.mono, segment_bytes=4096, max_age=3600)
+    sp = Spool(tmp_path, AGENT, **kw)
+    for i in range(100):
+        sp.append(reading(c.wall, i))
+    sp.close()
+    for name in os.listdir(tmp_path):
+        if name.startswith("seg-"):
+            os.utime(tmp_path / name, (BOOT_CLOCK, BOOT_CLOCK))
+    c.wall = CLOCK_SANE + 86400                         # set between two runs
+    for _ in range(3):
+        sp = Spool(tmp_path, AGENT, **kw)
+        dropped = sp.stats()["dropped"]
+        sp.close()
+        assert dropped == 0
+        c.elapse(1500)
+    sp = Spool(tmp_path, AGENT, **kw)                   # 4500 s after the first rescue
+    assert sp.stats()["dropped"] == 100
     sp.close()
