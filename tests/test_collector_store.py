@@ -161,14 +161,21 @@ def _indexes(store):
         return {r[0] for r in cur.fetchall()}
 
 
-def test_a_version_1_database_is_migrated_and_keeps_its_data(db_url):
-    """A database written by a collector of schema version 1 (no index on `received`)."""
+def _version_1_store(db_url):
+    """A store on a database as a collector of schema version 1 left it (no index on `received`)."""
     old = open_store(db_url, migrate=False)
     with old._write() as cur:  # exactly what migrate() did at version 1
         cur.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
         for stmt in statements(old.dialect, 1):
             cur.execute(stmt)
         cur.execute("INSERT INTO schema_version (version) VALUES (1)")
+    return old
+
+
+def test_a_version_1_database_is_migrated_and_keeps_its_data(db_url):
+    """A database written by a collector of schema version 1 (no index on `received`); on
+    PostgreSQL migration 2 builds it CONCURRENTLY, outside the migration transaction."""
+    old = _version_1_store(db_url)
     assert ingest(old, "a", [data("a", 1), data("a", 2)]) == (2, 0, 2)
     assert "records_received" not in _indexes(old)
     old.close()
@@ -313,6 +320,85 @@ def test_retention_deletes_by_received_time_in_chunks(store):
     assert store.delete_older(cutoff, 10) == 0
     assert stored_seqs(store) == [100, 101, 102, 103, 104]
     assert {r[8] for r in store.records()} == {"unsynced"}
+
+
+def _pg_index(store, name):
+    """(valid, unique) of index `name`, None when there is none."""
+    with store._read() as cur:
+        cur.execute("SELECT indisvalid, indisunique FROM pg_index WHERE indexrelid = to_regclass(%s)",
+                    (name,))
+        row = cur.fetchone()
+    return None if row is None else tuple(row)
+
+
+@pytest.mark.postgres
+def test_an_invalid_index_left_by_a_failed_concurrent_build_is_rebuilt(pg_url):
+    """A CREATE INDEX CONCURRENTLY that fails midway leaves an INVALID index of that name (which
+    IF NOT EXISTS alone would keep): the migration drops it and builds it again."""
+    import psycopg
+
+    old = _version_1_store(pg_url)
+    assert ingest(old, "a", [data("a", 1), data("a", 2)]) == (2, 0, 2)  # same `received` twice
+    # fails after the catalog entry exists
+    with psycopg.connect(pg_url, autocommit=True) as c, pytest.raises(psycopg.errors.UniqueViolation):
+        c.execute("CREATE UNIQUE INDEX CONCURRENTLY records_received ON records (received)")
+    assert _pg_index(old, "records_received") == (False, True)
+    old.close()
+    s = open_store(pg_url)
+    assert s.ping() == VERSION
+    assert _pg_index(s, "records_received") == (True, False)
+    assert stored_seqs(s) == [1, 2]
+    s.close()
+
+
+@pytest.mark.postgres
+def test_ingest_goes_on_while_migration_2_waits_to_build_its_index(pg_url):
+    """Migration 2 must not take a SHARE lock on `records` (a plain CREATE INDEX does, and every
+    other collector's ingest queues behind it for the whole build). Staged without timing: an
+    open transaction that wrote to `records` holds the index build back; meanwhile another
+    collector ingests (a plain CREATE INDEX would make it wait; lock_timeout turns that into an
+    error instead of a hung test)."""
+    import psycopg
+
+    old = _version_1_store(pg_url)
+    assert ingest(old, "a", [data("a", 1)]) == (1, 0, 1)
+    old.close()
+    writer = psycopg.connect(pg_url)  # a transaction of some other collector, still open
+    writer.execute("LOCK TABLE records IN ROW EXCLUSIVE MODE")
+    migrated, errors = [], []
+
+    def start():
+        try:
+            migrated.append(open_store(pg_url))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    t = threading.Thread(target=start)
+    t.start()
+    other = None
+    try:
+        with psycopg.connect(pg_url, autocommit=True) as watch:
+            for _ in range(600):  # bounded: until the index build waits on the open transaction
+                waiting = watch.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND query ILIKE 'CREATE INDEX%' AND wait_event_type = 'Lock'").fetchone()[0]
+                if waiting or errors:
+                    break
+                time.sleep(0.05)
+        assert waiting and not errors, errors
+        other = open_store(pg_url, migrate=False)
+        other._conn().execute("SET lock_timeout = '20s'")
+        assert ingest(other, "b", [data("b", 1), data("b", 2)]) == (2, 0, 2)
+    finally:
+        writer.commit()
+        writer.close()
+        t.join(60)
+    assert not errors, errors
+    s = migrated[0]
+    assert s.ping() == VERSION and _pg_index(s, "records_received") == (True, False)
+    assert stored_seqs(s, "b") == [1, 2]
+    s.close()
+    other.close()
 
 
 @pytest.mark.postgres

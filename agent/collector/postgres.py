@@ -8,12 +8,14 @@ per batch; a broken connection is dropped and reopened on the next request.
 """
 import contextlib
 import threading
+import time
 
 import psycopg
 
+from agent.collector.schema import concurrent_indexes
 from agent.collector.store import Store
 
-_MIGRATION_LOCK = 0x6D6F6462  # 'modb': pg_advisory_xact_lock key for schema migrations
+_MIGRATION_LOCK = 0x6D6F6462  # 'modb': session advisory lock key for schema migrations
 
 
 class PostgresStore(Store):
@@ -63,20 +65,42 @@ class PostgresStore(Store):
             raise
 
     def migrate(self):
-        # serialise migrations between collector processes starting at the same time
-        conn = self._connect(autocommit=False)
+        # Serialise migrations between collector processes starting at the same time. The lock
+        # is polled, not waited for: a session blocked in pg_advisory_lock() holds a snapshot,
+        # and CREATE INDEX CONCURRENTLY (run by the holder) waits for every older snapshot to
+        # go, which is an undetected deadlock.
+        conn = self._connect(autocommit=True)
         try:
-            with conn.cursor() as cur:
-                cur.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK,))
-            conn.commit()
+            pause = 0.02
+            while not conn.execute("SELECT pg_try_advisory_lock(%s)", (_MIGRATION_LOCK,)).fetchone()[0]:
+                time.sleep(pause)
+                pause = min(pause * 2, 0.5)
             try:
                 return super().migrate()
             finally:
-                with conn.cursor() as cur:
-                    cur.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK,))
-                conn.commit()
+                conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK,))
         finally:
             conn.close()
+
+    def _migrate_outside_transaction(self, version):
+        """Build migration `version`'s indexes with CREATE INDEX CONCURRENTLY (autocommit: it
+        cannot run in a transaction block), so ingest by other collectors goes on meanwhile.
+        Runs under the migration advisory lock, so no other collector builds the same index.
+        A build that failed or was cut off (collector killed, connection lost) leaves an
+        INVALID index of that name, which IF NOT EXISTS would keep for good: drop it first."""
+        if not concurrent_indexes(version):
+            return
+        with self._read() as cur:
+            cur.execute("SELECT version FROM schema_version")
+            if cur.fetchone()[0] >= version:
+                return
+            for name, target in concurrent_indexes(version):
+                cur.execute("SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)",
+                            (name,))
+                row = cur.fetchone()
+                if row is not None and not row[0]:
+                    cur.execute("DROP INDEX CONCURRENTLY IF EXISTS %s" % name)
+                cur.execute("CREATE INDEX CONCURRENTLY IF NOT EXISTS %s %s" % (name, target))
 
     @contextlib.contextmanager
     def _read(self):

@@ -1,4 +1,5 @@
-"""The collector's database schema, versioned; migrations run at start, each in one transaction.
+"""The collector's database schema, versioned; migrations run at start, each in one transaction
+(PostgreSQL index builds that must not lock `records` run just before it, see concurrent_indexes).
 
 Tables (the same in SQLite and PostgreSQL, so a Grafana data source of either kind charts them):
 
@@ -63,10 +64,16 @@ MIGRATIONS = [
                 last_seen DOUBLE PRECISION NOT NULL, PRIMARY KEY (agent, device))""",
         ],
     },
-    # 2: index for retention, which deletes by `received` (server time), not by the record's ts
+    # 2: index for retention, which deletes by `received` (server time), not by the record's ts.
+    # PostgreSQL builds it CONCURRENTLY, outside the migration transaction: a plain CREATE INDEX
+    # holds a SHARE lock on `records` for the whole build, and on a big table that stops every
+    # collector's ingest for minutes. (SQLite has one writer anyway: plain, in the transaction.)
     {
-        "common": [
+        "sqlite": [
             "CREATE INDEX records_received ON records (received)",
+        ],
+        "postgres_concurrently": [
+            ("records_received", "ON records (received)"),
         ],
     },
 ]
@@ -75,6 +82,13 @@ VERSION = len(MIGRATIONS)
 
 
 def statements(dialect, version):
-    """Statements of migration `version` (1-based) for 'sqlite' or 'postgres'."""
+    """Statements of migration `version` (1-based) for 'sqlite' or 'postgres', run in the
+    migration's transaction."""
     m = MIGRATIONS[version - 1]
     return list(m.get(dialect, [])) + list(m.get("common", []))
+
+
+def concurrent_indexes(version):
+    """PostgreSQL indexes of migration `version` built with CREATE INDEX CONCURRENTLY before its
+    transaction: (name, "ON table (columns)") pairs."""
+    return list(MIGRATIONS[version - 1].get("postgres_concurrently", []))

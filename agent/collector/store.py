@@ -165,6 +165,7 @@ class Store:
             raise RuntimeError("database schema version %d is newer than this collector (%d)"
                                % (current, VERSION))
         for v in range(current + 1, VERSION + 1):
+            self._migrate_outside_transaction(v)
             with self._write() as cur:
                 cur.execute("SELECT version FROM schema_version")
                 if cur.fetchone()[0] >= v:  # another collector process migrated meanwhile
@@ -173,6 +174,9 @@ class Store:
                     cur.execute(stmt)
                 cur.execute(self._sql("UPDATE schema_version SET version = ?"), (v,))
         return VERSION
+
+    def _migrate_outside_transaction(self, version):
+        """Steps of migration `version` that cannot run in a transaction (none in SQLite)."""
 
     # --- ingest -----------------------------------------------------------------------------
 
