@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from agent.collector import make_app
 from agent.collector.cli import make_server
-from agent.collector.config import ConfigError, load_config
+from agent.collector.config import ConfigError, load_config, redact
 from agent.record import encode, error_record, gap_record, health_record, utc_timestamp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -171,6 +171,24 @@ def test_db_password_is_redacted_in_overrides_repr_and_cli_output(tmp_path):
                        timeout=60)
     assert r.returncode == 1 and "cannot start" in r.stderr, r.stderr
     assert SECRET not in r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("conninfo, shown", [
+    ("host=db password='pa ss' user=ingest", "host=db password=*** user=ingest"),
+    ("host=db password = 'it\\'s \\\\ x' user=ingest", "host=db password = *** user=ingest"),
+    ("host=db PASSWORD='' user=ingest", "host=db PASSWORD=*** user=ingest"),
+    ("host=db password=plain user=ingest", "host=db password=*** user=ingest"),
+    ("failed: host=db password='cut off by the log\nnext line", "failed: host=db password=***\nnext line"),
+], ids=["quoted", "escapes", "empty", "bare", "unterminated"])
+def test_libpq_conninfo_passwords_are_redacted_quoted_or_not(conninfo, shown):
+    assert redact(conninfo) == shown
+
+
+def test_a_conninfo_db_setting_is_rejected_without_echoing_its_quoted_password():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, db="host=db password='%s with space' user=ingest" % SECRET)
+    assert "password=***" in str(e.value) and SECRET not in str(e.value), str(e.value)
+    assert "with space" not in str(e.value)
 
 
 def test_defaults_are_local_and_open():

@@ -36,9 +36,12 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 _AGENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 # Secrets inside text: a URL's userinfo password (scheme://user:PASSWORD@host; up to the last @,
-# since passwords are not always percent-encoded) and password=VALUE (URL query, libpq keywords).
+# since passwords are not always percent-encoded) and password=VALUE (URL query, libpq keywords;
+# libpq conninfo quotes a value holding spaces or quotes as 'va lue', with \' and \\ inside: the
+# whole quoted value goes, and an unterminated one (cut-off text) up to the end of its line).
 _URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@'\"]*:)[^\s'\"]*@")
-_KEY_PASSWORD = re.compile(r"(\bpassword\s*=\s*)[^\s&'\"]+", re.IGNORECASE)
+_KEY_PASSWORD = re.compile(r"(\bpassword\s*=\s*)(?:'(?:\\.|[^'\\\n])*\\?'?|[^\s&'\"]+)",
+                           re.IGNORECASE)
 
 
 def redact(text):
