@@ -57,6 +57,10 @@ MIN_DRAIN_GAP = 0.02
 # Shortest gap in which an upload request can start (agent.upload.MIN_REQUEST_TIME); a
 # schedule with no gap this long starves the upload, which the summary line says.
 UPLOAD_WINDOW = 0.2
+# With records waiting and no gap between polls long enough to start an upload for this long
+# (polls closer together than the upload window), the loop takes one request's time from
+# polling: a few late polls cost less than a spool that fills up and drops the oldest data.
+STARVE_AFTER = 10.0
 # How often the status file is rewritten.
 STATUS_PERIOD = 5.0
 # With no device configured, wake up this often to upload and write status.
@@ -175,6 +179,9 @@ class Loop:
         self.appended = 0
         self.append_errors = 0
         self.upload_windows = 0       # gaps long enough to upload in, since the last summary
+        self.starve_after = STARVE_AFTER
+        self.last_upload_chance = mono()   # last time an upload could start (or had nothing to do)
+        self.forced_uploads = 0            # uploads that made polls wait, since the last summary
         self.upload_window = getattr(sys.modules.get("agent.upload"), "MIN_REQUEST_TIME", UPLOAD_WINDOW)
         self.last_summary = None
         self.clock_unsynced = self.started_wall < CLOCK_SANE
@@ -302,6 +309,9 @@ class Loop:
                 st.schedule.defer(now)
                 st.health.skipped_cycles = st.schedule.skipped
                 return
+            if self.uploader is not None and now - self.last_upload_chance >= self.starve_after:
+                self.upload_starved(now)
+                now = self.mono()
             self.poll(st, now)
             self._tick()
             return
@@ -489,7 +499,10 @@ class Loop:
         batches that are never acknowledged. Each drain call starts batches for DRAIN_SLICE at
         most, then the timers and signals get a turn. Stops when the spool is empty, the uploader
         backs off, or no further request fits."""
-        if self.uploader is None or self._lingering():
+        if self.uploader is None:
+            return
+        if self._lingering():
+            self.last_upload_chance = self.mono()   # holding back on purpose is not starving
             return
         while not (self.stop_requested or self.reload_requested):
             now = self.mono()
@@ -507,8 +520,24 @@ class Loop:
                 log.exception("upload failed")
                 return
             status = res.get("status") if isinstance(res, dict) else None
+            if status in ("empty", "backoff") or res.get("batches"):
+                self.last_upload_chance = self.mono()
             if status != "slice":
                 return   # empty, backing off, or no further request fits before the poll
+
+    def upload_starved(self, now):
+        """Polls have left no gap to upload in for `starve_after` seconds while records wait:
+        give one request its time before the due poll (which is then late, and the schedule
+        counts what it misses)."""
+        # + MIN_DRAIN_GAP: the uploader checks the time left on its own clock a moment later
+        need = self.uploader.request_time() + SAFETY_MARGIN + MIN_DRAIN_GAP
+        if not self.forced_uploads:
+            log.warning("no gap of %.2fs between polls to upload in for %gs: polls wait for one upload "
+                        "every %gs (intervals are too short for this bus and uplink)",
+                        need, self.starve_after, self.starve_after)
+        self.forced_uploads += 1
+        self.last_upload_chance = now   # at most one forced upload per starve_after
+        self.upload_until(now + need)
 
     def _upload_retry_at(self):
         """When a backing-off uploader may try again (loop clock), +inf when it is not backing
@@ -555,9 +584,12 @@ class Loop:
             ", ".join(parts) or "no devices", sp.get("records", "?"), sp.get("bytes", "?"), age)
         if self.uploader is not None:
             text += "; upload %s" % _upload_text(self.uploader)
-            if not self.upload_windows and sp.get("records"):
+            if self.forced_uploads:
+                text += "; upload delayed polls %d time(s): no gap between polls to upload in" % self.forced_uploads
+            elif not self.upload_windows and sp.get("records"):
                 text += "; upload STARVED: no gap of %gs between polls to upload in" % self.upload_window
         self.upload_windows = 0
+        self.forced_uploads = 0
         if self.append_errors:
             text += "; spool append errors %d" % self.append_errors
         self.last_summary = text

@@ -230,6 +230,42 @@ setpoint = holding 1 int16
         loop.shutdown()
 
 
+def test_polls_too_close_to_upload_between_still_get_their_records_uploaded(tmp_path, sim):
+    """Two devices every 100 ms leave no gap of an upload request's length (0.2 s + margin):
+    without a guard nothing is ever uploaded and the spool fills until it drops data. After
+    `starve_after` with records waiting, one poll waits for one upload."""
+    import threading
+
+    from agent.collector import make_app
+    from agent.collector.cli import make_server
+
+    server = make_server("127.0.0.1", 0, make_app(None, db="sqlite:///%s" % (tmp_path / "c.db")))
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    url = "http://127.0.0.1:%d/api/v1/batches" % server.server_address[1]
+    second = ("\n[device:meter2]\nconnection = sim\nunit = 1\ninterval = 100ms\n"
+              "\n[points:meter2]\nvoltage_l2 = input 2 float32 CDAB\n")
+    loop = make_loop(tmp_path, sim.tcp_port, extra=second + "\n[upload]\nurl = %s\ntimeout = 1s\n" % url,
+                     interval="100ms")
+    loop.starve_after = 0.5
+    # the two devices' slots interleave: no gap between polls reaches the upload window
+    loop.states[1].schedule.due += 0.05
+    try:
+        end = time.monotonic() + 3.0
+        while time.monotonic() < end:
+            loop.step()
+        sent = loop.uploader.state()["sent_total"]
+        forced = loop.forced_uploads
+        loop.summary()
+        text = loop.last_summary
+    finally:
+        loop.shutdown()
+        server.shutdown()
+        server.server_close()
+    assert forced >= 2, "the guard never made room for an upload"
+    assert sent > 0, "polls left no room and nothing was uploaded"
+    assert "upload delayed polls" in text
+
+
 def test_upload_linger_lets_a_small_backlog_wait_then_sends_it_in_one_batch(tmp_path, sim):
     import threading
 
