@@ -196,6 +196,27 @@ def test_a_batch_sent_twice_is_stored_once(store):
     assert stored_seqs(store, "a") == list(range(15))
 
 
+def test_a_batch_longer_than_one_insert_statement_counts_what_was_new(store):
+    """SQLite writes a batch as several multi-row INSERTs (ROWS_PER_INSERT rows each): a batch
+    that overlaps stored records across those boundaries stores each record once, and the
+    counts hold even when another process stored some of them after the duplicate check
+    (the INSERT's ON CONFLICT then skips them)."""
+    from agent.collector.sqlite import ROWS_PER_INSERT
+
+    n = 2 * ROWS_PER_INSERT + 7
+    every3 = range(0, n, 3)
+    assert ingest(store, "a", [data("a", i) for i in every3]) == (len(every3), 0, max(every3))
+    assert ingest(store, "a", [data("a", i) for i in range(n)]) == (n - len(every3), len(every3), n - 1)
+    assert stored_seqs(store, "a") == list(range(n))
+    # the race: rows the duplicate check did not see are skipped by the INSERT itself
+    late = rows_of("a", [data("a", i) for i in range(n, 2 * n)])
+    with store._write() as cur:
+        assert store._insert(cur, late[::2]) == len(late[::2])
+        assert store._insert(cur, late) == len(late) - len(late[::2])
+    assert stored_seqs(store, "a") == list(range(2 * n))
+    assert [json.loads(r[7])["seq"] for r in store.records(agent="a")] == list(range(2 * n))
+
+
 def test_same_seq_twice_in_one_batch_and_other_agents_are_independent(store):
     assert ingest(store, "a", [data("a", 3), data("a", 3, v=99.0)]) == (1, 1, 3)
     assert ingest(store, "b", [data("b", 3)]) == (1, 0, 3)

@@ -300,13 +300,15 @@ def batch_rows(doc, received, max_records, max_depth):
 
 _FS = r'"[^"\\\x00-\x1f]{0,4096}"'  # a JSON string without escapes, at most MAX_TEXT characters
 # a JSON number that cannot overflow a float (< 1e300: at most 200 integer digits, exponent < 100)
-_FN = r"-?(?:0|[1-9]\d{0,199})(?:\.\d{1,300})?(?:[eE][+-]?\d{1,2})?"
+# (Optional parts as an empty alternative, (?:X|), not (?:X)?: the same matches, but sre runs a
+# branch faster than a repeat; the values loop is most of the collector's CPU per record.)
+_FN = r"-?(?:0|[1-9]\d{0,199})(?:\.\d{1,300}|)(?:[eE][+-]?\d{1,2}|)"
 _FKV = r"%s:(?:%s|%s|true|false|null)" % (_FS, _FN, _FS)
 _FAST_RECORD = re.compile(
     r'\{"agent":"([^"\\\x00-\x1f]{1,128})","seq":(0|[1-9]\d{0,18}),'
     r'"ts":"(\d{4}-\d\d-\d\dT(?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d\.\d{3}Z)",'
     r'"device":"([^"\\\x00-\x1f]{1,128})","unit":(\d{1,3}),'
-    r'"values":\{(?:%s(?:,%s)*)?\},"status":"ok"(,"clock":"unsynced")?\}' % (_FKV, _FKV)).match
+    r'"values":\{(?:%s(?:,%s)*|)\},"status":"ok"(,"clock":"unsynced")?\}' % (_FKV, _FKV)).match
 fast_record = _FAST_RECORD  # for store.aggregate
 _FAST_HEAD = re.compile(r'\{"agent":"([^"\\\x00-\x1f]{1,128})","records":\[').match
 
