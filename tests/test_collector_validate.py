@@ -130,6 +130,22 @@ def test_fast_path_agrees_with_the_general_path(records):
     assert fast == general
 
 
+@pytest.mark.parametrize("ascii_digits, other_digits", [
+    ('"seq":13', '"seq":1\u0663'), ('"unit":11', '"unit":1\u0661'), ('"v":13', '"v":1\u0663'),
+    ('10:33:45', '10:3\u0663:45')])
+def test_digits_of_other_scripts_are_refused_on_both_paths(ascii_digits, other_digits):
+    """In a str regex \\d matches U+0663 too, and int() reads it: "seq":1\u0663 passed the fast
+    path as seq 13 and its payload (not JSON) was stored as is."""
+    good = ('{"agent":"site7","records":[{"agent":"site7","seq":13,"ts":"2026-11-21T10:33:45.123Z",'
+            '"device":"meter1","unit":11,"values":{"v":13},"status":"ok"}]}')
+    assert good.count(ascii_digits) == 1
+    rows = fast_rows(good, fast_head(good)[1], "site7", 1.0, 10, 8)
+    assert rows is not None and rows == _general(good)
+    bad = good.replace(ascii_digits, other_digits)
+    assert fast_rows(bad, fast_head(bad)[1], "site7", 1.0, 10, 8) is None
+    assert _general(bad) == "refused"
+
+
 def test_fast_path_takes_the_agents_own_records():
     recs = [{"agent": "site7", "seq": i, "ts": "2026-11-21T10:30:45.%03dZ" % i, "device": "meter1", "unit": 1,
              "values": {"v": 230.5, "i": -3, "s": "\u00e9", "b": False, "n": None}, "status": "ok"} for i in range(3)]

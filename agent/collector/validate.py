@@ -18,7 +18,9 @@ MAX_SEQ = (1 << 63) - 1
 MAX_NAME = 128
 MAX_TEXT = 4096
 _SCALARS = (int, float, str, bool, type(None))
-_TS = re.compile(r"(\d{4})-(\d\d)-(\d\d)T([01]\d|2[0-3]):([0-5]\d):([0-5]\d)(?:\.(\d{1,6}))?Z")
+# re.ASCII everywhere below: in a str pattern \d also matches other scripts' digits (U+0663), which
+# int() reads as numbers and JSON does not allow, e.g. "seq":1\u0663 would pass as 13.
+_TS = re.compile(r"(\d{4})-(\d\d)-(\d\d)T([01]\d|2[0-3]):([0-5]\d):([0-5]\d)(?:\.(\d{1,6}))?Z", re.ASCII)
 _DAYS = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
 _good_dates = set()
 
@@ -308,7 +310,7 @@ _FAST_RECORD = re.compile(
     r'\{"agent":"([^"\\\x00-\x1f]{1,128})","seq":(0|[1-9]\d{0,18}),'
     r'"ts":"(\d{4}-\d\d-\d\dT(?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d\.\d{3}Z)",'
     r'"device":"([^"\\\x00-\x1f]{1,128})","unit":(\d{1,3}),'
-    r'"values":\{(?:%s(?:,%s)*|)\},"status":"ok"(,"clock":"unsynced")?\}' % (_FKV, _FKV)).match
+    r'"values":\{(?:%s(?:,%s)*|)\},"status":"ok"(,"clock":"unsynced")?\}' % (_FKV, _FKV), re.ASCII).match
 fast_record = _FAST_RECORD  # for store.aggregate
 _FAST_HEAD = re.compile(r'\{"agent":"([^"\\\x00-\x1f]{1,128})","records":\[').match
 
@@ -362,7 +364,7 @@ def fast_rows(text, idx, agent, received, max_records, max_depth):
 
 # --- the legacy /receive-data format -------------------------------------------------------------
 
-_LEGACY_TS = re.compile(r"(\d{4}-\d\d-\d\d)[ T](\d\d:\d\d:\d\d)(\.\d{1,6})?Z?")
+_LEGACY_TS = re.compile(r"(\d{4}-\d\d-\d\d)[ T](\d\d:\d\d:\d\d)(\.\d{1,6})?Z?", re.ASCII)
 
 
 def legacy_row(rec, agent, received, path, max_depth, hasher):
