@@ -15,7 +15,6 @@ The CI test (tests/test_e2e_soak.py) runs a short version; FULL=1 runs this leng
 """
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -24,25 +23,11 @@ from pathlib import Path
 TOOLS = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(TOOLS))
 sys.path.insert(0, str(TOOLS.parent))
+sys.path.insert(0, str(TOOLS / "bench"))
 
 from demo import Site, wait_for  # noqa: E402
+from proc import cpu_seconds, rss_kb  # noqa: E402
 from simulator import Generic, Simulator  # noqa: E402
-
-CLK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid):
-    with open("/proc/%d/stat" % pid) as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / float(CLK)
-
-
-def rss_kb(pid):
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
 
 
 def agent_ini(run, tcp_port, collector_port, devices, points, interval):
