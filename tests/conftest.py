@@ -1,4 +1,5 @@
 """Shared fixtures: loopback ports, pseudo-terminal pairs."""
+import logging
 import os
 import socket
 import sys
@@ -35,3 +36,20 @@ def pty_pair():
             os.close(fd)
         except OSError:
             pass
+
+
+@pytest.fixture(autouse=True)
+def agent_logging_restored():
+    """`agent.log.setup` (run by `Loop.reload` and the log tests) gives the "agent" logger its own
+    handler and stops it propagating, as the running agent wants; without this, every later
+    test in the same worker that reads log records through caplog would see none."""
+    logger = logging.getLogger("agent")
+    saved = (list(logger.handlers), logger.propagate, logger.level)
+    yield
+    for h in list(logger.handlers):
+        if h not in saved[0]:
+            logger.removeHandler(h)
+            h.close()
+    logger.handlers[:] = saved[0]
+    logger.propagate = saved[1]
+    logger.setLevel(saved[2])
