@@ -83,6 +83,11 @@ _READ_CODES = frozenset((1, 2, 3, 4))
 
 
 
+def _check_unit(unit):
+    if not isinstance(unit, int) or not 0 <= unit <= 255:
+        raise InvalidRequest(f"unit id must be 0..255, not {unit!r}")
+
+
 def open_tcp(host, port, connect_timeout):
     """A TCP connection to a device or gateway, Nagle off (requests are small and answered at
     once); ConnectionLost naming host:port when it cannot be made."""
@@ -135,10 +140,7 @@ class _Client:
         try:
             return self._read(unit, function, address, count)
         except ModbusError as e:
-            key = _STAT_FOR.get(type(e), "frame_errors")
-            if key:
-                self.stats[key] += 1
-            e.with_context(unit=unit, function=function, address=address, count=count)
+            self._count_failure(e, unit, function, address, count)
             raise
 
     def write_coil(self, unit, address, value):
@@ -170,12 +172,18 @@ class _Client:
 
     # --- shared machinery ----------------------------------------------------------------
 
+    def _count_failure(self, e, unit, function, address, count):
+        """Count a failed exchange in `stats` and give its error the request's context."""
+        key = _STAT_FOR.get(type(e), "frame_errors")
+        if key:
+            self.stats[key] += 1
+        e.with_context(unit=unit, function=function, address=address, count=count)
+
     def _invalid(self, unit, function, address, count):
         try:
             if function not in _READ_MAX:
                 raise InvalidRequest(f"function code {function!r} is not a read (01-04)")
-            if not isinstance(unit, int) or not 0 <= unit <= 255:
-                raise InvalidRequest(f"unit id must be 0..255, not {unit!r}")
+            _check_unit(unit)
             _pdu.function(function).build(address, count)
             raise InvalidRequest("invalid request")  # pragma: no cover - build raised
         except InvalidRequest as e:
@@ -184,8 +192,7 @@ class _Client:
     def _request(self, unit, code, address, payload, count, value=None):
         fn = _pdu.FUNCTIONS[code]
         try:
-            if not isinstance(unit, int) or not 0 <= unit <= 255:
-                raise InvalidRequest(f"unit id must be 0..255, not {unit!r}")
+            _check_unit(unit)
             request_pdu = fn.build(address, payload)
         except InvalidRequest as e:
             raise e.with_context(unit=unit, function=code, address=address, count=count) from None
@@ -193,10 +200,7 @@ class _Client:
         try:
             return self._exchange_pdu(unit, fn, request_pdu, address, count, value)
         except ModbusError as e:
-            key = _STAT_FOR.get(type(e), "frame_errors")
-            if key:
-                self.stats[key] += 1
-            e.with_context(unit=unit, function=code, address=address, count=count)
+            self._count_failure(e, unit, code, address, count)
             raise
 
     def _open(self):
