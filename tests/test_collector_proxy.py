@@ -271,7 +271,7 @@ def test_a_real_agent_uploads_through_nginx_over_verified_tls(site, tmp_path):
 
 
 def test_a_body_over_the_cap_gets_413_from_nginx_in_the_collectors_format(site):
-    body = b"{" + b" " * (8 << 20) + b"}"   # one byte over client_max_body_size 8m
+    body = b"{" + b" " * (8 << 20) + b"}"   # two bytes over client_max_body_size 8m
     r = requests.post(site.url + "/api/v1/batches", data=body, timeout=30, verify=site.ca,
                       headers={"Content-Type": "application/json", "Authorization": "Bearer " + site.token})
     assert r.status_code == 413, r.text
