@@ -206,7 +206,12 @@ def build_parser():
     p.add_argument("--version", action="version", version="modbus-collector %s" % __version__)
     p.add_argument("-c", "--config", metavar="FILE", help="collector INI file (default: built-in, open, local)")
     p.add_argument("--listen", metavar="HOST:PORT", help="override [collector] listen")
-    p.add_argument("--db", metavar="URL", help="override [collector] db (sqlite:///path or postgresql://...)")
+    p.add_argument("--db", metavar="URL", help="override [collector] db (a file path, sqlite:///path or "
+                   "postgresql://...)")
+    p.add_argument("--open-writes", action="store_true", default=None,
+                   help="override [collector] open_writes: beyond loopback, accept writes without tokens")
+    p.add_argument("--open-reads", action="store_true", default=None,
+                   help="override [collector] open_reads: beyond loopback, answer reads without read_token")
     p.add_argument("--log-level", default=None, help="override [collector] log_level")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="override [collector] workers: processes sharing the listening socket")
@@ -216,20 +221,20 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     from agent.collector import make_app
-    from agent.collector.config import ConfigError, load_config, parse_listen, redact
+    from agent.collector.config import ConfigError, check_access, load_config, parse_listen, redact
 
     try:
-        cfg = load_config(args.config, listen=args.listen, db=args.db, log_level=args.log_level)
+        cfg = load_config(args.config, listen=args.listen, db=args.db, log_level=args.log_level,
+                          open_writes=args.open_writes, open_reads=args.open_reads)
         host, port = parse_listen(cfg.listen)
+        warnings = check_access(cfg)
     except (ConfigError, ValueError) as e:
         print("modbus-collector: %s" % redact(e), file=sys.stderr)
         return 2
     logging.basicConfig(level=getattr(logging, cfg.log_level), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not cfg.tokens_required:
-        log.warning("agents are accepted WITHOUT tokens (no [tokens] configured)%s",
-                    "" if args.config else "; built-in defaults: listening on %s, storing in %s"
-                    % (cfg.listen, redact(cfg.db)))
+    for w in warnings:
+        log.warning("%s", w)
     workers = args.workers or cfg.workers
     try:
         if workers > 1:

@@ -4,6 +4,7 @@ Errors name the place: `file:line: [section] key: reason`, every problem at once
 Flags (--listen, --db) and make_app(**overrides) win over the file.
 """
 import configparser
+import ipaddress
 import re
 
 DEFAULTS = {
@@ -14,6 +15,8 @@ DEFAULTS = {
     "receive_data_agent": "legacy",
     "receive_data_timezone": "UTC",  # only UTC is implemented; legacy timestamps carry no zone
     "read_token": None,            # when set, GET endpoints other than /health need it
+    "open_reads": False,           # beyond loopback, no read_token is refused unless this is yes
+    "open_writes": False,          # beyond loopback, writes without tokens are refused unless yes
     "max_body_bytes": 8 << 20,
     "max_decompressed_bytes": 64 << 20,
     "max_records": 10000,
@@ -34,6 +37,11 @@ _FLOAT_KEYS = ("retention_days", "retention_interval", "stale_after")
 _SIZE = re.compile(r"^\s*(\d+)\s*([kKmMgG]?)[bB]?\s*$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+MIN_TOKEN = 16
+_DB_SCHEMES = ("sqlite://", "postgresql://", "postgres://")
+# A URL's scheme (2+ characters: C:/x.db is a path) and libpq's `key=value ...` conninfo form.
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
+_CONNINFO = re.compile(r"^\w+\s*=")
 _AGENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 # Secrets inside text: a URL's userinfo password (scheme://user:PASSWORD@host; up to the last @,
 # since passwords are not always percent-encoded) and password=VALUE (URL query, libpq keywords;
@@ -42,12 +50,17 @@ _AGENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 _URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@'\"]*:)[^\s'\"]*@")
 _KEY_PASSWORD = re.compile(r"(\bpassword\s*=\s*)(?:'(?:\\.|[^'\\\n])*\\?'?|[^\s&'\"]+)",
                            re.IGNORECASE)
+# A URL query value whose key looks like a secret (?api_key=..., &sig=..., &auth_token=...): the
+# same rule as the agent's redact in agent/config.py (the two copies are to be merged).
+_QUERY_SECRET = re.compile(r"([?&;][^=&#\s'\"]*(?:key|token|secret|password|passwd|pwd|sig|auth)"
+                           r"[^=&#\s'\"]*=)[^&;#\s'\"]*", re.IGNORECASE)
 
 
 def redact(text):
-    """`text` with database passwords replaced by ***: run every error or log text that may hold
-    the db URL (or a driver's message about it) through this."""
+    """`text` with database passwords and secret-looking URL query values replaced by ***: run
+    every error or log text that may hold the db URL (or a driver's message about it) through this."""
     text = _URL_PASSWORD.sub(r"\1***@", str(text))
+    text = _QUERY_SECRET.sub(r"\1***", text)
     return _KEY_PASSWORD.sub(r"\1***", text)
 
 
@@ -63,6 +76,7 @@ class Config:
     def __init__(self, **kw):
         self.path = None
         self.tokens = {}
+        self.origins = {}   # key -> where its value came from: "file:line: [collector] key" or "--flag"
         for k, v in DEFAULTS.items():
             setattr(self, k, v)
         for k, v in kw.items():
@@ -103,6 +117,31 @@ def parse_listen(text):
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError("expected HOST:PORT, got %r" % text)
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def parse_db(text):
+    """sqlite:///path, postgresql://... (or postgres://) as given; a plain path (x.db, ./x.db,
+    /var/lib/x.db) -> sqlite:///path. Anything else that looks like a URL or a libpq conninfo
+    string is refused, so a typo in a scheme never becomes a SQLite file named after it."""
+    v = text.strip()
+    if not v:
+        raise ValueError("empty: expected a file path, sqlite:///path or postgresql://user@host/db")
+    if v.startswith(_DB_SCHEMES):
+        return v
+    m = _SCHEME.match(v)
+    if m:
+        scheme = m.group(1).lower()
+        if scheme in ("sqlite", "postgresql", "postgres"):
+            raise ValueError("expected %s, got %r" % ("sqlite:///path (three slashes, four for an absolute path)"
+                                                      if scheme == "sqlite" else "postgresql://user@host/db",
+                                                      redact(v)))
+        raise ValueError("unknown database scheme %r in %r: expected a file path, sqlite:///path or "
+                         "postgresql://user@host/db%s" % (m.group(1), redact(v), "" if "://" in v else
+                                                         " (a file name with ':' in it: sqlite:///NAME)"))
+    if _CONNINFO.match(v):
+        raise ValueError("%r looks like a libpq conninfo string: write it as a URL, "
+                         "postgresql://user:password@host:port/db" % redact(v))
+    return "sqlite:///" + v
 
 
 def _bool(text):
@@ -184,8 +223,15 @@ def convert(key, value):
         return v
     if key in _FLOAT_KEYS:
         return parse_duration(value) if isinstance(value, str) else float(value)
-    if key == "require_tokens":
+    if key in ("require_tokens", "open_reads", "open_writes"):
         return _bool(value) if isinstance(value, str) else bool(value)
+    if key == "read_token":
+        if not value:   # `read_token =`: unset, as an empty agent token is
+            return None
+        if len(value) < MIN_TOKEN:
+            raise ValueError("too short: %d characters, at least %d (e.g. `openssl rand -hex 24`): a "
+                             "short token can be guessed over the network" % (len(value), MIN_TOKEN))
+        return value
     if key == "receive_data":
         if value not in ("open", "token", "closed"):
             raise ValueError("expected open, token or closed, got %r" % value)
@@ -198,10 +244,7 @@ def convert(key, value):
         parse_listen(value)
         return value
     if key == "db":
-        if not (value.startswith("sqlite://") or value.startswith("postgresql://")
-                or value.startswith("postgres://")):
-            raise ValueError("expected sqlite:///path or postgresql://..., got %r" % redact(value))
-        return value
+        return parse_db(value)
     if key == "log_level":
         v = value.upper()
         if v not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -242,6 +285,7 @@ def load_config(path=None, **overrides):
                     continue
                 try:
                     setattr(cfg, k, convert(k, value.strip()))
+                    cfg.origins[k] = where("collector", key)
                 except ValueError as e:
                     errors.append("%s: %s" % (where("collector", key), e))
         if cp.has_section("tokens"):
@@ -249,10 +293,11 @@ def load_config(path=None, **overrides):
                 token = token.strip()
                 if not _AGENT_ID.match(agent):
                     errors.append("%s: not a valid agent id" % where("tokens", agent))
-                elif len(token) < 16:
-                    errors.append("%s: token too short (at least 16 characters)" % where("tokens", agent))
+                elif len(token) < MIN_TOKEN:
+                    errors.append("%s: token too short (at least %d characters)" % (where("tokens", agent), MIN_TOKEN))
                 else:
                     cfg.tokens[agent] = token
+                    cfg.origins[("tokens", agent)] = where("tokens", agent)
     for k, v in overrides.items():
         if v is None:
             continue
@@ -264,8 +309,107 @@ def load_config(path=None, **overrides):
             continue
         try:
             setattr(cfg, k, convert(k, v) if isinstance(v, str) or k in _INT_KEYS else v)
+            cfg.origins[k] = "--" + k.replace("_", "-")
         except ValueError as e:
             errors.append("override %s: %s" % (k, e))
     if errors:
         raise ConfigError(errors)
     return cfg
+
+
+# --- who may write and read, given where the built-in server listens -----------------------------
+
+_PLACEHOLDER = "change-me"   # the sample conf/collector.ini's tokens say so
+
+
+def is_loopback(host):
+    """127.0.0.0/8, ::1 (also as ::ffff:127.x) and the name localhost; any other name or address
+    (0.0.0.0, ::, a LAN address, a host name) may be reachable from the network."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return ip.is_loopback or bool(getattr(ip, "ipv4_mapped", None) and ip.ipv4_mapped.is_loopback)
+
+
+def check_access(cfg):
+    """The built-in server's startup check -> warnings to log; raises ConfigError.
+
+    On loopback anything goes (tests, tools/demo, a collector behind a local proxy that does its
+    own access control). Beyond loopback two separate opt-ins: writes that need no token (no
+    [tokens], require_tokens = no, or receive_data = open) need `open_writes = yes`, and reads
+    with no read_token need `open_reads = yes`; the sample's placeholder tokens are refused.
+    gunicorn/waitress bind the socket themselves, so this check cannot apply there."""
+    host, _ = parse_listen(cfg.listen)
+    origin = cfg.origins.get("listen", "[collector] listen (built-in default)")
+    listen = "%s %s" % (origin, cfg.listen) if origin.startswith("--") else "%s = %s" % (origin, cfg.listen)
+    warnings = []
+    errors = _placeholders(cfg)   # behind a local proxy too: the sample's tokens are public
+    writes = []   # why anyone may write
+    if not cfg.tokens_required:
+        writes.append("agents' batches need no token (%s)" % (
+            "require_tokens = no" if cfg.require_tokens is False else "no agent is listed in [tokens]"))
+    if cfg.receive_data_mode == "open":
+        writes.append("POST /receive-data stores anyone's records (receive_data = open%s)"
+                      % ("" if cfg.receive_data == "open" else ", its default without tokens"))
+    if cfg.require_tokens and not cfg.tokens:
+        warnings.append("require_tokens = yes but [tokens] lists no agent: every batch will get 401")
+    if is_loopback(host):
+        if errors:
+            raise ConfigError(errors)
+        if not cfg.tokens_required:
+            warnings.append("agents are accepted WITHOUT tokens (no [tokens] configured)%s" % (
+                "" if cfg.path else "; built-in defaults: listening on %s, storing in %s"
+                % (cfg.listen, redact(cfg.db))))
+        return warnings
+    name = "" if _is_address(host) else " (a host name counts as not loopback: write 127.0.0.1)"
+    if writes and not cfg.open_writes:
+        fixes = []
+        listed = ("list every agent in [tokens] (AGENT_ID = TOKEN, at least %d characters, e.g. `openssl "
+                  "rand -hex 24`)" % MIN_TOKEN)
+        if not cfg.tokens_required:
+            fixes.append("remove require_tokens = no" + ("" if cfg.tokens else " and " + listed)
+                         if cfg.require_tokens is False else listed)
+        if cfg.receive_data == "open":
+            fixes.append("set receive_data = token or closed")
+        errors.append(
+            "%s is not a loopback address%s, and anyone who reaches it could store records: %s. To require "
+            "tokens, %s; or set [collector] open_writes = yes (or --open-writes) to accept writes from anyone; "
+            "or listen on 127.0.0.1" % (listen, name, "; ".join(writes), " and ".join(fixes)))
+    elif writes:
+        warnings.append("writes are OPEN to anyone who reaches %s (open_writes = yes): %s"
+                        % (cfg.listen, "; ".join(writes)))
+    if not cfg.read_token and not cfg.open_reads:
+        errors.append(
+            "%s is not a loopback address%s, and [collector] read_token is unset: the status page, "
+            "/api/v1/records, /api/v1/devices and /api/v1/agents would answer anyone. Set read_token = "
+            "A-SECRET (at least %d characters; readers send `Authorization: Bearer A-SECRET`), or set "
+            "[collector] open_reads = yes (or --open-reads) to publish them" % (listen, name, MIN_TOKEN))
+    elif not cfg.read_token:
+        warnings.append("reads are OPEN to anyone who reaches %s (open_reads = yes): status page, records, "
+                        "devices, agents" % cfg.listen)
+    if errors:
+        raise ConfigError(errors)
+    return warnings
+
+
+def _placeholders(cfg):
+    """Errors for tokens still holding the sample config's placeholder text."""
+    out = ["%s: still the sample's placeholder token (it says %s): set a token of your own "
+           "(`openssl rand -hex 24`) here and in that agent's [upload] token"
+           % (cfg.origins.get(("tokens", agent), "[tokens] " + agent), _PLACEHOLDER)
+           for agent, token in sorted(cfg.tokens.items()) if _PLACEHOLDER in token.lower()]
+    if cfg.read_token and _PLACEHOLDER in cfg.read_token.lower():
+        out.append("%s: still the sample's placeholder (it says %s): set a secret of your own "
+                   "(`openssl rand -hex 24`)" % (cfg.origins.get("read_token", "read_token"), _PLACEHOLDER))
+    return out
+
+
+def _is_address(host):
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
