@@ -270,6 +270,32 @@ def test_a_suspended_sqlite_export_holds_no_read_transaction(tmp_path):
         s.close()
 
 
+def test_the_wal_is_cut_back_once_a_long_reader_is_gone(tmp_path):
+    """Any long reader (a backup, the sqlite3 shell, an old collector's export) lets the WAL grow
+    under ingest; once it is gone the WAL is reset and cut back to journal_size_limit (16 MB). On
+    today's main the file kept its largest size until the collector stopped."""
+    path = str(tmp_path / "w.db")
+    s = open_store("sqlite:///%s" % path)
+    try:
+        put(s, "a", [data("a", 0)], T0)
+        reader = sqlite3.connect(path, isolation_level=None)
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM records").fetchone()  # holds its snapshot
+        b = 0
+        while os.path.getsize(path + "-wal") < 24 << 20:
+            assert b < 100, "the WAL does not grow: %d bytes" % os.path.getsize(path + "-wal")
+            put(s, "a", [data("a", 1 + b * 1000 + i, **_filler(i)) for i in range(1000)], T0)
+            b += 1
+        grown = os.path.getsize(path + "-wal")
+        reader.execute("COMMIT")
+        reader.close()
+        for b in range(3):  # a checkpoint after a commit, a reset on the next write, cut back
+            put(s, "a", [data("a", 100000 + b)], T0)
+        assert os.path.getsize(path + "-wal") <= 16 << 20, (grown, os.path.getsize(path + "-wal"))
+    finally:
+        s.close()
+
+
 @pytest.mark.postgres
 def test_a_suspended_postgres_export_holds_no_transaction(pg_url):  # noqa: F811
     """Between pages the export's connection is idle, not "idle in transaction": no snapshot that
