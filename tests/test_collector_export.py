@@ -410,6 +410,21 @@ def test_a_uint64_beyond_2_53_comes_back_exactly_from_every_read(tmp_path, colle
     assert dev.json()["devices"][0]["values"] == EXACT
     page = requests.get(c.url + "/", timeout=10).text
     assert "big=18000000000000000001" in page and "f32b=123456.7890625" in page and "tenth=230.1" in page
+    # and in SQL, the way schema.py's Grafana queries read it: exact with the operators it names
+    # (SQLite's json_extract and ->> give a REAL beyond 64 bits; PostgreSQL's ::float likewise)
+    if db_url.startswith("postgresql"):
+        import decimal
+
+        import psycopg
+
+        with psycopg.connect(db_url) as conn:
+            got = conn.execute("SELECT (payload->'values'->>'big')::numeric FROM records").fetchall()
+        assert got == [(decimal.Decimal(BIG),)] * 2
+    else:
+        conn = sqlite3.connect(str(tmp_path / "x.db"))
+        got = conn.execute("SELECT payload -> '$.values.big' FROM records").fetchall()
+        conn.close()
+        assert got == [(str(BIG),)] * 2
 
 
 # --- 5. "partial" readings on the read side (CONTRACTS §1) --------------------------------------
