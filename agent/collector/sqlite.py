@@ -202,10 +202,14 @@ class SQLiteStore(Store):
             cur.close()
 
     def _hint(self, col, agent, device):
-        # agent= without device=: keep the planner on records_ts, which holds (ts, agent, seq) in
-        # key order (a WITHOUT ROWID index carries the primary key), instead of the primary key
-        # (agent, seq) plus a sort of all the agent's rows for every page.
-        return "+agent" if col == "agent" and device is None else col
+        # Unary + keeps a column's index out of the plan. agent= without device=: the planner
+        # stays on records_ts, which holds (ts, agent, seq) in key order (a WITHOUT ROWID index
+        # carries the primary key), instead of taking the primary key (agent, seq) and sorting
+        # all the agent's rows again for every page. received (the export's bound, nearly every
+        # row): never records_received plus a sort.
+        if col == "received" or col == "agent" and device is None:
+            return "+" + col
+        return col
 
     @contextlib.contextmanager
     def _pager(self):
