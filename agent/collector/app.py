@@ -11,6 +11,7 @@ import hmac
 import io
 import json
 import logging
+import re
 import threading
 import time
 import traceback
@@ -398,7 +399,7 @@ class CollectorApp:
     def get_records(self, environ, start_response):
         self._check_read_access(environ)
         q = parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
-        allowed = ("agent", "device", "since", "until", "kind", "limit", "format")
+        allowed = ("agent", "device", "since", "until", "kind", "status", "limit", "format")
         for k in q:
             if k not in allowed:
                 raise HTTPError(400, "unknown parameter (known: %s)" % ", ".join(allowed), k)
@@ -406,16 +407,21 @@ class CollectorApp:
         fmt = arg.pop("format", "json")
         if fmt not in ("json", "jsonl", "csv"):
             raise HTTPError(400, "format must be json, jsonl or csv", "format")
+        for k in ("agent", "device"):
+            if k in arg:
+                arg[k] = parse_name(arg[k], k)
         for k in ("since", "until"):
             if k in arg:
                 arg[k] = parse_time(arg[k], k)
         if "limit" in arg:
-            if not arg["limit"].isdigit():
-                raise HTTPError(400, "limit must be a non-negative integer", "limit")
-            arg["limit"] = int(arg["limit"])
+            arg["limit"] = parse_count(arg["limit"], "limit")
         if arg.get("kind") not in (None, "data", "gap", "health"):
             raise HTTPError(400, "kind must be data, gap or health", "kind")
-        rows = self.store.records(**arg)
+        if arg.get("status") not in (None, "ok", "partial", "error"):
+            raise HTTPError(400, "status must be ok, partial or error", "status")
+        # Only what was stored when the export began: under ingest, paging would chase new rows.
+        rows = self.store.records(received_before=self.clock(), **arg)
+        rows = _primed(rows)  # the first page now: a database error is a 503, not a cut-off 200
         ctype = {"json": "application/json", "jsonl": "application/x-ndjson",
                  "csv": "text/csv; charset=utf-8"}[fmt]
         start_response(_status(200), [("Content-Type", ctype), ("Cache-Control", "no-store")])
@@ -463,13 +469,38 @@ class CollectorApp:
         self.store.close()
 
 
+MAX_LIMIT = (1 << 63) - 1  # the largest LIMIT both databases take (a signed 64-bit integer)
+_COUNT = re.compile(r"[0-9]{1,19}", re.ASCII)  # ASCII digits only: int() reads other scripts' too
+_MAX_EPOCH = 253402300799.999  # 9999-12-31T23:59:59.999Z: ts text with a 4-digit year sorts as time
+
+
+def parse_count(text, where):
+    """Query count: plain ASCII digits, 0..2^63-1, or HTTPError 400 naming the parameter."""
+    if _COUNT.fullmatch(text) is None or int(text) > MAX_LIMIT:
+        raise HTTPError(400, "%s must be an integer 0..%d" % (where, MAX_LIMIT), where)
+    return int(text)
+
+
+def parse_name(text, where):
+    """Query agent/device name: what a record's can be (1..128 characters, no NUL)."""
+    if len(text) > validate.MAX_NAME or "\x00" in text:
+        raise HTTPError(400, "%s must be at most %d characters, without NUL" % (where, validate.MAX_NAME), where)
+    return text
+
+
 def parse_time(text, where):
     """Query time: ISO UTC ('2026-11-21T10:30:45Z', '2026-11-21 10:30:45', '2026-11-21') or epoch seconds."""
     t = text.strip()
     try:
-        return utc_timestamp(float(t))
-    except (ValueError, OverflowError):
+        secs = float(t)
+    except ValueError:
         pass
+    else:
+        if not -_MAX_EPOCH <= secs <= _MAX_EPOCH:  # NaN fails too
+            raise HTTPError(400, "epoch seconds out of range (up to %d, year 9999)" % _MAX_EPOCH, where)
+        if secs < 0:
+            secs = 0.0  # before any record (validate refuses years before 1970)
+        return utc_timestamp(secs)
     if len(t) == 10:
         t += "T00:00:00"
     t = t.replace(" ", "T")
@@ -479,6 +510,33 @@ def parse_time(text, where):
     if ts is None:
         raise HTTPError(400, "expected an ISO UTC time (2026-11-21T10:30:45Z) or epoch seconds", where)
     return ts
+
+
+def _primed(rows):
+    """The generator `rows` with its first item fetched now (the export's first page query)."""
+    try:
+        first = next(rows)
+    except StopIteration:
+        return iter(())
+    return _Chain(first, rows)
+
+
+class _Chain:
+    """first, then the rest of `rows`; close() closes `rows` (its database connection)."""
+
+    def __init__(self, first, rows):
+        self._first, self._rows = [first], rows
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._first:
+            return self._first.pop()
+        return next(self._rows)
+
+    def close(self):
+        self._rows.close()
 
 
 def record_json(row):
@@ -513,13 +571,29 @@ def stream_jsonl(rows):
     return _closing(_chunked(record_json(r) + "\n" for r in rows), rows)
 
 
+_FORMULA_LEAD = frozenset("=+-@\t\r")
+_PLAIN_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
+
+
+def csv_cell(v):
+    """A text cell that a spreadsheet would run as a formula (=, +, -, @, tab, CR first) with a
+    single quote in front (OWASP's CSV injection advice). Numbers (seq, unit, received) are not
+    text and go out as they are; a text cell that is a plain decimal number ("-5") is not a
+    formula either and is left alone. Values are inside the payload, a JSON object ('{' first)."""
+    if type(v) is str and v and v[0] in _FORMULA_LEAD and _PLAIN_NUMBER.fullmatch(v) is None:
+        return "'" + v
+    return v
+
+
 def stream_csv(rows):
     def pieces():
         buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
+        # RFC 4180 line ends: the writer then also quotes a field holding a bare CR, which with
+        # "\n" it left unquoted (and readers split the row there).
+        w = csv.writer(buf, lineterminator="\r\n")
         w.writerow(ROW_COLUMNS)
         for r in rows:
-            w.writerow(r)
+            w.writerow([csv_cell(v) for v in r])
             if buf.tell() >= 65536:
                 yield buf.getvalue()
                 buf.seek(0)

@@ -53,8 +53,28 @@ def series_points(rows, name):
 
 def _fmt(v):
     if type(v) is float:
-        return "%.6g" % v
+        return repr(v)  # the shortest text that is this float: the value as stored, not rounded
     return escape(json.dumps(v) if not isinstance(v, str) else v)
+
+
+_STATUS_CLASS = {"ok": "ok", "partial": "partial"}  # anything else: "err"
+
+
+def refused(err):
+    """A partial reading's error (store._failure) -> 'bad, bad2 (exception 2 ILLEGAL DATA ADDRESS)'."""
+    parts = []
+    for e in err.get("errors") or ():
+        if type(e) is not dict:
+            continue
+        points = ", ".join(str(p) for p in e.get("points") or ())
+        if not points:
+            points = "address %s+%s" % (e.get("address", "?"), e.get("count", "?"))
+        if type(e.get("code")) is int:
+            why = ("exception %d %s" % (e["code"], e.get("name") or "")).rstrip()
+        else:
+            why = str(e.get("kind") or "failed")
+        parts.append("%s (%s)" % (points, why))
+    return "; ".join(parts) or str(err.get("message") or "some points failed")
 
 
 def _age(s):
@@ -69,7 +89,7 @@ def _age(s):
 
 CSS = """body{font:14px system-ui,sans-serif;margin:1.5em;color:#222}
 table{border-collapse:collapse;width:100%}th,td{padding:4px 8px;border-bottom:1px solid #ddd;text-align:left;vertical-align:top}
-th{background:#f4f4f4}.stale{color:#a60}.err{color:#b00}.ok{color:#070}.vals{font-family:monospace;font-size:12px}
+th{background:#f4f4f4}.stale{color:#a60}.err{color:#b00}.ok{color:#070}.partial{color:#b70;background:#fff3d6}.vals{font-family:monospace;font-size:12px}
 h2{margin-top:1.5em}small{color:#777}"""
 
 
@@ -95,6 +115,12 @@ def render(agents, devices, series, now, refresh=5):
         spark = sparkline(series_points(series.get((d["agent"], d["device"]), []), name)) if name else ""
         status = d["last_status"] or "-"
         err = d["last_error"] or {}
+        if status == "error":
+            note = ' <small>%s</small>' % escape(str(err.get("message", ""))[:80])
+        elif status == "partial":
+            note = ' <small class="refused">refused: %s</small>' % escape(refused(err)[:200])
+        else:
+            note = ""
         vals = ", ".join("%s=%s" % (escape(str(k)), _fmt(v)) for k, v in list(values.items())[:8])
         if len(values) > 8:
             vals += ", &hellip;"
@@ -104,8 +130,7 @@ def render(agents, devices, series, now, refresh=5):
             '<td title="%s">%d</td></tr>'
             % (escape(d["agent"]), escape(d["device"]), escape(d["agent"]), escape(d["device"]),
                "" if d["unit"] is None else d["unit"], "ok" if d["fresh"] else "stale", _age(d["age_s"]),
-               "ok" if status == "ok" else "err", escape(status),
-               ' <small>%s</small>' % escape(str(err.get("message", ""))[:80]) if status == "error" else "",
+               _STATUS_CLASS.get(status, "err"), escape(status), note,
                vals, spark, ' <small>%s</small>' % escape(name) if spark else "",
                escape(str(err.get("message", ""))), d["errors"]))
     if not devices:

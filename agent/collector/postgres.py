@@ -23,12 +23,18 @@ class PostgresStore(Store):
     ph = "%s"
     _payload_text = "payload::text"
 
-    def __init__(self, url, migrate=True, connect_timeout=10):
+    def _ts_text(self, epoch_sql):
+        return ("to_char(to_timestamp(%s) AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')"
+                % epoch_sql)
+
+    def __init__(self, url, migrate=True, connect_timeout=10, future_skew=None):
         self.url = url
         self.connect_timeout = connect_timeout
         self._local = threading.local()
         self._all = []
         self._all_lock = threading.Lock()
+        if future_skew is not None:
+            self.future_skew = float(future_skew)
         self._prepare_sql()
         if migrate:
             self.migrate()
@@ -112,19 +118,14 @@ class PostgresStore(Store):
             self._drop()
             raise
 
-    def _stream(self, sql, args, chunk=500):
-        # A server-side (named) cursor in its own connection: rows arrive `chunk` at a time.
-        conn = self._connect(autocommit=False)
+    @contextlib.contextmanager
+    def _pager(self):
+        """fetch(sql, args) -> all rows of one page. An autocommit connection of its own: each
+        page is one statement, its own transaction, so a slow export holds no snapshot between
+        pages (a server-side cursor would, for the whole export: vacuum stalls, tables bloat)."""
+        conn = self._connect(autocommit=True)
         try:
-            with conn.cursor(name="modbus_collector_export") as cur:
-                cur.itersize = chunk
-                cur.execute(sql, args)
-                while True:
-                    rows = cur.fetchmany(chunk)
-                    if not rows:
-                        break
-                    yield from rows
-            conn.rollback()
+            yield lambda sql, args: conn.execute(sql, args).fetchall()
         finally:
             conn.close()
 

@@ -7,7 +7,9 @@ records   one row per record, identity (agent, seq)
     agent    TEXT     agent id                      seq   INTEGER  the agent's sequence number
     ts       TEXT     '2026-11-21T10:30:45.123Z' (UTC, always 3 fraction digits: text order = time order)
     kind     TEXT     'data' | 'gap' | 'health'     device TEXT   device name (NULL for gaps)
-    unit     INTEGER  Modbus unit id                 status TEXT   'ok' | 'error' for data, else NULL
+    unit     INTEGER  Modbus unit id                 status TEXT   'ok' | 'partial' | 'error' for data,
+                                                                   else NULL ('partial': some points
+                                                                   refused, named in $.errors)
     payload  the whole record as JSON, exactly as the agent sent it: values under $.values, a failed
              read's error under $.error, gap details ($.dropped, $.first_seq, ...), health counters
              under $.health. (PostgreSQL: jsonb.)
@@ -23,12 +25,16 @@ seq = a 63-bit hash of the record's content (see validate.legacy_row).
 
 Grafana, SQLite data source (frser-sqlite-datasource), one point over time:
     SELECT ts AS time, json_extract(payload, '$.values.voltage_l1') AS voltage_l1 FROM records
-    WHERE agent = 'site7' AND device = 'meter1' AND kind = 'data' AND status = 'ok'
+    WHERE agent = 'site7' AND device = 'meter1' AND kind = 'data' AND status IN ('ok', 'partial')
       AND ts >= strftime('%Y-%m-%dT%H:%M:%fZ', $__from / 1000, 'unixepoch') ORDER BY ts
 Grafana, PostgreSQL:
     SELECT ts::timestamptz AS time, (payload->'values'->>'voltage_l1')::float AS voltage_l1 FROM records
-    WHERE agent = 'site7' AND device = 'meter1' AND kind = 'data' AND status = 'ok'
+    WHERE agent = 'site7' AND device = 'meter1' AND kind = 'data' AND status IN ('ok', 'partial')
       AND ts >= to_char($__timeFrom() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') ORDER BY ts
+(A partial reading lacks the refused points: NULL there.) Integers beyond 64 bits (a uint64 above
+2^63) are stored exactly, but SQLite's json_extract and ->> turn them into a REAL and ::float
+rounds them: read `payload -> '$.values.x'` (SQLite: the JSON text) or
+`(payload->'values'->>'x')::numeric` (PostgreSQL) where every digit matters.
 """
 
 # Each migration: list of statements per dialect. Never edit a released one; append a new one.

@@ -30,6 +30,12 @@ import threading
 from agent.collector.store import ROW_COLUMNS, Store
 
 BUSY_TIMEOUT_MS = 10000
+# The WAL file is cut back to this size whenever it is reset (after a checkpoint that copied
+# everything back and no reader still needs it). Without a limit SQLite reuses the file at
+# whatever size it once reached: one spike (a reader that pinned old pages while ingest went on)
+# would keep gigabytes of WAL on disk until the collector stops. Steady state is about
+# wal_autocheckpoint (1000 pages, 4 MB) plus one group commit, so 16 MB never truncates then.
+WAL_SIZE_LIMIT = 16 << 20
 # 10 parameters a row: 990 per statement, under the 999 that SQLite before 3.32 allows.
 ROWS_PER_INSERT = 99
 _ROW_PARAMS = "(" + ", ".join(["?"] * len(ROW_COLUMNS)) + ")"
@@ -55,7 +61,7 @@ class SQLiteStore(Store):
     dialect = "sqlite"
     ph = "?"
 
-    def __init__(self, path, migrate=True):
+    def __init__(self, path, migrate=True, future_skew=None):
         self.path = str(path)
         self._local = threading.local()
         self._write_lock = threading.Lock()
@@ -66,6 +72,8 @@ class SQLiteStore(Store):
         self._all = []
         self._all_lock = threading.Lock()
         self._insert_sqls = {}  # rows per statement -> SQL text (the sizes a batch's tail takes)
+        if future_skew is not None:
+            self.future_skew = float(future_skew)
         self._prepare_sql()
         if migrate:
             self.migrate()
@@ -76,6 +84,7 @@ class SQLiteStore(Store):
         conn.execute("PRAGMA busy_timeout = %d" % BUSY_TIMEOUT_MS)
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA journal_size_limit = %d" % WAL_SIZE_LIMIT)
         conn.execute("PRAGMA foreign_keys = ON")
         return conn
 
@@ -192,17 +201,30 @@ class SQLiteStore(Store):
         finally:
             cur.close()
 
-    def _stream(self, sql, args, chunk=500):
-        # Its own connection: the generator may be consumed after the request's thread moved on
-        # (a WSGI server may iterate elsewhere), and closing it ends the read transaction.
+    def _hint(self, col, agent, device):
+        # Unary + keeps a column's index out of the plan. agent= without device=: the planner
+        # stays on records_ts, which holds (ts, agent, seq) in key order (a WITHOUT ROWID index
+        # carries the primary key), instead of taking the primary key (agent, seq) and sorting
+        # all the agent's rows again for every page. received (the export's bound, nearly every
+        # row): never records_received plus a sort.
+        if col == "received" or col == "agent" and device is None:
+            return "+" + col
+        return col
+
+    @contextlib.contextmanager
+    def _pager(self):
+        """fetch(sql, args) -> all rows of one page, its read transaction over when it returns.
+        Its own connection: the export may be consumed after the request's thread moved on (a
+        WSGI server may iterate elsewhere); closed when the export ends or the client hangs up."""
         conn = self._connect()
         try:
-            cur = conn.execute(sql, args)
-            while True:
-                rows = cur.fetchmany(chunk)
-                if not rows:
-                    break
-                yield from rows
+            def fetch(sql, args):
+                cur = conn.execute(sql, args)
+                try:
+                    return cur.fetchall()
+                finally:
+                    cur.close()
+            yield fetch
         finally:
             conn.close()
 

@@ -1,9 +1,10 @@
 """Storage interface shared by the SQLite and PostgreSQL backends.
 
 A backend supplies `_write()` (a context manager: cursor inside one write transaction, committed
-on exit, rolled back on error), `_read()` (cursor for short reads), `_stream(sql, args)` (rows of
-a long query, fetched in chunks, connection released when the generator is closed) and `ph`
-(the parameter placeholder). Everything else, the SQL included, lives here once.
+on exit, rolled back on error), `_read()` (cursor for short reads), `_pager()` (a context manager
+giving fetch(sql, args) -> rows, one short read transaction per call, on a connection of the
+export's own, released on exit) and `ph` (the parameter placeholder). Everything else, the SQL
+included, lives here once.
 """
 import json
 import math
@@ -16,6 +17,8 @@ _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=
                            check_circular=False).encode
 
 ROW_COLUMNS = ("agent", "seq", "ts", "kind", "device", "unit", "status", "payload", "clock", "received")
+# Rows per export page (one short read transaction each, see Store.records).
+EXPORT_PAGE = 1000
 DEVICE_COLUMNS = ("agent", "device", "unit", "last_ts", "last_status", "values_ts", "last_values",
                   "error_ts", "last_error", "health_ts", "health", "records", "errors", "last_seen")
 
@@ -42,10 +45,14 @@ def open_store(url, **kw):
     return SQLiteStore(path, **kw)
 
 
-def _newer(col, ts_col):
-    """Upsert expression: take the incoming value when its timestamp is newer."""
-    return ("%s = CASE WHEN excluded.%s IS NOT NULL AND (devices.%s IS NULL OR excluded.%s >= devices.%s) "
-            "THEN excluded.%s ELSE devices.%s END" % (col, ts_col, ts_col, ts_col, ts_col, col, col))
+def _newer(col, ts_col, cap):
+    """Upsert expression: take the incoming value when its timestamp is newer, or when the stored
+    one is beyond `cap` (SQL: the incoming batch's receive time plus the future skew, as ts text):
+    a reading stamped in 2099 (a clock gone wrong, stored before such stamps were refused) must
+    not hold a device's last values and status for good."""
+    return ("%s = CASE WHEN excluded.%s IS NOT NULL AND (devices.%s IS NULL OR excluded.%s >= devices.%s "
+            "OR devices.%s > %s) THEN excluded.%s ELSE devices.%s END"
+            % (col, ts_col, ts_col, ts_col, ts_col, ts_col, cap, col, col))
 
 
 def finite(v):
@@ -98,20 +105,45 @@ def aggregate(rows):
         if kind == "data":
             if d[3] is None or ts >= d[3]:
                 d[3], d[4] = ts, status
-            if status == "ok":
-                if d[5] is None or ts >= d[5]:
-                    d[5], d[6] = ts, payload
-            else:
+            # "ok" and "partial" carry values (partial: those of the blocks that answered)
+            if status != "error" and (d[5] is None or ts >= d[5]):
+                d[5], d[6] = ts, payload
+            if status != "ok":  # "error" and "partial": something failed
                 d[12] += 1
                 if d[7] is None or ts >= d[7]:
                     d[7], d[8] = ts, payload
         elif kind == "health" and (d[9] is None or ts >= d[9]):
             d[9], d[10] = ts, payload
     for d in devs.values():
-        for i, key in ((6, "values"), (8, "error"), (10, "health")):
-            if d[i] is not None:
-                d[i] = _field(d[i], key)
+        if d[6] is not None:
+            d[6] = _field(d[6], "values")
+        if d[8] is not None:
+            d[8] = _failure(d[8])
+        if d[10] is not None:
+            d[10] = _field(d[10], "health")
     return [tuple(d) for d in devs.values()], gaps, dropped
+
+
+def _failure(payload):
+    """A failed reading's error as compact JSON text (devices.last_error). An "error" record's
+    own "error"; for a "partial" one (CONTRACTS §1) an error of kind "partial" that names every
+    refused point: {"kind": "partial", "message": ..., "points": [...], "errors": [...]}."""
+    rec = json.loads(payload) if type(payload) is str else payload
+    if rec.get("status") != "partial":
+        return _field(rec, "error")
+    errors = [e for e in rec.get("errors") or () if type(e) is dict]
+    points = []
+    for e in errors:
+        for p in e.get("points") or ():
+            if type(p) is str and p not in points:
+                points.append(p)
+    messages = [e["message"] for e in errors if type(e.get("message")) is str]
+    out = {"kind": "partial", "message": "; ".join(messages) or "some points failed", "points": points,
+           "errors": errors}
+    try:
+        return _encode(out)
+    except ValueError:
+        return _encode(finite(out))
 
 
 class Store:
@@ -121,8 +153,18 @@ class Store:
     def _sql(self, text):
         return text if self.ph == "?" else text.replace("?", self.ph)
 
+    # A stored reading stamped more than this many seconds after its batch arrived loses its
+    # place as a device's "last" to any later batch (see _newer). At least the ingest's own
+    # future-skew refusal, so that only rows from before that refusal are affected.
+    future_skew = 86400.0
+
+    def _ts_text(self, epoch_sql):
+        """SQL: epoch seconds -> ts text ('2026-11-21T10:30:45.123Z'), SQLite's form."""
+        return "strftime('%%Y-%%m-%%dT%%H:%%M:%%fZ', %s, 'unixepoch')" % epoch_sql
+
     def _prepare_sql(self):
         q = self._sql
+        cap = self._ts_text("excluded.last_seen + %r" % float(self.future_skew))
         cols = ", ".join(ROW_COLUMNS)
         self.sql_insert = q("INSERT INTO records (%s) VALUES (%s) ON CONFLICT (agent, seq) DO NOTHING"
                             % (cols, ", ".join(["?"] * len(ROW_COLUMNS))))
@@ -143,10 +185,10 @@ class Store:
             "records = devices.records + excluded.records, errors = devices.errors + excluded.errors, "
             "last_seen = excluded.last_seen"
             % (", ".join(DEVICE_COLUMNS), ", ".join(["?"] * len(DEVICE_COLUMNS)),
-               _newer("last_status", "last_ts"), _newer("last_ts", "last_ts"),
-               _newer("last_values", "values_ts"), _newer("values_ts", "values_ts"),
-               _newer("last_error", "error_ts"), _newer("error_ts", "error_ts"),
-               _newer("health", "health_ts"), _newer("health_ts", "health_ts")))
+               _newer("last_status", "last_ts", cap), _newer("last_ts", "last_ts", cap),
+               _newer("last_values", "values_ts", cap), _newer("values_ts", "values_ts", cap),
+               _newer("last_error", "error_ts", cap), _newer("error_ts", "error_ts", cap),
+               _newer("health", "health_ts", cap), _newer("health_ts", "health_ts", cap)))
 
     # --- schema -----------------------------------------------------------------------------
 
@@ -246,11 +288,12 @@ class Store:
             return [dict(zip(DEVICE_COLUMNS, r)) for r in cur.fetchall()]
 
     def series(self, agent, device, since, limit=2000):
-        """(ts, payload) of a device's ok readings since `since`, oldest first (for sparklines)."""
+        """(ts, payload) of a device's readings with values (ok, partial) since `since`, oldest
+        first (for sparklines)."""
         with self._read() as cur:
             cur.execute(self._sql(
                 "SELECT ts, %s FROM records WHERE agent = ? AND device = ? AND ts >= ? AND kind = 'data' "
-                "AND status = 'ok' ORDER BY ts DESC LIMIT ?" % self._payload_text),
+                "AND status IN ('ok', 'partial') ORDER BY ts DESC LIMIT ?" % self._payload_text),
                 (agent, device, since, limit))
             rows = cur.fetchall()
         rows.reverse()
@@ -258,23 +301,58 @@ class Store:
 
     _payload_text = "payload"
 
-    def records(self, agent=None, device=None, since=None, until=None, kind=None, limit=None):
-        """Generator of row tuples (ROW_COLUMNS order), oldest first, fetched in chunks."""
-        where, args = [], []
-        for col, op, val in (("agent", "=", agent), ("device", "=", device), ("ts", ">=", since),
-                             ("ts", "<", until), ("kind", "=", kind)):
-            if val is not None:
-                where.append("%s %s ?" % (col, op))
-                args.append(val)
+    def _record_sql(self, where):
+        """SELECT of one export page: the filters, the keyset condition, ORDER BY the key, LIMIT."""
         sql = "SELECT %s FROM records" % ", ".join(
             c if c != "payload" else self._payload_text for c in ROW_COLUMNS)
         if where:
             sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY ts, agent, seq"
-        if limit is not None:
-            sql += " LIMIT ?"
-            args.append(int(limit))
-        return self._stream(self._sql(sql), args)
+        return self._sql(sql + " ORDER BY ts, agent, seq LIMIT ?")
+
+    def records(self, agent=None, device=None, since=None, until=None, kind=None, status=None, limit=None,
+                received_before=None, page=EXPORT_PAGE):
+        """Generator of row tuples (ROW_COLUMNS order), oldest first: (ts, agent, seq) order.
+
+        Keyset pagination: `page` rows per query, each query its own short read transaction, the
+        next one starting after the last key seen. Between pages nothing is held, so a client
+        that reads an export slowly (or stalls) pins no snapshot: SQLite's WAL can be
+        checkpointed and reset, PostgreSQL's vacuum goes on. The key is immutable and unique, so
+        every row that exists for the whole export comes exactly once, in order, whatever is
+        inserted or deleted (retention) meanwhile. `received_before` (epoch seconds, server time)
+        bounds the export to rows stored by then, so an export started under ingest ends."""
+        where, args = [], []
+        for col, op, val in (("agent", "=", agent), ("device", "=", device), ("ts", "<", until),
+                             ("kind", "=", kind), ("status", "=", status), ("received", "<=", received_before)):
+            if val is not None:
+                where.append("%s %s ?" % (self._hint(col, agent, device), op))
+                args.append(val)
+        # `since` only on the first page: after it the key condition implies it, and given both
+        # the planner may start every page's index range at `since` (quadratic in the export).
+        first_sql = self._record_sql(where + ["ts >= ?"] if since is not None else where)
+        next_sql = self._record_sql(where + ["(ts, agent, seq) > (?, ?, ?)"])
+        first_args = args + [since] if since is not None else args
+        return self._pages(first_sql, first_args, next_sql, args, limit, max(1, int(page)))
+
+    def _hint(self, col, agent, device):
+        """Column expression for a filter (SQLite: see SQLiteStore)."""
+        return col
+
+    def _pages(self, first_sql, first_args, next_sql, args, limit, page):
+        left = limit
+        with self._pager() as fetch:
+            rows = None
+            while left is None or left > 0:
+                n = page if left is None else min(page, left)
+                if rows is None:
+                    rows = fetch(first_sql, first_args + [n])
+                else:
+                    last = rows[-1]  # ROW_COLUMNS: (agent, seq, ts, ...)
+                    rows = fetch(next_sql, args + [last[2], last[0], last[1], n])
+                yield from rows
+                if len(rows) < n:
+                    return
+                if left is not None:
+                    left -= n
 
     def delete_older(self, cutoff, chunk):
         """Delete up to `chunk` records received before `cutoff` (epoch seconds, server time) in
