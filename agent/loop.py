@@ -414,11 +414,11 @@ class Loop:
         dev = st.device
         if refused is None:
             st.health.ok(t, duration)
+            st.summary_ok += 1
             if st.refused:
                 self._log_refusals(st, None)
         else:
             st.health.partial(refused, t, duration)
-        st.summary_ok += 1
         if st.was_failing:
             log.info("answering again", extra=_where(dev))
             st.was_failing = False
@@ -650,8 +650,10 @@ class Loop:
                                                   h.polls_failed, st.summary_failed)
             if h.missed_cycles:
                 s += " missed=%d" % h.missed_cycles
+            if h.polls_partial:
+                s += " partial=%d" % h.polls_partial
             if h.refused_blocks:
-                s += " partial=%d refused_blocks=%d" % (h.polls_partial, h.refused_blocks)
+                s += " refusing %d block(s)" % h.refused_blocks
             if h.dead:
                 s += " DEAD"
             parts.append(s)

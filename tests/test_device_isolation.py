@@ -112,7 +112,7 @@ def test_a_refused_block_does_not_hide_the_good_one_and_the_device_stays_alive(t
     assert "refuses fc 03 holding 500+1 (point bad) with exception code 2 ILLEGAL DATA ADDRESS" in warned[0]
     assert "base" in warned[0] and "address" in warned[0] and "partial" in warned[0]
     assert not any("no answer" in m for m in warned)
-    assert "DEAD" not in loop.last_summary and "partial=8 refused_blocks=1" in loop.last_summary
+    assert "DEAD" not in loop.last_summary and "ok=0(+0) failed=0(+0) partial=8 refusing 1 block(s)" in loop.last_summary
     row = next(line for line in status.splitlines() if line.startswith("meter"))
     assert row.split()[2] == "partial"
 
