@@ -351,3 +351,23 @@ def test_a_busy_block_is_asked_once_more_and_the_others_are_read(tmp_path):
         server.stop()
     assert [r["status"] for r in recs] == ["ok", "ok"] and recs[0]["values"] == {"a": 0, "b": 50}
     assert st.health.busy_retries == 2 and st.health.exceptions == {}
+
+
+def test_a_refused_block_that_answers_again_is_said_once_and_records_are_ok_again(tmp_path, sparse, caplog):
+    caplog.set_level(logging.DEBUG, logger="agent")
+    loop = Loop(load_config(write_ini(tmp_path, sparse.port, "a = holding 5 uint16\nlate = holding 40 uint16\n")))
+    try:
+        run_polls(loop, 3)
+        sparse.holding[40] = 4040            # the register appears (a firmware update, a mode switch)
+        run_polls(loop, 3)
+        st = loop.states[0]
+        recs = spooled(loop)
+    finally:
+        loop.shutdown()
+    assert [r["status"] for r in recs] == ["partial"] * 3 + ["ok"] * 3
+    assert recs[-1]["values"] == {"a": 1005, "late": 4040} and "errors" not in recs[-1]
+    msgs = [(r.levelname, r.getMessage()) for r in caplog.records if "holding 40" in r.getMessage()
+            or "40+1" in r.getMessage()]
+    assert [level for level, _ in msgs] == ["WARNING", "INFO"], msgs
+    assert "answers again" in msgs[1][1]
+    assert st.health.refused_blocks == 0 and (st.health.polls_partial, st.health.polls_ok) == (3, 3)
