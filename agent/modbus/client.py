@@ -15,9 +15,10 @@ Robustness rules (each answers a known field problem):
 - after a lost connection, reconnects back off exponentially (one attempt per step, up to
   `backoff_max`); inside the window the call fails at once without touching the network
   (unless `refuse_while_down` is off: the agent's loop, whose device schedule owns the back-off);
-- one deadline per request (`timeout` from the send, covering every read and the resend after
-  an out-of-sync stream), so a peer that dribbles bytes cannot stretch a request;
   a connection the peer closed while idle is reopened once at once (gateways do that);
+- one deadline per request (`timeout` from the send, covering every read and the resend after
+  an out-of-sync stream), so a peer that dribbles bytes cannot stretch a request; a truncated
+  TCP answer closes the link (its rest must not be read as the next answer);
 - two timeouts in a row on a socket (Modbus TCP, RTU over TCP) close the connection (a
   half-open link only shows as silence); the next call opens a fresh one;
 - RTU: a read answer of this unit and function with another byte count is a late answer and
