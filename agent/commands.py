@@ -9,8 +9,9 @@ import sys
 import time
 
 from agent.config import BUS_WARN, check_config, load_or_report, redact
+from agent.device import Refused, holes, refusal_hint
 from agent.modbus.errors import ModbusError, hexdump
-from agent.record import data_record, encode, error_record
+from agent.record import data_record, encode, error_record, partial_record
 
 
 def _out(text=""):
@@ -67,6 +68,13 @@ def plan_lines(cfg):
                     names = names[:67] + "..."
                 lines.append("      fc %02d %-8s %5d +%-4d %s" % (r.function, r.table, r.address,
                                                                r.count, names))
+                gap = holes(r)
+                if gap:
+                    # a device that maps no register there refuses the whole block (exception 2)
+                    lines.append("        reads %d unasked %s in holes (max_gap %d): if the device "
+                                 "refuses this block with exception 2, lower max_gap" % (
+                                     len(gap), "bit(s)" if r.function in (1, 2) else "register(s)",
+                                     d.max_gap))
     return lines
 
 
@@ -191,12 +199,18 @@ def cmd_poll(args):
     try:
         for dev in devices:
             t = time.time()
+            refused = None
             try:
                 client = clients.get(dev.connection.name)
                 if client is None:
                     client = clients[dev.connection.name] = dev.connection.open()
                 values = dev.poll(client)
                 error = None
+            except Refused as e:
+                # the device answered, refusing some blocks: show what it gave and why not the rest
+                refused = e
+                values, error = (e.values, None) if e.values else (None, e)
+                failed += error is None
             except ModbusError as e:
                 values, error = None, e
             except OSError as e:   # e.g. the serial port does not exist
@@ -204,13 +218,18 @@ def cmd_poll(args):
             if error is not None:
                 failed += 1
             if args.json:
-                rec = (data_record(cfg.agent.id, t, dev.name, dev.unit, values) if error is None
-                       else error_record(cfg.agent.id, t, dev.name, dev.unit, error))
+                errors = refused.errors() if refused is not None else None
+                if error is not None:
+                    rec = error_record(cfg.agent.id, t, dev.name, dev.unit, error, errors)
+                elif refused is not None:
+                    rec = partial_record(cfg.agent.id, t, dev.name, dev.unit, values, errors)
+                else:
+                    rec = data_record(cfg.agent.id, t, dev.name, dev.unit, values)
                 try:
                     line = encode(rec)
                 except (ValueError, TypeError, OverflowError) as e:
                     # a value JSON cannot carry: say so as the agent would spool it, go on
-                    failed += error is None
+                    failed += error is None and refused is None
                     line = encode(error_record(cfg.agent.id, t, dev.name, dev.unit, {
                         "kind": "agent", "message": "record cannot be encoded (%s: %s)" % (type(e).__name__, e)}))
                 sys.stdout.write(line.decode("utf-8"))
@@ -220,10 +239,25 @@ def cmd_poll(args):
                 msg = error.describe() if hasattr(error, "describe") else error["message"]
                 kind = getattr(error, "kind", None) or error.get("kind")
                 _out("%s: ERROR %s: %s" % (head, kind, msg))
+                if refused is not None:
+                    _refusal_lines(dev, refused)
                 continue
-            _out("%s: ok" % head)
+            if refused is not None:
+                _out("%s: PARTIAL: the device refuses %d of %d request(s)" % (
+                    head, len(refused.failures), refused.requests))
+                _refusal_lines(dev, refused)
+            else:
+                _out("%s: ok" % head)
+            missing = set()
+            if refused is not None:
+                for r, e in refused.failures:
+                    missing.update((p.name, e.code) for p in r.points)
+            why = dict(missing)
             width = max(len(p.name) for p in dev.points)
             for p in dev.points:
+                if p.name in why:
+                    _out("  %-*s  %16s  refused (exception %d)" % (width, p.name, "-", why[p.name]))
+                    continue
                 _out("  %-*s  %16s  %s" % (width, p.name, _format_value(values.get(p.name)),
                                            p.unit or ""))
     finally:
@@ -233,6 +267,15 @@ def cmd_poll(args):
             except Exception:
                 pass
     return 1 if failed else 0
+
+
+def _refusal_lines(dev, refused):
+    """Each refused block of `poll`, and what to change."""
+    for (r, e), entry in zip(refused.failures, refused.errors()):
+        _out("  refused: %s (%s)" % (entry["message"], ", ".join(entry["points"])))
+        hint = refusal_hint(dev, r, e.code)
+        if hint:
+            _out("    fix: %s" % hint)
 
 
 # --- probe ---------------------------------------------------------------------------------

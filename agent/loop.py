@@ -16,12 +16,21 @@ dead collector never loses it; uploads only use time the bus does not need, so a
 drains without moving a single poll (complaint: catch-up that disturbs polling).
 
 Dead-device isolation (complaint: one dead slave delays everybody): `device.poll` stops at the
-first failing request, so a failing device costs at most its own timeout per cycle; on a shared
+first request nobody answers (timeout, CRC, frame, connection), so a failing device costs at most
+its own timeout per cycle (one deadline per request, agent.modbus.client); a block the device
+refuses with an exception response does not stop the poll: the device answered, it is alive,
+and the record is "partial" (agent.device.Refused), logged once per refused block; on a shared
 slot the devices that answered last time go first, failing ones after them; after `dead_after`
 consecutive failures a device is only probed, with the wait doubling up to `dead_backoff_max`,
 and a probe whose timeout would not fit before the next live device is due waits for a later
 slot (so several dead devices never stack their timeouts). A busy answer (exception 6, or
 5 ACKNOWLEDGE) is retried once after the connection's pause.
+
+One back-off per device/connection pair: the schedule's. The loop's clients never refuse a
+request inside their own reconnect back-off (`refuse_while_down` off), so every probe the
+schedule decides on really goes out; for a lost connection the schedule's back-off is capped by
+the connection's `backoff_max` as well as `dead_backoff_max`. A device that comes back is
+noticed at most dead_backoff_max + one interval later.
 
 Signals: SIGTERM/SIGINT finish the current step, flush and close the spool, exit 0.
 SIGHUP reloads the config file; an invalid file is logged error by error and the old
@@ -40,9 +49,10 @@ import time
 
 from agent import log as agentlog
 from agent.config import redact
+from agent.device import Refused, refusal_hint
 from agent.health import Health
-from agent.modbus.errors import DeviceError, ModbusError
-from agent.record import CLOCK_SANE, data_record, error_record, health_record, utc_timestamp
+from agent.modbus.errors import ModbusError
+from agent.record import CLOCK_SANE, data_record, error_record, health_record, partial_record, utc_timestamp
 from agent.schedule import DeviceSchedule
 from agent.status import write_status
 
@@ -73,6 +83,12 @@ def _where(dev):
     return agentlog.where(dev.name, dev.unit)
 
 
+def _point_names(r, limit=8):
+    names = [p.name for p in r.points]
+    text = ", ".join(names[:limit]) + (", ... %d more" % (len(names) - limit) if len(names) > limit else "")
+    return ("points " if len(names) > 1 else "point ") + text
+
+
 def moved(old, new, deadbands):
     """on_change: does `new` differ from the last sent `old` beyond the points' deadbands?
 
@@ -98,7 +114,7 @@ class DeviceState:
 
     __slots__ = ("device", "schedule", "health", "deadbands", "last_sent", "last_sent_at",
                  "next_health", "summary_ok", "summary_failed", "was_failing", "missed_logged_at",
-                 "last_error_kind")
+                 "last_error_kind", "last_sent_slot", "refused")
 
     def __init__(self, device, start, agent_cfg, health=None):
         self.device = device
@@ -109,12 +125,14 @@ class DeviceState:
         self.deadbands = {p.name: p.deadband or 0.0 for p in device.points}
         self.last_sent = None         # values of the last record sent (on_change)
         self.last_sent_at = None      # monotonic time it was sent
+        self.last_sent_slot = None    # start of the schedule slot of that poll (heartbeat)
         self.next_health = start + agent_cfg.health_interval
         self.summary_ok = 0
         self.summary_failed = 0
         self.was_failing = False
         self.missed_logged_at = None
         self.last_error_kind = None   # "connection", "timeout", ... of the last failure
+        self.refused = {}             # (function, address, count) -> exception code, as logged
 
 
 def clock_seq(wall=time.time):
@@ -290,7 +308,10 @@ class Loop:
         if sched.deferred_for(now) >= max(sched.backoff, sched.interval):
             return False
         conn = st.device.connection
-        cost = max(getattr(conn, "timeout", 0.0) or 0.0, getattr(conn, "connect_timeout", 0.0) or 0.0)
+        # What a probe costs: the connection's timeouts, or what the device's failed polls
+        # really took when that was more (a resend, a busy retry, a peer that dribbles bytes)
+        cost = max(getattr(conn, "timeout", 0.0) or 0.0, getattr(conn, "connect_timeout", 0.0) or 0.0,
+                   st.health.last_duration or 0.0)
         nxt = None
         for other in self.states:
             if other is not st and not other.schedule.dead:
@@ -333,6 +354,7 @@ class Loop:
         client = self.clients.get(conn.name)
         if client is None:
             client = self.clients[conn.name] = conn.open()
+            client.refuse_while_down = False   # the device schedule owns the back-off
         return client
 
     def poll(self, st, now):
@@ -350,56 +372,114 @@ class Loop:
                     missed, dev.interval, sched.missed, extra=_where(dev))
         t = self.wall()
         t0 = self.mono()
+        alive = True
         try:
             client = self.client_for(dev.connection)
             values = self._poll_once(st, client)
+        except Refused as e:      # the device answered, refusing some blocks: alive
+            self._refused(st, t, e, self.mono() - t0)
         except ModbusError as e:
+            alive = False
             self._failed(st, t, e, self.mono() - t0)
         except Exception as e:  # a bug must cost one reading, not the agent
+            alive = False
             log.exception("poll raised %s", type(e).__name__, extra=_where(dev))
             self._failed(st, t, e, self.mono() - t0)
         else:
             self._succeeded(st, t, values, self.mono() - t0)
         end = self.mono()
-        sched.done(end, st.health.consecutive_failures == 0)
+        # the one back-off of this device/connection pair (see the module docstring)
+        cap = dev.connection.backoff_max if st.last_error_kind == "connection" else None
+        sched.done(end, alive, cap)
         st.health.missed_cycles = sched.missed
         st.health.skipped_cycles = sched.skipped
         if sched.dead and not st.health.dead:
             log.warning("no answer %d times in a row: probing with back-off up to %gs so the others keep "
-                        "their cadence", sched.failures, sched.backoff_max, extra=_where(dev))
+                        "their cadence", sched.failures, sched.backoff_limit, extra=_where(dev))
         st.health.dead = sched.dead
 
     def _poll_once(self, st, client):
+        """One poll; a busy block (exception 5/6) is asked once more by Device.poll, counted here."""
         dev = st.device
+        before = dev.busy_retries
         try:
             return dev.poll(client)
-        except DeviceError as e:
-            if not e.retryable:
-                raise
-            # Exception 6 BUSY / 5 ACKNOWLEDGE: the device asks us to come back. Once, after
-            # the connection's pause: the client keeps `pause` of silence after every exchange
-            # before it sends the next request, so no extra sleep here.
-            st.health.busy_retries += 1
-            log.debug("busy (%s), retrying once", e, extra=_where(dev))
-            return dev.poll(client)
+        finally:
+            if dev.busy_retries != before:
+                st.health.busy_retries += dev.busy_retries - before
+                log.debug("busy, asked again %d time(s)", dev.busy_retries - before, extra=_where(dev))
 
-    def _succeeded(self, st, t, values, duration):
+    def _succeeded(self, st, t, values, duration, refused=None):
+        """A poll that gave data: every block (`refused` None) or some (agent.device.Refused)."""
         dev = st.device
-        st.health.ok(t, duration)
-        st.summary_ok += 1
+        if refused is None:
+            st.health.ok(t, duration)
+            st.summary_ok += 1
+            if st.refused:
+                self._log_refusals(st, None)
+        else:
+            st.health.partial(refused, t, duration)
         if st.was_failing:
             log.info("answering again", extra=_where(dev))
             st.was_failing = False
             self._revive_siblings(st)
         if dev.mode == "on_change":
-            now = self.mono()
+            # the heartbeat counts in schedule slots (the due time of this cycle), not in when
+            # the append happened: a poll that ends a little earlier than the one that sent
+            # must not push the heartbeat a whole interval late
+            slot = st.schedule.due
             heartbeat = dev.heartbeat or 0.0
-            due_heartbeat = heartbeat > 0 and st.last_sent_at is not None and now - st.last_sent_at >= heartbeat
+            due_heartbeat = (heartbeat > 0 and st.last_sent_slot is not None
+                             and slot - st.last_sent_slot >= heartbeat - 1e-6)
             if not (due_heartbeat or moved(st.last_sent, values, st.deadbands)):
                 return
             st.last_sent = values
-            st.last_sent_at = now
-        self.append(data_record(self.cfg.agent.id, t, dev.name, dev.unit, values))
+            st.last_sent_at = self.mono()
+            st.last_sent_slot = slot
+        if refused is None:
+            self.append(data_record(self.cfg.agent.id, t, dev.name, dev.unit, values))
+        else:
+            self.append(partial_record(self.cfg.agent.id, t, dev.name, dev.unit, values, refused.errors()))
+
+    def _refused(self, st, t, err, duration):
+        """The device answered, refusing some blocks (agent.device.Refused): a partial record,
+        or, when no block gave data, an error record listing them all. Alive either way."""
+        self._log_refusals(st, err)
+        if err.values:
+            self._succeeded(st, t, err.values, duration, err)
+            return
+        dev = st.device
+        st.health.failed(err, t, duration)
+        st.summary_failed += 1
+        st.last_sent = None
+        if st.was_failing:
+            log.info("answering again", extra=_where(dev))
+            st.was_failing = False
+            self._revive_siblings(st)
+        st.last_error_kind = err.kind
+        self.append(error_record(self.cfg.agent.id, t, dev.name, dev.unit, err, err.errors()))
+
+    def _log_refusals(self, st, err):
+        """Say once which blocks the device refuses (and what to change), and once when a
+        refused block answers again; not every cycle (a router's logread is small)."""
+        dev = st.device
+        now = {}
+        if err is not None:
+            for r, e in err.failures:
+                now[(r.function, r.address, r.count)] = (r, e)
+        for key, (r, e) in now.items():
+            if st.refused.get(key) == e.code:
+                continue
+            hint = refusal_hint(dev, r, e.code)
+            log.warning("refuses fc %02d %s %d+%d (%s) with exception code %d %s%s; %s",
+                        r.function, r.table, r.address, r.count, _point_names(r), e.code, e.name,
+                        ": " + hint if hint else "",
+                        "records are \"partial\": the other blocks are read" if err.values else
+                        "no block gives data, but the device answers: it is not dead", extra=_where(dev))
+        for key in list(st.refused):
+            if key not in now:
+                log.info("fc %02d address %d+%d answers again", key[0], key[1], key[2], extra=_where(dev))
+        st.refused = {key: e.code for key, (r, e) in now.items()}
 
     def _revive_siblings(self, st):
         """The connection works again: dead devices on it that failed because the link was down
@@ -570,6 +650,10 @@ class Loop:
                                                   h.polls_failed, st.summary_failed)
             if h.missed_cycles:
                 s += " missed=%d" % h.missed_cycles
+            if h.polls_partial:
+                s += " partial=%d" % h.polls_partial
+            if h.refused_blocks:
+                s += " refusing %d block(s)" % h.refused_blocks
             if h.dead:
                 s += " DEAD"
             parts.append(s)

@@ -4,6 +4,11 @@
      "unit": 1, "values": {"voltage_l1": 230.1}, "status": "ok"}
 
 A failed read has "status": "error" and "error": {"kind", "message"[, "code"]} instead of values.
+A device that refused some blocks with an exception response (it answered) gives "status":
+"partial": "values" holds the points of the blocks that answered (refused points are omitted),
+"errors" one entry per refused block: {"kind": "exception", "code", "name", "function", "address",
+"count", "points", "message"}. An error record whose blocks were all refused carries the same
+"errors" list after "error".
 Records that are not readings carry a "kind":
   "gap"     the spool dropped records to stay in its bounds: "dropped", "first_seq", "last_seq",
             "first_ts", "last_ts" say exactly what is gone.
@@ -41,10 +46,24 @@ def data_record(agent, t, device, unit, values):
     return _base(agent, t, device=device, unit=unit, values=values, status="ok")
 
 
-def error_record(agent, t, device, unit, error):
-    """`error` is a ModbusError (its as_record()) or an already-built dict."""
+def error_record(agent, t, device, unit, error, errors=None):
+    """`error` is a ModbusError (its as_record()) or an already-built dict; `errors`, when
+    given, lists every refused block (see partial_record)."""
     err = error.as_record() if hasattr(error, "as_record") else dict(error)
+    if errors:
+        return _base(agent, t, device=device, unit=unit, status="error", error=err,
+                     errors=list(errors))
     return _base(agent, t, device=device, unit=unit, status="error", error=err)
+
+
+def partial_record(agent, t, device, unit, values, errors):
+    """Some blocks answered, others were refused: `values` of the ones that answered, `errors`
+    a non-empty list of {"kind", "message"[, "code", "name", "function", "address", "count",
+    "points"]}, one per refused block."""
+    if not errors:
+        raise ValueError("a partial record needs at least one error")
+    return _base(agent, t, device=device, unit=unit, values=values, status="partial",
+                 errors=list(errors))
 
 
 def gap_record(agent, t, dropped, first_seq, last_seq, first_ts, last_ts, reason):

@@ -11,7 +11,11 @@ stalled upload costs readings that are reported, never a burst of back-to-back p
 ("counted, not bunched").
 
 Dead devices: after `dead_after` consecutive failed cycles the device is only probed, with the
-wait doubling from one interval up to `backoff_max`, always on a slot boundary. Slots passed over
+wait doubling from one interval up to `backoff_max` (or the lower cap the caller passes to
+`done`, e.g. a connection's reconnect back-off), always on a slot boundary. This is the only
+back-off of a device: the loop's Modbus clients never refuse a request the schedule decided to
+send (agent.modbus.client `refuse_while_down`), so a device that comes back is noticed at most
+`backoff_max` + one interval after it does. Slots passed over
 on purpose are counted in `skipped`, not `missed`. The first success makes it live again.
 A probe that would make a live device late can be deferred to a later slot (`defer`), which
 spreads the probes of several dead devices over the slots instead of stacking their timeouts.
@@ -21,7 +25,7 @@ import math
 
 class DeviceSchedule:
     __slots__ = ("start", "interval", "dead_after", "backoff_max", "_k", "due", "missed", "skipped",
-                 "failures", "backoff", "deferred_since")
+                 "failures", "backoff", "deferred_since", "backoff_limit")
 
     def __init__(self, start, interval, dead_after=3, backoff_max=300.0):
         if interval <= 0:
@@ -36,6 +40,7 @@ class DeviceSchedule:
         self.failures = 0     # consecutive failed cycles
         self.backoff = 0.0    # current probe wait while dead, seconds (0 when live)
         self.deferred_since = None  # due time of a probe that has been deferred, else None
+        self.backoff_limit = self.backoff_max  # cap of the current back-off (see done)
 
     @property
     def k(self):
@@ -96,9 +101,10 @@ class DeviceSchedule:
         """Seconds since the deferred probe was first due (0 when nothing is deferred)."""
         return 0.0 if self.deferred_since is None else now - self.deferred_since
 
-    def done(self, now, ok):
-        """The cycle that was due has run (ended at `now`); pick the next slot.
-        Returns the next due time."""
+    def done(self, now, ok, backoff_max=None):
+        """The cycle that was due has run (ended at `now`); pick the next slot. `ok`: the
+        device answered. `backoff_max`: a lower cap for this failure's back-off (never below
+        one interval). Returns the next due time."""
         self.deferred_since = None
         if ok:
             self.failures = 0
@@ -110,7 +116,11 @@ class DeviceSchedule:
             # Exponential back-off from one interval, capped; on a slot boundary so the probe
             # keeps the device's phase and never lands between other devices' slots at random.
             exp = self.failures - self.dead_after
-            self.backoff = min(self.interval * (2.0 ** min(exp, 60)), self.backoff_max)
+            cap = self.backoff_max
+            if backoff_max is not None:
+                cap = max(self.interval, min(cap, float(backoff_max)))
+            self.backoff_limit = cap
+            self.backoff = min(self.interval * (2.0 ** min(exp, 60)), cap)
             slots = max(1, int(math.ceil(self.backoff / self.interval - 1e-9)))
             self.skipped += slots - 1
             nxt = self.k + slots

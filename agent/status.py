@@ -107,6 +107,8 @@ def format_status(st, now=None):
             state = "dead"
         elif d.get("consecutive_failures"):
             state = "failing"
+        elif d.get("refused_blocks"):
+            state = "partial"   # answers, refusing some blocks (exception responses): alive
         elif d.get("polls_ok"):
             state = "ok"
         else:
@@ -125,7 +127,7 @@ def format_status(st, now=None):
         lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     for name in sorted(devices):
         err = devices[name].get("last_error")
-        if err and devices[name].get("consecutive_failures"):
+        if err and (devices[name].get("consecutive_failures") or devices[name].get("refused_blocks")):
             lines.append("  %s: %s" % (name, err))
     sp = st.get("spool") or {}
     if sp:

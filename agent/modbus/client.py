@@ -13,8 +13,12 @@ Robustness rules (each answers a known field problem):
 - a TCP stream that is out of sync (bad MBAP header, unknown transaction id) is closed and
   reopened, and the request sent once more on the fresh connection;
 - after a lost connection, reconnects back off exponentially (one attempt per step, up to
-  `backoff_max`); inside the window the call fails at once without touching the network;
+  `backoff_max`); inside the window the call fails at once without touching the network
+  (unless `refuse_while_down` is off: the agent's loop, whose device schedule owns the back-off);
   a connection the peer closed while idle is reopened once at once (gateways do that);
+- one deadline per request (`timeout` from the send, covering every read and the resend after
+  an out-of-sync stream), so a peer that dribbles bytes cannot stretch a request; a truncated
+  TCP answer closes the link (its rest must not be read as the next answer);
 - two timeouts in a row on a socket (Modbus TCP, RTU over TCP) close the connection (a
   half-open link only shows as silence); the next call opens a fresh one;
 - RTU: a read answer of this unit and function with another byte count is a late answer and
@@ -113,6 +117,15 @@ class _Client:
     #: port, where reopening proves nothing).
     close_after_timeouts = None
 
+    #: Whether a call inside the reconnect back-off window fails at once, without touching the
+    #: network. True for a caller with no schedule of its own (a script, `poll`, `probe`).
+    #: The agent's loop sets it False on its clients: there the device schedule
+    #: (agent.schedule.DeviceSchedule) owns the only back-off of each device/connection pair
+    #: and decides when a request goes out. Two back-offs stacked refused the very probes the
+    #: schedule had chosen ("backing off ..., next try in 0.0 s") and noticed a device that
+    #: came back late.
+    refuse_while_down = True
+
     def __init__(self, timeout, pause, backoff_min, backoff_max):
         self.timeout = float(timeout)
         self.pause = float(pause or 0.0)
@@ -203,14 +216,17 @@ class _Client:
             self._count_failure(e, unit, code, address, count)
             raise
 
-    def _open(self):
-        """Connect (lazily), honouring the back-off window."""
+    def _open(self, connect_timeout=None):
+        """Connect (lazily), honouring the back-off window when `refuse_while_down`."""
         now = _monotonic()
-        if now < self._down_until:
+        if self.refuse_while_down and now < self._down_until:
             raise ConnectionLost("%s: backing off after %d failed attempt(s), next try in %.1f s"
                                  % (self._where(), self._failures, self._down_until - now))
         try:
-            self._connect()
+            if connect_timeout is None:
+                self._connect()
+            else:
+                self._connect(connect_timeout)
         except ConnectionLost:
             self._lost()
             raise
@@ -259,8 +275,8 @@ class TcpClient(_Client):
     def _where(self):
         return f"{self.host}:{self.port}"
 
-    def _connect(self):
-        sock = open_tcp(self.host, self.port, self.connect_timeout)
+    def _connect(self, connect_timeout=None):
+        sock = open_tcp(self.host, self.port, connect_timeout or self.connect_timeout)
         sock.settimeout(self.timeout)
         self._sock = sock
 
@@ -284,12 +300,21 @@ class TcpClient(_Client):
         return tcp.decode_response(adu, tid, unit, fn, address, count, value)
 
     def _transact(self, request, tid, expected):
-        """Send one request ADU, return the ADU that carries `tid` (checked further by the codec)."""
+        """Send one request ADU, return the ADU that carries `tid` (checked further by the codec).
+
+        One deadline per request: `timeout` from the moment it is sent, whatever the peer does
+        (a byte just before the timeout, then garbage, cannot stretch it: every read waits only
+        for what is left). The documented retries run inside the same deadline: the resend
+        after an out-of-sync stream, on a fresh connection, gets the time that is left (none
+        left: the frame error is raised), and so does the reconnect it needs. Only a first
+        connect of the link, before the request is sent, has its own `connect_timeout`. So a
+        request costs at most connect_timeout + timeout."""
         if self.pause:
             self._wait_gap(self.pause)
         fresh = self._sock is None
         if fresh:
             self._open()
+        deadline = _monotonic() + self.timeout
         attempt = 0
         while True:
             attempt += 1
@@ -299,23 +324,23 @@ class TcpClient(_Client):
                     self._sock.sendall(request)
                 except OSError as e:
                     raise ConnectionLost(f"send to {self._where()} failed: {e.strerror or e}") from None
-                adu = self._receive(tid, expected, got)
+                adu = self._receive(tid, expected, got, deadline, attempt > 1)
                 break
             except ConnectionLost:
                 self._close()
                 if attempt == 1 and not fresh and not got:
                     # the peer closed the idle connection before our request: reopen once now
                     fresh = True
-                    self._open()
+                    self._reopen(deadline)
                     continue
                 self._lost()
                 raise
             except _OutOfSync:
                 self._close()
                 self.stats["resyncs"] += 1
-                if attempt == 1:
+                if attempt == 1 and deadline - _monotonic() > 0:
                     fresh = True
-                    self._open()
+                    self._reopen(deadline)
                     continue
                 raise
             except ModbusTimeout:
@@ -323,28 +348,46 @@ class TcpClient(_Client):
                 if self.pause:
                     self._last_end = _monotonic()
                 raise
+            except FrameError:
+                # a truncated answer: its rest may still come and would be read as the start
+                # of the next answer; a fresh connection starts at a frame boundary
+                self._close()
+                raise
         self._failures = 0
         self._timeouts = 0
         if self.pause:
             self._last_end = _monotonic()
         return adu
 
-    def _receive(self, tid, expected, got):
-        """Read frames until the one with `tid`; older ones are stale and skipped."""
+    def _reopen(self, deadline):
+        """Reconnect for a resend inside the request's deadline (connect_timeout at most)."""
+        left = deadline - _monotonic()
+        if left <= 0:
+            raise ModbusTimeout(f"no response within {self.timeout:g} s")
+        self._open(min(self.connect_timeout, left))
+
+    def _receive(self, tid, expected, got, deadline, resend=False):
+        """Read frames until the one with `tid`; older ones are stale and skipped. Every read
+        waits only until `deadline` (the request's)."""
         sock = self._sock
+        if resend:
+            # a resend has only what is left of the request's time, not a fresh timeout
+            sock.settimeout(max(deadline - _monotonic(), 1e-3))
         try:
             buf = sock.recv(_RECV_SIZE)
         except socket.timeout:
             raise ModbusTimeout(f"no response within {self.timeout:g} s") from None
         except OSError as e:
             raise ConnectionLost(f"receive from {self._where()} failed: {e.strerror or e}") from None
+        finally:
+            if resend and self._sock is sock:
+                sock.settimeout(self.timeout)
         if not buf:
             raise ConnectionLost(f"{self._where()} closed the connection")
         if len(buf) == expected and buf[0] << 8 | buf[1] == tid and not buf[2] and not buf[3]:
             return buf  # the usual case: the whole answer in one piece (the codec checks the rest)
         got.append(1)
-        # answer in pieces, stale answers before it, or garbage: one deadline for the lot
-        deadline = _monotonic() + self.timeout
+        # answer in pieces, stale answers before it, or garbage: the rest within the deadline
         try:
             while True:
                 while len(buf) < 7:
