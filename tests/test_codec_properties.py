@@ -187,7 +187,7 @@ def test_tcp_stream_reader_random_bytes(blob, chunk, tid, append_answer):
     client = TcpClient("127.0.0.1", timeout=5)
     client._sock = BytesSocket(blob + answer if append_answer else blob, chunk)
     try:
-        adu = client._receive(tid, 13, [])
+        adu = client._receive(tid, 13, [], time.monotonic() + 5)
         got = tcp.decode_read(adu, tid, 1, 3, 2)
     except ModbusError:
         return
