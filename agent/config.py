@@ -444,7 +444,7 @@ class Point:
         return make_transform(kind, scale=self.scale, offset=self.offset, divisor=self.divisor,
                               decimals=self.decimals, enum=self.enum, bit_lo=self.bit_lo,
                               bit_hi=self.bit_hi, signed=self.signed or self.type == "int8",
-                              byte=self.byte, digits=7 if self.type == "float32" else None)
+                              byte=self.byte, float32=self.type == "float32")
 
     def __repr__(self):
         return "Point(%r, %s %d %s)" % (self.name, self.table, self.address, self.type)
