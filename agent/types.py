@@ -129,7 +129,7 @@ def permutation(order):
 # the double nearest to it (so its repr, which the JSON encoder writes, is that decimal).
 #
 # Formatting ('%.{n}g' for n = 6..9 until it packs back) would cost 2-3 formats per value.
-# Instead, per segment of |v| with one decade and one binade (found by one bisect), a table holds
+# Instead, per segment of v (one decade and one binade of |v|, found by one bisect), a table holds
 # 10^k for the 8th significant digit and half a float32 step in those units (hin/hout: minus/plus
 # a margin far above the double rounding of m = v * 10^k). A 7- or 8-digit candidate is
 # accepted when its distance from m is inside the half step, which is the float32 rounding
@@ -246,9 +246,6 @@ def _whole(x, limit=2 ** 53):
     return int(x) if x == int(x) and abs(x) <= limit else None
 
 
-_TRANSFORMS = {}
-
-
 def make_transform(kind, scale=1.0, offset=0.0, divisor=1.0, decimals=None, enum=None,
                    bit_lo=0, bit_hi=15, signed=False, byte=None, float32=False):
     """Closure turning the raw struct value of one point into its reported value, or None when
@@ -256,20 +253,7 @@ def make_transform(kind, scale=1.0, offset=0.0, divisor=1.0, decimals=None, enum
     value = raw * scale / divisor + offset, then rounding to `decimals`. A float32 is first
     taken as its shortest decimal (`shortest32`). NaN and infinities (raw, or reached by
     scaling) become None. Integer values stay exact integers through whole-number scales and
-    offsets; integer division is correctly rounded (no int -> float step first).
-    Points with the same options share one closure (the block decoder groups them)."""
-    key = (kind, float(scale), float(offset), float(divisor), decimals,
-           tuple(sorted(enum.items())) if enum else None, bit_lo, bit_hi, bool(signed), byte,
-           bool(float32))
-    fn = _TRANSFORMS.get(key)
-    if fn is None and key not in _TRANSFORMS:
-        fn = _TRANSFORMS[key] = _make_transform(kind, scale, offset, divisor, decimals, enum,
-                                                bit_lo, bit_hi, signed, byte, float32)
-    return fn
-
-
-def _make_transform(kind, scale, offset, divisor, decimals, enum, bit_lo, bit_hi, signed, byte,
-                    float32):
+    offsets; integer division is correctly rounded (no int -> float step first)."""
     steps = []
     if kind == "bit":
         n = bit_lo

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.commands import probe_candidates
 from agent.config import Problems, parse_point
 from agent.device import Request
 from agent.record import data_record, encode
@@ -186,3 +187,10 @@ def test_poll_json_reports_exact_values_from_a_real_server(tmp_path, capsys):
     assert '"count":16777215.0' in out and '"f":123456.79' in out
     assert json.loads(out.splitlines()[0])["values"] == {
         "big": BIG, "count": 16777215.0, "f": 123456.79, "big1": BIG}
+
+
+def test_probe_shows_float32_candidates_exactly():
+    """`probe --expect` lists float32 readings the same way the agent will report them."""
+    regs = {500: b"\x4b\x7f", 501: b"\xff\xff"}
+    got = [c for c in probe_candidates(regs, 500, 16777000, 16777300) if c["type"] == "float32"]
+    assert got and got[0]["order"] == "ABCD" and repr(got[0]["value"]) == "16777215.0"
