@@ -12,6 +12,7 @@ from agent.config import BUS_WARN, check_config, load_or_report, redact
 from agent.device import Refused, holes, refusal_hint
 from agent.modbus.errors import ModbusError, hexdump
 from agent.record import data_record, encode, error_record, partial_record
+from agent.types import shortest32
 
 
 def _out(text=""):
@@ -366,7 +367,7 @@ def probe_candidates(registers, address, low, high, device_base=0):
                     if raw != raw or raw in (float("inf"), float("-inf")):
                         continue
                     if code == "f":
-                        raw = float("%.7g" % raw)
+                        raw = shortest32(raw)
                 scales = (1,) if code in "fd" else PROBE_SCALES
                 for scale in scales:
                     value = raw if scale == 1 else round(raw * scale, 6)

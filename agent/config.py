@@ -167,19 +167,27 @@ def name_problem(name):
 # Values never shown in an error or warning (they end up in logread on SIGHUP, in support
 # tickets): keys that hold secrets, and the user:password part of URLs.
 _SECRET_VALUE = re.compile(r"(?i)\b((?:[a-z0-9_.-]*(?:token|password|passwd|secret)[a-z0-9_.-]*)[\"']?\s*[:=]\s*)"
-                           r"(?:'[^']*'|\"[^\"]*\"|[^\s'\",;]+)")
+                           r"(?:\*\*\*(?=[&;#\s'\"]|$)|'[^']*'|\"[^\"]*\"|[^\s'\",;]+)")   # *** + delimiter: done above
 # Userinfo runs to the LAST '@' of the URL: a password may hold '@' (or '/', which breaks the URL
 # but still must not show), and stopping at the first one would print the rest of it. A path that
 # holds '@' hides the host too: showing too little beats showing a secret.
 _URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^\s'\"]*@")
 
 
+# A URL's query parameters whose name looks like a secret (`?api_key=...`, `&sig=...`,
+# `access_token`, `X-Amz-Signature`, `auth`): the value goes, the name stays (it says what to fix).
+# Wider than _SECRET_VALUE on purpose, and only after `?`/`&` so that words such as "signed"
+# or "monkey" in ordinary messages are left alone.
+_QUERY_SECRET = re.compile(r"(?i)([?&;][^=&;#\s'\"?]*(?:key|token|secret|passw|pwd|sig|auth|credential|session)"
+                           r"[^=&;#\s'\"?]*=)[^&;#\s'\"]*")
+
 _SECRET_KEY = re.compile(r"(?i)token|password|passwd|secret")
 
 
 def redact(text):
-    """`text` with secret values and URL credentials replaced by ***."""
+    """`text` with secret values, URL credentials and secret-looking query values replaced by ***."""
     text = _URL_USERINFO.sub(r"\1***@", text)
+    text = _QUERY_SECRET.sub(r"\1***", text)
     return _SECRET_VALUE.sub(r"\1***", text)
 
 
@@ -444,7 +452,7 @@ class Point:
         return make_transform(kind, scale=self.scale, offset=self.offset, divisor=self.divisor,
                               decimals=self.decimals, enum=self.enum, bit_lo=self.bit_lo,
                               bit_hi=self.bit_hi, signed=self.signed or self.type == "int8",
-                              byte=self.byte, digits=7 if self.type == "float32" else None)
+                              byte=self.byte, float32=self.type == "float32")
 
     def __repr__(self):
         return "Point(%r, %s %d %s)" % (self.name, self.table, self.address, self.type)
@@ -521,9 +529,37 @@ _SECTION = re.compile(r"^\[\s*([^\]]*?)\s*\]\s*(?:[;#].*)?$")
 _INLINE_COMMENT = re.compile(r"\s[;#]")
 
 
+_QUOTED = re.compile(r'^"([^"]*)"\s*(?:[;#].*)?$')
+
+
+def _ini_value(text, key):
+    """The value part of `key = value` -> (value, None) or (None, problem). An inline comment
+    (` ;`, ` #`) ends an unquoted value; a value in double quotes is taken as written, ` ;` and
+    all (`token = "ab ;cd"`). A secret key whose value a comment would cut is refused: the
+    token sent would silently differ from the one written, and the collector's 401 would not
+    say why."""
+    text = text.strip()
+    if text.startswith('"'):
+        m = _QUOTED.match(text)
+        if m is None:
+            return None, ('a value that starts with " needs its closing " (and nothing but a '
+                          'comment after it); a quoted value cannot itself hold a "')
+        return m.group(1), None
+    m = _INLINE_COMMENT.search(text)
+    if m is None:
+        return text, None
+    if _SECRET_KEY.search(key) and text[:m.start()].strip():
+        mark = text[m.start() + 1]
+        return None, ('holds " %s", which starts a comment here, so the value would be cut short; '
+                      'if it belongs to the value, put the whole value in double quotes ("ab %scd"); '
+                      'if it is a comment, put it on a line of its own' % (mark, mark))
+    return text[:m.start()].strip(), None
+
+
 def read_ini(path, problems, text=None):
     """The flat INI subset: `[section]`, `key = value`, full-line and inline (` ;`, ` #`)
-    comments. No continuation lines, no interpolation, keys keep their case."""
+    comments, values optionally in double quotes (`token = "ab ;cd"`, taken as written). No
+    continuation lines, no interpolation, no escapes, keys keep their case."""
     if text is None:
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -561,10 +597,10 @@ def read_ini(path, problems, text=None):
             continue
         key, value = line.split("=", 1)
         key = key.strip()
-        m = _INLINE_COMMENT.search(value)
-        if m:
-            value = value[:m.start()]
-        value = value.strip()
+        value, problem = _ini_value(value, key)
+        if problem:
+            problems.error(path, lineno, current.name if current else "-", key or None, problem)
+            continue
         if current is None:
             problems.error(path, lineno, "-", key, "option before the first [section]")
             continue
@@ -635,7 +671,8 @@ _ORDER_TOKEN = re.compile(r"^[A-H]{2,8}$")
 
 
 def _classic(token, table):
-    """'40001' -> ('holding', 0); None when `token` is not a classic 5/6-digit address."""
+    """'40001' -> ('holding', 0); None when `token` is not a classic 5/6-digit address. Raises
+    _PointError for the classic form out of its range (465537, 40000)."""
     if not token.isdigit() or len(token) not in (5, 6) or token[0] not in CLASSIC_PREFIX:
         return None
     ctable = CLASSIC_PREFIX[token[0]]
@@ -643,8 +680,18 @@ def _classic(token, table):
     if len(token) == 5 and table is not None:
         return None   # `holding 40001` is register 40001 as written
     if n < 1 or n > (9999 if len(token) == 5 else 65536):
-        return None
+        if table not in (None, ctable):
+            return None   # `holding 100000`: just too large, reported as such
+        raise _PointError(_classic_range_error(token, ctable))
     return ctable, n - 1
+
+
+def _classic_range_error(token, ctable):
+    d = token[0]
+    what = {"coil": "coils", "discrete": "discrete inputs", "input": "input registers",
+            "holding": "holding registers"}[ctable]
+    return ("classic address %s is out of range: %s are %s0001..%s9999 (5 digits) or "
+            "%s00001..%s65536 (6 digits)" % (token, what, d, d, d, d))
 
 
 class _PointError(ValueError):
@@ -672,7 +719,7 @@ def parse_point(name, text, base, byte_order, path, line, section, problems):
             problems.error(path, line, section, name, r)
         return None
     is_bits = TABLES[table][1]
-    if address + count - 1 > 0xFFFF or address < 0:
+    if address is not None and (address + count - 1 > 0xFFFF or address < 0):
         reasons.append("address %d + %d %s is outside 0..65535" % (
             address, count, "bits" if is_bits else "registers"))
     opts = _point_options([w for w in words if "=" in w], TYPES[tname].kind, tname, reasons)
@@ -712,10 +759,17 @@ def _point_location(positional, base, reasons, warn, where):
         raise _PointError("address %s needs a table (coil, discrete, holding, input) or the "
                           "classic 5/6-digit form (40001 = holding register 0)" % tok)
     if base and address < base:
-        reasons.append("address %d is below the device's base %d" % (address, base))
-    if table == "holding" and len(tok) == 5 and tok[0] == "4" and base == 1:
-        warn(*where, "holding %s is register %d as written; for the classic form write %s "
-                     "without the table" % (tok, address - base, tok))
+        reasons.append("address %d is below the device's base %d (base = 1: the first register "
+                       "is %s 1)" % (address, base, table))
+        return table, None   # one error: no second one about the shifted address
+    if len(tok) == 5 and tok.isdigit() and CLASSIC_PREFIX.get(tok[0]) == table and int(tok[1:]) >= 1:
+        # `holding 40001`: register 40001 as written, or the classic form (the first holding
+        # register) with a table put in front? The off-by-40001 trap: say what it reads.
+        classic = int(tok[1:]) - 1 + base
+        what = table if TABLES[table][1] else table + " register"
+        warn(*where, "%s %s reads %s %d (protocol address %d); did you mean %s %d (%s in the "
+                     "classic form)? Write `%s` without the table for the classic form"
+             % (table, tok, what, address, address - base, table, classic, tok, tok))
     return table, address - base
 
 

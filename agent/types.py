@@ -13,8 +13,10 @@ polling only slices bytes:
 * values that need no scaling are copied by one `itemgetter`; the rest go through a closure
   built for exactly the options the point has.
 """
+import math
 import struct
 from array import array
+from bisect import bisect_right
 from operator import itemgetter
 
 # --- tables --------------------------------------------------------------------------------
@@ -121,6 +123,109 @@ def permutation(order):
 
 # --- value transforms ----------------------------------------------------------------------
 
+# A float32 widened to a double shows digits the device never had (230.1 -> 230.10000610351562),
+# and rounding it to 7 significant digits changes values (16777215 -> 16777220): a float32 needs
+# up to 9. `shortest32` reports the shortest decimal that converts back to the same float32, as
+# the double nearest to it (so its repr, which the JSON encoder writes, is that decimal).
+#
+# Formatting ('%.{n}g' for n = 6..9 until it packs back) would cost 2-3 formats per value.
+# Instead, per segment of v (one decade and one binade of |v|, found by one bisect), a table holds
+# 10^k for the 8th significant digit and half a float32 step in those units (hin/hout: minus/plus
+# a margin far above the double rounding of m = v * 10^k). A 7- or 8-digit candidate is
+# accepted when its distance from m is inside the half step, which is the float32 rounding
+# interval: the test checks the candidate itself, so a candidate is never wrong, at worst one
+# digit longer (only if the FPU mis-rounded). Powers of two (the step below is half the step
+# above), subnormals, |v| >= 1e7 or < 1e-14, and distances within the margin take the
+# formatting path. tests/test_types_exact.py compares both with an exhaustive '%.{n}g' search.
+_F32 = struct.Struct("<f")
+_pack32, _unpack32 = _F32.pack, _F32.unpack
+_FLT_MIN = 1.1754943508222875e-38     # below: subnormal, fewer digits of precision
+_ROUND = 6755399441055744.0           # 1.5 * 2^52: (x + _ROUND) - _ROUND rounds x to a whole number
+
+
+def _shortest32_formatted(v):
+    if v - v != 0.0:
+        return None
+    if v == 0.0:
+        return v                # keeps -0.0
+    # n = 6 suffices as a start for normal floats: a float32's rounding interval is narrower
+    # than 0.12 units of the 6th digit, so a shorter decimal in it is also the nearest 6-digit one.
+    for n in range(1 if abs(v) < _FLT_MIN else 6, 10):
+        x = float("%.*g" % (n, v))
+        try:
+            if _unpack32(_pack32(x))[0] == v:
+                return x
+        except OverflowError:   # '%.4g' of the largest float32 is 3.403e38: beyond it
+            pass
+    return x
+
+
+def _segments():
+    """(bounds, table): table[bisect_right(bounds, v)] = (10^k8, hin, hout, 10^k7, 10^k9, may6)
+    or None (formatting path: also NaN, the infinities, 0.0, beyond the largest finite bound).
+    Negative values have their own, mirrored segments: no abs() per value."""
+    p10 = [(float("1e%d" % j), j) for j in range(-45, 39)]
+    p2 = [(math.ldexp(1.0, e), e) for e in range(-149, 128)]
+    t10, t2 = [b for b, _ in p10], [b for b, _ in p2]
+    # Powers of two alone in a segment (the float32 step below is half the step above), and on
+    # the negative side the powers of ten too (-1000 starts the segment of -999.99).
+    pos = {b for b in t10 if b >= t2[0]} | set(t2) | {math.nextafter(b, math.inf) for b in t2}
+    neg = {-b for b in pos} | {math.nextafter(-b, 0.0) for b in t10 + t2 if b >= t2[0]}
+    bounds = sorted(pos | neg | {0.0})
+
+    def entry(lo, hi):
+        mid = lo / 2 + hi / 2
+        if mid in (lo, hi) or not math.isfinite(hi):
+            return None                       # a segment of one double: the specials above
+        a = abs(mid)                          # no power of two or ten within the segment
+        if a < _FLT_MIN:
+            return None
+        i10 = bisect_right(t10, a)
+        e = p2[bisect_right(t2, a) - 1][1]
+        k8 = 7 - p10[i10 - 1][1] if i10 else None
+        if k8 is None or not 1 <= k8 <= 21:
+            return None
+        u8 = float("1e%d" % k8)
+        h = math.ldexp(1.0, e - 24) * u8      # half a float32 step, in units of the 8th digit
+        return (u8, h - 1e-6, h + 1e-6, float("1e%d" % (k8 - 1)), float("1e%d" % (k8 + 1)),
+                h > 4.0)
+    table = [None] + [entry(lo, hi) for lo, hi in zip(bounds, bounds[1:] + [math.inf])]
+    return bounds, table
+
+
+_BOUNDS, _TABLE = _segments()
+
+
+def shortest32(v, _bisect=bisect_right, _bounds=_BOUNDS, _table=_TABLE, _r=_ROUND):
+    """A float32's value (widened to a double) -> the double nearest to the shortest decimal
+    that converts back to the same float32 (0.0 and -0.0 as they are); None for NaN and the
+    infinities."""
+    t = _table[_bisect(_bounds, v)]
+    if t is None:
+        return _shortest32_formatted(v)
+    u8, hin, hout, u7, u9, may6 = t
+    m = v * u8
+    r = (m * 0.1 + _r) - _r             # nearest 7-digit decimal, in units of the 7th digit
+    e = m - r * 10.0
+    if -hin < e < hin:
+        # The interval may hold two 7-digit decimals when it is wider than one unit of the 7th
+        # digit (may6); a 6-digit one (then shorter) is within 1 of the nearest 7-digit one,
+        # which then ends in 9 or 1.
+        if may6 and r % 10.0 in (1.0, 9.0):
+            y = float("%.6g" % v)
+            if _unpack32(_pack32(y))[0] == v:
+                return y
+        return r / u7
+    if -hout < e < hout:
+        return _shortest32_formatted(v)
+    r = (m + _r) - _r                   # nearest 8-digit decimal
+    e = m - r
+    if -hin < e < hin:
+        return r / u8
+    if -hout < e < hout:
+        return _shortest32_formatted(v)
+    return ((m * 10.0 + _r) - _r) / u9  # 9 digits: always within the interval
+
 
 def _reciprocal(x):
     """10 for 0.1: scaling 2301 by 0.1 should give 230.1, not 230.10000000000002, so small
@@ -136,13 +241,19 @@ def _reciprocal(x):
     return None
 
 
+def _whole(x, limit=2 ** 53):
+    """x as an int when it is a whole number of modest size, else None."""
+    return int(x) if x == int(x) and abs(x) <= limit else None
+
+
 def make_transform(kind, scale=1.0, offset=0.0, divisor=1.0, decimals=None, enum=None,
-                   bit_lo=0, bit_hi=15, signed=False, byte=None, digits=None):
+                   bit_lo=0, bit_hi=15, signed=False, byte=None, float32=False):
     """Closure turning the raw struct value of one point into its reported value, or None when
     the raw value can be reported as is. Order: bits/byte extraction, enum, then
-    value = raw * scale / divisor + offset, then rounding to `decimals`. `digits` rounds a float
-    to that many significant digits first (7 for float32). NaN and infinities (raw, or
-    reached by scaling) become None."""
+    value = raw * scale / divisor + offset, then rounding to `decimals`. A float32 is first
+    taken as its shortest decimal (`shortest32`). NaN and infinities (raw, or reached by
+    scaling) become None. Integer values stay exact integers through whole-number scales and
+    offsets; integer division is correctly rounded (no int -> float step first)."""
     steps = []
     if kind == "bit":
         n = bit_lo
@@ -180,20 +291,37 @@ def make_transform(kind, scale=1.0, offset=0.0, divisor=1.0, decimals=None, enum
         # 1e308 * 10, an int64 times a huge scale), and one infinite value must not reach the
         # encoder (it would stop the agent at every poll of that device).
         if kind == "float":
-            if digits:
-                # float32 carries ~7 significant digits; widening to a double adds noise
-                # (230.1 -> 230.10000610351562) that would be spooled, uploaded and stored.
-                fmt = "%%.%dg" % digits
+            if float32:
+                s32 = shortest32
                 if scaled:
-                    steps.append(lambda v: x if (x := float(fmt % v) * mul / div + off) - x == 0.0 else None)
+                    def f32_scaled(v):
+                        s = s32(v)
+                        if s is None:
+                            return None
+                        x = s * mul / div + off
+                        return x if x - x == 0.0 else None
+                    steps.append(f32_scaled)
                 else:
-                    steps.append(lambda v: float(fmt % v) if v - v == 0.0 else None)
+                    steps.append(s32)
             elif scaled:
                 steps.append(lambda v: x if (x := v * mul / div + off) - x == 0.0 else None)
             else:
                 steps.append(lambda v: v if v - v == 0.0 else None)
         elif scaled:
-            if mul == 1.0 and off == 0.0:
+            # Integers: exact int arithmetic where it can be (a uint64 beyond 2^53 keeps every
+            # digit through `scale=10 offset=-1`), a correctly rounded int / int true division
+            # where it divides: neither can overflow, so no finite check.
+            imul, idiv, ioff = _whole(mul), _whole(div), _whole(off, 2 ** 64)
+            if imul is not None and ioff is not None and div == 1.0:
+                if ioff == 0:
+                    steps.append(lambda v: v * imul)
+                elif imul == 1:
+                    steps.append(lambda v: v + ioff)
+                else:
+                    steps.append(lambda v: v * imul + ioff)
+            elif idiv is not None and mul == 1.0 and off == 0.0:
+                steps.append(lambda v: v / idiv)
+            elif mul == 1.0 and off == 0.0:
                 steps.append(lambda v: x if (x := v / div) - x == 0.0 else None)
             elif div == 1.0 and off == 0.0:
                 steps.append(lambda v: x if (x := v * mul) - x == 0.0 else None)
@@ -242,6 +370,18 @@ def _swap_pairs(data):
     out.frombytes(data)
     out.byteswap()
     return out
+
+
+def _straight_line(cooked):
+    """`out[name] = fn(raw[idx])` for every (name, idx, fn), compiled once into one function of
+    straight-line code: a loop over the points costs about a quarter of the per-point time."""
+    env = {}
+    lines = ["def cook(raw, out):"]
+    for i, (name, idx, fn) in enumerate(cooked):
+        env["f%d" % i] = fn
+        lines.append("    out[%r] = f%d(raw[%d])" % (str(name), i, int(idx)))
+    exec("\n".join(lines) + "\n", env)   # names are literals via repr(): no injection
+    return env["cook"]
 
 
 class RegisterBlockDecoder:
@@ -302,6 +442,7 @@ class RegisterBlockDecoder:
                 plain_idx.append(idx)
             else:
                 self._cooked.append((f.name, idx, f.transform))
+        self._cook = _straight_line(self._cooked) if self._cooked else None
         self._plain_names = tuple(plain_names)
         if len(plain_idx) == 1:
             i0 = plain_idx[0]
@@ -322,8 +463,8 @@ class RegisterBlockDecoder:
                 raw += unpack(swapped if use_swapped else data)
         if self._plain_get is not None:
             out.update(zip(self._plain_names, self._plain_get(raw)))
-        for name, idx, fn in self._cooked:
-            out[name] = fn(raw[idx])
+        if self._cook is not None:
+            self._cook(raw, out)
         for name, unpack, getter, fn in self._odd:
             v = unpack(bytes(getter(data)))[0]
             out[name] = v if fn is None else fn(v)

@@ -11,6 +11,7 @@ import struct
 import sys
 import textwrap
 import threading
+from pathlib import Path
 
 import pytest
 from umodbus.exceptions import IllegalDataAddressError
@@ -19,6 +20,7 @@ from umodbus.server.tcp import RequestHandler, get_server
 from agent import cli
 from agent.commands import parse_expect, probe_candidates
 from tests.conftest import ROOT
+from tests.test_commands_spool import disk_dir  # noqa: F401 (a fixture)
 
 CODES = {"int16": ">h", "uint16": ">H", "int32": ">i", "uint32": ">I", "float32": ">f",
          "int64": ">q", "uint64": ">Q", "float64": ">d"}
@@ -149,9 +151,14 @@ def run(capsys, *argv):
 # --- check ---------------------------------------------------------------------------------
 
 
-def test_check_prints_the_plan(tmp_path, capsys):
+def test_check_prints_the_plan(disk_dir, capsys):  # noqa: F811 (the fixture)
+    # on disk (tests/test_commands_spool.py: disk_dir): with the config under a tmpfs /tmp, the
+    # seq_file next to it would add a (right) warning about RAM to stderr
     _t, lines, _e = known_device()
-    path = config(tmp_path, "type = tcp\nhost = 127.0.0.1", [("plc", 1, lines, "max_gap = 0")])
+    path = config(disk_dir, "type = tcp\nhost = 127.0.0.1", [("plc", 1, lines, "max_gap = 0")])
+    ini = Path(path)
+    ini.write_text(ini.read_text().replace("id = test-agent\n", "id = test-agent\nspool_dir = %s\n"
+                                           % (disk_dir / "spool"), 1))
     rc, out, err = run(capsys, "check", "-c", path)
     assert rc == 0 and err == ""
     assert "OK: agent test-agent, 1 connection(s), 1 device(s), %d point(s)" % len(lines) in out

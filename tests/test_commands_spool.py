@@ -1,8 +1,10 @@
 """`check` warns when the spool is in RAM (OpenWrt's /var is tmpfs: the backlog dies with the
 power), and never prints upload credentials."""
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -59,7 +61,28 @@ def _tmpfs_dir():
     for mnt, fs in mounts:
         if fs == "tmpfs" and mnt in ("/dev/shm", "/run/shm", "/tmp", "/run/user") and os.access(mnt, os.W_OK):
             return mnt
-    return None
+    tmp = tempfile.gettempdir()        # TMPDIR on a tmpfs somewhere else
+    return tmp if ram_filesystem(tmp) is not None and os.access(tmp, os.W_OK) else None
+
+
+@pytest.fixture
+def disk_dir(tmp_path):
+    """A fresh directory that is NOT in RAM, by this machine's own mount table: tmp_path when
+    it is on disk; else (a tmpfs /tmp, Debian 13's default) /var/tmp, the source tree or the
+    home directory. `check` warns about a spool or seq_file in RAM, so tests that expect no
+    warning must not put the config (the seq_file's default place) under a tmpfs /tmp."""
+    if ram_filesystem(str(tmp_path)) is None:
+        yield tmp_path
+        return
+    for base in ("/var/tmp", str(ROOT), os.path.expanduser("~")):
+        if os.path.isdir(base) and os.access(base, os.W_OK) and ram_filesystem(base) is None:
+            d = Path(tempfile.mkdtemp(prefix="modbus-agent-test-", dir=base))
+            try:
+                yield d
+            finally:
+                shutil.rmtree(str(d), ignore_errors=True)
+            return
+    pytest.skip("no writable directory on disk here")
 
 
 def run_check(ini):
@@ -83,9 +106,9 @@ v = holding 0 uint16
 
 
 @pytest.mark.skipif(_tmpfs_dir() is None, reason="no writable tmpfs on this machine")
-def test_check_warns_about_a_spool_in_ram(tmp_path):
+def test_check_warns_about_a_spool_in_ram(disk_dir):
     spool = os.path.join(_tmpfs_dir(), "modbus-agent-test-%s" % uuid.uuid4().hex, "spool")   # never created
-    ini = tmp_path / "agent.ini"
+    ini = disk_dir / "agent.ini"
     ini.write_text(AGENT_INI % spool)
     r = run_check(ini)
     assert r.returncode == 0, r.stderr          # a warning, not an error
@@ -96,23 +119,19 @@ def test_check_warns_about_a_spool_in_ram(tmp_path):
 
 
 @pytest.mark.skipif(_tmpfs_dir() is None, reason="no writable tmpfs on this machine")
-def test_check_warns_about_a_seq_file_in_ram(tmp_path):
-    if ram_filesystem(str(tmp_path)) is not None:
-        pytest.skip("tmp_path is on tmpfs here")
+def test_check_warns_about_a_seq_file_in_ram(disk_dir):
     seq_file = os.path.join(_tmpfs_dir(), "modbus-agent-test-%s" % uuid.uuid4().hex, "site7.seq")
-    ini = tmp_path / "agent.ini"
-    ini.write_text(AGENT_INI.replace("[upload]", "seq_file = %s\n[upload]" % seq_file) % (tmp_path / "spool"))
+    ini = disk_dir / "agent.ini"
+    ini.write_text(AGENT_INI.replace("[upload]", "seq_file = %s\n[upload]" % seq_file) % (disk_dir / "spool"))
     r = run_check(ini)
     assert r.returncode == 0, r.stderr
     assert "warning: %s:4: [agent] seq_file: %s is in RAM (tmpfs)" % (ini, seq_file) in r.stderr
     assert "spool_dir" not in r.stderr
 
 
-def test_check_does_not_warn_about_a_spool_on_disk_and_hides_credentials(tmp_path):
-    if ram_filesystem(str(tmp_path)) is not None:
-        pytest.skip("tmp_path is on tmpfs here")
-    ini = tmp_path / "agent.ini"
-    ini.write_text(AGENT_INI % (tmp_path / "spool"))
+def test_check_does_not_warn_about_a_spool_on_disk_and_hides_credentials(disk_dir):
+    ini = disk_dir / "agent.ini"
+    ini.write_text(AGENT_INI % (disk_dir / "spool"))
     r = run_check(ini)
     assert r.returncode == 0, r.stderr
     assert "in RAM" not in r.stderr

@@ -6,7 +6,8 @@
 The work, identical on both sides: a 125-register response holding 50 mixed points (float32 in
 big and little word order, int32/uint32, int16/uint16 with scale 0.1/0.01, float64 and uint64
 in both word orders, a 4-bit field, a 16-character string); output a dict {name: value} with
-scaling applied and NaN/inf replaced by None.
+scaling applied, float32 as the shortest decimal that is the same float32, and NaN/inf
+replaced by None.
 
   agent     agent.device.Request's compiled decoder (resolved at load time), from the
             response's data bytes.
@@ -125,6 +126,7 @@ def pymodbus_decoder(specs):
     plan = [(name, addr, addr + WORDS[t], kinds[t], order, scale, t) for name, addr, t, order, scale, _x in specs]
     convert = M.convert_from_registers
     isfinite = math.isfinite
+    pack_f, unpack_f = struct.Struct("f").pack, struct.Struct("f").unpack
 
     def decode(registers):
         out = {}
@@ -135,8 +137,15 @@ def pymodbus_decoder(specs):
             elif t == "string":
                 v = v.strip()
             elif t.startswith("float"):
-                if t == "float32":
-                    v = float("%.7g" % v) if isfinite(v) else None
+                if t == "float32":   # the shortest decimal that is the same float32
+                    if isfinite(v):
+                        for n in (6, 7, 8, 9):
+                            x = float("%.*g" % (n, v))
+                            if unpack_f(pack_f(x))[0] == v:
+                                break
+                        v = x
+                    else:
+                        v = None
                 elif not isfinite(v):
                     v = None
             if scale != 1.0 and v is not None:
