@@ -83,7 +83,7 @@ def test_legacy_identity_is_the_content():
     b = legacy_row(dict(rec), "legacy", 2.0, "$", 8, _h)  # the same post again, later
     c = legacy_row(dict(rec, registers={"reg1": 124}), "legacy", 1.0, "$", 8, _h)
     assert a[1] == b[1] != c[1]
-    assert 0 <= a[1] < 1 << 63
+    assert -(1 << 63) <= a[1] < 0  # outside the agents' seqs 0..2^63-1
     assert json.loads(a[7]) == {"agent": "legacy", "seq": a[1], "ts": "2024-01-15T10:30:45.000Z", "device": "RUT200_1",
                                 "unit": None, "values": {"reg1": 123}, "status": "ok"}
     with pytest.raises(Invalid) as e:
@@ -156,3 +156,24 @@ def test_fast_path_takes_the_agents_own_records():
     assert [r[8] for r in rows] == [None, "unsynced", None]
     assert fast_head('{"records":[],"agent":"site7"}') is None
     assert fast_head('{"agent":"site7","records":[]} ') is None
+
+
+_KEYS = st.sampled_from(["a", "b", "", ",", ":odd", "{", "}", "a,b", " "])
+_VALS = st.sampled_from(['1', '-2.5', '"x,"', '":"', '"{"', '"a,b"', "true", "null", '""'])
+
+
+@settings(max_examples=300, deadline=None)
+@given(pairs=st.lists(st.tuples(_KEYS, _VALS), max_size=5), n=st.integers(1, 3), device=st.sampled_from(["m1", "m2"]))
+def test_both_paths_refuse_a_key_given_twice_and_agree_otherwise(pairs, n, device):
+    """The fast path's regex cannot see a repeated key; it learns each device's keys (a layout)
+    and must refuse exactly what the general path refuses, whatever the keys and strings hold."""
+    values = "{" + ",".join('"%s":%s' % kv for kv in pairs) + "}"
+    text = '{"agent":"site7","records":[' + ",".join(
+        '{"agent":"site7","seq":%d,"ts":"2026-11-21T10:30:45.123Z","device":"%s","unit":1,"values":%s,"status":"ok"}'
+        % (i, device, values) for i in range(n)) + "]}"
+    fast = fast_rows(text, fast_head(text)[1], "site7", 1.0, 5, 8)
+    general = _general(text)
+    if len({k for k, _ in pairs}) != len(pairs):
+        assert fast is None and general == "refused", text
+    else:
+        assert fast == general != "refused", text
