@@ -177,3 +177,25 @@ def test_both_paths_refuse_a_key_given_twice_and_agree_otherwise(pairs, n, devic
         assert fast is None and general == "refused", text
     else:
         assert fast == general != "refused", text
+
+
+def test_layout_caches_stay_bounded_and_compile_a_few_per_request(monkeypatch):
+    """A client may send any number of agents, devices and key sets: at most 4 patterns compiled
+    per request, and the caches start again past their bounds (answers unchanged)."""
+    from agent.collector import validate
+
+    monkeypatch.setattr(validate, "_layouts", {})
+    monkeypatch.setattr(validate, "_device_layouts", {})
+    monkeypatch.setattr(validate, "_sizes", [0, 0])
+    monkeypatch.setattr(validate, "_MAX_DEVICES", 10)
+    monkeypatch.setattr(validate, "_MAX_CACHED_KEYS", 12)
+    for agent in ("site7", "site8", "site9"):
+        recs = ['{"agent":"%s","seq":%d,"ts":"2026-11-21T10:30:45.123Z","device":"d%d","unit":1,'
+                '"values":{"k%d":1,"x":2},"status":"ok"}' % (agent, i, i % 9, i % 7) for i in range(60)]
+        text = '{"agent":"%s","records":[%s]}' % (agent, ",".join(recs))
+        before = set(validate._layouts)
+        rows = fast_rows(text, fast_head(text)[1], agent, 1.0, 100, 8)
+        assert rows is not None and rows == batch_rows(parse_batch(text), 1.0, 100, 8)[1]
+        assert len(set(validate._layouts) - before) <= 4
+        assert validate._sizes[0] <= 12 and validate._sizes[1] <= 10
+        assert sum(len(d) for d in validate._device_layouts.values()) <= 10

@@ -199,7 +199,9 @@ class CollectorApp:
     def _max_ts(self, received):
         """The latest record ts accepted now (max_future_skew ahead), or None (check off)."""
         skew = self.cfg.max_future_skew
-        return utc_timestamp(received + skew) if skew > 0 else None
+        if not 0 < skew < 253402300799 - received:  # beyond 9999-12-31: no ts can be later
+            return None
+        return utc_timestamp(received + skew)
 
     def _read_body(self, environ, allowed_types):
         ctype = environ.get("CONTENT_TYPE", "").split(";", 1)[0].strip().lower()

@@ -481,18 +481,38 @@ fast_record = _FAST_RECORD  # for store.aggregate
 _FAST_HEAD = re.compile(r'\{"agent":"([^"\\\x00-\x1f]{1,128})","records":\[').match
 MAX_LAYOUT_KEYS = 128  # more values than this: no layout, the generic pattern + a key check each time
 _COMPILES_PER_REQUEST = 4
+# Bounds (whatever clients send, in open mode anyone): a compiled layout takes about 1 KB a key,
+# a device entry ~0.2 KB; past a bound the cache starts again (costs a recompile, never a wrong answer).
+_MAX_CACHED_KEYS = 16384
+_MAX_DEVICES = 65536
 _layouts = {}  # tuple of keys -> compiled match of a record with exactly these "values" keys
 _device_layouts = {}  # agent -> {device: match}
+_sizes = [0, 0]  # keys in _layouts, devices in _device_layouts
 
 
 def _layout(keys):
     m = _layouts.get(keys)
     if m is None:
-        if len(_layouts) >= 1024:
+        if _sizes[0] + len(keys) > _MAX_CACHED_KEYS:
             _layouts.clear()
+            _sizes[0] = 0
         values = ",".join('"%s":%s' % (re.escape(k), _FV) for k in keys)
         m = _layouts[keys] = re.compile(_FAST_START + values + _FAST_END, re.ASCII).match
+        _sizes[0] += len(keys)
     return m
+
+
+def _learn(agent, device, keys):
+    """Remember the layout of an agent's device (compiling it if new)."""
+    if _sizes[1] >= _MAX_DEVICES:
+        _device_layouts.clear()
+        _sizes[1] = 0
+    layouts = _device_layouts.get(agent)
+    if layouts is None:
+        layouts = _device_layouts[agent] = {}
+    if device not in layouts:
+        _sizes[1] += 1
+    layouts[device] = _layout(keys)
 
 
 def _values_keys(text, start, end):
@@ -521,11 +541,7 @@ def fast_rows(text, idx, agent, received, max_records, max_depth, max_ts=None, l
     last = len(text) - 2  # the records' closing bracket
     if idx == last:
         return rows
-    layouts = _device_layouts.get(agent)
-    if layouts is None:
-        if len(_device_layouts) >= 4096:
-            _device_layouts.clear()
-        layouts = _device_layouts[agent] = {}
+    layouts = _device_layouts.get(agent) or {}
     compiles = _COMPILES_PER_REQUEST
     checked = False
     try:
@@ -544,9 +560,8 @@ def fast_rows(text, idx, agent, received, max_records, max_depth, max_ts=None, l
                     elif len(keys) <= MAX_LAYOUT_KEYS and (compiles > 0 or keys in _layouts):
                         if keys not in _layouts:
                             compiles -= 1
-                        if len(layouts) >= 4096:
-                            layouts.clear()
-                        layouts[m.group(4)] = _layout(keys)
+                        _learn(agent, m.group(4), keys)
+                        layouts = _device_layouts.get(agent) or {}
             if m is not None:
                 end = m.end()
                 a, seq, ts, device, unit, clock = m.groups()
