@@ -16,8 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAP = 4 << 20  # max_decompressed_bytes of the collector under test
 # README's figure: peak memory per request at most 10 x max_decompressed_bytes (the body as bytes,
 # then as text, each record's text, what the parser may build within json_limits, and storing:
-# measured up to 7.6x at the limits, 2x for a refused bomb); x4 for text holding a character
-# beyond U+FFFF (Python then keeps every character of it in 4 bytes).
+# measured up to 7.6x at the limits, 2x for a refused bomb); x2 for text holding a character
+# beyond U+00FF, x4 beyond U+FFFF (Python then keeps every character of it in 2 or 4 bytes).
 BOUND = 10 * CAP
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
@@ -124,13 +124,15 @@ def _at_the_limits(kind):
         return (head + ",".join(['{"a":[]}'] * (max_containers // 2 - 10)) + tail).encode()
     # as many values, filling the cap; with one astral character the text is 4 bytes a character
     fill = ['"%s"' % ("x" * (CAP // n - 4))] * (n - 1)
-    return (head + ",".join(fill + ['"\U0001F600"' if kind == "astral" else '"y"']) + tail).encode()
+    last = {"astral": '"\U0001F600"', "bmp": '"\u4e2d"'}.get(kind, '"y"')
+    return (head + ",".join(fill + [last]) + tail).encode()
 
 
-@pytest.mark.parametrize("kind", ["values", "containers", "long strings", "astral"])
+@pytest.mark.parametrize("kind", ["values", "containers", "long strings", "bmp", "astral"])
 def test_the_largest_bodies_the_limits_let_through_stay_within_the_bound(collector, kind):
     """At the limits (json_limits of the cap), not beyond: accepted, and the peak stays within the
-    bound (x4 for text with a character beyond U+FFFF, which Python holds at 4 bytes a character).
+    bound (x2 for text with a character beyond U+00FF, x4 beyond U+FFFF: Python then holds every
+    character of the text in 2 or 4 bytes).
     These are the worst cases the parser really builds, and the record is stored."""
     url, pid = collector
     body = _at_the_limits(kind)
@@ -139,7 +141,7 @@ def test_the_largest_bodies_the_limits_let_through_stay_within_the_bound(collect
     r = requests.post(url + "/api/v1/batches", data=gzip.compress(body), timeout=60,
                       headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
     grown = vm_hwm(pid) - before
-    bound = BOUND * (4 if kind == "astral" else 1)
+    bound = BOUND * {"astral": 4, "bmp": 2}.get(kind, 1)
     print("at the limits, %s: %d bytes: %d, peak RSS +%.1f MB" % (kind, len(body), r.status_code, grown / 1e6))
     assert r.status_code == 200, r.text
     assert grown <= bound, "peak RSS grew by %.0f MB (bound %.0f MB)" % (grown / 1e6, bound / 1e6)
