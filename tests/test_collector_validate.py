@@ -199,3 +199,23 @@ def test_layout_caches_stay_bounded_and_compile_a_few_per_request(monkeypatch):
         assert len(set(validate._layouts) - before) <= 4
         assert validate._sizes[0] <= 12 and validate._sizes[1] <= 10
         assert sum(len(d) for d in validate._device_layouts.values()) <= 10
+
+
+def test_a_record_with_more_values_than_a_layout_takes_gets_the_general_checks():
+    from agent.collector.validate import MAX_LAYOUT_KEYS
+
+    for n, dup in ((MAX_LAYOUT_KEYS, False), (MAX_LAYOUT_KEYS + 1, False), (MAX_LAYOUT_KEYS + 1, True)):
+        keys = ["k%d" % i for i in range(n)]
+        if dup:
+            keys[-1] = "k0"
+        values = "{" + ",".join('"%s":%d' % (k, i) for i, k in enumerate(keys)) + "}"
+        text = ('{"agent":"site7","records":[{"agent":"site7","seq":1,"ts":"2026-11-21T10:30:45.123Z",'
+                '"device":"big","unit":1,"values":%s,"status":"ok"}]}' % values)
+        fast = fast_rows(text, fast_head(text)[1], "site7", 1.0, 5, 8)  # parsed as JSON, with every check
+        if not dup:
+            assert fast is not None and fast == batch_rows(parse_batch(text), 1.0, 5, 8)[1]
+        else:
+            assert fast is None
+            with pytest.raises(Invalid) as e:
+                batch_rows(parse_batch(text), 1.0, 5, 8)
+            assert e.value.path == "$.records[0].values.k0"

@@ -57,7 +57,7 @@ def _reject_constant(name):
     raise ValueError("%s is not valid JSON" % name)
 
 
-def _unique(pairs):
+def _unique(pairs, dict=dict, len=len):
     d = dict(pairs)
     if len(d) != len(pairs):
         seen = set()
@@ -479,7 +479,7 @@ _FAST_END = r'\},"status":"ok"(,"clock":"unsynced")?\}'
 _FAST_RECORD = re.compile(_FAST_START + r"(?:%s(?:,%s)*|)" % (_FKV, _FKV) + _FAST_END, re.ASCII).match
 fast_record = _FAST_RECORD  # for store.aggregate
 _FAST_HEAD = re.compile(r'\{"agent":"([^"\\\x00-\x1f]{1,128})","records":\[').match
-MAX_LAYOUT_KEYS = 128  # more values than this: no layout, the generic pattern + a key check each time
+MAX_LAYOUT_KEYS = 256  # more values than this in a record: the general path
 _COMPILES_PER_REQUEST = 4
 # Bounds (whatever clients send, in open mode anyone): a compiled layout takes about 1 KB a key,
 # a device entry ~0.2 KB; past a bound the cache starts again (costs a recompile, never a wrong answer).
@@ -553,11 +553,16 @@ def fast_rows(text, idx, agent, received, max_records, max_depth, max_ts=None, l
             if m is None:
                 m = generic(text, idx)
                 if m is not None:
-                    keys = tuple(_values_keys(text, text.index('"values":{', idx) + 9,
-                                              text.rindex('},"status":"ok"', idx, m.end()) + 1))
-                    if len(set(keys)) != len(keys):
-                        m = None  # a key twice: the general path refuses it, naming it
-                    elif len(keys) <= MAX_LAYOUT_KEYS and (compiles > 0 or keys in _layouts):
+                    start = text.index('"values":{', idx) + 9
+                    end = text.rindex('},"status":"ok"', idx, m.end()) + 1
+                    # in this form no string holds a quote: '":' ends a key and nothing else
+                    keys = () if text.count('":', start, end) > MAX_LAYOUT_KEYS else tuple(
+                        _values_keys(text, start, end))
+                    if len(set(keys)) != len(keys) or not keys and end - start > 2:
+                        # a key twice (the general path refuses it, naming it), or more values
+                        # than a layout takes (the general path: its checks bound the memory)
+                        m = None
+                    elif compiles > 0 or keys in _layouts:
                         if keys not in _layouts:
                             compiles -= 1
                         _learn(agent, m.group(4), keys)
