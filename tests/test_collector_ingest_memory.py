@@ -145,3 +145,21 @@ def test_the_largest_bodies_the_limits_let_through_stay_within_the_bound(collect
     print("at the limits, %s: %d bytes: %d, peak RSS +%.1f MB" % (kind, len(body), r.status_code, grown / 1e6))
     assert r.status_code == 200, r.text
     assert grown <= bound, "peak RSS grew by %.0f MB (bound %.0f MB)" % (grown / 1e6, bound / 1e6)
+
+
+def test_one_record_of_the_agents_own_form_with_a_third_of_a_million_values(collector):
+    """The fast path matches it by regex without parsing; reading its keys (to refuse a repeated
+    one) must not build them all: the record gets the general checks, bounded like any body."""
+    url, pid = collector
+    head = ('{"agent":"a","records":[{"agent":"a","seq":3,"ts":"2026-11-21T10:30:45.123Z","device":"m","unit":1,'
+            '"values":{')
+    n = (CAP - 200) // 13
+    body = (head + ",".join('"k%06d":1' % i for i in range(n)) + '},"status":"ok"}]}').encode()
+    assert len(body) <= CAP
+    before = vm_hwm(pid)
+    r = requests.post(url + "/api/v1/batches", data=gzip.compress(body), timeout=60,
+                      headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
+    grown = vm_hwm(pid) - before
+    print("fast form, %d values: %d, peak RSS +%.1f MB" % (n, r.status_code, grown / 1e6))
+    assert grown <= BOUND
+    assert (r.status_code, r.json()["where"]) == (413, "body")

@@ -476,10 +476,13 @@ _FAST_START = (r'\{"agent":"([^"\\\x00-\x1f]{1,128})","seq":(0|[1-9]\d{0,18}),'
                r'"ts":"(\d{4}-\d\d-\d\dT(?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d\.\d{3}Z)",'
                r'"device":"([^"\\\x00-\x1f]{1,128})","unit":(\d{1,3}),"values":\{')
 _FAST_END = r'\},"status":"ok"(,"clock":"unsynced")?\}'
-_FAST_RECORD = re.compile(_FAST_START + r"(?:%s(?:,%s)*|)" % (_FKV, _FKV) + _FAST_END, re.ASCII).match
+MAX_LAYOUT_KEYS = 256  # more values than this in a record: the general path
+# A bounded repeat: sre keeps about 1 KB of backtracking state per iteration of a repeated group
+# until the match ends, so an unbounded one made a record of 300000 values cost 360 MB to match.
+_FAST_RECORD = re.compile(_FAST_START + r"(?:%s(?:,%s){0,%d}|)" % (_FKV, _FKV, MAX_LAYOUT_KEYS - 1) + _FAST_END,
+                          re.ASCII).match
 fast_record = _FAST_RECORD  # for store.aggregate
 _FAST_HEAD = re.compile(r'\{"agent":"([^"\\\x00-\x1f]{1,128})","records":\[').match
-MAX_LAYOUT_KEYS = 256  # more values than this in a record: the general path
 _COMPILES_PER_REQUEST = 4
 # Bounds (whatever clients send, in open mode anyone): a compiled layout takes about 1 KB a key,
 # a device entry ~0.2 KB; past a bound the cache starts again (costs a recompile, never a wrong answer).
@@ -553,15 +556,11 @@ def fast_rows(text, idx, agent, received, max_records, max_depth, max_ts=None, l
             if m is None:
                 m = generic(text, idx)
                 if m is not None:
-                    start = text.index('"values":{', idx) + 9
-                    end = text.rindex('},"status":"ok"', idx, m.end()) + 1
-                    # in this form no string holds a quote: '":' ends a key and nothing else
-                    keys = () if text.count('":', start, end) > MAX_LAYOUT_KEYS else tuple(
-                        _values_keys(text, start, end))
-                    if len(set(keys)) != len(keys) or not keys and end - start > 2:
-                        # a key twice (the general path refuses it, naming it), or more values
-                        # than a layout takes (the general path: its checks bound the memory)
-                        m = None
+                    # (at most MAX_LAYOUT_KEYS of them: the pattern's bound)
+                    keys = tuple(_values_keys(text, text.index('"values":{', idx) + 9,
+                                              text.rindex('},"status":"ok"', idx, m.end()) + 1))
+                    if len(set(keys)) != len(keys):
+                        m = None  # a key twice: the general path refuses it, naming it
                     elif compiles > 0 or keys in _layouts:
                         if keys not in _layouts:
                             compiles -= 1
