@@ -549,10 +549,15 @@ def fast_rows(text, idx, agent, received, max_records, max_depth, max_ts=None, l
     checked = False
     try:
         while True:
-            # The device's layout, if known: its name sits before the first '"unit":' of the record
+            # The device's layout, if known: its name sits before the first '"unit":' of the
+            # record (found within the first 400 characters, or there is no layout to try)
+            m = None
             d = text.find('","unit":', idx, idx + 400)
-            match = layouts.get(text[text.rfind('"device":"', idx, d) + 10:d]) if d > 0 else None
-            m = match(text, idx) if match is not None else None
+            p = text.rfind('"device":"', idx, d) if d > 0 else -1
+            if p >= 0:
+                match = layouts.get(text[p + 10:d])
+                if match is not None:
+                    m = match(text, idx)
             if m is None:
                 m = generic(text, idx)
                 if m is not None:
