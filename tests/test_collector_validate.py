@@ -219,3 +219,47 @@ def test_a_record_with_more_values_than_a_layout_takes_gets_the_general_checks()
             with pytest.raises(Invalid) as e:
                 batch_rows(parse_batch(text), 1.0, 5, 8)
             assert e.value.path == "$.records[0].values.k0"
+
+
+_error_objects = st.fixed_dictionaries(
+    {"kind": st.sampled_from(["timeout", "exception", "crc", 'q"uote', ""]) | names, "message": names},
+    optional={"code": st.sampled_from([0, 2, 255, 256, 1000, -1, "2"]), "name": names})
+
+
+@settings(max_examples=300, deadline=None)
+@given(errors=st.lists(_error_objects, min_size=1, max_size=5), clock=st.booleans(),
+       extra=st.sampled_from([None, {"errors": [{"kind": "timeout", "message": "x"}]}, {"values": {}}]))
+def test_fast_path_agrees_with_the_general_path_on_failed_reads(errors, clock, extra):
+    """The agent's error records (agent/record.py error_record) take the fast path too."""
+    from agent.record import error_record
+
+    recs = []
+    for i, err in enumerate(errors):
+        r = error_record("site7", 1795000000.0 + i, "meter1", 1, err)
+        r["seq"] = i
+        if clock:
+            r["clock"] = "unsynced"
+        if extra and i == 0:
+            r.update(extra)
+        recs.append(r)
+    text = encode({"agent": "site7", "records": recs}).decode().rstrip("\n")
+    fast = fast_rows(text, fast_head(text)[1], "site7", 1.0, 5, 8)
+    general = _general(text)
+    assert fast is None or general != "refused", text
+    if fast is not None:
+        assert fast == general
+        assert [r[6] for r in fast] == ["error"] * len(errors)
+
+
+def test_the_agents_failed_reads_match_the_fast_pattern():
+    from agent.collector.validate import _FAST_ERROR
+    from agent.record import error_record
+
+    for err in ({"kind": "timeout", "message": "no answer from unit 1 in 1.0 s"},
+                {"kind": "exception", "message": "exception code 2 ILLEGAL DATA ADDRESS", "code": 2}):
+        r = error_record("site7", 1795000000.0, "meter1", 1, err)
+        r["seq"] = 7
+        line = encode(r).decode().rstrip("\n")
+        assert _FAST_ERROR(line).end() == len(line), line
+        text = '{"agent":"site7","records":[%s]}' % line
+        assert fast_rows(text, fast_head(text)[1], "site7", 1.0, 5, 8) == _general(text)

@@ -454,9 +454,10 @@ def batch_rows(doc, received, max_records, max_depth, max_ts=None):
 # The agent writes every record the same way (agent/record.py: compact, keys in a fixed order, no
 # escapes in the usual case). A record in exactly that form is checked and split into its columns
 # by one regex match, without building a dict: about 40% less CPU than parse + validate, which is
-# most of the collector's work per record. Anything else (another key order, a gap, health or
-# error record, an escape, a number beyond 300 digits, a date not seen yet) takes the general
-# path, record by record, with the same rules; tests check that both paths agree.
+# most of the collector's work per record. The same for a failed read (status "error" with the
+# agent's error object). Anything else (another key order, a gap, health or partial record, an
+# "errors" list, an escape, a number beyond 300 digits, a date not seen yet, more than 256 values)
+# takes the general path, record by record, with the same rules; tests check that both paths agree.
 #
 # A regex cannot see that a key of "values" comes twice, so the generic pattern is only the first
 # sight of a device: its keys are then read once (and a record naming one twice goes to the
@@ -472,10 +473,15 @@ _FS = r'"[^"\\\x00-\x1f]{0,4096}"'  # a JSON string without escapes, at most MAX
 _FN = r"-?(?:0|[1-9]\d{0,199})(?:\.\d{1,300}|)(?:[eE][+-]?\d{1,2}|)"
 _FV = r"(?:%s|%s|true|false|null)" % (_FN, _FS)
 _FKV = r"%s:%s" % (_FS, _FV)
-_FAST_START = (r'\{"agent":"([^"\\\x00-\x1f]{1,128})","seq":(0|[1-9]\d{0,18}),'
-               r'"ts":"(\d{4}-\d\d-\d\dT(?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d\.\d{3}Z)",'
-               r'"device":"([^"\\\x00-\x1f]{1,128})","unit":(\d{1,3}),"values":\{')
+_FAST_PREFIX = (r'\{"agent":"([^"\\\x00-\x1f]{1,128})","seq":(0|[1-9]\d{0,18}),'
+                r'"ts":"(\d{4}-\d\d-\d\dT(?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d\.\d{3}Z)",'
+                r'"device":"([^"\\\x00-\x1f]{1,128})","unit":(\d{1,3}),')
+_FAST_START = _FAST_PREFIX + r'"values":\{'
 _FAST_END = r'\},"status":"ok"(,"clock":"unsynced")?\}'
+# A failed read as the agent writes it (agent/record.py error_record, ModbusError.as_record): fixed
+# keys, so no layout is needed and no key can come twice. With an "errors" list: the general path.
+_FAST_ERROR = re.compile(_FAST_PREFIX + r'"status":"error","error":\{"kind":%s,"message":%s'
+                         r'(?:,"code":(?:0|[1-9]\d{0,2})|)\}(,"clock":"unsynced")?\}' % (_FS, _FS), re.ASCII).match
 MAX_LAYOUT_KEYS = 256  # more values than this in a record: the general path
 # A bounded repeat: sre keeps about 1 KB of backtracking state per iteration of a repeated group
 # until the match ends, so an unbounded one made a record of 300000 values cost 360 MB to match.
@@ -552,6 +558,7 @@ def fast_rows(text, idx, agent, received, max_records, max_depth, max_ts=None, l
             # The device's layout, if known: its name sits before the first '"unit":' of the
             # record (found within the first 400 characters, or there is no layout to try)
             m = None
+            status = "ok"
             d = text.find('","unit":', idx, idx + 400)
             p = text.rfind('"device":"', idx, d) if d > 0 else -1
             if p >= 0:
@@ -560,7 +567,10 @@ def fast_rows(text, idx, agent, received, max_records, max_depth, max_ts=None, l
                     m = match(text, idx)
             if m is None:
                 m = generic(text, idx)
-                if m is not None:
+                if m is None:
+                    m = _FAST_ERROR(text, idx)
+                    status = "error"
+                else:
                     # (at most MAX_LAYOUT_KEYS of them: the pattern's bound)
                     keys = tuple(_values_keys(text, text.index('"values":{', idx) + 9,
                                               text.rindex('},"status":"ok"', idx, m.end()) + 1))
@@ -579,7 +589,7 @@ def fast_rows(text, idx, agent, received, max_records, max_depth, max_ts=None, l
                         or max_ts is not None and ts > max_ts):
                     m = None  # the general checks decide (and learn a new date)
                 else:
-                    append((agent, seq, ts, "data", device, unit, "ok", text[idx:end], clock and "unsynced",
+                    append((agent, seq, ts, "data", device, unit, status, text[idx:end], clock and "unsynced",
                             received))
             if m is None:
                 if limits is not None and not checked:
