@@ -46,10 +46,6 @@ def secure(tmp_path):
     app.close()
 
 
-def _stored(client):
-    return [json.loads(r[7]) if isinstance(r[7], str) else r[7] for r in client.app.store.records()]
-
-
 # --- keys given twice -------------------------------------------------------------------------
 
 def test_a_values_key_twice_in_the_agents_own_form_is_refused_naming_record_and_key(client):
