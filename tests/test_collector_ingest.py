@@ -239,6 +239,13 @@ def test_malformed_partial_readings_are_refused_naming_the_field(client, change,
     assert client.count() == 0
 
 
+def test_point_names_in_errors_may_be_as_long_as_the_agent_allows(client):
+    """The agent sets no length on point names (nor does the collector on values keys)."""
+    long_name = "p" * 300
+    r = partial(0, values={long_name + "x": 1}, errors=[dict(PARTIAL_ERROR, points=[long_name])])
+    assert client.post(body([r])).status == 200
+
+
 def test_an_error_records_optional_errors_list_is_checked(client):
     error = rec(0)
     del error["values"]

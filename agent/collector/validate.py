@@ -347,10 +347,10 @@ def _errors(rec, path, max_depth, required):
         if points is not None:
             if type(points) is not list:
                 raise Invalid(p + ".points", "expected a list of point names")
-            for j, x in enumerate(points):
-                if type(x) is not str or not 0 < len(x) <= MAX_NAME:
+            for j, x in enumerate(points):  # point names: the agent sets no length (values keys neither)
+                if type(x) is not str or not 0 < len(x) <= MAX_TEXT:
                     raise Invalid("%s.points[%d]" % (p, j),
-                                  "expected a non-empty string of at most %d characters" % MAX_NAME)
+                                  "expected a non-empty string of at most %d characters" % MAX_TEXT)
         check_depth(e, 3, max_depth, p)
 
 
