@@ -279,7 +279,7 @@ def test_too_many_records_is_413_so_the_agent_splits(client):
     (b'{"agent":"a","records":[]} trailing', "body: line 1 column 28"),
     (b'{"agent":"a","records":[{"v": NaN}]}', "body"),
     (b'\xff\xfe{}', "body: byte 0"),
-    (b'[' * 100000, "body"),
+    (b'[' * 10000, "body"),  # deeper than the parser goes (more brackets: 413, test_collector_ingest.py)
     (b"", "body"),
 ])
 def test_malformed_json_is_400(client, body, where):

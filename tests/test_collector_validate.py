@@ -83,7 +83,7 @@ def test_legacy_identity_is_the_content():
     b = legacy_row(dict(rec), "legacy", 2.0, "$", 8, _h)  # the same post again, later
     c = legacy_row(dict(rec, registers={"reg1": 124}), "legacy", 1.0, "$", 8, _h)
     assert a[1] == b[1] != c[1]
-    assert 0 <= a[1] < 1 << 63
+    assert -(1 << 63) <= a[1] < 0  # outside the agents' seqs 0..2^63-1
     assert json.loads(a[7]) == {"agent": "legacy", "seq": a[1], "ts": "2024-01-15T10:30:45.000Z", "device": "RUT200_1",
                                 "unit": None, "values": {"reg1": 123}, "status": "ok"}
     with pytest.raises(Invalid) as e:
@@ -156,3 +156,110 @@ def test_fast_path_takes_the_agents_own_records():
     assert [r[8] for r in rows] == [None, "unsynced", None]
     assert fast_head('{"records":[],"agent":"site7"}') is None
     assert fast_head('{"agent":"site7","records":[]} ') is None
+
+
+_KEYS = st.sampled_from(["a", "b", "", ",", ":odd", "{", "}", "a,b", " "])
+_VALS = st.sampled_from(['1', '-2.5', '"x,"', '":"', '"{"', '"a,b"', "true", "null", '""'])
+
+
+@settings(max_examples=300, deadline=None)
+@given(pairs=st.lists(st.tuples(_KEYS, _VALS), max_size=5), n=st.integers(1, 3), device=st.sampled_from(["m1", "m2"]))
+def test_both_paths_refuse_a_key_given_twice_and_agree_otherwise(pairs, n, device):
+    """The fast path's regex cannot see a repeated key; it learns each device's keys (a layout)
+    and must refuse exactly what the general path refuses, whatever the keys and strings hold."""
+    values = "{" + ",".join('"%s":%s' % kv for kv in pairs) + "}"
+    text = '{"agent":"site7","records":[' + ",".join(
+        '{"agent":"site7","seq":%d,"ts":"2026-11-21T10:30:45.123Z","device":"%s","unit":1,"values":%s,"status":"ok"}'
+        % (i, device, values) for i in range(n)) + "]}"
+    fast = fast_rows(text, fast_head(text)[1], "site7", 1.0, 5, 8)
+    general = _general(text)
+    if len({k for k, _ in pairs}) != len(pairs):
+        assert fast is None and general == "refused", text
+    else:
+        assert fast == general != "refused", text
+
+
+def test_layout_caches_stay_bounded_and_compile_a_few_per_request(monkeypatch):
+    """A client may send any number of agents, devices and key sets: at most 4 patterns compiled
+    per request, and the caches start again past their bounds (answers unchanged)."""
+    from agent.collector import validate
+
+    monkeypatch.setattr(validate, "_layouts", {})
+    monkeypatch.setattr(validate, "_device_layouts", {})
+    monkeypatch.setattr(validate, "_sizes", [0, 0])
+    monkeypatch.setattr(validate, "_MAX_DEVICES", 10)
+    monkeypatch.setattr(validate, "_MAX_CACHED_KEYS", 12)
+    for agent in ("site7", "site8", "site9"):
+        recs = ['{"agent":"%s","seq":%d,"ts":"2026-11-21T10:30:45.123Z","device":"d%d","unit":1,'
+                '"values":{"k%d":1,"x":2},"status":"ok"}' % (agent, i, i % 9, i % 7) for i in range(60)]
+        text = '{"agent":"%s","records":[%s]}' % (agent, ",".join(recs))
+        before = set(validate._layouts)
+        rows = fast_rows(text, fast_head(text)[1], agent, 1.0, 100, 8)
+        assert rows is not None and rows == batch_rows(parse_batch(text), 1.0, 100, 8)[1]
+        assert len(set(validate._layouts) - before) <= 4
+        assert validate._sizes[0] <= 12 and validate._sizes[1] <= 10
+        assert sum(len(d) for d in validate._device_layouts.values()) <= 10
+
+
+def test_a_record_with_more_values_than_a_layout_takes_gets_the_general_checks():
+    from agent.collector.validate import MAX_LAYOUT_KEYS
+
+    for n, dup in ((MAX_LAYOUT_KEYS, False), (MAX_LAYOUT_KEYS + 1, False), (MAX_LAYOUT_KEYS + 1, True)):
+        keys = ["k%d" % i for i in range(n)]
+        if dup:
+            keys[-1] = "k0"
+        values = "{" + ",".join('"%s":%d' % (k, i) for i, k in enumerate(keys)) + "}"
+        text = ('{"agent":"site7","records":[{"agent":"site7","seq":1,"ts":"2026-11-21T10:30:45.123Z",'
+                '"device":"big","unit":1,"values":%s,"status":"ok"}]}' % values)
+        fast = fast_rows(text, fast_head(text)[1], "site7", 1.0, 5, 8)  # parsed as JSON, with every check
+        if not dup:
+            assert fast is not None and fast == batch_rows(parse_batch(text), 1.0, 5, 8)[1]
+        else:
+            assert fast is None
+            with pytest.raises(Invalid) as e:
+                batch_rows(parse_batch(text), 1.0, 5, 8)
+            assert e.value.path == "$.records[0].values.k0"
+
+
+_error_objects = st.fixed_dictionaries(
+    {"kind": st.sampled_from(["timeout", "exception", "crc", 'q"uote', ""]) | names, "message": names},
+    optional={"code": st.sampled_from([0, 2, 255, 256, 1000, -1, "2"]), "name": names})
+
+
+@settings(max_examples=300, deadline=None)
+@given(errors=st.lists(_error_objects, min_size=1, max_size=5), clock=st.booleans(),
+       extra=st.sampled_from([None, {"errors": [{"kind": "timeout", "message": "x"}]}, {"values": {}}]))
+def test_fast_path_agrees_with_the_general_path_on_failed_reads(errors, clock, extra):
+    """The agent's error records (agent/record.py error_record) take the fast path too."""
+    from agent.record import error_record
+
+    recs = []
+    for i, err in enumerate(errors):
+        r = error_record("site7", 1795000000.0 + i, "meter1", 1, err)
+        r["seq"] = i
+        if clock:
+            r["clock"] = "unsynced"
+        if extra and i == 0:
+            r.update(extra)
+        recs.append(r)
+    text = encode({"agent": "site7", "records": recs}).decode().rstrip("\n")
+    fast = fast_rows(text, fast_head(text)[1], "site7", 1.0, 5, 8)
+    general = _general(text)
+    assert fast is None or general != "refused", text
+    if fast is not None:
+        assert fast == general
+        assert [r[6] for r in fast] == ["error"] * len(errors)
+
+
+def test_the_agents_failed_reads_match_the_fast_pattern():
+    from agent.collector.validate import _FAST_ERROR
+    from agent.record import error_record
+
+    for err in ({"kind": "timeout", "message": "no answer from unit 1 in 1.0 s"},
+                {"kind": "exception", "message": "exception code 2 ILLEGAL DATA ADDRESS", "code": 2}):
+        r = error_record("site7", 1795000000.0, "meter1", 1, err)
+        r["seq"] = 7
+        line = encode(r).decode().rstrip("\n")
+        assert _FAST_ERROR(line).end() == len(line), line
+        text = '{"agent":"site7","records":[%s]}' % line
+        assert fast_rows(text, fast_head(text)[1], "site7", 1.0, 5, 8) == _general(text)

@@ -190,7 +190,19 @@ class CollectorApp:
         return found
 
     def _read_json(self, environ, allowed_types, parse=validate.loads):
-        return self._parse_json(self._read_body(environ, allowed_types), parse)
+        return self._parse_json(self._read_body(environ, allowed_types), parse, self._json_limits)
+
+    @property
+    def _json_limits(self):
+        """What one body may hold (validate.json_limits), from the largest text it can be."""
+        return validate.json_limits(max(self.cfg.max_body_bytes, self.cfg.max_decompressed_bytes))
+
+    def _max_ts(self, received):
+        """The latest record ts accepted now (max_future_skew ahead), or None (check off)."""
+        skew = self.cfg.max_future_skew
+        if not 0 < skew < 253402300799 - received:  # beyond 9999-12-31: no ts can be later
+            return None
+        return utc_timestamp(received + skew)
 
     def _read_body(self, environ, allowed_types):
         ctype = environ.get("CONTENT_TYPE", "").split(";", 1)[0].strip().lower()
@@ -227,9 +239,20 @@ class CollectorApp:
         return body
 
     @staticmethod
-    def _parse_json(body, parse):
+    def _parse_json(body, parse, limits, pairs=False):
+        """Body (bytes, or the text already decoded) -> parse(text), or HTTPError. Before parsing,
+        the count of JSON values the body may hold is checked against `limits` (413): that, not
+        the body's size alone, is what bounds the memory parsing takes. `pairs`: records come as
+        (record, raw) pairs."""
         try:
-            doc = parse(body.decode("utf-8"))
+            text = body.decode("utf-8") if type(body) is bytes else body
+            body = None  # the bytes go before parsing starts: one copy less at the peak
+            validate.check_json_size(text, limits)
+            doc = parse(text)
+        except validate.TooMany as e:
+            raise HTTPError(413, str(e), e.where) from None
+        except validate.Invalid as e:  # a key given twice
+            raise HTTPError(422, e.reason, e.path) from None
         except RecursionError:
             raise HTTPError(400, "JSON nested too deeply", "body") from None
         except json.JSONDecodeError as e:
@@ -239,8 +262,8 @@ class CollectorApp:
             raise HTTPError(400, "body is not UTF-8: %s" % e.reason, "body: byte %d" % e.start) from None
         except ValueError as e:  # NaN/Infinity
             raise HTTPError(400, "malformed JSON: %s" % str(e)[:200], "body") from None
-        if b"\\u" in body:
-            bad = bad_string_path(doc if parse is validate.loads else _plain(doc))
+        if "\\u" in text:
+            bad = bad_string_path(_plain(doc) if pairs else doc)
             if bad:
                 raise HTTPError(422, "string with NUL or an unpaired surrogate", bad)
         return doc
@@ -292,30 +315,36 @@ class CollectorApp:
             environ[_TOKEN_AGENT_KEY] = token_agent
         body = self._read_body(environ, _JSON_TYPES)
         received = self.clock()
+        max_ts, limits = self._max_ts(received), self._json_limits
         rows = head = None
-        if b"\\" not in body:  # no escapes at all: no NUL or surrogate to look for
-            try:
-                text = body.decode("utf-8")
-                head = validate.fast_head(text)
-            except UnicodeDecodeError:
-                pass
+        try:
+            text, body = body.decode("utf-8"), None  # one copy of the body at a time
+        except UnicodeDecodeError:
+            text = None  # the general path says where
+        if text is not None and "\\" not in text:  # no escapes at all: no NUL or surrogate to look for
+            head = validate.fast_head(text)
         if head is not None:
             agent = environ[_AGENT_KEY] = head[0]
             if token_agent is not None and agent != token_agent:
                 raise HTTPError(403, "token belongs to another agent", "$.agent")
-            rows = validate.fast_rows(text, head[1], agent, received, self.cfg.max_records, self.cfg.max_depth)
+            rows = validate.fast_rows(text, head[1], agent, received, self.cfg.max_records, self.cfg.max_depth,
+                                      max_ts, limits)
         if rows is None:  # the general path: any shape, every check, precise errors
-            doc = self._parse_json(body, validate.parse_batch)
+            max_records = self.cfg.max_records
+            doc = self._parse_json(body if text is None else text, lambda t: validate.parse_batch(t, max_records),
+                                   limits, pairs=True)
             if type(doc) is dict and "agent" in doc:
                 environ[_AGENT_KEY] = doc["agent"]
             if token_agent is not None and type(doc) is dict and doc.get("agent") != token_agent:
                 raise HTTPError(403, "token belongs to another agent", "$.agent")
             try:
-                agent, rows = validate.batch_rows(doc, received, self.cfg.max_records, self.cfg.max_depth)
+                agent, rows = validate.batch_rows(doc, received, self.cfg.max_records, self.cfg.max_depth, max_ts)
             except validate.Invalid as e:
                 raise HTTPError(422, e.reason, e.path) from None
             except validate.TooMany as e:
-                raise HTTPError(413, str(e), "$.records") from None
+                raise HTTPError(413, str(e), e.where) from None
+            doc = None
+        text = None  # the rows hold each record's text: the body and what was parsed go before storing
         stored, dups, max_seq = self.store.ingest(agent, rows, received)
         log.debug("batch from %s: %d stored, %d duplicates, max_seq %s, %.1f ms",
                   agent, stored, dups, max_seq, (time.monotonic() - t0) * 1000)
@@ -334,11 +363,12 @@ class CollectorApp:
             raise HTTPError(413, "%d records in one post, more than max_records %d"
                             % (len(recs), self.cfg.max_records), "$")
         try:
+            max_ts = self._max_ts(received)
             rows = [validate.legacy_row(r, agent, received, "%s[%d]" % (prefix, i) if prefix else "$",
-                                        self.cfg.max_depth, _hasher) for i, r in enumerate(recs)]
+                                        self.cfg.max_depth, _hasher, max_ts) for i, r in enumerate(recs)]
         except validate.Invalid as e:
             raise HTTPError(422, e.reason, e.path) from None
-        # Content-hash seqs are not ordered: agents.max_seq means nothing for legacy posts.
+        # Content-hash seqs, negative: outside the agents' seqs, they never move max_seq.
         stored, dups, _ = self.store.ingest(agent, rows, received)
         return self._json(start_response, 200, {"stored": stored, "duplicates": dups})
 

@@ -21,6 +21,7 @@ DEFAULTS = {
     "max_decompressed_bytes": 64 << 20,
     "max_records": 10000,
     "max_depth": 8,
+    "max_future_skew": 86400.0,    # a record's ts may be this far ahead of the collector's clock; 0: no check
     "retention_days": 0.0,         # 0: keep forever
     "retention_interval": 300.0,
     "retention_chunk": 1000,
@@ -33,7 +34,7 @@ DEFAULTS = {
 
 _INT_KEYS = ("max_body_bytes", "max_decompressed_bytes", "max_records", "max_depth",
              "retention_chunk", "refresh", "workers", "max_connections")
-_FLOAT_KEYS = ("retention_days", "retention_interval", "stale_after")
+_FLOAT_KEYS = ("retention_days", "retention_interval", "stale_after", "max_future_skew")
 _SIZE = re.compile(r"^\s*(\d+)\s*([kKmMgG]?)[bB]?\s*$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}

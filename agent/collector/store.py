@@ -260,7 +260,9 @@ class Store:
         if devices:
             devices.sort(key=_device_key)
             cur.executemany(self.sql_device, devices)
-        cur.execute(self.sql_agent, (agent, hi, stored, gaps, dropped, received, received))
+        # Legacy /receive-data records have negative seqs (validate.legacy_row), outside the
+        # agents' 0..2^63-1: they never move max_seq (-1 until the agent sends a record itself).
+        cur.execute(self.sql_agent, (agent, max(hi, -1), stored, gaps, dropped, received, received))
         max_seq = cur.fetchone()[0]
         return stored, len(rows) - stored, max_seq
 
