@@ -81,11 +81,13 @@ Promises (see issue 4/6):
   segments are accounted for as lost, cursor.json (seq floor, acknowledgement, generation), the
   lock and gap.pending are written again; setaside.log and quarantine.jsonl, if they were there,
   are gone.
-- Lines that were spooled but cannot be read back (corrupt bytes) are accounted for by a gap record
-  with reason "corrupt": its count is the number of records the unreadable lines held (a line
-  holding several record prefixes counts as several), never more than the seqs missing between
-  the readable neighbours, and its range is those neighbours' seqs (exclusive), so the collector
-  can tell corruption from loss.
+- Lines that were spooled but cannot be read back (corrupt bytes) are set aside and accounted for
+  by a gap record with reason "corrupt" (never folded with losses, so the collector can tell
+  corruption from loss): its range lies between the readable neighbours (exclusive; a segment's
+  name bounds it too: every line in it has a seq >= the name) and its count is the seqs missing
+  there -- not the unreadable lines: zeroed bytes or a lost newline merge several records into one
+  line, junk adds lines that held no record -- less those a readable gap record right above
+  accounts for already. A run of bad lines cut by a batch limit is counted once.
 - Acknowledged records never come back after a restart, even after SIGKILL (cursor.json or the
   ack hint, both in the page cache); after a power cut up to fsync_interval seconds of
   acknowledgements may be re-sent (duplicates the collector drops, never loss).
