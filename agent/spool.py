@@ -10,13 +10,13 @@ Layout of the spool directory:
                          so acknowledging every poll cycle costs no new file and no fsync; it
                          survives a killed process, and after a power cut a torn hint fails its
                          CRC and cursor.json is used (re-sending means duplicates the collector
-                         drops, never loss).
+                         drops, never loss). Created at open, so acknowledgements made while the
+                         disk is full are still kept. From byte 128 on, the same file (the same
+                         page: a 16 kB tmpfs has four) holds the pending loss account: the records
+                         lost to failed writes that no gap record holds yet, one fixed-size line
+                         with a CRC, rewritten in place when it changes (see "A write that fails").
   setaside.log           torn tails and corrupt lines found while reading, kept for a human.
   quarantine.jsonl       records the collector rejected (4xx), each with the reason.
-  gap.pending            the account of records lost to failed writes that no gap record holds yet:
-                         one fixed-size line with a CRC, created at open (so a full disk still lets
-                         it be overwritten in place), rewritten when the account changes; see
-                         "A write that fails" below.
   lock                   flock: one agent per spool directory.
 
 Promises (see issue 4/6):
@@ -72,14 +72,14 @@ Promises (see issue 4/6):
   is lost too, without a try), so the gap record is the first line after the loss. The log says it
   once when writing stops and once when it works again. On a full disk with a backlog the oldest
   segment is dropped to make room (as max_bytes would), at most once per outage when that does not
-  help. The account is kept in gap.pending (pwrite in place, no new file, no fsync: it survives
+  help. The account is kept in ack.hint (pwrite in place, no new file, no fsync: it survives
   kill -9 in the page cache and costs the flash at most a page per kernel writeback; synced with
   the interval's fsync, and at close), so an agent stopped or killed during an outage writes the
   gap record after its restart; after a power cut the account of up to fsync_interval seconds of
   lost records may be missing, and their seqs (never on disk, never uploaded) are then reused.
   A deleted (or replaced) spool directory is recreated on the next write (with an ERROR line): its
   segments are accounted for as lost, cursor.json (seq floor, acknowledgement, generation), the
-  lock and gap.pending are written again; setaside.log and quarantine.jsonl, if they were there,
+  lock and ack.hint (with the pending account) are written again; setaside.log and quarantine.jsonl, if they were there,
   are gone.
 - Lines that were spooled but cannot be read back (corrupt bytes) are set aside and accounted for
   by a gap record with reason "corrupt" (never folded with losses, so the collector can tell
@@ -124,9 +124,9 @@ FSYNC_MODES = ("always", "interval", "never")
 
 _SCAN_CHUNK = 256 << 10
 _SETASIDE_MAX = 1 << 20     # a wholly corrupt spool must not fill the flash with its copy
-GAP_PENDING = "gap.pending"
 CORRUPT = "corrupt"         # the reason of gap records for lines spooled but unreadable
-_PENDING_SIZE = 1024        # gap.pending is rewritten in place: it never grows
+_HINT_SIZE = 128            # ack.hint: the acknowledgement line, then (at this offset) ...
+_PENDING_SIZE = 1024        # ... the pending loss account; both rewritten in place, never grown
 # Errors after which dropping the oldest segment can make room for the write.
 _SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 # A change of (wall clock - monotonic clock) larger than this between two ticks is a clock step
@@ -246,11 +246,10 @@ class Spool:
         self._cut = False           # the last _collect_lines stopped at a limit, not at the end
         self._corrupt_memo = (0, 0)     # (lower, upper) seqs of the last corrupt account
         # Records lost to failed writes that no gap record holds yet (also in _pending_loss, and
-        # in gap.pending): [count, first_seq, last_seq, first_ts, last_ts, reason] or None.
+        # in ack.hint): [count, first_seq, last_seq, first_ts, last_ts, reason] or None.
         self._failed = None
-        self._pendfd = None         # gap.pending
-        self._pend_dirty = False    # gap.pending written since the last fsync
-        self._pend_clear = False    # a gap record took the account: clear gap.pending after its fsync
+        self._pend_dirty = False    # the pending account (in ack.hint) written since the last fsync
+        self._pend_clear = False    # a gap record took the account: clear it on disk after its fsync
         self._outage = None         # writes are failing: [monotonic start, strerror, lost, drop futile]
         self._troubles = set()      # what is failing (cursor, hint, fsync...): logged once, not per try
         self._locked_out = False    # the recreated directory is locked by another agent
@@ -381,14 +380,14 @@ class Spool:
             floor = lease["lease"]
         if lease is not None:
             self._lease_end = lease["lease"]
-        failed = self._open_pending()
+        failed = self._read_pending()
         if failed is not None:
             on_disk = max((seg.last_seq for seg in self._segs if seg.last_seq is not None), default=0)
             if on_disk > failed[2]:
                 # A line after the lost seqs exists: the first one written after a loss is its gap
                 # record (nothing else is written while an account is pending), so the account
-                # is in the spool already (the process was killed before gap.pending was cleared).
-                self._save_failed()
+                # is in the spool already (the process was killed before the account was cleared).
+                self._pend_clear = True     # cleared below
             else:
                 log.warning("spool %s: %d records seq %d..%d were lost to failed writes before the "
                             "restart (%s): a gap record will account for them", self.directory,
@@ -406,12 +405,19 @@ class Spool:
             # is opened without the seq_file: a status look, a test) keep the one on disk.
             self._gen, self._gen_prev = cursor.get("gen"), cursor.get("gen_prev")
         self._position(cursor)
+        # ack.hint is created now, while there is room: acknowledgements and the loss account
+        # made while the disk is full then still overwrite it in place (cursor.json needs a new
+        # file for every write).
         if hint is None:
-            # Created now, while there is room: acknowledgements made while the disk is full then
-            # still overwrite it in place (cursor.json needs a new file for every write).
             dirty = self._cursor_dirty
             self._write_hint()
             self._cursor_dirty = dirty
+        try:
+            size = os.fstat(self._hint_fd()).st_size
+        except OSError:
+            size = 0
+        if self._pend_clear or size < _HINT_SIZE + _PENDING_SIZE:
+            self._save_failed()
         if self.seq_file is not None:
             self._new_generation(cursor, lease, mine)
         now = self._clock()
@@ -456,7 +462,7 @@ class Spool:
     def _read_hint(self):
         try:
             with open(os.path.join(self.directory, ACK_HINT), "rb") as f:
-                data = f.read(256)
+                data = f.read(_HINT_SIZE)
             body, crc = data.rstrip().rsplit(b" ", 1)
             if zlib.crc32(body) != int(crc, 16):
                 raise ValueError("CRC mismatch")
@@ -472,11 +478,9 @@ class Spool:
         seg = self._segs[0] if self._segs else None
         body = b"%d %d %d %d" % (self._acked_seq, self._next_seq, seg.key if seg else self._next_seq,
                                  self._roff if seg else 0)
-        data = (body + b" %08x" % zlib.crc32(body)).ljust(127) + b"\n"
+        data = (body + b" %08x" % zlib.crc32(body)).ljust(_HINT_SIZE - 1) + b"\n"
         try:
-            if self._hintfd is None:
-                self._hintfd = os.open(os.path.join(self.directory, ACK_HINT), os.O_RDWR | os.O_CREAT, 0o644)
-            os.pwrite(self._hintfd, data, 0)
+            os.pwrite(self._hint_fd(), data, 0)
         except OSError as e:
             self._trouble("hint", "cannot write %s: %s", ACK_HINT, e.strerror)
             self._write_cursor(durable=False)
@@ -484,25 +488,28 @@ class Spool:
         self._resolved("hint", "%s written again", ACK_HINT)
         self._cursor_dirty = True
 
-    def _open_pending(self):
-        """Open gap.pending (created, at its full size, when missing: a full disk must still let it
-        be overwritten in place). -> the account it holds, or None."""
-        path = os.path.join(self.directory, GAP_PENDING)
+    def _hint_fd(self):
+        """The open ack.hint (created when missing). Raises OSError."""
+        if self._hintfd is None:
+            self._hintfd = os.open(os.path.join(self.directory, ACK_HINT), os.O_RDWR | os.O_CREAT, 0o644)
+        return self._hintfd
+
+    def _read_pending(self):
+        """-> the pending loss account kept in ack.hint [count, first_seq, last_seq, first_ts,
+        last_ts, reason], or None."""
         try:
-            self._pendfd = os.open(path, os.O_RDWR)
+            with open(os.path.join(self.directory, ACK_HINT), "rb") as f:
+                f.seek(_HINT_SIZE)
+                data = f.read(_PENDING_SIZE)
         except FileNotFoundError:
-            try:
-                self._pendfd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-                self._write_pending_file(None)
-            except OSError as e:
-                self._trouble("pending", "cannot create %s: %s: an account of records lost to failed "
-                              "writes is kept in memory only", GAP_PENDING, e.strerror)
             return None
         except OSError as e:
-            self._trouble("pending", "cannot open %s: %s", GAP_PENDING, e.strerror)
+            log.warning("spool %s: cannot read %s: %s: an account of lost records may be missing",
+                        self.directory, ACK_HINT, e.strerror)
+            return None
+        if not data:
             return None
         try:
-            data = os.pread(self._pendfd, _PENDING_SIZE, 0)
             body, crc = data.rstrip().rsplit(b" ", 1)
             if zlib.crc32(body) != int(crc, 16):
                 raise ValueError("CRC mismatch")
@@ -515,9 +522,9 @@ class Spool:
                     and acc[0] > 0 and 0 < acc[1] <= acc[2] and isinstance(acc[5], str)):
                 raise ValueError("not an account: %r" % (doc,))
             return acc
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            log.warning("spool %s: %s unusable (%s): an account of lost records may be missing",
-                        self.directory, GAP_PENDING, e)
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning("spool %s: the loss account in %s is unusable (%s): an account of lost "
+                        "records may be missing", self.directory, ACK_HINT, e)
             return None
 
     def _write_pending_file(self, acc, sync=False):
@@ -525,28 +532,29 @@ class Spool:
                                       "first_ts": acc[3], "last_ts": acc[4], "reason": acc[5]}
         body = json.dumps(doc, separators=(",", ":")).encode()
         data = (body + b" %08x" % zlib.crc32(body)).ljust(_PENDING_SIZE - 1) + b"\n"
-        if os.pwrite(self._pendfd, data, 0) != len(data):
+        fd = self._hint_fd()
+        if os.fstat(fd).st_size < _HINT_SIZE:
+            self._write_hint()      # a new file: the hint first, the account after it
+        if os.pwrite(fd, data, _HINT_SIZE) != len(data):
             raise OSError(errno.ENOSPC, "short write")
         if sync:
-            os.fdatasync(self._pendfd)
+            os.fdatasync(fd)
 
     def _save_failed(self, sync=None):
-        """Put the pending write-failure account (or none) in gap.pending: a pwrite in place, in
+        """Put the pending write-failure account (or none) in ack.hint: a pwrite in place, in
         the page cache (survives kill -9); synced in fsync=always mode, at close and by the
         interval's fsync."""
         self._pend_clear = False
-        if self._pendfd is None:
-            return
         if sync is None:
             sync = self.fsync == "always"
         try:
             self._write_pending_file(self._failed, sync)
         except OSError as e:
-            self._trouble("pending", "cannot write %s: %s: the account of lost records is kept in "
-                          "memory only", GAP_PENDING, e.strerror)
+            self._trouble("pending", "cannot write the loss account to %s: %s: it is kept in memory "
+                          "only", ACK_HINT, e.strerror)
             return
         self._pend_dirty = not sync and self.fsync != "never"
-        self._resolved("pending", "%s written again", GAP_PENDING)
+        self._resolved("pending", "loss account written to %s again", ACK_HINT)
 
     def _trouble(self, key, fmt, *args):
         """Log an error once while it lasts (not once per try: a full disk must not flood the log)."""
@@ -920,7 +928,7 @@ class Spool:
     def _recreate_dir(self):
         """The spool directory is gone (deleted, or replaced from outside): account for the
         segments it held, recreate it with what lived there (lock, cursor.json with the seq
-        floor, acknowledgement and generation, gap.pending). -> True when it is usable again."""
+        floor, acknowledgement and generation, ack.hint). -> True when it is usable again."""
         if "dir" not in self._troubles:
             log.error("spool %s: the spool directory was deleted or replaced from outside the agent: "
                       "recreating it; its %d un-uploaded records are lost (a gap record accounts for "
@@ -928,13 +936,13 @@ class Spool:
                       self._backlog(), SETASIDE, QUARANTINE)
         for seg in list(self._segs):
             self._lost_segment(seg, "directory")
-        for fd in self._unsynced + [self._hintfd, self._pendfd]:
+        for fd in self._unsynced + [self._hintfd]:
             if fd is not None:
                 try:
                     os.close(fd)
                 except OSError:
                     pass
-        self._unsynced, self._hintfd, self._pendfd, self._doomed = [], None, None, []
+        self._unsynced, self._hintfd, self._doomed = [], None, []
         self._bytes = self._roff = self._rline = 0
         try:
             os.makedirs(self.directory, exist_ok=True)
@@ -963,7 +971,9 @@ class Spool:
         self._troubles.discard("dir")
         self._dir_dirty = True
         self._write_cursor(durable=self.fsync != "never")
-        self._open_pending()
+        dirty = self._cursor_dirty
+        self._write_hint()
+        self._cursor_dirty = dirty
         self._save_failed()
         return True
 
@@ -1220,9 +1230,9 @@ class Spool:
                 self._dir_dirty = False
         except OSError as e:
             err = e
-        if self._pend_dirty and self._pendfd is not None:
+        if self._pend_dirty and self._hintfd is not None:
             try:
-                os.fdatasync(self._pendfd)
+                os.fdatasync(self._hintfd)
                 self._pend_dirty = False
             except OSError as e:
                 err = e
@@ -1727,7 +1737,7 @@ class Spool:
                 if self._failed is not None:
                     log.error("spool %s: stopping with %d records lost to failed writes not yet in a "
                               "gap record: kept in %s for the next start", self.directory,
-                              self._failed[0], GAP_PENDING)
+                              self._failed[0], ACK_HINT)
             self._write_cursor(durable=True)
             try:
                 os.fsync(self._dirfd)
@@ -1735,10 +1745,9 @@ class Spool:
                 pass
             self._close_lease()
         finally:
-            for fd in self._unsynced + [self._pendfd]:
-                if fd is not None:
-                    os.close(fd)
-            self._unsynced, self._pendfd = [], None
+            for fd in self._unsynced:
+                os.close(fd)
+            self._unsynced = []
             if self._hintfd is not None:
                 os.close(self._hintfd)
             os.close(self._dirfd)

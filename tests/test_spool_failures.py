@@ -20,13 +20,12 @@ from contextlib import contextmanager
 import pytest
 
 from agent.record import data_record
-from agent.spool import CURSOR, LOCK, Spool, SpoolError
+from agent.spool import ACK_HINT, CURSOR, LOCK, Spool, SpoolError
 from tests.test_spool import audit_gaps, drain_all
 from tests.test_spool_seq import collector, upload  # noqa: F401 (collector: a fixture)
 
 AGENT = "site7"
 T0 = 1_795_000_000.0
-GAP_PENDING = "gap.pending"     # (a literal: the test also runs against the code before the fix)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -211,7 +210,7 @@ def test_deleted_spool_directory_is_recreated(tmp_path, caplog):
         sp.append(reading(i))
         if i % 5 == 0:
             sp.tick()
-    assert d.is_dir() and (d / CURSOR).exists() and (d / LOCK).exists() and (d / GAP_PENDING).exists()
+    assert d.is_dir() and (d / CURSOR).exists() and (d / LOCK).exists() and (d / ACK_HINT).exists()
     assert len(errors(caplog, "deleted or replaced from outside")) == 1
     # The lock is held again: a second agent on the recreated directory is refused.
     with pytest.raises(SpoolError, match="in use"):
@@ -305,7 +304,8 @@ CHILD = textwrap.dedent("""
 
 
 def test_kill_9_during_the_outage_keeps_the_account(small_fs):
-    """gap.pending is rewritten in place (page cache): a killed agent's account survives."""
+    """The loss account is rewritten in place in ack.hint (page cache): a killed agent's
+    account survives."""
     d = small_fs / "spool"
     sp = Spool(d, AGENT, segment_bytes=4096, max_bytes=1 << 20)
     for i in range(10):
