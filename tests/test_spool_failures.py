@@ -336,6 +336,32 @@ def test_kill_9_during_the_outage_keeps_the_account(small_fs):
     sp.close()
 
 
+def test_killed_after_the_gap_record_before_the_account_is_cleared(small_fs):
+    """fsync=interval clears the on-disk account only once its gap record is synced; a kill in
+    between must not issue the account a second time (the gap record, a line after the lost
+    seqs, is found at the next start)."""
+    d = small_fs / "spool"
+    kw = dict(segment_bytes=4096, max_bytes=1 << 20, fsync="interval", fsync_interval=3600)
+    sp = Spool(d, AGENT, **kw)
+    for i in range(10):
+        sp.append(reading(i))
+    delivered = drain_all(sp)
+    filler = fill(small_fs)
+    for i in range(10, 70):                 # the active segment's last page fills, then rotation
+        sp.append(reading(i))
+    os.unlink(filler)
+    sp.append(reading(70))                  # the gap record, then the reading; no fsync yet
+    assert b'"dropped"' in (d / ACK_HINT).read_bytes()      # the account is still on disk
+    os.close(sp._lockfd)                    # "killed": no close()
+    os.close(sp._dirfd)
+    sp = Spool(d, AGENT, **kw)
+    delivered += drain_all(sp)
+    g = gaps(delivered)
+    assert len(g) == 1 and g[0]["dropped"] == len(readings_lost(delivered, 71)) >= 10
+    audit_gaps(sp.next_seq, delivered)
+    sp.close()
+
+
 # ---------------------------------------------------------------- corrupt bytes mid-segment
 
 def stored(app):
