@@ -343,11 +343,17 @@ class Loop:
         self._tick()
         self._sleep_until(min(due, self.next_status, self.next_summary, self._upload_retry_at()))
 
+    _tick_failing = False
+
     def _tick(self):
         try:
             self.spool.tick(self.wall())
         except OSError as e:
-            log.error("spool: %s", e)
+            if not self._tick_failing:      # once while it lasts, not once per loop iteration
+                log.error("spool: %s (logged once while it lasts)", e)
+            self._tick_failing = True
+        else:
+            self._tick_failing = False
 
     # -- polling -------------------------------------------------------------------------
     def client_for(self, conn):
@@ -512,15 +518,26 @@ class Loop:
                                {"kind": "agent", "message": "%s: %s" % (type(err).__name__, err)})
         self.append(rec)
 
+    # Appends failing in a row (the spool accounts for failed writes itself and never raises for
+    # them; this is what is left: say it once when it starts and once when it ends, not per reading).
+    _append_failing = 0
+
+    def _append_failed(self, e, rec):
+        self.append_errors += 1
+        if not self._append_failing:
+            log.error("spool append failed: %s: readings are lost while this lasts (logged once)", e,
+                      extra=agentlog.where(rec.get("device"), rec.get("unit")))
+        self._append_failing += 1
+
     def append(self, rec):
         try:
             self.spool.append(rec)
             self.appended += 1
+            if self._append_failing:
+                log.warning("spool append works again after %d failed appends", self._append_failing)
+                self._append_failing = 0
         except OSError as e:
-            # Flash full or gone: count and say so; polling goes on and the spool's bounds
-            # decide what is kept once it can write again.
-            self.append_errors += 1
-            log.error("spool append failed (%d so far): %s", self.append_errors, e)
+            self._append_failed(e, rec)
         except (ValueError, TypeError, OverflowError) as e:
             # A value JSON cannot carry (an infinity a decoder let through, an odd type) must
             # not stop the loop: procd would restart the agent into the same reading, forever.
@@ -546,7 +563,9 @@ class Loop:
         try:
             self.spool.append(err)
             self.appended += 1
-        except (OSError, ValueError, TypeError) as e2:
+        except OSError as e2:
+            self._append_failed(e2, err)
+        except (ValueError, TypeError) as e2:
             log.error("spool append failed (%d so far): %s", self.append_errors, e2,
                       extra=agentlog.where(device, unit))
 

@@ -10,7 +10,11 @@ Layout of the spool directory:
                          so acknowledging every poll cycle costs no new file and no fsync; it
                          survives a killed process, and after a power cut a torn hint fails its
                          CRC and cursor.json is used (re-sending means duplicates the collector
-                         drops, never loss).
+                         drops, never loss). Created at open, so acknowledgements made while the
+                         disk is full are still kept. From byte 128 on, the same file (the same
+                         page: a 16 kB tmpfs has four) holds the pending loss account: the records
+                         lost to failed writes that no gap record holds yet, one fixed-size line
+                         with a CRC, rewritten in place when it changes (see "A write that fails").
   setaside.log           torn tails and corrupt lines found while reading, kept for a human.
   quarantine.jsonl       records the collector rejected (4xx), each with the reason.
   lock                   flock: one agent per spool directory.
@@ -59,8 +63,31 @@ Promises (see issue 4/6):
   (agent.record.gap_record) says how many records were lost (exactly), all within its
   first_seq..last_seq and first_ts..last_ts; it is uploaded like any record. A dropped segment is
   unlinked only once its gap record is written (and synced). A gap record that is itself dropped
-  before upload passes its account on to the next one. A write that fails (disk full, EIO) is
-  accounted for by a gap record too; the agent never crashes on a full disk.
+  before upload passes its account on to the next one.
+- A write that fails, whatever the error (disk full, EIO, EPERM from an immutable directory or file,
+  ENOENT from a deleted spool directory), never raises: the record is lost and counted, its seq is
+  not reused, and ONE gap record per outage accounts for exactly the records lost (a gap record
+  that cannot be written takes no seq and loses nothing: it is tried again with the same account).
+  While an account is pending nothing else is written (a reading whose gap record cannot be written
+  is lost too, without a try), so the gap record is the first line after the loss. The log says it
+  once when writing stops and once when it works again. On a full disk with a backlog the oldest
+  segment is dropped to make room (as max_bytes would), at most once per outage when that does not
+  help. The account is kept in ack.hint (pwrite in place, no new file, no fsync: it survives
+  kill -9 in the page cache and costs the flash at most a page per kernel writeback; synced with
+  the interval's fsync, and at close), so an agent stopped or killed during an outage writes the
+  gap record after its restart; after a power cut the account of up to fsync_interval seconds of
+  lost records may be missing, and their seqs (never on disk, never uploaded) are then reused.
+  A deleted (or replaced) spool directory is recreated on the next write (with an ERROR line): its
+  segments are accounted for as lost, cursor.json (seq floor, acknowledgement, generation), the
+  lock and ack.hint (with the pending account) are written again; setaside.log and quarantine.jsonl, if they were there,
+  are gone.
+- Lines that were spooled but cannot be read back (corrupt bytes) are set aside and accounted for
+  by a gap record with reason "corrupt" (never folded with losses, so the collector can tell
+  corruption from loss): its range lies between the readable neighbours (exclusive; a segment's
+  name bounds it too: every line in it has a seq >= the name) and its count is the seqs missing
+  there -- not the unreadable lines: zeroed bytes or a lost newline merge several records into one
+  line, junk adds lines that held no record -- less those a readable gap record right above
+  accounts for already. A run of bad lines cut by a batch limit is counted once.
 - Acknowledged records never come back after a restart, even after SIGKILL (cursor.json or the
   ack hint, both in the page cache); after a power cut up to fsync_interval seconds of
   acknowledgements may be re-sent (duplicates the collector drops, never loss).
@@ -97,7 +124,11 @@ FSYNC_MODES = ("always", "interval", "never")
 
 _SCAN_CHUNK = 256 << 10
 _SETASIDE_MAX = 1 << 20     # a wholly corrupt spool must not fill the flash with its copy
-_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG, errno.EROFS, errno.EACCES)
+CORRUPT = "corrupt"         # the reason of gap records for lines spooled but unreadable
+_HINT_SIZE = 128            # ack.hint: the acknowledgement line, then (at this offset) ...
+_PENDING_SIZE = 1024        # ... the pending loss account; both rewritten in place, never grown
+# Errors after which dropping the oldest segment can make room for the write.
+_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 # A change of (wall clock - monotonic clock) larger than this between two ticks is a clock step
 # (NTP setting an unset clock, an operator's `date -s`), not drift: segment ages follow it.
 CLOCK_STEP = 60.0
@@ -212,8 +243,18 @@ class Spool:
         self._pending_loss = []     # [count, first_seq, last_seq, first_ts, last_ts, reason] not yet in a gap record
         self._oldest_cache = (None, None)
         self._corrupt_mark = (0, -1)
+        self._cut = False           # the last _collect_lines stopped at a limit, not at the end
+        self._corrupt_memo = (0, 0)     # (lower, upper) seqs of the last corrupt account
+        # Records lost to failed writes that no gap record holds yet (also in _pending_loss, and
+        # in ack.hint): [count, first_seq, last_seq, first_ts, last_ts, reason] or None.
+        self._failed = None
+        self._pend_dirty = False    # the pending account (in ack.hint) written since the last fsync
+        self._pend_clear = False    # a gap record took the account: clear it on disk after its fsync
+        self._outage = None         # writes are failing: [monotonic start, strerror, lost, drop futile]
+        self._troubles = set()      # what is failing (cursor, hint, fsync...): logged once, not per try
+        self._locked_out = False    # the recreated directory is locked by another agent
         self.totals = {"appended": 0, "dropped": 0, "gaps": 0, "corrupt_skipped": 0, "torn_set_aside": 0,
-                       "quarantined": 0, "write_errors": 0}
+                       "quarantined": 0, "write_errors": 0, "write_lost": 0, "corrupt_lost": 0}
         self.bytes_written = 0      # line bytes written by this process (for bytes-per-record)
 
         try:
@@ -339,6 +380,21 @@ class Spool:
             floor = lease["lease"]
         if lease is not None:
             self._lease_end = lease["lease"]
+        failed = self._read_pending()
+        if failed is not None:
+            on_disk = max((seg.last_seq for seg in self._segs if seg.last_seq is not None), default=0)
+            if on_disk > failed[2]:
+                # A line after the lost seqs exists: the first one written after a loss is its gap
+                # record (nothing else is written while an account is pending), so the account
+                # is in the spool already (the process was killed before the account was cleared).
+                self._pend_clear = True     # cleared below
+            else:
+                log.warning("spool %s: %d records seq %d..%d were lost to failed writes before the "
+                            "restart (%s): a gap record will account for them", self.directory,
+                            failed[0], failed[1], failed[2], failed[5])
+                self._failed = failed
+                self._pending_loss = [list(failed)]
+                floor = max(floor, failed[2] + 1)   # the gap record's range must stay unused
         if cursor and isinstance(cursor.get("origin_seq"), int):
             self.origin_seq = cursor["origin_seq"]
         else:
@@ -349,6 +405,19 @@ class Spool:
             # is opened without the seq_file: a status look, a test) keep the one on disk.
             self._gen, self._gen_prev = cursor.get("gen"), cursor.get("gen_prev")
         self._position(cursor)
+        # ack.hint is created now, while there is room: acknowledgements and the loss account
+        # made while the disk is full then still overwrite it in place (cursor.json needs a new
+        # file for every write).
+        if hint is None:
+            dirty = self._cursor_dirty
+            self._write_hint()
+            self._cursor_dirty = dirty
+        try:
+            size = os.fstat(self._hint_fd()).st_size
+        except OSError:
+            size = 0
+        if self._pend_clear or size < _HINT_SIZE + _PENDING_SIZE:
+            self._save_failed()
         if self.seq_file is not None:
             self._new_generation(cursor, lease, mine)
         now = self._clock()
@@ -393,7 +462,7 @@ class Spool:
     def _read_hint(self):
         try:
             with open(os.path.join(self.directory, ACK_HINT), "rb") as f:
-                data = f.read(256)
+                data = f.read(_HINT_SIZE)
             body, crc = data.rstrip().rsplit(b" ", 1)
             if zlib.crc32(body) != int(crc, 16):
                 raise ValueError("CRC mismatch")
@@ -409,16 +478,94 @@ class Spool:
         seg = self._segs[0] if self._segs else None
         body = b"%d %d %d %d" % (self._acked_seq, self._next_seq, seg.key if seg else self._next_seq,
                                  self._roff if seg else 0)
-        data = (body + b" %08x" % zlib.crc32(body)).ljust(127) + b"\n"
+        data = (body + b" %08x" % zlib.crc32(body)).ljust(_HINT_SIZE - 1) + b"\n"
         try:
-            if self._hintfd is None:
-                self._hintfd = os.open(os.path.join(self.directory, ACK_HINT), os.O_RDWR | os.O_CREAT, 0o644)
-            os.pwrite(self._hintfd, data, 0)
+            os.pwrite(self._hint_fd(), data, 0)
         except OSError as e:
-            log.error("spool %s: cannot write %s: %s", self.directory, ACK_HINT, e.strerror)
+            self._trouble("hint", "cannot write %s: %s", ACK_HINT, e.strerror)
             self._write_cursor(durable=False)
             return
+        self._resolved("hint", "%s written again", ACK_HINT)
         self._cursor_dirty = True
+
+    def _hint_fd(self):
+        """The open ack.hint (created when missing). Raises OSError."""
+        if self._hintfd is None:
+            self._hintfd = os.open(os.path.join(self.directory, ACK_HINT), os.O_RDWR | os.O_CREAT, 0o644)
+        return self._hintfd
+
+    def _read_pending(self):
+        """-> the pending loss account kept in ack.hint [count, first_seq, last_seq, first_ts,
+        last_ts, reason], or None."""
+        try:
+            with open(os.path.join(self.directory, ACK_HINT), "rb") as f:
+                f.seek(_HINT_SIZE)
+                data = f.read(_PENDING_SIZE)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            log.warning("spool %s: cannot read %s: %s: an account of lost records may be missing",
+                        self.directory, ACK_HINT, e.strerror)
+            return None
+        if not data:
+            return None
+        try:
+            body, crc = data.rstrip().rsplit(b" ", 1)
+            if zlib.crc32(body) != int(crc, 16):
+                raise ValueError("CRC mismatch")
+            doc = json.loads(body)
+            if not doc:
+                return None
+            acc = [doc["dropped"], doc["first_seq"], doc["last_seq"], doc.get("first_ts"),
+                   doc.get("last_ts"), doc["reason"]]
+            if not (type(acc[0]) is int and type(acc[1]) is int and type(acc[2]) is int
+                    and acc[0] > 0 and 0 < acc[1] <= acc[2] and isinstance(acc[5], str)):
+                raise ValueError("not an account: %r" % (doc,))
+            return acc
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning("spool %s: the loss account in %s is unusable (%s): an account of lost "
+                        "records may be missing", self.directory, ACK_HINT, e)
+            return None
+
+    def _write_pending_file(self, acc, sync=False):
+        doc = {} if acc is None else {"dropped": acc[0], "first_seq": acc[1], "last_seq": acc[2],
+                                      "first_ts": acc[3], "last_ts": acc[4], "reason": acc[5]}
+        body = json.dumps(doc, separators=(",", ":")).encode()
+        data = (body + b" %08x" % zlib.crc32(body)).ljust(_PENDING_SIZE - 1) + b"\n"
+        fd = self._hint_fd()
+        if os.fstat(fd).st_size < _HINT_SIZE:
+            self._write_hint()      # a new file: the hint first, the account after it
+        if os.pwrite(fd, data, _HINT_SIZE) != len(data):
+            raise OSError(errno.ENOSPC, "short write")
+        if sync:
+            os.fdatasync(fd)
+
+    def _save_failed(self, sync=None):
+        """Put the pending write-failure account (or none) in ack.hint: a pwrite in place, in
+        the page cache (survives kill -9); synced in fsync=always mode, at close and by the
+        interval's fsync."""
+        self._pend_clear = False
+        if sync is None:
+            sync = self.fsync == "always"
+        try:
+            self._write_pending_file(self._failed, sync)
+        except OSError as e:
+            self._trouble("pending", "cannot write the loss account to %s: %s: it is kept in memory "
+                          "only", ACK_HINT, e.strerror)
+            return
+        self._pend_dirty = not sync and self.fsync != "never"
+        self._resolved("pending", "loss account written to %s again", ACK_HINT)
+
+    def _trouble(self, key, fmt, *args):
+        """Log an error once while it lasts (not once per try: a full disk must not flood the log)."""
+        if key not in self._troubles:
+            self._troubles.add(key)
+            log.error("spool %s: " + fmt, self.directory, *args)
+
+    def _resolved(self, key, fmt, *args):
+        if key in self._troubles:
+            self._troubles.discard(key)
+            log.info("spool %s: " + fmt, self.directory, *args)
 
     def _read_lease(self):
         if self.seq_file is None:
@@ -630,7 +777,7 @@ class Spool:
             with open(path, "ab") as f:
                 f.write(head + data[:64 << 10] + b"\n")
         except OSError as e:
-            log.warning("spool %s: cannot write %s: %s", self.directory, SETASIDE, e.strerror)
+            self._trouble("setaside", "cannot write %s: %s", SETASIDE, e.strerror)
 
     # ------------------------------------------------------------------ writing
 
@@ -656,8 +803,36 @@ class Spool:
         if seq >= self._lease_end:
             self._extend_lease(seq)
         self._next_seq = seq + 1
-        self._write(line, seq, record.get("ts"), now)
+        if self._failed is None and self._write(line, seq, record.get("ts"), now):
+            if self._outage is not None:
+                self._end_outage(None)
+            return seq
+        # else: its gap record could not be written just now, so neither can this line (and it
+        # must not come first: see _recover)
+        self._lose(seq, record.get("ts"))
         return seq
+
+    def _lose(self, seq, ts):
+        """Account for a record lost to a failed write (its seq stays unused)."""
+        why = "write failed: %s" % (self._outage[1] if self._outage else "unknown error")
+        self.totals["write_lost"] += 1
+        if self._outage is not None:
+            self._outage[2] += 1
+        span = (1, seq, seq, ts, ts, why)
+        acc = self._failed
+        if acc is None:
+            self._failed = list(span)
+        else:
+            acc[0] += 1
+            acc[2] = max(acc[2], seq)
+            if ts is not None and (acc[3] is None or ts < acc[3]):
+                acc[3] = ts
+            if ts is not None and (acc[4] is None or ts > acc[4]):
+                acc[4] = ts
+            if why not in acc[5].split("; "):
+                acc[5] = (acc[5] + "; " + why)[:300]
+        self._remember_gap([span], why)
+        self._save_failed()
 
     def _write(self, line, seq, ts, now, retry=True):
         """-> True when the line is in the segment (page cache at least)."""
@@ -672,8 +847,6 @@ class Spool:
                     raise OSError(errno.ENOSPC, "short write")
                 n += k
         except OSError as e:
-            if e.errno not in _DISK_ERRNOS:
-                raise
             return self._write_failed(e, line, seq, ts, now, retry)
         seg.size += len(line)
         seg.count += 1
@@ -692,7 +865,11 @@ class Spool:
         return True
 
     def _write_failed(self, e, line, seq, ts, now, retry):
+        """A write failed (any error: the caller accounts for the line). Tidy up, try a remedy
+        once (recreate a deleted directory; drop the oldest segment on a full disk), say it once
+        per outage. -> True when the line got written after all."""
         self.totals["write_errors"] += 1
+        why = e.strerror or str(e)
         if self._wfd is not None:
             try:   # take back a partial line so the segment stays self-delimiting
                 os.ftruncate(self._wfd, self._segs[-1].size)
@@ -706,15 +883,99 @@ class Spool:
             self._wfd = None
             if not self._segs[-1].size:
                 self._delete(self._segs.pop(), durable=False)
-        if retry and len(self._segs) > 1:
+        if retry and self._dir_lost():
+            if self._recreate_dir():
+                return self._write(line, seq, ts, now, retry=False)
+        elif retry and e.errno in _SPACE_ERRNOS and len(self._segs) > 1 and not (
+                self._outage is not None and self._outage[3]):
             # Make room: the oldest data goes (accounted for by a gap record), the newest is kept.
-            self._remember_gap(self._drop_oldest(), "disk full: %s" % e.strerror)
+            self._remember_gap(self._drop_oldest(), "disk full: %s" % why)
             self._reap()        # the space is needed now; the gap record follows with the next write
-            return self._write(line, seq, ts, now, retry=False)
-        log.error("spool %s: cannot write seq %d: %s; the record is lost and a gap record will say so",
-                  self.directory, seq, e.strerror)
-        self._remember_gap([(1, seq, seq, ts, ts, None)], "write failed: %s" % e.strerror)
+            if self._write(line, seq, ts, now, retry=False):
+                return True
+            if self._outage is not None:
+                self._outage[3] = True     # dropping did not help: not again in this outage
+        if self._outage is None:
+            self._outage = [self._mono(), why, 0, False]
+            log.error("spool %s: cannot write (seq %d): %s: records are lost while this lasts (logged "
+                      "once); a gap record will account for them once writing works again",
+                      self.directory, seq, why)
+        else:
+            self._outage[1] = why
         return False
+
+    def _end_outage(self, gap):
+        start, why, lost, _ = self._outage
+        self._outage = None
+        if gap is None:
+            log.warning("spool %s: writing works again after %.1fs (%s); %d records lost",
+                        self.directory, self._mono() - start, why, lost)
+        else:
+            seq, count, fseq, lseq, fts, lts, reason = gap
+            log.warning("spool %s: writing works again after %.1fs (%s): gap record seq %d: %d records "
+                        "seq %s..%s (%s..%s) lost: %s", self.directory, self._mono() - start, why,
+                        seq, count, fseq, lseq, fts, lts, reason)
+
+    def _dir_lost(self):
+        """Was the spool directory deleted, or replaced by another one, since it was opened?"""
+        try:
+            st = os.stat(self.directory)
+            mine = os.fstat(self._dirfd)
+        except OSError:
+            return True
+        return (st.st_dev, st.st_ino) != (mine.st_dev, mine.st_ino) or mine.st_nlink == 0
+
+    def _recreate_dir(self):
+        """The spool directory is gone (deleted, or replaced from outside): account for the
+        segments it held, recreate it with what lived there (lock, cursor.json with the seq
+        floor, acknowledgement and generation, ack.hint). -> True when it is usable again."""
+        if "dir" not in self._troubles:
+            log.error("spool %s: the spool directory was deleted or replaced from outside the agent: "
+                      "recreating it; its %d un-uploaded records are lost (a gap record accounts for "
+                      "them), and %s and %s are gone if they were there", self.directory,
+                      self._backlog(), SETASIDE, QUARANTINE)
+        for seg in list(self._segs):
+            self._lost_segment(seg, "directory")
+        for fd in self._unsynced + [self._hintfd]:
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._unsynced, self._hintfd, self._doomed = [], None, []
+        self._bytes = self._roff = self._rline = 0
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+            dirfd = os.open(self.directory, os.O_RDONLY)
+        except OSError as e:
+            self._trouble("dir", "cannot recreate the spool directory: %s", e.strerror)
+            return False
+        os.close(self._dirfd)
+        self._dirfd = dirfd
+        try:
+            lockfd = os.open(os.path.join(self.directory, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(lockfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(lockfd)
+                raise
+        except OSError as e:
+            # Another agent took the new directory: writing there would mix two spools.
+            self._locked_out = True
+            self._trouble("dir", "the recreated spool directory is in use by another agent (%s): "
+                          "this agent's records are lost until it is restarted", e.strerror)
+            return False
+        os.close(self._lockfd)
+        self._lockfd = lockfd
+        self._locked_out = False
+        self._troubles.discard("dir")
+        self._dir_dirty = True
+        self._write_cursor(durable=self.fsync != "never")
+        dirty = self._cursor_dirty
+        self._write_hint()
+        self._cursor_dirty = dirty
+        self._save_failed()
+        return True
 
     def _remember_gap(self, spans, reason):
         """Queue losses for the next gap record. A span is (count, first_seq, last_seq, first_ts,
@@ -723,15 +984,16 @@ class Spool:
         first_seq..last_seq (the range may also hold records that were delivered, such as other
         gap records). Folding (rather than one record per disjoint range) keeps a spool that
         overflows for days from filling up with gap records re-issuing each other's accounts."""
-        acc = self._pending_loss[0] if self._pending_loss else None
         for span in spans:
             count, fseq, lseq, fts, lts, why = span
             if not count:
                 continue
             why = why or reason
+            # Corruption and loss are told apart: each folds only into its own kind of account.
+            corrupt = why == CORRUPT
+            acc = next((a for a in self._pending_loss if (a[5] == CORRUPT) == corrupt), None)
             if acc is None:
-                acc = [count, fseq, lseq, fts, lts, why]
-                self._pending_loss = [acc]
+                self._pending_loss.append([count, fseq, lseq, fts, lts, why])
                 continue
             acc[0] += count
             acc[1] = min(acc[1], fseq)
@@ -744,6 +1006,9 @@ class Spool:
                 acc[5] = (acc[5] + "; " + why)[:300]
 
     def _write_pending_gap(self):
+        """Write the pending accounts as gap records. -> True when none is left. A gap record that
+        cannot be written takes no seq (nothing was written: the seq was never handed out) and
+        loses nothing: the account waits for the next try, with whatever was lost meanwhile."""
         pending, self._pending_loss = self._pending_loss, []
         for i, p in enumerate(pending):
             count, fseq, lseq, fts, lts, reason = p
@@ -757,16 +1022,30 @@ class Spool:
             now = self._clock()
             if self._wfd is not None and self._segs[-1].size + len(line) > self.segment_bytes:
                 self._rotate()
-            if not self._write(line, seq, rec["ts"], now, retry=False):
-                # Still failing: the gap record's own seq is lost too (queued by _write_failed);
-                # keep every account for the next attempt.
-                self._pending_loss[:0] = [list(x) for x in pending[i:]]
-                return
+            if not self._write(line, seq, rec["ts"], now):
+                self._next_seq = seq
+                new, self._pending_loss = self._pending_loss, [list(x) for x in pending[i:]]
+                if new:     # lost while trying (a segment dropped to make room): folded in
+                    self._remember_gap([tuple(x) for x in new], new[0][5])
+                return False
             self.totals["gaps"] += 1
-            log.warning("spool %s: gap record seq %d: %d records seq %s..%s (%s..%s) lost: %s",
-                        self.directory, seq, count, fseq, lseq, fts, lts, reason)
+            if self._failed is not None and reason != CORRUPT:
+                # Its account is in this gap record now (folded in: _remember_gap).
+                self._failed = None
+                if self.fsync == "interval":
+                    self._pend_clear = True     # once the gap record is durable (_sync)
+                else:
+                    self._save_failed()
+            if self._outage is not None:
+                self._end_outage((seq, count, fseq, lseq, fts, lts, reason))
+            else:
+                log.warning("spool %s: gap record seq %d: %d records seq %s..%s (%s..%s) lost: %s",
+                            self.directory, seq, count, fseq, lseq, fts, lts, reason)
+        return True
 
     def _open_segment(self, seq):
+        if self._locked_out:
+            raise OSError(errno.ENOLCK, "spool directory in use by another agent")
         seg = _Segment(seq, self._seg_path(seq))
         self._wfd = os.open(seg.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self._segs.append(seg)
@@ -794,16 +1073,18 @@ class Spool:
             self._rotate()
             self._collect()
         why = "spool over max_bytes (%d)" % self.max_bytes
+        before = self._next_seq
+        dropped = False
         while self._over(n) and len(self._segs) > 1:
             self._remember_gap(self._drop_oldest(), why)
+            dropped = True
         if self._wfd is None and self._segs and self._over(n):
             self._remember_gap(self._drop_oldest(), why)   # a lone closed segment over the bound
-        if self._pending_loss:
+            dropped = True
+        if dropped and self._pending_loss:
             self._write_pending_gap()
-            self._reap()
-            return True
         self._reap()
-        return False
+        return self._next_seq != before
 
     def _over(self, n):
         """Would n more bytes, plus the gap records still to write, break max_bytes?"""
@@ -841,17 +1122,26 @@ class Spool:
             self._lost_segment(seg, e)
             return []
         pos = 0
+        last, run = self._acked_seq, None
         while pos < len(data):
             nl = data.find(b"\n", pos)
             if nl < 0:
                 break
             line = data[pos:nl]
-            pos = nl + 1
+            at, pos = start + pos, nl + 1
             m = self._meta(line)
-            if m is None or m[0] <= self._acked_seq:
-                if m is None:
-                    self.totals["corrupt_skipped"] += 1
+            if m is None:
+                if self._corrupt(seg, at, line):      # unread so far: account for it as the reader would
+                    if run is None:
+                        run = [0, max(last, seg.key - 1), None]
+                    run[0] += 1
                 continue
+            if m[0] <= self._acked_seq:
+                continue
+            if run is not None and m[0] > run[1]:
+                self._corrupt_account(run, m[0], m[1], line)
+                run = None
+            last = max(last, m[0])
             direct += 1
             if fseq is None:
                 fseq = m[0]
@@ -867,6 +1157,8 @@ class Spool:
                 if g is not None and type(g.get("dropped")) is int and type(g.get("first_seq")) is int:
                     carried.append((g["dropped"], g["first_seq"], g.get("last_seq"), g.get("first_ts"),
                                     g.get("last_ts"), g.get("reason")))
+        if run is not None:
+            self._corrupt_account(run, *(self._next_good((seg.key + 1, 0), run[1]) or (self._next_seq, None, None)))
         self._segs.pop(0)
         self._roff = self._rline = 0
         self.totals["dropped"] += direct
@@ -890,11 +1182,16 @@ class Spool:
         if defer:
             self._doomed.append(seg.path)
             return
+        self._unlink(seg.path)
+        self._dir_dirty = True
+
+    def _unlink(self, path):
         try:
-            os.unlink(seg.path)
+            os.unlink(path)
         except FileNotFoundError:
             pass
-        self._dir_dirty = True
+        except OSError as e:    # an immutable directory: found again (and skipped) at the next start
+            self._trouble("unlink", "cannot delete %s: %s", os.path.basename(path), e.strerror)
 
     def _reap(self):
         """Unlink dropped segments, after syncing the gap records written for them."""
@@ -903,10 +1200,7 @@ class Spool:
         if self.fsync != "never" and self._dirty:
             self._sync()
         for path in self._doomed:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+            self._unlink(path)
         self._doomed = []
         self._dir_dirty = True
 
@@ -936,12 +1230,21 @@ class Spool:
                 self._dir_dirty = False
         except OSError as e:
             err = e
+        if self._pend_dirty and self._hintfd is not None:
+            try:
+                os.fdatasync(self._hintfd)
+                self._pend_dirty = False
+            except OSError as e:
+                err = e
         if err is not None:
             self.totals["write_errors"] += 1
-            log.error("spool %s: fsync failed: %s", self.directory, err.strerror)
+            self._trouble("fsync", "fsync failed: %s", err.strerror)
             return
+        self._resolved("fsync", "fsync works again")
         self._dirty = False
         self._last_sync = self._mono()
+        if self._pend_clear and self._failed is None:
+            self._save_failed()     # the gap record that holds the account is durable now
 
     def _write_cursor(self, durable):
         seg = self._segs[0] if self._segs else None
@@ -973,8 +1276,14 @@ class Spool:
             # Disk full or failing: the old cursor stays (re-sending means duplicates the collector
             # drops, never loss); keep trying on the next acknowledgement.
             self._cursor_dirty = True
-            log.error("spool %s: cannot write %s: %s", self.directory, CURSOR, e.strerror)
+            self._trouble("cursor", "cannot write %s: %s (tried again at every acknowledgement; "
+                          "logged once)", CURSOR, e.strerror)
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
             return False
+        self._resolved("cursor", "%s written again", CURSOR)
         if durable:
             self._cursor_dirty = False
             self._last_cursor_sync = self._mono()
@@ -988,10 +1297,12 @@ class Spool:
             now = self._clock()
         mono = self._check_step(now)
         if self.fsync == "interval":
-            if self._dirty and mono - self._last_sync >= self.fsync_interval:
+            if (self._dirty or self._pend_dirty) and mono - self._last_sync >= self.fsync_interval:
                 self._sync()
             if self._cursor_dirty and mono - self._last_cursor_sync >= self.fsync_interval:
                 self._write_cursor(durable=True)
+        if self._dir_lost():
+            self._recreate_dir()
         if self._wfd is not None:
             try:
                 gone = os.fstat(self._wfd).st_nlink == 0
@@ -1055,13 +1366,15 @@ class Spool:
         first = seg.first_seq
         if head and self._acked_seq + 1 > (first or 0):
             first = self._acked_seq + 1
-        if isinstance(err, FileNotFoundError) or err == "unlinked":
+        if err == "directory":
+            why = "spool directory deleted from outside the agent"
+        elif isinstance(err, FileNotFoundError) or err == "unlinked":
             why = "segment file deleted from outside the agent"
         elif err is None:
             why = "segment file truncated from outside the agent"
         else:
             why = "segment file unreadable: %s" % (err.strerror or err)
-        if why != "segment file deleted from outside the agent":
+        if err != "directory" and why != "segment file deleted from outside the agent":
             try:
                 os.replace(seg.path, seg.path + ".unreadable")
             except OSError:
@@ -1069,7 +1382,10 @@ class Spool:
         log.error("spool %s: segment %s: %s: %d records lost", self.directory, os.path.basename(seg.path),
                   why, lost)
         if seg is self._segs[-1] and self._wfd is not None:
-            os.close(self._wfd)
+            try:
+                os.close(self._wfd)
+            except OSError:
+                pass
             self._wfd = None
         self._segs.remove(seg)
         self._bytes -= seg.size
@@ -1094,6 +1410,8 @@ class Spool:
             if batch is not None:
                 return batch
             if skipped_to is None:
+                if self._pending_loss and self._write_pending_gap():
+                    continue    # the gap record for lines just found unreadable
                 return None
             self._advance(skipped_to)   # only corrupt or already-acked lines there: step over
 
@@ -1109,21 +1427,84 @@ class Spool:
         self._check_lines(raw)
         lines, seqs, ends = [], [], []
         last = self._acked_seq
+        run = None      # unreadable lines not yet accounted for: [lines, lower seq, lower ts]
+        prev = None     # the last readable line
         for e in raw:
             line, seq, endpos, seg, off = e
             if seq is None or seq <= last:
-                if seq is None or seq > self._acked_seq:
-                    self._corrupt(seg, off, line)
+                if (seq is None or seq > self._acked_seq) and self._corrupt(seg, off, line):
+                    if run is None:
+                        # Every line of a segment has a seq >= its name (the seq of its first line).
+                        run = [0, max(last, seg.key - 1), self._meta(prev)[1] if prev is not None else None]
+                    run[0] += 1
                 if ends:
                     ends[-1] = endpos    # acknowledging the batch steps over the bad line too
                 continue
+            if run is not None:
+                self._corrupt_account(run, seq, self._meta(line)[1], line)
+                run = None
             last = seq
+            prev = line
             lines.append(line)
             seqs.append(seq)
             ends.append(endpos)
+        if run is not None:
+            # The readable neighbour above is further on (or there is none: every seq up to the
+            # next one to be handed out is then below it).
+            nxt = self._next_good(raw[-1][2], run[1]) if self._cut else None
+            self._corrupt_account(run, *(nxt or (self._next_seq, None, None)))
         if lines:
             return Batch(lines, seqs, ends), None
         return None, raw[-1][2]
+
+    def _corrupt_account(self, run, upper, upper_ts, upper_line):
+        """Unreadable lines between the readable seqs run[1] and `upper`: a gap record (reason
+        "corrupt") for the seqs missing between them. Counting seqs, not lines: zeroed bytes or a
+        lost newline merge several records into one unreadable line, junk adds lines that held no
+        record. Seqs between them that a readable gap record right after accounts for already
+        (records lost to a failed write) are not counted twice; the same range seen again, across
+        a batch boundary, is not counted again."""
+        lines, lower, lower_ts = run
+        room = upper - lower - 1
+        if upper_line is not None and b'"kind":"gap"' in upper_line:
+            g = self._parse(upper_line)
+            if g is not None and type(g.get("dropped")) is int and type(g.get("first_seq")) is int \
+                    and type(g.get("last_seq")) is int:
+                overlap = min(g["last_seq"], upper - 1) - max(g["first_seq"], lower + 1) + 1
+                room -= max(0, min(g["dropped"], overlap))
+        memo_lower, memo_upper = self._corrupt_memo
+        if upper == memo_upper and lower >= memo_lower:
+            return      # the rest of a run already accounted for (the whole range was counted)
+        count = room
+        if count <= 0:
+            return      # not records of their own (junk, a duplicate): set aside, nothing lost
+        self._corrupt_memo = (lower, upper)
+        self.totals["corrupt_lost"] += count
+        log.warning("spool %s: %d unreadable lines between seq %d and %d (set aside in %s): %d records "
+                    "cannot be read back; a gap record accounts for them", self.directory, lines,
+                    lower, upper, SETASIDE, count)
+        self._remember_gap([(count, lower + 1, upper - 1, lower_ts, upper_ts, CORRUPT)], CORRUPT)
+
+    def _next_good(self, end, above):
+        """-> (seq, ts, line) of the first readable line after reader position `end` with a seq above
+        `above`, or None when there is none yet. Rare (a corrupt run cut by a batch limit)."""
+        key, off = end[0], end[1]
+        for seg in self._segs:
+            if seg.key < key:
+                continue
+            start = off if seg.key == key else 0
+            try:
+                with open(seg.path, "rb") as f:
+                    f.seek(start)
+                    data = f.read(max(0, seg.size - start))
+            except OSError:
+                return None
+            for line in data.split(b"\n")[:-1]:
+                rec = self._parse(line)
+                if rec is not None and rec["seq"] > above:
+                    ts = rec.get("ts")
+                    return rec["seq"], ts if isinstance(ts, str) else None, line
+        return None
 
     def _collect_lines(self, max_records, max_bytes):
         """Complete lines from the reader on, within the limits (at least one):
@@ -1133,6 +1514,7 @@ class Spool:
         raw = []
         nbytes = 0
         plen = self._plen
+        self._cut = True
         for i, seg in enumerate(self._segs):
             off = self._roff if i == 0 else 0
             lno = self._rline if i == 0 else 0
@@ -1178,6 +1560,7 @@ class Spool:
                     off += pos
             finally:
                 os.close(fd)
+        self._cut = False
         return raw
 
     def _check_lines(self, raw):
@@ -1203,13 +1586,15 @@ class Spool:
             e[1] = rec["seq"] if rec is not None else None
 
     def _corrupt(self, seg, offset, line):
+        """Count and set aside an unreadable line, once. -> True when it is new."""
         if (seg.key, offset) <= self._corrupt_mark:
-            return      # seen by an earlier peek of the same, not yet acknowledged, lines
+            return False    # seen by an earlier peek of the same, not yet acknowledged, lines
         self._corrupt_mark = (seg.key, offset)
         self.totals["corrupt_skipped"] += 1
         self._set_aside(seg.path, offset, line, "corrupt line skipped")
         log.warning("spool %s: corrupt line at offset %d skipped (%d bytes): %r",
                     seg.path, offset, len(line), line[:60])
+        return True
 
     def _advance(self, end):
         key, off, lno = end
@@ -1342,13 +1727,27 @@ class Spool:
             self._sync()
             self._reap()
             if self._wfd is not None:
-                os.fsync(self._wfd)
-                os.close(self._wfd)
-                self._wfd = None
+                try:
+                    os.fsync(self._wfd)
+                finally:
+                    os.close(self._wfd)
+                    self._wfd = None
+            if self._failed is not None or self._pend_clear:
+                self._save_failed(sync=True)    # the account survives the stop (see _recover)
+                if self._failed is not None:
+                    log.error("spool %s: stopping with %d records lost to failed writes not yet in a "
+                              "gap record: kept in %s for the next start", self.directory,
+                              self._failed[0], ACK_HINT)
             self._write_cursor(durable=True)
-            os.fsync(self._dirfd)
+            try:
+                os.fsync(self._dirfd)
+            except OSError:
+                pass
             self._close_lease()
         finally:
+            for fd in self._unsynced:
+                os.close(fd)
+            self._unsynced = []
             if self._hintfd is not None:
                 os.close(self._hintfd)
             os.close(self._dirfd)

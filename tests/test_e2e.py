@@ -327,10 +327,13 @@ def test_torn_and_corrupt_spool_file_at_start(e2e):
     e.start_agent()
     e.wait_stored(last - origin + 1 + 5)
     e.stop_agent()
-    s = e.audit(allowed_missing={victim})
-    # Only the corrupted line is gone. The torn line was never complete, so never uploaded:
-    # its seq is given to the first record after the restart, which arrives whole.
+    s = e.audit(expect_gaps=True)
+    # Only the corrupted line is gone, and a gap record (reason "corrupt") says so. The torn line
+    # was never complete, so never uploaded: its seq is given to the first record after the
+    # restart, which arrives whole.
     assert s["missing"] == 1
+    assert [(g["reason"], g["dropped"], g["first_seq"], g["last_seq"]) for g in e.stored()
+            if g.get("kind") == "gap"] == [("corrupt", 1, victim, victim)]
     reused = [r for r in e.stored() if r["seq"] == last + 1]
     assert reused and len(reused[0]["ts"]) == 24 and reused[0]["ts"] > min(r["ts"] for r in e.stored())
     setaside = (e.spool_dir / "setaside.log").read_bytes()
