@@ -31,6 +31,9 @@ def make_app(config=None, **overrides):
             config = os.environ.get("MODBUS_COLLECTOR_CONFIG") or None
         cfg = load_config(config, **overrides)
     kw = {"clock": clock} if clock else {}
-    app = CollectorApp(cfg, store or open_store(cfg.db), **kw)
+    # The store lets a newer batch take over a device's "last" record from one stamped more than
+    # this far ahead of its arrival: the same limit ingest refuses beyond (one fact, one key).
+    skew = min(cfg.max_future_skew, 3650 * 86400.0) if cfg.max_future_skew and cfg.max_future_skew > 0 else None
+    app = CollectorApp(cfg, store or open_store(cfg.db, future_skew=skew), **kw)
     app.start_retention()
     return app

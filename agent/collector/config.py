@@ -18,7 +18,7 @@ DEFAULTS = {
     "open_reads": False,           # beyond loopback, no read_token is refused unless this is yes
     "open_writes": False,          # beyond loopback, writes without tokens are refused unless yes
     "max_body_bytes": 8 << 20,
-    "max_decompressed_bytes": 64 << 20,
+    "max_decompressed_bytes": 16 << 20,
     "max_records": 10000,
     "max_depth": 8,
     "max_future_skew": 86400.0,    # a record's ts may be this far ahead of the collector's clock; 0: no check
