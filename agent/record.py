@@ -15,23 +15,12 @@ Records that are not readings carry a "kind":
   "health"  per-device health counters ("device", "health": {...}).
 (agent, seq) is the identity of every record; the spool assigns seq when it appends.
 A record taken while the clock is obviously unset (before CLOCK_SANE) has "clock": "unsynced".
+The line format itself (key order, timestamp, encoding, batch envelope) is agent.wire's.
 """
-import json
-import time
+from agent.wire import encode, utc_timestamp  # noqa: F401  (re-exported: the record's encoding)
 
 # Release date of this version: a router clock before it has not been set by NTP yet.
 CLOCK_SANE = 1_790_000_000.0  # 2026-09-21T14:13:20Z
-
-_encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-
-
-def utc_timestamp(t):
-    """Seconds since the epoch -> '2026-11-21T10:30:45.123Z' (UTC, milliseconds)."""
-    ms = int(round(t * 1000.0))
-    secs, ms = divmod(ms, 1000)
-    tm = time.gmtime(secs)
-    return "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ" % (
-        tm.tm_year, tm.tm_mon, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, ms)
 
 
 def _base(agent, t, **fields):
@@ -75,7 +64,3 @@ def health_record(agent, t, device, unit, health):
     return _base(agent, t, kind="health", device=device, unit=unit, health=health)
 
 
-def encode(record):
-    """Record -> one line of UTF-8 JSON, newline included. NaN/inf are not JSON: the caller
-    must have replaced them (decoders turn them into None)."""
-    return (_encoder.encode(record) + "\n").encode("utf-8")
