@@ -29,7 +29,10 @@ measured requests age nothing, and the loop's starvation rule (agent.loop) takes
 Deadline: `[upload] timeout` is the TOTAL time of one request (connect, send, headers, body),
 whatever the server does. requests' own timeout is per socket read: a server (or proxy) that
 dribbles one byte a second would hold the single-threaded loop, and SIGTERM, forever. See
-`_Alarm` for how it is enforced. The answer is read up to ANSWER_MAX bytes: a larger one is an
+`_Alarm` for how it is enforced. A request that ran long without an answer backs off at
+least NO_ANSWER_BACKOFF times as long (within backoff_max), so a hung or dribbling server costs
+polling a bounded share of the time, not a timeout every few polls. The answer is read up to
+ANSWER_MAX bytes: a larger one is an
 error naming its size (the batch stays in the spool and goes again after the back-off), so a
 hostile or broken server cannot make the agent buffer hundreds of MB on a 64 MB router.
 
@@ -68,8 +71,10 @@ Answers:
   401 403 404 405 407 408 411 415 421 425 426 429, 5xx, network errors
                        not the records' fault (token, URL, overload, outage): exponential back-off
                        with jitter up to backoff_max, nothing quarantined (Retry-After honoured)
-  timeout              the configured `timeout` passed: back off and send smaller batches (the
-                       batch may be too big for the link)
+  timeout              the configured `timeout` (the request's total deadline) passed: back off,
+                       at least 10x as long as it ran, and send smaller batches (the batch may be
+                       too big for the link)
+  answer > 64 KiB      not the collector's answer: back off, the batch stays (size in the error)
 """
 import collections
 import gzip as _gzip
@@ -110,6 +115,10 @@ DECAY_GAP = 0.5         # ... when the gap was at least this fraction of the est
 # < 1 kB); a proxy's error page a few kB. 64 KiB holds any of them, and reading that much costs
 # nothing on a 64 MB router; more is not an answer this agent can use.
 ANSWER_MAX = 64 * 1024
+# A request that ran T seconds without an answer (a hung or dribbling server, up to the whole
+# timeout) backs off at least this many times T (within backoff_max): such a server holds the
+# single loop, and with it polling, for at most ~1/(1 + this) of the time.
+NO_ANSWER_BACKOFF = 10.0
 _READ_CHUNK = 8192
 
 _AGENT_KEY = b'{"agent":'
@@ -223,6 +232,7 @@ class Uploader:
         self._warm = collections.deque(maxlen=RECENT)
         self._cold = collections.deque(maxlen=RECENT)
         self._floor = 0.0
+        self._no_answer_took = 0.0          # how long the failed request just now ran unanswered
         self._alive = False                 # a kept-alive connection should be open
         self._skipped = False               # the last drain call left its gap unused
         self._seq_reuse_streak = False
@@ -528,7 +538,8 @@ class Uploader:
                 pass
         self._session.close()   # every pooled connection: the next request opens a new one
         self._alive = False
-        self._floor = max(self._floor, time.monotonic() - t0)
+        self._no_answer_took = time.monotonic() - t0
+        self._floor = max(self._floor, self._no_answer_took)
         return None, reason, None
 
     def _ok(self, batch, agent, answer):
@@ -589,6 +600,8 @@ class Uploader:
         # after an outage does not hit the collector in lockstep.
         delay = min(self.backoff_max, BACKOFF_BASE * (2 ** min(self._failures - 1, 30)))
         delay *= random.uniform(0.5, 1.0)
+        delay = max(delay, min(self.backoff_max, NO_ANSWER_BACKOFF * self._no_answer_took))
+        self._no_answer_took = 0.0
         ra = self._retry_after
         if ra is not None:
             delay = max(delay, min(ra, self.backoff_max))
