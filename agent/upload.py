@@ -21,8 +21,8 @@ CONNECT_MIN, a SYN round trip over a slow uplink; nothing has been sent yet, so 
 lost): a black-holed SYN costs the gap, not the whole timeout. A request that gets no answer
 (timeout, reset, refused) sets a floor under the estimate of the time it took, so after a
 collector that accepts and hangs the next retry waits for a gap that long instead of overrunning
-every short one. A gap left unused only because of the estimate, while at least half of it
-(trying it could make the poll late by less than the gap), ages the measurements a little, so
+every short one. A gap left unused only because of the estimate, when it was at least half the
+estimate (trying it could make the poll late by less than the gap), ages the measurements, so
 one slow answer or one hung request cannot starve uploads for good; gaps far shorter than the
 measured requests age nothing, and the loop's starvation rule (agent.loop) takes over.
 
@@ -32,9 +32,9 @@ dribbles one byte a second would hold the single-threaded loop, and SIGTERM, for
 `_Alarm` for how it is enforced. A request that ran long without an answer backs off at
 least NO_ANSWER_BACKOFF times as long (within backoff_max), so a hung or dribbling server costs
 polling a bounded share of the time, not a timeout every few polls. The answer is read up to
-ANSWER_MAX bytes: a larger one is an
-error naming its size (the batch stays in the spool and goes again after the back-off), so a
-hostile or broken server cannot make the agent buffer hundreds of MB on a 64 MB router.
+ANSWER_MAX bytes: a larger one is an error naming its size (the batch stays in the spool and
+goes again after the back-off), so a hostile or broken server cannot make the agent buffer
+hundreds of MB on a 64 MB router.
 
 One agent per batch: the envelope's "agent" is always the agent of the records in the batch (every
 spool line starts {"agent":ID,"seq":...}). After an `[agent] id` rename the old id's backlog goes
