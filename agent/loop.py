@@ -64,12 +64,10 @@ SAFETY_MARGIN = 0.05
 DRAIN_SLICE = 1.0
 # Don't start an upload in a gap shorter than this: one HTTP round trip would not fit.
 MIN_DRAIN_GAP = 0.02
-# Shortest gap in which an upload request can start (agent.upload.MIN_REQUEST_TIME); a
-# schedule with no gap this long starves the upload, which the summary line says.
-UPLOAD_WINDOW = 0.2
 # With records waiting and no gap between polls long enough to start an upload for this long
-# (polls closer together than the upload window), the loop takes one request's time from
-# polling: a few late polls cost less than a spool that fills up and drops the oldest data.
+# (the uploader's measured request time, `Uploader.request_time`, is longer than every gap),
+# the loop takes one request's time from polling: a few late polls cost less than a spool that
+# fills up and drops the oldest data.
 STARVE_AFTER = 10.0
 # How often the status file is rewritten.
 STATUS_PERIOD = 5.0
@@ -200,7 +198,6 @@ class Loop:
         self.starve_after = STARVE_AFTER
         self.last_upload_chance = mono()   # last time an upload could start (or had nothing to do)
         self.forced_uploads = 0            # uploads that made polls wait, since the last summary
-        self.upload_window = getattr(sys.modules.get("agent.upload"), "MIN_REQUEST_TIME", UPLOAD_WINDOW)
         self.last_summary = None
         self.clock_unsynced = self.started_wall < CLOCK_SANE
         now = mono()
@@ -592,12 +589,13 @@ class Loop:
 
     def upload_until(self, until):
         """Upload in the gap before `until` (the next poll). The uploader starts a request only
-        when the time left before `until` - SAFETY_MARGIN covers one (its estimate of recent
-        request durations, at least MIN_REQUEST_TIME); a started request runs to its own
-        `[upload] timeout` and the poll waits for it: cut short, a slow collector would store
+        when the time left before `until` - SAFETY_MARGIN covers one (what its recent requests
+        took, `Uploader.request_time`); a started request runs to its end (its total deadline is
+        `[upload] timeout`) and the poll waits for it: cut short, a slow collector would store
         batches that are never acknowledged. Each drain call starts batches for DRAIN_SLICE at
-        most, then the timers and signals get a turn. Stops when the spool is empty, the uploader
-        backs off, or no further request fits."""
+        most, then the timers and signals get a turn; after SIGTERM/SIGHUP no further request
+        starts. Stops when the spool is empty, the uploader backs off, or no further request
+        fits."""
         if self.uploader is None:
             return
         if self._lingering():
@@ -609,12 +607,12 @@ class Loop:
             end = until - SAFETY_MARGIN
             if end - now < MIN_DRAIN_GAP:
                 return
-            if end - now >= self.upload_window:
+            if end - now >= self.uploader.request_time():
                 self.upload_windows += 1
             # The uploader's own clock: the loop's may be a test's.
             t = time.monotonic()
             try:
-                res = self.uploader.drain(self.spool, t + (end - now), t + DRAIN_SLICE)
+                res = self.uploader.drain(self.spool, t + (end - now), t + DRAIN_SLICE, stop=self._stopping)
             except Exception:  # the uploader handles network errors; anything else is a bug
                 log.exception("upload failed")
                 return
@@ -623,6 +621,10 @@ class Loop:
                 self.last_upload_chance = self.mono()
             if status != "slice":
                 return   # empty, backing off, or no further request fits before the poll
+
+    def _stopping(self):
+        """The uploader starts no further request once this is true (SIGTERM, SIGHUP)."""
+        return self.stop_requested or self.reload_requested
 
     def upload_starved(self, now):
         """Polls have left no gap to upload in for `starve_after` seconds while records wait:
@@ -690,7 +692,7 @@ class Loop:
             if self.forced_uploads:
                 text += "; upload delayed polls %d time(s): no gap between polls to upload in" % self.forced_uploads
             elif not self.upload_windows and sp.get("records"):
-                text += "; upload STARVED: no gap of %gs between polls to upload in" % self.upload_window
+                text += "; upload STARVED: no gap of %.3gs between polls to upload in" % self.uploader.request_time()
         self.upload_windows = 0
         self.forced_uploads = 0
         if self.append_errors:
