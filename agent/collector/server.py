@@ -9,11 +9,14 @@ that lasted. Here a slow client holds a socket and a buffer, never a thread, and
   * the request head must be complete within `head_timeout` (408), the body within
     `body_timeout` of the head (400), whatever the client's pace (totals, not per read);
   * at most `max_connections` connections per process and `max_connections_per_address` per client
-    address. When a cap is reached, the connection that has waited longest without completing
-    its request (an idle keep-alive, a partial head, a body still arriving; never one the app is
-    serving, never one younger than EVICT_GRACE) is closed to make room; only when every
-    connection is busy in the app does the newcomer get 503 + Retry-After. So clients that are
-    slow cannot keep a fast client out: its request is complete within one round trip.
+    address. When a cap is reached, a connection that has not completed its request is closed
+    to make room (partial heads first, then connections that never sent a byte, then idle
+    keep-alives, then bodies still arriving; the longest-waiting first within each; never one
+    the app is serving); only when every connection is busy in the app does the newcomer get
+    503 + Retry-After. So slow clients cannot keep a fast one out: the newcomer is the youngest
+    connection, and its request is complete within one round trip, long before every older
+    waiting connection has been closed ahead of it (even when attackers reconnect as fast as
+    they are dropped).
 
 Framing follows RFC 9112 §6: Content-Length is plain digits, given once; `Transfer-Encoding:
 chunked` bodies are decoded (size capped by max_body_bytes while they arrive); both at once, an
@@ -42,11 +45,14 @@ MAX_HEAD = 64 << 10          # request line + headers
 MAX_CHUNK_LINE = 4096        # a chunk-size line with its extensions
 MAX_TRAILERS = 8 << 10
 DRAIN_MAX = 64 << 20         # unread body (answered 413/401 early) read and dropped before closing
-EVICT_GRACE = 1.0            # a connection younger than this is never closed to make room
 IDLE_TIMEOUT = 60.0          # keep-alive connection without a new request
 LINGER_TIMEOUT = 2.0         # after `Connection: close`, wait this long for the client's FIN
 THREADS = 32                 # app threads per process (complete requests only)
 READ_SIZE = 1 << 16
+# Connections accepted per turn of the loop. Reads come first in every turn, so a newcomer's
+# request is read in the next turn; until then only the newcomers after it in the same turn
+# can push it out, and they are far fewer than any cap.
+ACCEPT_BATCH = 8
 
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _TOKEN = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
@@ -250,14 +256,15 @@ class _Conn:
         self.request_version = "HTTP/1.1"
 
     def rank(self):
-        """Eviction order: lower goes first. A lingering close, then a partial head (slow on
-        purpose or broken: a real client sends its head in one go), then an idle keep-alive,
-        then a body still arriving (a real upload over a slow link)."""
+        """Eviction order: lower goes first. A lingering close; a partial head (slow on purpose
+        or broken: real clients send the head in one go); a connection that never sent a byte;
+        an idle keep-alive (a real agent between posts); a body still arriving (an upload over
+        a slow link)."""
         if self.state == LINGER:
             return 0
         if self.state == HEAD:
-            return 1 if self.buf else 2
-        return 3
+            return 1 if self.buf else 2 if not self.requests else 3
+        return 4
 
 
 class _Out:
@@ -452,7 +459,7 @@ class Server:
                 self._take_back()
                 now = time.monotonic()
                 if accept:  # after the reads: a request that is already here is not evicted unread
-                    self._accept(now)
+                    self._accept()
                 if now >= next_sweep:
                     self._sweep(now)
                     next_sweep = now + 0.1
@@ -477,8 +484,8 @@ class Server:
         except OSError:
             pass
 
-    def _accept(self, now):
-        for _ in range(64):
+    def _accept(self):
+        for _ in range(ACCEPT_BATCH):
             try:
                 sock, addr = self.socket.accept()
             except (BlockingIOError, InterruptedError):
@@ -488,6 +495,7 @@ class Server:
                 if self.stats["accept_error"] in (1, 100, 10000):
                     log.warning("accept failed: %s (%d times)", e, self.stats["accept_error"])
                 return
+            now = time.monotonic()  # distinct per connection: among equals the older goes first
             ip = addr[0]
             full = None
             if self._per_ip[ip] >= self.max_per_address:
@@ -495,7 +503,7 @@ class Server:
             elif len(self._conns) >= self.max_connections:
                 full = ""
             if full is not None:
-                victim = self._victim(now, full or None)
+                victim = self._victim(full or None)
                 if victim is None:
                     self.stats["refused"] += 1
                     log.debug("%s: 503, every connection%s is busy", ip, " of this address" if full else "")
@@ -521,13 +529,16 @@ class Server:
             self._per_ip[ip] += 1
             self._sel.register(sock, selectors.EVENT_READ, c)
 
-    def _victim(self, now, ip):
-        best = None
+    def _victim(self, ip):
+        """The connection to close for a newcomer (see the module doc), None if all are busy.
+        For the global cap, among equals the one of the address with the most connections."""
+        best, best_key = None, None
         for c in self._conns.values():
-            if c.state == BUSY or now - c.since < EVICT_GRACE or (ip is not None and c.ip != ip):
+            if c.state == BUSY or (ip is not None and c.ip != ip):
                 continue
-            if best is None or (c.rank(), c.since) < (best.rank(), best.since):
-                best = c
+            key = (c.rank(), -self._per_ip[c.ip], c.since)
+            if best is None or key < best_key:
+                best, best_key = c, key
         return best
 
     def _readable(self, c):
