@@ -416,6 +416,7 @@ class Server:
         self._stopped = threading.Event()
         self._stopped.set()
         self._sel = self._wake_r = self._wake_w = self._pool = None
+        self._accept_paused = 0.0  # after EMFILE & co: the listener is out of the selector until then
         self.stats = collections.Counter()   # head_timeout, body_timeout, evicted, refused, ...
         self._stats_logged = time.monotonic()
 
@@ -460,6 +461,9 @@ class Server:
                 now = time.monotonic()
                 if accept:  # after the reads: a request that is already here is not evicted unread
                     self._accept()
+                if self._accept_paused and now >= self._accept_paused:
+                    self._accept_paused = 0.0
+                    self._sel.register(self.socket, selectors.EVENT_READ, None)
                 if now >= next_sweep:
                     self._sweep(now)
                     next_sweep = now + 0.1
@@ -490,10 +494,15 @@ class Server:
                 sock, addr = self.socket.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as e:  # EMFILE and the like: leave it in the backlog, say so (rarely)
+            except OSError as e:
+                # EMFILE and the like: leave it in the backlog and stop watching the listener for a
+                # moment (it stays readable: the loop would spin), say so (rarely)
                 self.stats["accept_error"] += 1
                 if self.stats["accept_error"] in (1, 100, 10000):
-                    log.warning("accept failed: %s (%d times)", e, self.stats["accept_error"])
+                    log.warning("accept failed: %s (%d times; lower max_connections or raise the open "
+                                "files limit)", e, self.stats["accept_error"])
+                self._sel.unregister(self.socket)
+                self._accept_paused = time.monotonic() + 0.1
                 return
             now = time.monotonic()  # distinct per connection: among equals the older goes first
             ip = addr[0]
@@ -781,8 +790,11 @@ class Server:
             log.error("%s: request failed:\n%s", c.ip, traceback.format_exc().rstrip())
         finally:
             c.body = None
-            self._returned.append((c, keep))
-            self._wake()
+            if self._stop.is_set():
+                c.sock.close()
+            else:
+                self._returned.append((c, keep))
+                self._wake()
 
 
 def make_server(host, port, app, max_connections=None, **options):
