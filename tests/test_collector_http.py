@@ -259,6 +259,38 @@ def test_slowloris_does_not_keep_a_real_agent_out(serve, tmp_path):
     assert len(list(app.store.records(agent="b"))) == 60
 
 
+def test_clients_that_stop_reading_answers_do_not_block_the_agents_posts(serve):
+    """24 clients ask for a long answer and read none of it (their app threads block in send):
+    posts are served by threads such readers cannot take."""
+    def wrap(app):
+        def w(environ, start_response):
+            if environ["PATH_INFO"] == "/endless":
+                start_response("200 OK", [("Content-Type", "text/plain")])
+                return iter(lambda: b"x" * 65536, None)
+            return app(environ, start_response)
+        return w
+
+    port, _ = serve(wrap=wrap)
+    readers = []
+    try:
+        for _ in range(24):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect(("127.0.0.1", port))
+            s.sendall(b"GET /endless HTTP/1.1\r\nHost: x\r\n\r\n")
+            readers.append(s)
+        time.sleep(1.0)  # every read thread is blocked in sendall by now
+        with requests.Session() as session:
+            for k in range(5):
+                t0 = time.monotonic()
+                r = session.post("http://127.0.0.1:%d/api/v1/batches" % port, data=batch("r", [k]),
+                                 headers=JSON, timeout=5)
+                assert r.status_code == 200 and time.monotonic() - t0 < 2.0
+    finally:
+        for s in readers:
+            s.close()
+
+
 def test_head_deadline_is_total_not_per_read(serve):
     """A head that keeps arriving (one byte every 0.1 s) is still cut at head_timeout: 408."""
     port, _ = serve(head_timeout=0.6)

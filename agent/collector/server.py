@@ -2,7 +2,8 @@
 
 One I/O thread per process reads request heads and bodies from every connection with a selector;
 only a COMPLETE request (head and whole body in memory) goes to a small pool of threads that run
-the WSGI app and write the answer. Why (issue 10): with a thread per connection, 200 clients
+the WSGI app and write the answer (POSTs and other methods have a pool each, so clients that stop
+reading a long answer cannot take the agents' threads). Why (issue 10): with a thread per connection, 200 clients
 sending their head one byte every 10 s held all 200 threads, and agents got 503 for as long as
 that lasted. Here a slow client holds a socket and a buffer, never a thread, and:
 
@@ -47,7 +48,7 @@ MAX_TRAILERS = 8 << 10
 DRAIN_MAX = 64 << 20         # unread body (answered 413/401 early) read and dropped before closing
 IDLE_TIMEOUT = 60.0          # keep-alive connection without a new request
 LINGER_TIMEOUT = 2.0         # after `Connection: close`, wait this long for the client's FIN
-THREADS = 32                 # app threads per process (complete requests only)
+THREADS = 16                 # app threads per process for POSTs, and as many for other methods
 READ_SIZE = 1 << 16
 # Connections accepted per turn of the loop. Reads come first in every turn, so a newcomer's
 # request is read in the next turn; until then only the newcomers after it in the same turn
@@ -415,7 +416,7 @@ class Server:
         self._stop = threading.Event()
         self._stopped = threading.Event()
         self._stopped.set()
-        self._sel = self._wake_r = self._wake_w = self._pool = None
+        self._sel = self._wake_r = self._wake_w = self._pool = self._read_pool = None
         self._accept_paused = 0.0  # after EMFILE & co: the listener is out of the selector until then
         self.stats = collections.Counter()   # head_timeout, body_timeout, evicted, refused, ...
         self._stats_logged = time.monotonic()
@@ -438,7 +439,11 @@ class Server:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
+        # Two pools: an agent's POST is answered with a few bytes that fit any socket buffer, but
+        # a GET (an export) can block on a client that stops reading, up to body_timeout per
+        # 64 KB. Stalled readers can then take every read thread, never the agents' ones.
         self._pool = _Pool(self.threads, self._serve)
+        self._read_pool = _Pool(self.threads, self._serve)
         self._sel.register(self.socket, selectors.EVENT_READ, None)
         self._sel.register(self._wake_r, selectors.EVENT_READ, self._wake_r)
         tick = min(poll_interval, 0.25)
@@ -637,7 +642,7 @@ class Server:
     def _dispatch(self, c):
         c.state = BUSY
         self._sel.unregister(c.sock)
-        self._pool.submit(c)
+        (self._pool if c.head.method == "POST" else self._read_pool).submit(c)
 
     def _refuse(self, c, e):
         self.stats["refused_%d" % e.status] += 1
@@ -737,6 +742,7 @@ class Server:
             if c.state != BUSY:
                 self._close(c)
         self._pool.stop()
+        self._read_pool.stop()
         self._sel.close()
         self._wake_r.close()
         self._wake_w.close()
