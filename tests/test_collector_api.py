@@ -768,10 +768,11 @@ def test_connections_beyond_max_connections_get_503_at_once(tmp_path):
     import socket as socketmod
 
     app = make_app(None, db="sqlite:///%s" % (tmp_path / "m.db"))
-    release = threading.Event()
+    release, entered = threading.Event(), threading.Event()
 
     def slow_app(environ, start_response):
         if environ["PATH_INFO"] == "/slow":
+            entered.set()
             release.wait(10)
         return app(environ, start_response)
 
@@ -783,9 +784,13 @@ def test_connections_beyond_max_connections_get_503_at_once(tmp_path):
         assert requests.get("http://127.0.0.1:%d/health" % port, timeout=10).status_code == 200
         assert idle.recv(1) == b""  # it was the one closed
         idle.close()
-        busy = socketmod.create_connection(("127.0.0.1", port), timeout=10)
-        busy.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")  # the only slot, busy in the app
-        time.sleep(0.2)
+        deadline = time.monotonic() + 10
+        while not entered.is_set():  # the only slot, busy in the app (once the last one is closed)
+            assert time.monotonic() < deadline
+            busy = socketmod.create_connection(("127.0.0.1", port), timeout=10)
+            busy.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+            if not entered.wait(0.5):
+                busy.close()
         r = requests.get("http://127.0.0.1:%d/health" % port, timeout=10)
         assert (r.status_code, r.json()["where"], r.headers["Retry-After"]) == (503, "max_connections", "5")
         release.set()

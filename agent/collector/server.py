@@ -521,11 +521,11 @@ class Server:
                 if victim is None:
                     self.stats["refused"] += 1
                     log.debug("%s: 503, every connection%s is busy", ip, " of this address" if full else "")
-                    try:
-                        sock.send(BUSY_ANSWER)
-                    except OSError:
-                        pass
-                    sock.close()
+                    # A lingering close (its request may be arriving: closing on it would reset
+                    # the 503 away). One over the cap for a moment, and the first to go for the next.
+                    c = self._add(sock, addr, now)
+                    self._send_quietly(c, BUSY_ANSWER)
+                    self._linger(c, 1 << 20)
                     continue
                 self.stats["evicted"] += 1
                 log.debug("%s: closed a %s connection of %s (waiting %.1f s) to make room", ip, victim.state,
@@ -533,15 +533,19 @@ class Server:
                 if victim.state != HEAD or victim.buf:
                     self._send_quietly(victim, BUSY_ANSWER)
                 self._close(victim)
-            sock.setblocking(False)
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
-            c = _Conn(sock, addr, self, now)
-            self._conns[sock.fileno()] = c
-            self._per_ip[ip] += 1
-            self._sel.register(sock, selectors.EVENT_READ, c)
+            self._add(sock, addr, now)
+
+    def _add(self, sock, addr, now):
+        sock.setblocking(False)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        c = _Conn(sock, addr, self, now)
+        self._conns[sock.fileno()] = c
+        self._per_ip[c.ip] += 1
+        self._sel.register(sock, selectors.EVENT_READ, c)
+        return c
 
     def _victim(self, ip):
         """The connection to close for a newcomer (see the module doc), None if all are busy.
