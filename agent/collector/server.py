@@ -2,10 +2,10 @@
 
 One I/O thread per process reads request heads and bodies from every connection with a selector;
 only a COMPLETE request (head and whole body in memory) goes to a small pool of threads that run
-the WSGI app and write the answer (POSTs and other methods have a pool each, so clients that stop
-reading a long answer cannot take the agents' threads). Why (issue 10): with a thread per connection, 200 clients
-sending their head one byte every 10 s held all 200 threads, and agents got 503 for as long as
-that lasted. Here a slow client holds a socket and a buffer, never a thread, and:
+the WSGI app and write the answer (POSTs and other methods have a pool each, so clients that
+stop reading a long answer cannot take the agents' threads). Why (issue 10): with a thread per
+connection, 200 clients sending their head one byte every 10 s held all 200 threads, and agents
+got 503 for as long as that lasted. Here a slow client holds a socket and a buffer, never a thread, and:
 
   * the request head must be complete within `head_timeout` (408), the body within
     `body_timeout` of the head (400), whatever the client's pace (totals, not per read);
@@ -26,6 +26,7 @@ connection is closed, so no byte of a refused body is ever read as a request.
 """
 import collections
 import io
+import json
 import logging
 import queue
 import re
@@ -56,15 +57,18 @@ READ_SIZE = 1 << 16
 ACCEPT_BATCH = 8
 
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
-_TOKEN = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-_DIGITS = re.compile(rb"^[0-9]{1,18}$")
-_CHUNK_SIZE = re.compile(rb"^([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?$")
-_VERSION = re.compile(rb"^HTTP/([0-9])\.([0-9])$")
+# all used with fullmatch
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_DIGITS = re.compile(rb"[0-9]{1,18}")
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?")
+_VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])")
+_CTL_IN_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")   # HTAB is allowed in field values
+_CTL_IN_TARGET = re.compile(rb"[\x00-\x20\x7f]")
 
 HEAD, BODY, BUSY, LINGER = "head", "body", "busy", "linger"
 _REASONS = {100: "Continue", 400: "Bad Request", 408: "Request Timeout", 413: "Payload Too Large",
-            414: "URI Too Long", 417: "Expectation Failed", 431: "Request Header Fields Too Large", 501: "Not Implemented",
-            503: "Service Unavailable", 505: "HTTP Version Not Supported"}
+            414: "URI Too Long", 417: "Expectation Failed", 431: "Request Header Fields Too Large",
+            501: "Not Implemented", 503: "Service Unavailable", 505: "HTTP Version Not Supported"}
 
 
 class Refuse(Exception):
@@ -77,8 +81,6 @@ class Refuse(Exception):
 
 def error_answer(status, error, where, headers=()):
     """The bytes of a JSON error answer with `Connection: close` (the app's {"error", "where"} shape)."""
-    import json
-
     body = (json.dumps({"error": error, "where": where}, ensure_ascii=True) + "\n").encode("ascii")
     lines = ["HTTP/1.1 %d %s" % (status, _REASONS.get(status, "Error")), "Content-Type: application/json",
              "Content-Length: %d" % len(body), "Connection: close"]
@@ -115,24 +117,24 @@ def parse_head(data):
     if len(parts) != 3 or not parts[0] or not parts[1]:
         raise Refuse(400, "malformed request line %r" % lines[0][:100].decode("latin-1"), "request line")
     method, target, version = parts
-    if not _TOKEN.match(method):
+    if not _TOKEN.fullmatch(method):
         raise Refuse(400, "malformed method", "request line")
-    m = _VERSION.match(version)
+    m = _VERSION.fullmatch(version)
     if not m:
         raise Refuse(400, "malformed HTTP version %r" % version[:20].decode("latin-1"), "request line")
     if m.group(1) != b"1":
         raise Refuse(505, "only HTTP/1.x is supported", "request line")
-    if any(b < 0x21 or b == 0x7F for b in target):
+    if _CTL_IN_TARGET.search(target):
         raise Refuse(400, "control character or space in the request target", "request line")
     headers = []
     for line in lines[1:]:
         name, sep, value = line.partition(b":")
-        if not sep or not _TOKEN.match(name):
+        if not sep or not _TOKEN.fullmatch(name):
             if line[:1] in (b" ", b"\t"):
                 raise Refuse(400, "obsolete line folding in the request head", "head")
             raise Refuse(400, "malformed header line %r" % line[:60].decode("latin-1"), "head")
         value = value.strip(b" \t")
-        if any(b < 0x20 and b != 0x09 or b == 0x7F for b in value):
+        if _CTL_IN_VALUE.search(value):
             raise Refuse(400, "control character in header %s" % name.decode("ascii"), name.decode("ascii"))
         headers.append((name.decode("ascii").lower(), value.decode("latin-1")))
     return Head(method.decode("ascii"), target.decode("latin-1"), (1, int(m.group(2))), headers)
@@ -154,13 +156,13 @@ def body_framing(head):
                          "Transfer-Encoding")
         if len(codings) > 1:
             raise Refuse(501, "unsupported Transfer-Encoding %r (only chunked)" % ",".join(te)[:60],
-                         "Transfer-Encoding", )
+                         "Transfer-Encoding")
         return "chunked", None
     if cl:
         if len(cl) > 1:
             raise Refuse(400, "Content-Length given %d times" % len(cl), "Content-Length")
         raw = cl[0].encode("latin-1")
-        if not _DIGITS.match(raw):
+        if not _DIGITS.fullmatch(raw):
             raise Refuse(400, "Content-Length must be plain digits, got %r" % cl[0][:40], "Content-Length")
         return "length", int(raw)
     return "none", 0
@@ -206,10 +208,12 @@ class Chunked:
                 if b"\n" in buf:
                     raise Refuse(400, "chunk framing line not ended by CRLF", "body: chunk framing")
                 return False
+            if i > limit:
+                raise Refuse(400, "chunk-size line or trailers too long", "body: chunk framing")
             line = bytes(buf[:i])
             del buf[:i + 2]
             if self._state == "size":
-                m = _CHUNK_SIZE.match(line)
+                m = _CHUNK_SIZE.fullmatch(line)
                 if not m:
                     raise Refuse(400, "malformed chunk size %r" % line[:40].decode("latin-1"),
                                  "body: chunk framing")

@@ -13,7 +13,7 @@ seconds, and reconnects as soon as the server drops it (a real slowloris does). 
 is established (one interval), the agent (requests.Session, keep-alive, as agent.upload does)
 posts a real 100-record batch every --post-every seconds for --duration seconds, timeout 10 s.
 The table: posts, 200s, 503s, other failures (timeouts, resets), post latency p50/p99/max, and
-the server's CPU seconds and RSS at the end. --root runs the built-in server from another
+the server's CPU seconds (with its worker processes) and RSS (of the first process) at the end. --root runs the built-in server from another
 checkout (e.g. a worktree of an older commit) for a before/after figure.
 
 Contenders: builtin = `modbus-collector` (defaults: max_connections 200, 50 per address,
@@ -49,6 +49,17 @@ def free_port():
         return s.getsockname()[1]
 
 
+def tree_cpu(pid):
+    """CPU seconds of a process and its children (the --workers processes)."""
+    total = procinfo.cpu_seconds(pid)
+    try:
+        with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
+            total += sum(procinfo.cpu_seconds(int(c)) for c in f.read().split())
+    except OSError:
+        pass
+    return total
+
+
 def batch_body(agent, seq0, n=100):
     recs = [{"agent": agent, "seq": seq0 + i, "ts": "2026-12-01T10:00:%02d.000Z" % (i % 60), "device": "meter1",
              "unit": 1, "values": {"voltage_l1": 230.1, "current_l1": 5.25, "energy_kwh": 123456.7 + i},
@@ -56,12 +67,12 @@ def batch_body(agent, seq0, n=100):
     return json.dumps({"agent": agent, "records": recs}, separators=(",", ":")).encode()
 
 
-def start(kind, port, tmp, root):
+def start(kind, port, tmp, root, workers=1):
     env = dict(os.environ, PYTHONPATH=root)
     db = "sqlite:///%s" % os.path.join(tmp, "c.db")
     if kind == "builtin":
         cmd = [PY, "-m", "agent.collector.cli", "--listen", "127.0.0.1:%d" % port, "--db", db,
-               "--log-level", "WARNING"]
+               "--log-level", "WARNING", "--workers", str(workers)]
     else:
         ini = os.path.join(tmp, "c.ini")
         with open(ini, "w") as f:
@@ -178,9 +189,9 @@ def run_one(kind, args):
     tmp = tempfile.mkdtemp(prefix="slowloris-")
     port = free_port()
     root = args.root if kind == "builtin" else ROOT
-    server = start(kind, port, tmp, root)
+    server = start(kind, port, tmp, root, args.workers)
     try:
-        cpu0 = procinfo.cpu_seconds(server.pid)
+        cpu0 = tree_cpu(server.pid)
         until = time.monotonic() + args.interval + 1 + args.duration + 2
         attacker = subprocess.Popen([PY, os.path.abspath(__file__), "--attack-port", str(port),
                                      "--attackers", str(args.attackers), "--interval", str(args.interval),
@@ -190,7 +201,7 @@ def run_one(kind, args):
         lat, codes = agent_posts(port, args.duration, args.post_every)
         out = attacker.communicate(timeout=args.duration + args.interval + 30)[0]
         astats = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
-        cpu = procinfo.cpu_seconds(server.pid) - cpu0
+        cpu = tree_cpu(server.pid) - cpu0
         rss = procinfo.rss_kb(server.pid)
     finally:
         server.terminate()
@@ -212,6 +223,7 @@ def main():
     ap.add_argument("--duration", type=float, default=40.0, help="seconds of agent posts under attack")
     ap.add_argument("--post-every", type=float, default=1.0)
     ap.add_argument("--servers", default="builtin,waitress,waitress-tuned")
+    ap.add_argument("--workers", type=int, default=1, help="modbus-collector --workers (builtin only)")
     ap.add_argument("--root", default=ROOT, help="checkout whose built-in server is measured")
     ap.add_argument("--attack-port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--attack-until", type=float, help=argparse.SUPPRESS)
