@@ -544,11 +544,11 @@ def test_headers_with_underscores_are_dropped(serve):
     assert "PATH" not in seen and "HOME" not in seen
 
 
-def test_app_refuses_a_content_length_that_is_not_plain_digits():
+def test_app_refuses_a_content_length_that_is_not_plain_digits(tmp_path):
     """Under gunicorn & co the app sees CONTENT_LENGTH as sent: int() took +5, 1_0 and ' 5'."""
     import io
 
-    app = make_app(None, db="sqlite:///:memory:")
+    app = make_app(None, db="sqlite:///%s" % (tmp_path / "d.db"))
     try:
         for length in ("+5", "1_0", "-0", "\u0663"):
             env = {"REQUEST_METHOD": "POST", "PATH_INFO": "/api/v1/batches", "CONTENT_TYPE": "application/json",
