@@ -30,11 +30,15 @@ DEFAULTS = {
     "log_level": "INFO",
     "workers": 1,                  # built-in server: processes sharing the listening socket
     "max_connections": 200,        # built-in server: open connections per process
+    "max_connections_per_address": 50,  # built-in server: per client address, per process
+    "head_timeout": 10.0,          # built-in server: total time for a request's line + headers
+    "body_timeout": 60.0,          # built-in server: total time for a request's body
 }
 
 _INT_KEYS = ("max_body_bytes", "max_decompressed_bytes", "max_records", "max_depth",
-             "retention_chunk", "refresh", "workers", "max_connections")
-_FLOAT_KEYS = ("retention_days", "retention_interval", "stale_after", "max_future_skew")
+             "retention_chunk", "refresh", "workers", "max_connections", "max_connections_per_address")
+_FLOAT_KEYS = ("retention_days", "retention_interval", "stale_after", "max_future_skew", "head_timeout",
+               "body_timeout")
 _SIZE = re.compile(r"^\s*(\d+)\s*([kKmMgG]?)[bB]?\s*$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -223,7 +227,10 @@ def convert(key, value):
             raise ValueError("must be 0 (keep forever) or more")
         return v
     if key in _FLOAT_KEYS:
-        return parse_duration(value) if isinstance(value, str) else float(value)
+        v = parse_duration(value) if isinstance(value, str) else float(value)
+        if key in ("head_timeout", "body_timeout") and v <= 0:
+            raise ValueError("must be more than 0")
+        return v
     if key in ("require_tokens", "open_reads", "open_writes"):
         return _bool(value) if isinstance(value, str) else bool(value)
     if key == "read_token":
