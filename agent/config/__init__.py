@@ -9,7 +9,8 @@ reported as `file:line: [section] key: reason`.
 The package, in the order a file flows through it:
     ini.py       the flat INI subset read with line numbers; Problems (errors + warnings)
     values.py    value parsers (text -> value or ValueError), name checks, redact
-    schema.py    the schemas, Settings/Connection/Config, applying a schema to a section
+    schema.py    the schemas (with reload tags: what SIGHUP rebuilds), Settings/Connection/
+                 Config, applying a schema to a section
     points.py    the point grammar (`name = [table] address type ...`) -> Point
     profiles.py  meter profiles: finding and reading NAME.ini
     load.py      load_config/check_config: sections -> objects, then the cross-checks
@@ -33,15 +34,23 @@ from agent.config.schema import (
     CONNECTION_TIMEOUT,
     CONNECTION_TYPES,
     DEVICE_SCHEMA,
+    LIVE,
     POINT_OPTIONS,
     PROFILE_SCHEMA,
+    RELOAD_SECTIONS,
+    RELOAD_TAGS,
     REQUIRED,
+    SPOOL,
     UPLOAD_SCHEMA,
+    UPLOADER,
     AgentSettings,
     Config,
     Connection,
     Settings,
     UploadSettings,
+    changed,
+    reload_tags,
+    reopen_keys,
 )
 from agent.config.values import (
     MAX_NAME,
@@ -55,10 +64,10 @@ from agent.config.values import (
 
 __all__ = [
     "AGENT_SCHEMA", "BUS_WARN", "CONNECTION_SCHEMA", "CONNECTION_TIMEOUT", "CONNECTION_TYPES",
-    "DEVICE_SCHEMA", "MAX_NAME", "POINT_OPTIONS", "PROFILE_DIRS", "PROFILE_SCHEMA", "REQUIRED",
-    "SECTION_KINDS", "UPLOAD_SCHEMA", "AgentSettings", "Config", "ConfigError", "Connection",
-    "Point", "Problems", "Section", "Settings", "UploadSettings", "check_config",
+    "DEVICE_SCHEMA", "LIVE", "MAX_NAME", "POINT_OPTIONS", "PROFILE_DIRS", "PROFILE_SCHEMA", "RELOAD_SECTIONS",
+    "RELOAD_TAGS", "REQUIRED", "SECTION_KINDS", "SPOOL", "UPLOADER", "UPLOAD_SCHEMA", "AgentSettings", "Config", "ConfigError", "Connection",
+    "Point", "Problems", "Section", "Settings", "UploadSettings", "changed", "check_config",
     "default_seq_file", "find_profile", "load_config", "load_or_report", "load_profile",
     "name_problem", "parse_bool", "parse_duration", "parse_int", "parse_number", "parse_point",
-    "read_ini", "redact",
+    "read_ini", "redact", "reload_tags", "reopen_keys",
 ]

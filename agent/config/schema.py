@@ -22,40 +22,79 @@ from agent.plan import MAX_BITS, MAX_REGISTERS
 
 REQUIRED = object()
 
+# The third element of an [agent] / [upload] entry: what SIGHUP rebuilds when the key's value
+# changes (Loop.reload asks `changed(old, new, SPOOL)`). LIVE: nothing to rebuild, the loop
+# reads the new value from the new config (devices, timers and logging are redone on every
+# reload). Every key says which, so a spool option cannot be added and silently skip the reopen
+# (tests/test_config_reload.py); a key without the element counts as all of them.
+SPOOL = "spool"          # changing it closes the spool and opens it again (agent.loop.open_spool)
+UPLOADER = "uploader"    # changing it builds a new uploader (agent.loop.make_uploader)
+RELOAD_TAGS = (SPOOL, UPLOADER)
+LIVE = ()
+
 AGENT_SCHEMA = {
-    "id": (_agent_id, REQUIRED),
-    "interval": (_positive(parse_duration), 10.0),
-    "spool_dir": (_text, "/var/lib/modbus-agent/spool"),
-    "seq_file": (_text, None),      # None: <directory of the config file>/<id>.seq
-    "spool_max_mb": (_positive(parse_number), 16.0),
-    "spool_max_age": (_positive(parse_duration), 7 * 86400.0),
-    "spool_segment_kb": (_positive(parse_int), 256),
-    "fsync": (_choice("always", "interval", "never"), "interval"),
-    "fsync_interval": (_positive(parse_duration), 5.0),
-    "status_file": (_text, "/tmp/modbus-agent-status.json"),
-    "log_level": (_choice("debug", "info", "warning", "error"), "info"),
-    "log_file": (_text, None),
-    "log_max_kb": (_positive(parse_int), 512),
-    "summary_interval": (_positive(parse_duration), 300.0),
-    "health_interval": (_positive(parse_duration), 300.0),
-    "dead_after": (_positive(parse_int), 3),
-    "dead_backoff_max": (_positive(parse_duration), 300.0),
-    "profile_dir": (_text, None),
+    "id": (_agent_id, REQUIRED, (SPOOL, UPLOADER)),
+    "interval": (_positive(parse_duration), 10.0, LIVE),
+    "spool_dir": (_text, "/var/lib/modbus-agent/spool", (SPOOL,)),
+    "seq_file": (_text, None, (SPOOL,)),      # None: <directory of the config file>/<id>.seq
+    "spool_max_mb": (_positive(parse_number), 16.0, (SPOOL,)),
+    "spool_max_age": (_positive(parse_duration), 7 * 86400.0, (SPOOL,)),
+    "spool_segment_kb": (_positive(parse_int), 256, (SPOOL,)),
+    "fsync": (_choice("always", "interval", "never"), "interval", (SPOOL,)),
+    "fsync_interval": (_positive(parse_duration), 5.0, (SPOOL,)),
+    "status_file": (_text, "/tmp/modbus-agent-status.json", LIVE),
+    "log_level": (_choice("debug", "info", "warning", "error"), "info", LIVE),
+    "log_file": (_text, None, LIVE),
+    "log_max_kb": (_positive(parse_int), 512, LIVE),
+    "summary_interval": (_positive(parse_duration), 300.0, LIVE),
+    "health_interval": (_positive(parse_duration), 300.0, LIVE),
+    "dead_after": (_positive(parse_int), 3, LIVE),
+    "dead_backoff_max": (_positive(parse_duration), 300.0, LIVE),
+    "profile_dir": (_text, None, LIVE),
 }
 
 UPLOAD_SCHEMA = {
-    "url": (_url, REQUIRED),
-    "token": (_text, None),
-    "batch_max_records": (_positive(parse_int), 500),
-    "batch_max_kb": (_positive(parse_int), 256),
-    "gzip": (parse_bool, True),
-    "timeout": (_positive(parse_duration), 10.0),
-    "ca_file": (_text, None),
-    "verify": (parse_bool, True),
-    "backoff_max": (_positive(parse_duration), 300.0),
-    "quarantine_file": (_text, None),   # None: <spool_dir>/quarantine.jsonl
-    "linger": (_not_negative(parse_duration), 0.0),
+    "url": (_url, REQUIRED, (UPLOADER,)),
+    "token": (_text, None, (UPLOADER,)),
+    "batch_max_records": (_positive(parse_int), 500, (UPLOADER,)),
+    "batch_max_kb": (_positive(parse_int), 256, (UPLOADER,)),
+    "gzip": (parse_bool, True, (UPLOADER,)),
+    "timeout": (_positive(parse_duration), 10.0, (UPLOADER,)),
+    "ca_file": (_text, None, (UPLOADER,)),
+    "verify": (parse_bool, True, (UPLOADER,)),
+    "backoff_max": (_positive(parse_duration), 300.0, (UPLOADER,)),
+    "quarantine_file": (_text, None, (SPOOL, UPLOADER)),   # None: <spool_dir>/quarantine.jsonl
+    "linger": (_not_negative(parse_duration), 0.0, LIVE),
 }
+
+# (Config attribute, its schema): the sections whose keys carry reload tags
+RELOAD_SECTIONS = (("agent", AGENT_SCHEMA), ("upload", UPLOAD_SCHEMA))
+
+
+def reload_tags(spec):
+    """The reload tags of one schema entry; an entry without them counts as every tag (the
+    safe side: rebuild too much rather than keep running on stale settings)."""
+    return spec[2] if len(spec) > 2 else RELOAD_TAGS
+
+
+def reopen_keys(tag, sections=RELOAD_SECTIONS):
+    """[(section, key)] whose change means rebuilding `tag` (SPOOL, UPLOADER)."""
+    return [(name, key) for name, schema in sections
+            for key, spec in schema.items() if tag in reload_tags(spec)]
+
+
+def changed(old, new, tag, sections=RELOAD_SECTIONS):
+    """The "section.key"s tagged `tag` whose values differ between two Configs (empty: keep
+    the live object). A section present in one and absent (None) in the other counts as a
+    change of all its tagged keys."""
+    out = []
+    for name, key in reopen_keys(tag, sections):
+        a, b = getattr(old, name), getattr(new, name)
+        if (a is None) != (b is None) or (a is not None and
+                                          repr(getattr(a, key, None)) != repr(getattr(b, key, None))):
+            out.append("%s.%s" % (name, key))
+    return out
+
 
 CONNECTION_TYPES = ("tcp", "rtu", "rtu-over-tcp")
 _TCP, _RTU, _RTU_TCP = CONNECTION_TYPES
