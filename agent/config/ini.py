@@ -5,7 +5,8 @@ small line-oriented reader. `Problems` collects errors and warnings in file and 
 """
 import re
 
-from agent.config.values import _SECRET_KEY, redact
+from agent.common import redact
+from agent.config.values import _SECRET_KEY
 
 
 class Section:

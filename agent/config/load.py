@@ -5,6 +5,7 @@ time fitting the intervals).
 import os
 import re
 
+from agent import common
 from agent.config.ini import Problems, _line_of, _suggest, read_ini
 from agent.config.points import parse_point
 from agent.config.profiles import PROFILE_DIRS, find_profile, load_profile
@@ -31,12 +32,8 @@ from agent.types import TABLES
 BUS_WARN = 0.80
 
 
-class ConfigError(Exception):
-    """Every problem found in a config file, one `file:line: [section] key: reason` each."""
-
-    def __init__(self, errors):
-        self.errors = list(errors)
-        super().__init__("\n".join(self.errors))
+class ConfigError(common.ConfigError):
+    """Every problem found in the agent's config file, one `file:line: [section] key: reason` each."""
 
 
 def load_or_report(path, out=None):
