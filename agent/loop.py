@@ -26,9 +26,11 @@ and a probe whose timeout would not fit before the next live device is due waits
 slot (so several dead devices never stack their timeouts). A busy answer (exception 6, or
 5 ACKNOWLEDGE) is retried once after the connection's pause.
 
-One back-off per device/connection pair: the schedule's. The loop's clients never refuse a
-request inside their own reconnect back-off (`refuse_while_down` off), so every probe the
-schedule decides on really goes out; for a lost connection the schedule's back-off is capped by
+One back-off per device/connection pair: the schedule's. The loop's clients refuse a request
+only within `down_hold` of a failed connect (half the shortest interval on that connection: the
+rest of the same sweep, so the other units behind a dead gateway learn it at once instead of each
+waiting out a connect timeout), never a device's own next probe, so every probe the schedule
+decides on really goes out; for a lost connection the schedule's back-off is capped by
 the connection's `backoff_max` as well as `dead_backoff_max`. A device that comes back is
 noticed at most dead_backoff_max + one interval later.
 
@@ -69,6 +71,9 @@ MIN_DRAIN_GAP = 0.02
 # the loop takes one request's time from polling: a few late polls cost less than a spool that
 # fills up and drops the oldest data.
 STARVE_AFTER = 10.0
+# After a failed connect the other devices on that connection fail at once for this share of the
+# shortest interval there (agent.modbus.client down_hold): the rest of the sweep, not the next poll.
+LINK_DOWN_HOLD_SHARE = 0.5
 # How often the status file is rewritten.
 STATUS_PERIOD = 5.0
 # With no device configured, wake up this often to upload and write status.
@@ -343,7 +348,9 @@ class Loop:
         client = self.clients.get(conn.name)
         if client is None:
             client = self.clients[conn.name] = conn.open()
-            client.refuse_while_down = False   # the device schedule owns the back-off
+            # the device schedule owns the back-off; the client only tells the rest of a sweep
+            intervals = [st.device.interval for st in self.states if st.device.connection.name == conn.name]
+            client.down_hold = LINK_DOWN_HOLD_SHARE * min(intervals or [0.0])
         return client
 
     def poll(self, st, now):
