@@ -102,6 +102,37 @@ def parse_utc(ts):
 # Userinfo runs to the LAST '@' of the URL: a password may hold '@' (or '/', which breaks the URL
 # but still must not show), and stopping at the first one would print the rest of it. A path that
 # holds '@' hides the host too: showing too little beats showing a secret.
+# -- INI values: the rule both config readers apply (agent/config, agent/collector/config) --
+SECRET_KEY = re.compile(r"(?i)token|password|passwd|secret")
+_INLINE_COMMENT = re.compile(r"\s[;#]")
+_QUOTED = re.compile(r'^"([^"]*)"\s*(?:[;#].*)?$')
+
+
+def ini_value(text, key):
+    """The value part of `key = value` -> (value, None) or (None, problem). An inline comment
+    (` ;`, ` #`) ends an unquoted value; a value in double quotes is taken as written, ` ;` and
+    all (`token = "ab ;cd"`). A secret key whose value a comment would cut is refused: the
+    token sent would silently differ from the one written, and the collector's 401 would not
+    say why."""
+    text = text.strip()
+    if text.startswith('"'):
+        m = _QUOTED.match(text)
+        if m is None:
+            return None, ('a value that starts with " needs its closing " (and nothing but a '
+                          'comment after it); a quoted value cannot itself hold a "')
+        return m.group(1), None
+    m = _INLINE_COMMENT.search(text)
+    if m is None:
+        return text, None
+    if SECRET_KEY.search(key) and text[:m.start()].strip():
+        mark = text[m.start() + 1]
+        return None, ('holds " %s", which starts a comment here, so the value would be cut short; '
+                      'if it belongs to the value, put the whole value in double quotes ("ab %scd"); '
+                      'if it is a comment, put it on a line of its own' % (mark, mark))
+    return text[:m.start()].strip(), None
+
+
+
 _URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^\s'\"]*@")
 # ... or only the password part, keeping the user name (scheme://user:***@host)
 _URL_PASSWORD = re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://[^\s:/@'\"]*:)[^\s'\"]*@")

@@ -8,7 +8,7 @@ import ipaddress
 import re
 
 from agent import common
-from agent.common import parse_duration
+from agent.common import ini_value, parse_duration
 
 DEFAULTS = {
     "listen": "127.0.0.1:8080",
@@ -277,15 +277,21 @@ def load_config(path=None, **overrides):
                 if k not in DEFAULTS:
                     errors.append("%s: unknown key" % where("collector", key))
                     continue
+                value, problem = ini_value(value, k)
+                if problem:
+                    errors.append("%s: %s" % (where("collector", key), problem))
+                    continue
                 try:
-                    setattr(cfg, k, convert(k, value.strip()))
+                    setattr(cfg, k, convert(k, value))
                     cfg.origins[k] = where("collector", key)
                 except ValueError as e:
                     errors.append("%s: %s" % (where("collector", key), e))
         if cp.has_section("tokens"):
             for agent, token in cp.items("tokens"):
-                token = token.strip()
-                if not _AGENT_ID.match(agent):
+                token, problem = ini_value(token, "token")   # the agent's rule: quotes, comments
+                if problem:
+                    errors.append("%s: %s" % (where("tokens", agent), problem))
+                elif not _AGENT_ID.match(agent):
                     errors.append("%s: not a valid agent id" % where("tokens", agent))
                 elif len(token) < MIN_TOKEN:
                     errors.append("%s: token too short (at least %d characters)" % (where("tokens", agent), MIN_TOKEN))

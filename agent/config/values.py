@@ -6,6 +6,9 @@ collector (agent.common).
 import math
 import re
 
+# A key whose value is never shown in a parse error (agent.common.redact does the rest).
+from agent.common import SECRET_KEY as _SECRET_KEY
+
 # --- value parsers: text -> value, or ValueError with the reason ---------------------------
 
 
@@ -93,10 +96,6 @@ def name_problem(name):
     if _BAD_NAME_CHAR.search(name):
         return "device name must not contain quotes, backslashes or control characters"
     return None
-
-
-# A key whose value is never shown in a parse error (agent.common.redact does the rest).
-_SECRET_KEY = re.compile(r"(?i)token|password|passwd|secret")
 
 
 def _reason(key, value, error):
