@@ -17,7 +17,7 @@ import traceback
 import zlib
 from functools import partial
 
-from agent.collector import ingest, reads, validate
+from agent.collector import ingest, jsonbody, reads
 from agent.collector.config import redact
 from agent.collector.web import AGENT_KEY, TOKEN_AGENT_KEY, HTTPError, json_answer
 from agent.record import utc_timestamp
@@ -150,13 +150,13 @@ class CollectorApp:
                             [("WWW-Authenticate", 'Bearer realm="modbus-collector", error="invalid_token"')])
         return found
 
-    def read_json(self, environ, allowed_types, parse=validate.loads):
+    def read_json(self, environ, allowed_types, parse=jsonbody.loads):
         return self.parse_json(self.read_body(environ, allowed_types), parse, self.json_limits)
 
     @property
     def json_limits(self):
-        """What one body may hold (validate.json_limits), from the largest text it can be."""
-        return validate.json_limits(max(self.cfg.max_body_bytes, self.cfg.max_decompressed_bytes))
+        """What one body may hold (jsonbody.json_limits), from the largest text it can be."""
+        return jsonbody.json_limits(max(self.cfg.max_body_bytes, self.cfg.max_decompressed_bytes))
 
     def max_ts(self, received):
         """The latest record ts accepted now (max_future_skew ahead), or None (check off)."""
@@ -208,11 +208,11 @@ class CollectorApp:
         try:
             text = body.decode("utf-8") if type(body) is bytes else body
             body = None  # the bytes go before parsing starts: one copy less at the peak
-            validate.check_json_size(text, limits)
+            jsonbody.check_json_size(text, limits)
             doc = parse(text)
-        except validate.TooMany as e:
+        except jsonbody.TooMany as e:
             raise HTTPError(413, str(e), e.where) from None
-        except validate.Invalid as e:  # a key given twice
+        except jsonbody.Invalid as e:  # a key given twice
             raise HTTPError(422, e.reason, e.path) from None
         except RecursionError:
             raise HTTPError(400, "JSON nested too deeply", "body") from None

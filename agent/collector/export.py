@@ -8,8 +8,8 @@ import csv
 import io
 import re
 
+from agent.collector.jsonbody import encode as _encode
 from agent.collector.store import ROW_COLUMNS
-from agent.collector.web import encode as _encode
 
 
 def primed(rows):

@@ -1,7 +1,7 @@
 """The collector's write endpoints: POST /api/v1/batches (the agents' batches) and POST
 /receive-data (the legacy single-record format).
 
-A batch in the agent's own encoding takes the fast path (validate.fast_head/fast_rows: one regex
+A batch in the agent's own encoding takes the fast path (fastpath.fast_head/fast_rows: one regex
 per record); anything else, or anything the fast path cannot accept, the general path (parse_batch
 then batch_rows: every check, the precise error). Either way the rows go to the store in one
 transaction. Order of checks: auth, body (app.read_body: type, encoding, size, gzip), JSON, the
@@ -11,7 +11,7 @@ import hashlib
 import logging
 import time
 
-from agent.collector import validate
+from agent.collector import fastpath, jsonbody, legacy, validate
 from agent.collector.web import AGENT_KEY, TOKEN_AGENT_KEY, HTTPError, json_answer
 
 log = logging.getLogger("modbus.collector")
@@ -38,16 +38,16 @@ def post_batches(app, environ, start_response):
     except UnicodeDecodeError:
         text = None  # the general path says where
     if text is not None and "\\" not in text:  # no escapes at all: no NUL or surrogate to look for
-        head = validate.fast_head(text)
+        head = fastpath.fast_head(text)
     if head is not None:
         agent = environ[AGENT_KEY] = head[0]
         if token_agent is not None and agent != token_agent:
             raise HTTPError(403, "token belongs to another agent", "$.agent")
-        rows = validate.fast_rows(text, head[1], agent, received, cfg.max_records, cfg.max_depth,
+        rows = fastpath.fast_rows(text, head[1], agent, received, cfg.max_records, cfg.max_depth,
                                   max_ts, limits)
     if rows is None:  # the general path: any shape, every check, precise errors
         max_records = cfg.max_records
-        doc = app.parse_json(body if text is None else text, lambda t: validate.parse_batch(t, max_records),
+        doc = app.parse_json(body if text is None else text, lambda t: jsonbody.parse_batch(t, max_records),
                              limits, pairs=True)
         if type(doc) is dict and "agent" in doc:
             environ[AGENT_KEY] = doc["agent"]
@@ -82,7 +82,7 @@ def post_receive_data(app, environ, start_response):
                         % (len(recs), cfg.max_records), "$")
     try:
         max_ts = app.max_ts(received)
-        rows = [validate.legacy_row(r, agent, received, "%s[%d]" % (prefix, i) if prefix else "$",
+        rows = [legacy.legacy_row(r, agent, received, "%s[%d]" % (prefix, i) if prefix else "$",
                                     cfg.max_depth, _hasher, max_ts) for i, r in enumerate(recs)]
     except validate.Invalid as e:
         raise HTTPError(422, e.reason, e.path) from None

@@ -1,9 +1,7 @@
 """What every route of the collector's WSGI app shares: the error that becomes a 4xx/5xx answer,
 status lines, JSON answers, and the environ keys that carry a request's agent to the log line."""
-import json
+from agent.collector.jsonbody import encode
 
-encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False,
-                          check_circular=False).encode
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
             405: "Method Not Allowed", 411: "Length Required", 413: "Payload Too Large",
             415: "Unsupported Media Type", 422: "Unprocessable Entity", 500: "Internal Server Error",
