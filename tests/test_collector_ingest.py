@@ -11,7 +11,7 @@ import pytest
 
 from agent.collector import make_app
 from agent.collector.config import load_config
-from agent.collector.validate import fast_head, fast_record, fast_rows
+from agent.collector.fastpath import fast_head, fast_record, fast_rows
 from agent.record import encode, gap_record, health_record, utc_timestamp
 from tests.test_collector_api import Client
 from tests.test_collector_store import db_url, pg_server, pg_url  # noqa: F401 (fixtures: SQLite and PostgreSQL)
@@ -83,7 +83,8 @@ def test_keys_given_twice_are_refused_on_the_general_path(client, text, where):
 
 
 def test_both_paths_refuse_the_same_duplicate_and_accept_the_same_distinct_keys():
-    from agent.collector.validate import Invalid, batch_rows, parse_batch
+    from agent.collector.jsonbody import parse_batch
+    from agent.collector.validate import Invalid, batch_rows
 
     for keys_ok in (True, False):
         values = '{"a":1,"b":2,"c":3}' if keys_ok else '{"a":1,"b":2,"a":3}'

@@ -111,7 +111,7 @@ def test_a_gzip_bomb_of_tiny_values_is_refused_within_a_bounded_peak_rss(collect
 
 
 def _at_the_limits(kind):
-    from agent.collector.validate import json_limits
+    from agent.collector.jsonbody import json_limits
 
     max_values, max_containers = json_limits(CAP)
     head = ('{"agent":"a","records":[{"agent":"a","seq":1,"ts":"2026-11-21T10:30:45.123Z","device":"m",'

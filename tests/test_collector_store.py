@@ -15,9 +15,10 @@ import time
 import pytest
 
 from agent.collector import make_app
+from agent.collector.jsonbody import parse_batch
 from agent.collector.schema import VERSION, statements
 from agent.collector.store import open_store
-from agent.collector.validate import batch_rows, parse_batch
+from agent.collector.validate import batch_rows
 from agent.record import encode, error_record, gap_record, health_record, utc_timestamp
 
 T0 = 1_795_000_000.0  # 2026-11-18

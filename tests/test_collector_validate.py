@@ -7,16 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.collector.validate import (
-    Invalid,
-    TooMany,
-    batch_rows,
-    fast_head,
-    fast_rows,
-    legacy_row,
-    normalize_ts,
-    parse_batch,
-)
+from agent.collector.fastpath import fast_head, fast_rows
+from agent.collector.jsonbody import TooMany, parse_batch
+from agent.collector.legacy import legacy_row
+from agent.collector.validate import Invalid, batch_rows, normalize_ts
 from agent.record import encode
 
 scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text()
@@ -182,27 +176,27 @@ def test_both_paths_refuse_a_key_given_twice_and_agree_otherwise(pairs, n, devic
 def test_layout_caches_stay_bounded_and_compile_a_few_per_request(monkeypatch):
     """A client may send any number of agents, devices and key sets: at most 4 patterns compiled
     per request, and the caches start again past their bounds (answers unchanged)."""
-    from agent.collector import validate
+    from agent.collector import fastpath
 
-    monkeypatch.setattr(validate, "_layouts", {})
-    monkeypatch.setattr(validate, "_device_layouts", {})
-    monkeypatch.setattr(validate, "_sizes", [0, 0])
-    monkeypatch.setattr(validate, "_MAX_DEVICES", 10)
-    monkeypatch.setattr(validate, "_MAX_CACHED_KEYS", 12)
+    monkeypatch.setattr(fastpath, "_layouts", {})
+    monkeypatch.setattr(fastpath, "_device_layouts", {})
+    monkeypatch.setattr(fastpath, "_sizes", [0, 0])
+    monkeypatch.setattr(fastpath, "_MAX_DEVICES", 10)
+    monkeypatch.setattr(fastpath, "_MAX_CACHED_KEYS", 12)
     for agent in ("site7", "site8", "site9"):
         recs = ['{"agent":"%s","seq":%d,"ts":"2026-11-21T10:30:45.123Z","device":"d%d","unit":1,'
                 '"values":{"k%d":1,"x":2},"status":"ok"}' % (agent, i, i % 9, i % 7) for i in range(60)]
         text = '{"agent":"%s","records":[%s]}' % (agent, ",".join(recs))
-        before = set(validate._layouts)
+        before = set(fastpath._layouts)
         rows = fast_rows(text, fast_head(text)[1], agent, 1.0, 100, 8)
         assert rows is not None and rows == batch_rows(parse_batch(text), 1.0, 100, 8)[1]
-        assert len(set(validate._layouts) - before) <= 4
-        assert validate._sizes[0] <= 12 and validate._sizes[1] <= 10
-        assert sum(len(d) for d in validate._device_layouts.values()) <= 10
+        assert len(set(fastpath._layouts) - before) <= 4
+        assert fastpath._sizes[0] <= 12 and fastpath._sizes[1] <= 10
+        assert sum(len(d) for d in fastpath._device_layouts.values()) <= 10
 
 
 def test_a_record_with_more_values_than_a_layout_takes_gets_the_general_checks():
-    from agent.collector.validate import MAX_LAYOUT_KEYS
+    from agent.collector.fastpath import MAX_LAYOUT_KEYS
 
     for n, dup in ((MAX_LAYOUT_KEYS, False), (MAX_LAYOUT_KEYS + 1, False), (MAX_LAYOUT_KEYS + 1, True)):
         keys = ["k%d" % i for i in range(n)]
@@ -252,7 +246,7 @@ def test_fast_path_agrees_with_the_general_path_on_failed_reads(errors, clock, e
 
 
 def test_the_agents_failed_reads_match_the_fast_pattern():
-    from agent.collector.validate import _FAST_ERROR
+    from agent.collector.fastpath import _FAST_ERROR
     from agent.record import error_record
 
     for err in ({"kind": "timeout", "message": "no answer from unit 1 in 1.0 s"},

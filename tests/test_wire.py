@@ -4,7 +4,7 @@ import json
 import pytest
 
 from agent import wire
-from agent.collector import validate
+from agent.collector import fastpath, jsonbody, validate
 from agent.record import data_record, error_record, gap_record, health_record, partial_record
 
 T = 1_800_000_000.123
@@ -64,17 +64,17 @@ def test_a_batch_of_spool_lines_is_what_the_collector_parses_on_both_paths():
     body = (wire.envelope_head("site7") + b",".join(x[:-1] for x in lines) + wire.ENVELOPE_TAIL).decode()
     assert [r["seq"] for r in json.loads(body)["records"]] == [1, 2, 3, 4, 5]
     received = "2027-01-15T08:00:01.000Z"
-    agent, rows = validate.batch_rows(validate.parse_batch(body), received, 100, 8)
+    agent, rows = validate.batch_rows(jsonbody.parse_batch(body), received, 100, 8)
     assert agent == "site7" and [r[1] for r in rows] == [1, 2, 3, 4, 5]
     # The uploader's envelope is exactly what the fast path recognises.
-    head = validate.fast_head(body)
+    head = fastpath.fast_head(body)
     assert head is not None and head[0] == "site7"
-    fast = validate.fast_rows(body, head[1], "site7", received, 100, 8)
+    fast = fastpath.fast_rows(body, head[1], "site7", received, 100, 8)
     if fast is not None:   # None: the general path decides (gap/health/partial records)
         assert [r[1] for r in fast] == [1, 2, 3, 4, 5]
 
 
 def test_the_collector_fast_path_matches_an_ok_reading_as_the_agent_writes_it():
     line = _line(data_record("site7", T, "meter1", 1, {"v": 230.1, "s": "x"}))[:-1].decode()
-    m = validate.fast_record(line)
+    m = fastpath.fast_record(line)
     assert m is not None and m.end() == len(line)

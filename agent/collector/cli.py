@@ -1,7 +1,8 @@
 """`modbus-collector [-c FILE] [--listen HOST:PORT] [--db URL] [--workers N]`: the built-in server.
 
 An HTTP/1.1 server (agent/collector/server.py: selector-read requests with head and body
-deadlines, a pool of app threads, keep-alive; agents reuse their connection); with --workers N,
+deadlines, caps and eviction; http1.py: the framing; handler.py: a pool of app threads running
+the app; keep-alive, so agents reuse their connection); with --workers N,
 N forked processes accept on one socket (parsing and validation then use several cores). The
 same app also runs under gunicorn or waitress (see agent/collector/__init__.py).
 Exit codes: 0 stopped, 2 bad configuration or usage, 1 could not start.

@@ -21,7 +21,7 @@ agents    agent, max_seq, records, gaps, dropped, first_seen, last_seen (epoch s
 devices   per (agent, device): unit, last_ts/last_status (newest reading), values_ts/last_values,
           error_ts/last_error, health_ts/health, records, errors, last_seen (epoch seconds)
 legacy /receive-data posts land in `records` too: agent = the token's agent (or receive_data_agent),
-seq = a 63-bit hash of the record's content (see validate.legacy_row).
+seq = a 63-bit hash of the record's content (see legacy.legacy_row).
 
 Grafana, SQLite data source (frser-sqlite-datasource), one point over time:
     SELECT ts AS time, json_extract(payload, '$.values.voltage_l1') AS voltage_l1 FROM records

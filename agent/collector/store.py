@@ -10,8 +10,8 @@ import json
 import math
 import operator
 
+from agent.collector.fastpath import OK_TAIL, VALUES_KEY, fast_record
 from agent.collector.schema import VERSION, statements
-from agent.collector.validate import OK_TAIL, VALUES_KEY, fast_record
 
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False,
                            check_circular=False).encode
@@ -260,7 +260,7 @@ class Store:
         if devices:
             devices.sort(key=_device_key)
             cur.executemany(self.sql_device, devices)
-        # Legacy /receive-data records have negative seqs (validate.legacy_row), outside the
+        # Legacy /receive-data records have negative seqs (legacy.legacy_row), outside the
         # agents' 0..2^63-1: they never move max_seq (-1 until the agent sends a record itself).
         cur.execute(self.sql_agent, (agent, max(hi, -1), stored, gaps, dropped, received, received))
         max_seq = cur.fetchone()[0]

@@ -19,8 +19,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
+from agent.collector.jsonbody import parse_batch  # noqa: E402
 from agent.collector.store import ROW_COLUMNS, open_store  # noqa: E402
-from agent.collector.validate import batch_rows, parse_batch  # noqa: E402
+from agent.collector.validate import batch_rows  # noqa: E402
 from agent.record import data_record, encode  # noqa: E402
 
 
