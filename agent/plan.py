@@ -12,9 +12,11 @@ taking each request as far as it can go never makes a later one necessary that a
 would have avoided.
 """
 
-#: spec limits per read: registers for FC 3/4, bits for FC 1/2
-MAX_REGISTERS = 125
-MAX_BITS = 2000
+from agent.modbus import rtu, tcp
+from agent.modbus.pdu import MAX_BITS, MAX_REGISTERS
+
+__all__ = ["MAX_BITS", "MAX_REGISTERS", "Planned", "Span", "bus_estimate", "plan_addresses",
+           "plan_spans"]
 
 
 class Span:
@@ -96,26 +98,6 @@ def plan_addresses(pairs, max_count, max_gap):
 RTU_TURNAROUND = 0.010
 #: allowance per request on a TCP link (round trip plus the device's processing)
 TCP_ALLOWANCE = 0.005
-RTU_HEADER = 2 + 2                 # unit id + function code, CRC
-TCP_HEADER = 7 + 1                 # MBAP header (7 bytes, unit id included) + function code
-
-
-def response_data_bytes(function, count):
-    """Data bytes of a read response: ceil(count/8) for FC 1/2, 2*count for FC 3/4."""
-    return (count + 7) // 8 if function in (1, 2) else 2 * count
-
-
-def char_time(baud, bytesize=8, parity="N", stopbits=1):
-    """Seconds per RTU character: start bit, data bits, parity bit if any, stop bits."""
-    return (1 + bytesize + (0 if parity == "N" else 1) + stopbits) / float(baud)
-
-
-def frame_gap(baud, bytesize=8, parity="N", stopbits=1):
-    """Silent interval between RTU frames: 3.5 characters, fixed 1.75 ms above 19200 baud
-    (Modbus over Serial Line v1.02, section 2.5.1.1)."""
-    if baud > 19200:
-        return 0.00175
-    return 3.5 * char_time(baud, bytesize, parity, stopbits)
 
 
 def bus_estimate(conn, reads):
@@ -129,17 +111,16 @@ def bus_estimate(conn, reads):
     seconds = 0.0
     serial = conn.type in ("rtu", "rtu-over-tcp")
     if serial:
-        ct = char_time(conn.baud, conn.bytesize, conn.parity, conn.stopbits)
-        gap = frame_gap(conn.baud, conn.bytesize, conn.parity, conn.stopbits)
+        ct = rtu.char_time(conn.baud, conn.bytesize, conn.parity, conn.stopbits)
+        gap = rtu.frame_gap(conn.baud, conn.bytesize, conn.parity, conn.stopbits)
     for function, count in reads:
-        data = response_data_bytes(function, count)
         if serial:
-            req, resp = RTU_HEADER + 4, RTU_HEADER + 1 + data
+            req, resp = rtu.READ_REQUEST_LENGTH, rtu.read_response_length(function, count)
             t = (req + resp) * ct + 2 * gap + RTU_TURNAROUND
             if conn.type == "rtu-over-tcp":
                 t += TCP_ALLOWANCE
         else:
-            req, resp = TCP_HEADER + 4, TCP_HEADER + 1 + data
+            req, resp = tcp.READ_REQUEST_LENGTH, tcp.read_response_length(function, count)
             t = TCP_ALLOWANCE
         nbytes += req + resp
         seconds += t + conn.pause

@@ -70,7 +70,7 @@ _STAT_FOR = {
     InvalidRequest: None,
 }
 #: spec quantity limits of the reads, for the fast argument check in `read`
-_READ_MAX = {1: 2000, 2: 2000, 3: 125, 4: 125}
+_READ_MAX = _pdu.READ_MAX
 #: a reply whose transaction id is at most this far behind the current one is a stale answer
 _STALE_WINDOW = 64
 _RECV_SIZE = 4096
@@ -83,7 +83,8 @@ LATE_WINDOW_MIN = 0.05      # USB-serial latency timers (FTDI: 16 ms) and gatewa
 LATE_WINDOW_MAX = 0.25
 #: the line counts as quiet after this long without a byte (plus the 3.5-character silence)
 LATE_QUIET = 0.02
-_READ_CODES = frozenset((1, 2, 3, 4))
+_READ_CODES = _pdu.READ_FUNCTIONS
+_EXCEPTION_BIT = _pdu.EXCEPTION_BIT
 
 
 
@@ -296,7 +297,7 @@ class TcpClient(_Client):
 
     def _exchange_pdu(self, unit, fn, request_pdu, address, count, value):
         tid = self._tid = (self._tid + 1) & 0xFFFF
-        adu = self._transact(tcp.build_adu(tid, unit, request_pdu), tid, fn.response_length(count) + 7)
+        adu = self._transact(tcp.build_adu(tid, unit, request_pdu), tid, tcp.response_length(fn, count))
         return tcp.decode_response(adu, tid, unit, fn, address, count, value)
 
     def _transact(self, request, tid, expected):
@@ -502,7 +503,7 @@ class _RtuBase(_Client):
             self._broadcast(rtu.build_adu(0, request_pdu))
             return None
         adu = self._transact(rtu.build_adu(unit, request_pdu), unit, fn.code,
-                             fn.response_length(count) + rtu.OVERHEAD)
+                             rtu.response_length(fn, count))
         return rtu.decode_response(adu, unit, fn, address, count, value)
 
     def _transact(self, request, unit, function, expected):
@@ -644,8 +645,8 @@ class _RtuBase(_Client):
                         raise FrameError("no answer, only a frame for another request",
                                          expected=f"unit {unit} fc {function:02d}", got=stale) from None
                     raise
-            if buf[0] == unit and (buf[1] == function or buf[1] == function | 0x80):
-                if buf[1] & 0x80:
+            if buf[0] == unit and (buf[1] == function or buf[1] == function | _EXCEPTION_BIT):
+                if buf[1] & _EXCEPTION_BIT:
                     n = rtu.EXCEPTION_ADU_LENGTH
                 else:
                     n = expected
@@ -788,13 +789,6 @@ class _SocketLink(_FdLink):
             pass
 
 
-def silent_interval(baudrate, bits_per_char=11):
-    """3.5 character times, fixed at 1.75 ms above 19200 baud (Serial Line v1.02, 2.5.1.1)."""
-    if baudrate > 19200:
-        return 0.00175
-    return 3.5 * bits_per_char / baudrate
-
-
 class RtuClient(_RtuBase):
     """RTU master on a serial port (pyserial)."""
 
@@ -807,9 +801,9 @@ class RtuClient(_RtuBase):
         self.bytesize = int(bytesize)
         self.stopbits = stopbits
         self.rs485_echo = bool(rs485_echo)
-        bits = 1 + self.bytesize + (self.parity != "N") + float(stopbits)
-        self._char_time = bits / self.baudrate
-        self._silence = silent_interval(self.baudrate, bits)
+        line = (self.baudrate, self.bytesize, self.parity, float(stopbits))
+        self._char_time = rtu.char_time(*line)
+        self._silence = rtu.frame_gap(*line)
 
     def _where(self):
         return self.port
