@@ -167,20 +167,6 @@ def make_uploader(cfg):
                     verify=u.verify, backoff_max=u.backoff_max)
 
 
-def _section_key(section, names):
-    """Comparable snapshot of the settings a live object was built from (for SIGHUP)."""
-    if section is None:
-        return None
-    return tuple(repr(getattr(section, n, None)) for n in names)
-
-
-_SPOOL_KEYS = ("spool_dir", "spool_max_mb", "spool_max_age", "spool_segment_kb", "fsync", "fsync_interval", "id",
-               "seq_file")
-_QUARANTINE_KEYS = ("quarantine_file",)
-_UPLOAD_KEYS = ("url", "token", "batch_max_records", "batch_max_kb", "gzip", "timeout", "ca_file", "verify",
-                "backoff_max", "quarantine_file")
-
-
 class Loop:
     def __init__(self, cfg, spool=None, uploader=None, mono=time.monotonic, wall=time.time):
         self.mono = mono
@@ -744,7 +730,7 @@ class Loop:
 
     # -- reload and shutdown -------------------------------------------------------------
     def reload(self):
-        from agent.config import ConfigError, load_config
+        from agent.config import SPOOL, UPLOADER, ConfigError, changed, load_config
 
         path = self.cfg.path
         log.info("SIGHUP: reloading %s", path)
@@ -760,12 +746,10 @@ class Loop:
             log.error("reload: %s: %s: still running the previous config", path, e)
             return
         old = self.cfg
-        spool_changed = (_section_key(old.agent, _SPOOL_KEYS) != _section_key(new.agent, _SPOOL_KEYS) or
-                         _section_key(old.upload, _QUARANTINE_KEYS) != _section_key(new.upload, _QUARANTINE_KEYS))
-        if spool_changed and not self._reopen_spool(old, new):
+        # what to rebuild: the keys the config schema tags SPOOL / UPLOADER (agent.config.schema)
+        if changed(old, new, SPOOL) and not self._reopen_spool(old, new):
             return
-        if _section_key(old.upload, _UPLOAD_KEYS) != _section_key(new.upload, _UPLOAD_KEYS) or \
-                old.agent.id != new.agent.id:
+        if changed(old, new, UPLOADER):
             _close(self.uploader)
             self.uploader = make_uploader(new)
         for client in self.clients.values():
