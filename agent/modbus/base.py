@@ -3,6 +3,11 @@
 Subclasses (`tcp_client.TcpClient`, `rtu_client.RtuClient`, `rtu_client.RtuOverTcpClient`)
 move the bytes: `_connect`, `_close`, `_where`, `_read` (FC 01-04, the hot path) and
 `_exchange_pdu` (any other request). The rules they follow are in `agent.modbus.client`.
+
+Each also declares itself as a transport (`agent.modbus.transport`): its connection `TYPE`,
+whether its devices sit on an RTU bus (`SERIAL`), the [connection] keys it takes (`KEYS`),
+how it is made from a connection's settings (`from_settings`), how the connection is named
+in messages (`describe`) and the bus time of a poll cycle (`bus_time`, for `check`).
 """
 import time
 
@@ -32,6 +37,13 @@ _STAT_FOR = {
 #: spec quantity limits of the reads, for the fast argument check in `read`
 _READ_MAX = _pdu.READ_MAX
 
+# bus-time estimate (`check`), not timeouts:
+#: allowance per request for an RTU device to start answering (RTU slaves typically need a
+#: few ms; many meters 10-20 ms)
+RTU_TURNAROUND = 0.010
+#: allowance per request on a TCP link (round trip plus the device's processing)
+TCP_ALLOWANCE = 0.005
+
 
 def _check_unit(unit):
     if not isinstance(unit, int) or not 0 <= unit <= 255:
@@ -55,6 +67,50 @@ class Client:
     #: schedule had chosen ("backing off ..., next try in 0.0 s") and noticed a device that
     #: came back late.
     refuse_while_down = True
+
+    # --- the transport declaration (agent.modbus.transport) ---------------------------------
+
+    #: the [connection] `type` this client speaks
+    TYPE = None
+    #: its devices sit on an RTU bus (units 1..247; the bus time is the line's)
+    SERIAL = False
+    #: the [connection] keys it takes (agent.modbus.keys.Key)
+    KEYS = ()
+
+    @classmethod
+    def from_settings(cls, settings):
+        """A client for a connection: `settings` has every key in KEYS as an attribute."""
+        raise NotImplementedError
+
+    @classmethod
+    def _on_socket(cls, s):
+        """A client on the TCP socket a connection's settings name (TcpClient, RtuOverTcpClient)."""
+        return cls(s.host, port=s.port, timeout=s.timeout, connect_timeout=s.connect_timeout,
+                   pause=s.pause, backoff_max=s.backoff_max)
+
+    @classmethod
+    def describe(cls, settings):
+        """The connection in messages and `check`: "tcp 10.0.0.5:502"."""
+        return "%s %s:%s" % (cls.TYPE, settings.host, settings.port)
+
+    @classmethod
+    def bus_time(cls, settings, reads):
+        """Bus use of `reads` [(function, count)] -> {"requests", "bytes", "seconds"}."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _bus_time(reads, request_length, response_length, char_time, per_request):
+        """Bytes and seconds of `reads`: each read costs its request and response bytes at
+        `char_time` each, plus `per_request` seconds (silences, turnaround, pause)."""
+        nbytes = 0
+        seconds = 0.0
+        for function, count in reads:
+            n = request_length + response_length(function, count)
+            nbytes += n
+            seconds += n * char_time + per_request
+        return {"requests": len(reads), "bytes": nbytes, "seconds": seconds}
+
+    # --- instances -----------------------------------------------------------------------
 
     def __init__(self, timeout, pause, backoff_min, backoff_max):
         self.timeout = float(timeout)

@@ -10,8 +10,17 @@ import time
 
 from agent.modbus import pdu as _pdu
 from agent.modbus import rtu
-from agent.modbus.base import Client
+from agent.modbus.base import RTU_TURNAROUND, TCP_ALLOWANCE, Client
 from agent.modbus.errors import ConnectionLost, FrameError, InvalidRequest, ModbusTimeout
+from agent.modbus.keys import (
+    CONNECT_TIMEOUT,
+    LINK_KEYS,
+    SERIAL_LINE_KEYS,
+    SERIAL_PORT,
+    SOCKET_KEYS,
+    Key,
+    timeout_key,
+)
 from agent.modbus.links import RECV_SIZE, SERIAL_ERRORS, SerialLink, SocketLink, open_tcp
 
 _monotonic = time.monotonic
@@ -60,6 +69,19 @@ class _RtuBase(Client):
     _silence = 0.0
     #: time to move one character (0 on a socket)
     _char_time = 0.0
+
+    SERIAL = True
+    #: bus-time allowance per request on top of the serial time (the gateway's socket)
+    LINK_ALLOWANCE = 0.0
+
+    @classmethod
+    def bus_time(cls, settings, reads):
+        """Serial time on the bus: request and response at the line's character time, each
+        framed by the 3.5-character silence, plus RTU_TURNAROUND and the pause."""
+        line = (settings.baud, settings.bytesize, settings.parity, settings.stopbits)
+        per_request = 2 * rtu.frame_gap(*line) + RTU_TURNAROUND + cls.LINK_ALLOWANCE + settings.pause
+        return cls._bus_time(reads, rtu.READ_REQUEST_LENGTH, rtu.read_response_length,
+                             rtu.char_time(*line), per_request)
 
     def __init__(self, timeout, pause, backoff_min, backoff_max, late_window=None):
         super().__init__(timeout, pause, backoff_min, backoff_max)
@@ -299,6 +321,20 @@ class _RtuBase(Client):
 class RtuClient(_RtuBase):
     """RTU master on a serial port (pyserial)."""
 
+    TYPE = "rtu"
+    KEYS = ((SERIAL_PORT, timeout_key(0.5)) + LINK_KEYS + SERIAL_LINE_KEYS
+            + (Key("rs485_echo", "bool", False),))
+
+    @classmethod
+    def from_settings(cls, s):
+        return cls(s.port, baudrate=s.baud, parity=s.parity, bytesize=s.bytesize,
+                   stopbits=s.stopbits, timeout=s.timeout, pause=s.pause,
+                   rs485_echo=s.rs485_echo, backoff_max=s.backoff_max)
+
+    @classmethod
+    def describe(cls, s):
+        return "rtu %s %d %d%s%d" % (s.port, s.baud, s.bytesize, s.parity, s.stopbits)
+
     def __init__(self, port, baudrate=9600, parity="N", bytesize=8, stopbits=1, timeout=0.5,
                  pause=0.0, rs485_echo=False, backoff_max=60.0, backoff_min=0.5, late_window=None):
         super().__init__(timeout, pause, backoff_min, backoff_max, late_window)
@@ -332,6 +368,14 @@ class RtuOverTcpClient(_RtuBase):
     """RTU frames on a TCP socket (serial-to-Ethernet gateways in transparent mode)."""
 
     close_after_timeouts = 2
+
+    TYPE = "rtu-over-tcp"
+    KEYS = SOCKET_KEYS + (timeout_key(1.0), CONNECT_TIMEOUT) + LINK_KEYS + SERIAL_LINE_KEYS
+    LINK_ALLOWANCE = TCP_ALLOWANCE
+
+    @classmethod
+    def from_settings(cls, settings):
+        return cls._on_socket(settings)
 
     def __init__(self, host, port=502, timeout=1.0, connect_timeout=None, pause=0.0,
                  backoff_max=60.0, backoff_min=0.5, late_window=None):

@@ -8,8 +8,9 @@ import socket
 import time
 
 from agent.modbus import tcp
-from agent.modbus.base import Client
+from agent.modbus.base import TCP_ALLOWANCE, Client
 from agent.modbus.errors import ConnectionLost, FrameError, ModbusTimeout
+from agent.modbus.keys import CONNECT_TIMEOUT, LINK_KEYS, SOCKET_KEYS, timeout_key
 from agent.modbus.links import RECV_SIZE, open_tcp
 
 _monotonic = time.monotonic
@@ -25,6 +26,19 @@ class TcpClient(Client):
     """Modbus TCP client (MBAP framing), one connection, one request in flight."""
 
     close_after_timeouts = 2
+
+    TYPE = "tcp"
+    KEYS = SOCKET_KEYS + (timeout_key(1.0), CONNECT_TIMEOUT) + LINK_KEYS
+
+    @classmethod
+    def from_settings(cls, settings):
+        return cls._on_socket(settings)
+
+    @classmethod
+    def bus_time(cls, settings, reads):
+        """MBAP frames; the wire time is nothing next to TCP_ALLOWANCE and the pause."""
+        return cls._bus_time(reads, tcp.READ_REQUEST_LENGTH, tcp.read_response_length, 0.0,
+                             TCP_ALLOWANCE + settings.pause)
 
     def __init__(self, host, port=502, timeout=1.0, connect_timeout=None, pause=0.0,
                  backoff_max=60.0, backoff_min=0.5):
