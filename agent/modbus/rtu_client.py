@@ -304,17 +304,14 @@ class _RtuBase(Client):
         return buf
 
     def _read_exact(self, n, deadline, prefix, what="response"):
-        link = self._link
-        buf = b""
-        while len(buf) < n:
-            remaining = deadline - _monotonic()
-            chunk = link.read_some(n - len(buf), remaining) if remaining > 0 else b""
-            if not chunk:
-                got = prefix + buf
-                if got:
-                    raise FrameError(f"truncated {what}", expected=f"{len(prefix) + n} bytes", got=got)
-                raise ModbusTimeout(f"no {what} within {self.timeout:g} s")
-            buf += chunk
+        """`n` bytes before `deadline`; FrameError when only some came (after `prefix`, the
+        bytes of this frame read before), ModbusTimeout when none did."""
+        buf = self._read_upto(n, deadline)
+        if len(buf) < n:
+            got = prefix + buf
+            if got:
+                raise FrameError(f"truncated {what}", expected=f"{len(prefix) + n} bytes", got=got)
+            raise ModbusTimeout(f"no {what} within {self.timeout:g} s")
         return buf
 
 
