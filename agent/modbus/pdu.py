@@ -62,10 +62,20 @@ def unpack_bits(data, count):
     return [bool(data[i >> 3] >> (i & 7) & 1) for i in range(count)]
 
 
-def read_data_length(function, count):
-    """Data bytes in the normal answer to a read of `count` items (`function` one of FC 01-04,
-    already checked): 2 per register, ceil(count / 8) for bits."""
-    return count << 1 if function >= READ_HOLDING_REGISTERS else (count + 7) >> 3
+def read_length(framing):
+    """The length of the normal answer to a read, as a function (function, count) -> bytes,
+    for `framing` bytes around the data: 2 data bytes per register, ceil(count / 8) for bits
+    (`function` one of FC 01-04, already checked). The one formula; each framing gets its own
+    function so its hot path pays one call (rtu/tcp `read_response_length`)."""
+    registers = READ_HOLDING_REGISTERS
+
+    def length(function, count):
+        return framing + (count << 1 if function >= registers else (count + 7) >> 3)
+    return length
+
+
+#: data bytes in the normal answer to a read of `count` items: read_data_length(function, count)
+read_data_length = read_length(0)
 
 
 def check_function(frame, at, function, exception_length, unit=None):

@@ -28,8 +28,6 @@ READ_REQUEST_LENGTH = _READ.size + 2
 FIXED_TIMING_BAUD = 19200
 FIXED_SILENCE = 0.00175
 
-_data_length = _pdu.read_data_length
-
 
 def build_adu(unit, pdu):
     """Unit id + PDU + CRC (low byte first)."""
@@ -45,9 +43,8 @@ def build_read(unit, function, address, count):
     return frame + bytes((crc & 0xFF, crc >> 8))
 
 
-def read_response_length(function, count):
-    """Length of the normal RTU response to a read of `count` items."""
-    return OVERHEAD + 2 + _data_length(function, count)
+#: read_response_length(function, count): length of the normal RTU response to a read
+read_response_length = _pdu.read_length(OVERHEAD + 2)
 
 
 def response_length(fn, count):

@@ -20,8 +20,6 @@ _READ_HEAD = struct.Struct(">HHHBBB")
 #: a read request ADU: MBAP, function, address, count
 READ_REQUEST_LENGTH = _READ.size
 
-_data_length = _pdu.read_data_length
-
 
 def build_adu(tid, unit, pdu):
     """MBAP header + PDU."""
@@ -43,9 +41,8 @@ def parse_header(head):
     return tid, length, unit
 
 
-def read_response_length(function, count):
-    """Length of the normal TCP response ADU to a read of `count` items."""
-    return MBAP_LENGTH + 2 + _data_length(function, count)
+#: read_response_length(function, count): length of the normal TCP response to a read
+read_response_length = _pdu.read_length(MBAP_LENGTH + 2)
 
 
 def response_length(fn, count):
