@@ -8,14 +8,16 @@ reported as `file:line: [section] key: reason`.
 
 The package, in the order a file flows through it:
     ini.py       the flat INI subset read with line numbers; Problems (errors + warnings)
-    values.py    value parsers (text -> value or ValueError), name checks, redact
+    values.py    value parsers (text -> value or ValueError), name checks
     schema.py    the schemas (with reload tags: what SIGHUP rebuilds), Settings/Connection/
                  Config, applying a schema to a section
     points.py    the point grammar (`name = [table] address type ...`) -> Point
     profiles.py  meter profiles: finding and reading NAME.ini
     load.py      load_config/check_config: sections -> objects, then the cross-checks
-This module re-exports the names the rest of the agent imports from `agent.config`.
+This module re-exports the names the rest of the agent imports from `agent.config`;
+parse_duration, redact and the ConfigError base are agent.common's (shared with the collector).
 """
+from agent.common import parse_duration, redact
 from agent.config.ini import Problems, Section, read_ini
 from agent.config.load import (
     BUS_WARN,
@@ -52,15 +54,7 @@ from agent.config.schema import (
     reload_tags,
     reopen_keys,
 )
-from agent.config.values import (
-    MAX_NAME,
-    name_problem,
-    parse_bool,
-    parse_duration,
-    parse_int,
-    parse_number,
-    redact,
-)
+from agent.config.values import MAX_NAME, name_problem, parse_bool, parse_int, parse_number
 
 __all__ = [
     "AGENT_SCHEMA", "BUS_WARN", "CONNECTION_SCHEMA", "CONNECTION_TIMEOUT", "CONNECTION_TYPES",

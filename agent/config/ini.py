@@ -5,7 +5,8 @@ small line-oriented reader. `Problems` collects errors and warnings in file and 
 """
 import re
 
-from agent.config.values import _SECRET_KEY, redact
+from agent.common import ini_value as _ini_value
+from agent.common import redact
 
 
 class Section:
@@ -54,34 +55,6 @@ class Problems:
 
 
 _SECTION = re.compile(r"^\[\s*([^\]]*?)\s*\]\s*(?:[;#].*)?$")
-_INLINE_COMMENT = re.compile(r"\s[;#]")
-
-
-_QUOTED = re.compile(r'^"([^"]*)"\s*(?:[;#].*)?$')
-
-
-def _ini_value(text, key):
-    """The value part of `key = value` -> (value, None) or (None, problem). An inline comment
-    (` ;`, ` #`) ends an unquoted value; a value in double quotes is taken as written, ` ;` and
-    all (`token = "ab ;cd"`). A secret key whose value a comment would cut is refused: the
-    token sent would silently differ from the one written, and the collector's 401 would not
-    say why."""
-    text = text.strip()
-    if text.startswith('"'):
-        m = _QUOTED.match(text)
-        if m is None:
-            return None, ('a value that starts with " needs its closing " (and nothing but a '
-                          'comment after it); a quoted value cannot itself hold a "')
-        return m.group(1), None
-    m = _INLINE_COMMENT.search(text)
-    if m is None:
-        return text, None
-    if _SECRET_KEY.search(key) and text[:m.start()].strip():
-        mark = text[m.start() + 1]
-        return None, ('holds " %s", which starts a comment here, so the value would be cut short; '
-                      'if it belongs to the value, put the whole value in double quotes ("ab %scd"); '
-                      'if it is a comment, put it on a line of its own' % (mark, mark))
-    return text[:m.start()].strip(), None
 
 
 def read_ini(path, problems, text=None):

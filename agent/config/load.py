@@ -5,6 +5,7 @@ time fitting the intervals).
 import os
 import re
 
+from agent import common
 from agent.config.ini import Problems, _line_of, _suggest, read_ini
 from agent.config.points import parse_point
 from agent.config.profiles import PROFILE_DIRS, find_profile, load_profile
@@ -30,12 +31,8 @@ from agent.types import TABLES
 BUS_WARN = 0.80
 
 
-class ConfigError(Exception):
-    """Every problem found in a config file, one `file:line: [section] key: reason` each."""
-
-    def __init__(self, errors):
-        self.errors = list(errors)
-        super().__init__("\n".join(self.errors))
+class ConfigError(common.ConfigError):
+    """Every problem found in the agent's config file, one `file:line: [section] key: reason` each."""
 
 
 def load_or_report(path, out=None):
@@ -163,10 +160,17 @@ def _load_upload(s, agent, problems):
     upload = UploadSettings(**_good(_apply_schema(s, UPLOAD_SCHEMA, problems)))
     if upload.quarantine_file is None and agent.spool_dir:
         upload.quarantine_file = os.path.join(agent.spool_dir, "quarantine.jsonl")
+    if upload.token is not None and upload.url and re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/?#]*@", upload.url):
+        # requests turns URL userinfo into "Authorization: Basic ...", replacing the Bearer token:
+        # every post would get 401 and the agent would retry forever.
+        problems.error(s.path, _line_of(s, "url"), s.name, "url",
+                       "has user:password@ and [upload] token is set: the HTTP client would send the "
+                       "URL's credentials (Basic) instead of the token, and the collector answers 401; "
+                       "remove the user:password@ part")
     if upload.token is None and upload.url and upload.url.startswith("http://") \
             and not re.match(r"^http://(127\.|localhost|\[::1\])", upload.url):
         problems.warn(s.path, _line_of(s, "url"), s.name, "url",
-                      "plain http and no token: anyone on the path can read and forge uploads")
+                      "plain http without an [upload] token, so anyone on the path can read and forge uploads")
     return upload
 
 

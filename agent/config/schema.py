@@ -1,6 +1,7 @@
 """The schemas: the one place where options, their types and their defaults live, and the
 typed objects built from them (Settings, Connection, Config).
 """
+from agent.common import parse_duration
 from agent.config.ini import _suggest
 from agent.config.values import (
     _agent_id,
@@ -12,7 +13,6 @@ from agent.config.values import (
     _text,
     _url,
     parse_bool,
-    parse_duration,
     parse_int,
     parse_number,
 )

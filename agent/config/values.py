@@ -1,22 +1,15 @@
 """Value parsers for the agent's INI file: text -> value, or ValueError with the reason.
 
-Also the checks on names (agent id, device names) and the redaction of secrets in messages.
+Also the checks on names (agent id, device names). parse_duration and redact are shared with the
+collector (agent.common).
 """
 import math
 import re
 
+# A key whose value is never shown in a parse error (agent.common.redact does the rest).
+from agent.common import SECRET_KEY as _SECRET_KEY
+
 # --- value parsers: text -> value, or ValueError with the reason ---------------------------
-
-_DURATION = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
-
-
-def parse_duration(text):
-    """'500ms', '10s', '5m', '1h', '7d' or bare seconds -> float seconds."""
-    m = _DURATION.match(text.strip().lower())
-    if not m:
-        raise ValueError("%r is not a duration (write 500ms, 10s, 5m, 1h, 7d or seconds)" % text)
-    return float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
 
 
 def parse_int(text):
@@ -103,33 +96,6 @@ def name_problem(name):
     if _BAD_NAME_CHAR.search(name):
         return "device name must not contain quotes, backslashes or control characters"
     return None
-
-
-# Values never shown in an error or warning (they end up in logread on SIGHUP, in support
-# tickets): keys that hold secrets, and the user:password part of URLs.
-_SECRET_VALUE = re.compile(r"(?i)\b((?:[a-z0-9_.-]*(?:token|password|passwd|secret)[a-z0-9_.-]*)[\"']?\s*[:=]\s*)"
-                           r"(?:\*\*\*(?=[&;#\s'\"]|$)|'[^']*'|\"[^\"]*\"|[^\s'\",;]+)")   # *** + delimiter: done above
-# Userinfo runs to the LAST '@' of the URL: a password may hold '@' (or '/', which breaks the URL
-# but still must not show), and stopping at the first one would print the rest of it. A path that
-# holds '@' hides the host too: showing too little beats showing a secret.
-_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^\s'\"]*@")
-
-
-# A URL's query parameters whose name looks like a secret (`?api_key=...`, `&sig=...`,
-# `access_token`, `X-Amz-Signature`, `auth`): the value goes, the name stays (it says what to fix).
-# Wider than _SECRET_VALUE on purpose, and only after `?`/`&` so that words such as "signed"
-# or "monkey" in ordinary messages are left alone.
-_QUERY_SECRET = re.compile(r"(?i)([?&;][^=&;#\s'\"?]*(?:key|token|secret|passw|pwd|sig|auth|credential|session)"
-                           r"[^=&;#\s'\"?]*=)[^&;#\s'\"]*")
-
-_SECRET_KEY = re.compile(r"(?i)token|password|passwd|secret")
-
-
-def redact(text):
-    """`text` with secret values, URL credentials and secret-looking query values replaced by ***."""
-    text = _URL_USERINFO.sub(r"\1***@", text)
-    text = _QUERY_SECRET.sub(r"\1***", text)
-    return _SECRET_VALUE.sub(r"\1***", text)
 
 
 def _reason(key, value, error):

@@ -18,7 +18,7 @@ Robustness rules (each answers a known field problem):
   reopened, and the request sent once more on the fresh connection;
 - after a lost connection, reconnects back off exponentially (one attempt per step, up to
   `backoff_max`); inside the window the call fails at once without touching the network
-  (unless `refuse_while_down` is off: the agent's loop, whose device schedule owns the back-off);
+  (the agent's loop shortens that to `down_hold`: its device schedule owns the back-off);
   a connection the peer closed while idle is reopened once at once (gateways do that);
 - one deadline per request (`timeout` from the send, covering every read and the resend after
   an out-of-sync stream), so a peer that dribbles bytes cannot stretch a request; a truncated
