@@ -13,7 +13,7 @@ from agent.config import BUS_WARN, check_config, load_or_report, redact
 from agent.device import Refused, holes, refusal_hint
 from agent.modbus.errors import ModbusError, hexdump
 from agent.record import data_record, encode, error_record, partial_record
-from agent.types import shortest32
+from agent.types import TABLES, shortest32
 
 
 def _out(text=""):
@@ -64,7 +64,7 @@ def plan_lines(cfg):
                     # a device that maps no register there refuses the whole block (exception 2)
                     lines.append("        reads %d unasked %s in holes (max_gap %d): if the device "
                                  "refuses this block with exception 2, lower max_gap" % (
-                                     len(gap), "bit(s)" if r.function in (1, 2) else "register(s)",
+                                     len(gap), "bit(s)" if TABLES[r.table][1] else "register(s)",
                                      d.max_gap))
     return lines
 

@@ -12,8 +12,9 @@ client keeps the connection's `pause` before it). A failure that means nobody an
 CRC, frame, connection, and a gateway's 10/11 "target did not respond") ends the poll at once
 as before: the next requests would only wait out the same silence.
 """
-from agent.modbus.errors import DeviceError, ModbusError
-from agent.plan import MAX_BITS, MAX_REGISTERS, Span, bus_estimate, plan_spans
+from agent.modbus.errors import DeviceError, FrameError, ModbusError
+from agent.modbus.pdu import MAX_BITS, MAX_REGISTERS, read_data_length
+from agent.plan import Span, bus_estimate, plan_spans
 from agent.types import TABLES, TYPES, BitBlockDecoder, Field, RegisterBlockDecoder
 
 #: exception codes that mean the device itself did not answer (a gateway says so for it)
@@ -38,20 +39,16 @@ class Request:
             fields = []
             for p in points:
                 t = TYPES[p.type]
-                size = 2 * p.count if t.code == "s" else struct_size(t.code)
+                size = read_data_length(self.function, p.count if t.code == "s" else t.words)
                 order = "BA" if (t.code == "s" and p.swap) else p.order
-                fields.append(Field(p.name, 2 * (p.address - address), t.code, size, order,
-                                    p.transform()))
-            self.decoder = RegisterBlockDecoder(2 * count, fields)
+                fields.append(Field(p.name, read_data_length(self.function, p.address - address),
+                                    t.code, size, order, p.transform()))
+            self.decoder = RegisterBlockDecoder(read_data_length(self.function, count), fields)
         self.nbytes = self.decoder.nbytes
 
     def __repr__(self):
         return "Request(fc %02d %s %d+%d, %d points)" % (self.function, self.table, self.address,
                                                          self.count, len(self.points))
-
-
-def struct_size(code):
-    return {"h": 2, "H": 2, "i": 4, "I": 4, "f": 4, "q": 8, "Q": 8, "d": 8}[code]
 
 
 class Device:
@@ -101,7 +98,6 @@ class Device:
         Raises `Refused` when the device answered some requests with an exception response
         (its `values` hold the points of the other blocks), and the first other ModbusError
         (which ends the poll), with unit, function, address and count filled in."""
-        from agent.modbus.errors import FrameError
         out = {}
         unit = self.unit
         refused = None

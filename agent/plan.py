@@ -3,7 +3,7 @@
 A pure function of addresses. Points are spans (address, count) in one table; a request reads one
 contiguous range. Two neighbouring spans share a request when the hole between them is at most
 `max_gap` (registers, or bits for coil/discrete tables) and the whole request stays within
-`max_count` (125 registers / 2000 bits, Modbus Application Protocol v1.1b3 sections 6.1-6.4).
+`max_count` (at most the spec's limits, agent.modbus.pdu MAX_REGISTERS / MAX_BITS).
 `max_gap = 0` lets only touching spans share a request: the planner never reads an address the
 operator did not ask for.
 
@@ -12,9 +12,11 @@ taking each request as far as it can go never makes a later one necessary that a
 would have avoided.
 """
 
-#: spec limits per read: registers for FC 3/4, bits for FC 1/2
-MAX_REGISTERS = 125
-MAX_BITS = 2000
+from agent.modbus.pdu import MAX_BITS, MAX_REGISTERS
+from agent.modbus.transport import TRANSPORTS
+
+__all__ = ["MAX_BITS", "MAX_REGISTERS", "Planned", "Span", "bus_estimate", "plan_addresses",
+           "plan_spans"]
 
 
 class Span:
@@ -91,56 +93,11 @@ def plan_addresses(pairs, max_count, max_gap):
 
 # --- bus time ------------------------------------------------------------------------------
 
-#: allowance per request for the device to start answering (RTU slaves typically need
-#: a few ms; many meters 10-20 ms) -- an estimate for `check`, not a timeout
-RTU_TURNAROUND = 0.010
-#: allowance per request on a TCP link (round trip plus the device's processing)
-TCP_ALLOWANCE = 0.005
-RTU_HEADER = 2 + 2                 # unit id + function code, CRC
-TCP_HEADER = 7 + 1                 # MBAP header (7 bytes, unit id included) + function code
-
-
-def response_data_bytes(function, count):
-    """Data bytes of a read response: ceil(count/8) for FC 1/2, 2*count for FC 3/4."""
-    return (count + 7) // 8 if function in (1, 2) else 2 * count
-
-
-def char_time(baud, bytesize=8, parity="N", stopbits=1):
-    """Seconds per RTU character: start bit, data bits, parity bit if any, stop bits."""
-    return (1 + bytesize + (0 if parity == "N" else 1) + stopbits) / float(baud)
-
-
-def frame_gap(baud, bytesize=8, parity="N", stopbits=1):
-    """Silent interval between RTU frames: 3.5 characters, fixed 1.75 ms above 19200 baud
-    (Modbus over Serial Line v1.02, section 2.5.1.1)."""
-    if baud > 19200:
-        return 0.00175
-    return 3.5 * char_time(baud, bytesize, parity, stopbits)
-
-
 def bus_estimate(conn, reads):
-    """Bus use of `reads` [(function, count)] on a connection-like object (.type, .pause and for
-    serial .baud .bytesize .parity .stopbits) -> {"requests", "bytes", "seconds"}.
-
-    RTU: request ADU 8 bytes, response unit+fc+byte count+data+CRC, both framed by a 3.5-char
-    silence, plus RTU_TURNAROUND and the configured pause. TCP: MBAP framing, TCP_ALLOWANCE and
-    the pause. RTU over TCP: the serial time on the gateway's bus plus TCP_ALLOWANCE."""
-    nbytes = 0
-    seconds = 0.0
-    serial = conn.type in ("rtu", "rtu-over-tcp")
-    if serial:
-        ct = char_time(conn.baud, conn.bytesize, conn.parity, conn.stopbits)
-        gap = frame_gap(conn.baud, conn.bytesize, conn.parity, conn.stopbits)
-    for function, count in reads:
-        data = response_data_bytes(function, count)
-        if serial:
-            req, resp = RTU_HEADER + 4, RTU_HEADER + 1 + data
-            t = (req + resp) * ct + 2 * gap + RTU_TURNAROUND
-            if conn.type == "rtu-over-tcp":
-                t += TCP_ALLOWANCE
-        else:
-            req, resp = TCP_HEADER + 4, TCP_HEADER + 1 + data
-            t = TCP_ALLOWANCE
-        nbytes += req + resp
-        seconds += t + conn.pause
-    return {"requests": len(reads), "bytes": nbytes, "seconds": seconds}
+    """Bus use of `reads` [(function, count)] on a connection-like object (.type, .pause and
+    the keys of its transport) -> {"requests", "bytes", "seconds"}: its transport's estimate
+    (agent.modbus.transport). RTU: request and response bytes at the line's character time,
+    each framed by a 3.5-character silence, plus a turnaround allowance and the pause. TCP:
+    MBAP bytes, a per-request allowance and the pause. RTU over TCP: the serial time on the
+    gateway's bus plus the TCP allowance."""
+    return TRANSPORTS[conn.type].bus_time(conn, reads)

@@ -5,8 +5,9 @@ import time
 
 import pytest
 
-from agent.modbus.client import STAT_KEYS, RtuClient, RtuOverTcpClient, TcpClient, silent_interval
+from agent.modbus.client import STAT_KEYS, RtuClient, RtuOverTcpClient, TcpClient
 from agent.modbus.errors import InvalidRequest, ModbusError, ModbusTimeout
+from agent.modbus.rtu import silent_interval
 from tests import modbus_peers as peers
 from tests.modbus_peers import mbap, rtu
 

@@ -3,15 +3,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.plan import (
-    Span,
-    bus_estimate,
-    char_time,
-    frame_gap,
-    plan_addresses,
-    plan_spans,
-    response_data_bytes,
-)
+from agent.modbus.pdu import read_data_length
+from agent.modbus.rtu import char_time, frame_gap
+from agent.plan import Span, bus_estimate, plan_addresses, plan_spans
 
 # (case, spans [(address, count)], max_count, max_gap, expected reads [(start, count)])
 CASES = [
@@ -118,9 +112,9 @@ def test_rtu_character_time_and_gap():
 
 
 def test_response_sizes():
-    assert response_data_bytes(3, 10) == 20
-    assert response_data_bytes(1, 9) == 2
-    assert response_data_bytes(2, 8) == 1
+    assert read_data_length(3, 10) == 20
+    assert read_data_length(1, 9) == 2
+    assert read_data_length(2, 8) == 1
 
 
 def test_bus_estimate_rtu_by_hand():

@@ -11,11 +11,9 @@ from agent.config.points import parse_point
 from agent.config.profiles import PROFILE_DIRS, find_profile, load_profile
 from agent.config.schema import (
     _BAD,
-    _RTU,
-    _TCP,
+    _CONNECTION_SCHEMAS,
     AGENT_SCHEMA,
     CONNECTION_SCHEMA,
-    CONNECTION_TYPES,
     DEVICE_SCHEMA,
     UPLOAD_SCHEMA,
     AgentSettings,
@@ -24,8 +22,9 @@ from agent.config.schema import (
     UploadSettings,
     _apply_schema,
 )
-from agent.config.values import _between, name_problem
+from agent.config.values import name_problem
 from agent.device import Device
+from agent.modbus.transport import TRANSPORTS
 from agent.types import TABLES
 
 #: share of its interval a connection may spend on the bus before `check` warns
@@ -182,27 +181,13 @@ def _load_connection(name, s, problems):
     for k, (v, _line) in s.entries.items():
         if k.lower() == "type":
             raw_type = v.strip().lower()
-    if raw_type not in CONNECTION_TYPES:
+    schema = _CONNECTION_SCHEMAS.get(raw_type)
+    if schema is None:
         _apply_schema(s, CONNECTION_SCHEMA, problems)   # reports the type and everything else
         return None
     kind = raw_type
-    values = _apply_schema(s, CONNECTION_SCHEMA, problems, applies=True, kind=kind)
-    if "port" in values:
-        text, line = values["port"]
-        try:
-            if kind == _RTU:
-                if not text:
-                    raise ValueError("empty: name the serial device, e.g. /dev/ttyUSB0")
-                values["port"] = text
-            else:
-                values["port"] = _between(1, 65535)(text)
-        except ValueError as e:
-            problems.error(s.path, line, s.name, "port", str(e))
-            values["port"] = _BAD
-    elif kind == _RTU:
-        problems.error(s.path, s.line, s.name, "port",
-                       "missing (required): the serial device, e.g. /dev/ttyUSB0")
-        return None
+    values = _apply_schema(s, schema, problems, applies=True, kind=kind,
+                           hints=TRANSPORTS[kind].keys)
     if any(v is _BAD for v in values.values()):
         return None
     values.pop("type", None)
@@ -229,7 +214,7 @@ def _load_device(name, s, psec, agent, connections, conn_sections, problems):
                     cname, _suggest(cname, conn_sections)))
             ok = False
     unit = values.get("unit", 1)
-    if conn is not None and unit is not _BAD and conn.type != _TCP and not 1 <= unit <= 247:
+    if conn is not None and unit is not _BAD and conn.transport.serial and not 1 <= unit <= 247:
         problems.error(path, _line_of(s, "unit"), s.name, "unit",
                        "must be 1..247 on a serial bus (0 is broadcast, which cannot be read)")
         ok = False

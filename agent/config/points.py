@@ -11,7 +11,7 @@ import re
 from agent.config.ini import _suggest
 from agent.config.schema import POINT_OPTIONS
 from agent.config.values import parse_bool, parse_int, parse_number
-from agent.plan import MAX_REGISTERS
+from agent.modbus.pdu import MAX_REGISTERS
 from agent.types import (
     ALL_ORDERS,
     CLASSIC_PREFIX,

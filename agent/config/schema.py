@@ -16,7 +16,9 @@ from agent.config.values import (
     parse_int,
     parse_number,
 )
-from agent.plan import MAX_BITS, MAX_REGISTERS
+from agent.modbus import keys as _keys
+from agent.modbus.pdu import MAX_BITS, MAX_REGISTERS
+from agent.modbus.transport import TRANSPORTS
 
 # --- schemas: the one place where options, types and defaults live -------------------------
 
@@ -96,26 +98,67 @@ def changed(old, new, tag, sections=RELOAD_SECTIONS):
     return out
 
 
-CONNECTION_TYPES = ("tcp", "rtu", "rtu-over-tcp")
-_TCP, _RTU, _RTU_TCP = CONNECTION_TYPES
-# key -> (parser, default, connection types it applies to). A default of None for `timeout`
-# means "per type", see CONNECTION_TIMEOUT.
-CONNECTION_SCHEMA = {
-    "type": (_choice(*CONNECTION_TYPES), REQUIRED, CONNECTION_TYPES),
-    "host": (_text, REQUIRED, (_TCP, _RTU_TCP)),
-    "port": (None, None, CONNECTION_TYPES),   # TCP port number or serial device path, by type
-    "timeout": (_positive(parse_duration), None, CONNECTION_TYPES),
-    "connect_timeout": (_positive(parse_duration), None, (_TCP, _RTU_TCP)),
-    "pause": (_not_negative(parse_duration), 0.0, CONNECTION_TYPES),
-    "backoff_max": (_positive(parse_duration), 60.0, CONNECTION_TYPES),
-    # serial line; on rtu-over-tcp they describe the bus behind the gateway (for `check` only)
-    "baud": (_positive(parse_int), 9600, (_RTU, _RTU_TCP)),
-    "parity": (_choice("N", "E", "O", fold=str.upper), "N", (_RTU, _RTU_TCP)),
-    "bytesize": (_between(7, 8), 8, (_RTU, _RTU_TCP)),
-    "stopbits": (_between(1, 2), 1, (_RTU, _RTU_TCP)),
-    "rs485_echo": (parse_bool, False, (_RTU,)),
-}
-CONNECTION_TIMEOUT = {_TCP: 1.0, _RTU: 0.5, _RTU_TCP: 1.0}
+# [connection:NAME]: the keys and defaults of each type come from its transport
+# (agent.modbus.transport: TRANSPORTS, one entry per type, declared by its client class).
+CONNECTION_TYPES = tuple(TRANSPORTS)
+
+
+def key_parser(key):
+    """The value parser of a transport's `agent.modbus.keys.Key`."""
+    kind = key.kind
+    if kind == "text":
+        return _text
+    if kind == "path":
+        def path(text):
+            if not text:
+                raise ValueError("empty: name %s" % key.hint)
+            return text
+        return path
+    if kind == "bool":
+        return parse_bool
+    if kind == "choice":
+        return _choice(*key.choices, fold=str.upper)
+    parse = parse_int if kind == "int" else parse_duration
+    if key.positive:
+        return _positive(parse)
+    if key.bounds is not None:
+        return _between(key.bounds[0], key.bounds[1], parse)
+    return _not_negative(parse)
+
+
+def _default(key):
+    return REQUIRED if key.default is _keys.REQUIRED else key.default
+
+
+def connection_schema(kind=None):
+    """key -> (parser, default, connection types it applies to), every key of every type.
+    For `kind` (a type) its own parsers and defaults; without one (the type is not known)
+    what all types that take the key agree on: no parser (the text is kept) and no default
+    where they differ (a port number or a device path, per-type timeouts)."""
+    schema = {"type": (_choice(*CONNECTION_TYPES), REQUIRED, CONNECTION_TYPES)}
+    owners = {}
+    for t in TRANSPORTS.values():
+        for name in t.keys:
+            owners.setdefault(name, []).append(t)
+    for name, ts in owners.items():
+        types = tuple(t.name for t in ts)
+        own = TRANSPORTS[kind].keys.get(name) if kind is not None else None
+        if own is not None:
+            schema[name] = (key_parser(own), _default(own), types)
+            continue
+        first = ts[0].keys[name]
+        same = [t.keys[name] for t in ts]
+        parse = key_parser(first) if all(first.same_value(k) for k in same) else None
+        default = _default(first) if all(_default(k) == _default(first) for k in same) else None
+        schema[name] = (parse, default, types)
+    return schema
+
+
+#: every connection key (docs, the sample's coverage test, a section of an unknown type)
+CONNECTION_SCHEMA = connection_schema()
+#: connection type -> its default timeout
+CONNECTION_TIMEOUT = {name: t.keys["timeout"].default for name, t in TRANSPORTS.items()}
+_CONNECTION_SCHEMAS = {name: connection_schema(name) for name in TRANSPORTS}
 
 DEVICE_SCHEMA = {
     "connection": (_text, REQUIRED),
@@ -198,43 +241,29 @@ class UploadSettings(Settings):
 
 
 class Connection:
-    """[connection:NAME]: one TCP link or serial bus shared by its devices."""
+    """[connection:NAME]: one TCP link or serial bus shared by its devices.
 
-    def __init__(self, name, type, host=None, port=None, timeout=None, connect_timeout=None,
-                 pause=0.0, backoff_max=60.0, baud=9600, parity="N", bytesize=8, stopbits=1,
-                 rs485_echo=False):
+    Every connection key is an attribute; defaults come from the type's transport (keys of
+    other types: the default in CONNECTION_SCHEMA, or None)."""
+
+    def __init__(self, name, type, **values):
         self.name = name
         self.type = type
-        self.host = host
-        self.port = port if port is not None else (502 if type != _RTU else None)
-        self.timeout = timeout if timeout is not None else CONNECTION_TIMEOUT[type]
-        self.connect_timeout = connect_timeout
-        self.pause = pause
-        self.backoff_max = backoff_max
-        self.baud = baud
-        self.parity = parity
-        self.bytesize = bytesize
-        self.stopbits = stopbits
-        self.rs485_echo = rs485_echo
+        self.transport = TRANSPORTS[type]
+        for key, spec in _CONNECTION_SCHEMAS[type].items():
+            if key != "type":
+                default = spec[1]
+                setattr(self, key, values.pop(key, None if default is REQUIRED else default))
+        if values:
+            raise TypeError("unknown settings: %s" % ", ".join(sorted(values)))
         self.devices = []   # filled by load_config: the enabled devices on this connection
 
     def describe(self):
-        if self.type == _RTU:
-            return "rtu %s %d %d%s%d" % (self.port, self.baud, self.bytesize, self.parity, self.stopbits)
-        return "%s %s:%s" % (self.type, self.host, self.port)
+        return self.transport.describe(self)
 
     def open(self):
         """A codec client for this connection (connects lazily on its first read)."""
-        from agent.modbus import client  # lazily: `check` must work without the transports
-        if self.type == _RTU:
-            return client.RtuClient(self.port, baudrate=self.baud, parity=self.parity,
-                                    bytesize=self.bytesize, stopbits=self.stopbits,
-                                    timeout=self.timeout, pause=self.pause,
-                                    rs485_echo=self.rs485_echo, backoff_max=self.backoff_max)
-        cls = client.TcpClient if self.type == _TCP else client.RtuOverTcpClient
-        return cls(self.host, port=self.port, timeout=self.timeout,
-                   connect_timeout=self.connect_timeout, pause=self.pause,
-                   backoff_max=self.backoff_max)
+        return self.transport.open(self)
 
     def __repr__(self):
         return "Connection(%r, %s)" % (self.name, self.describe())
@@ -262,9 +291,10 @@ class Config:
 # --- applying a schema to a section --------------------------------------------------------
 
 
-def _apply_schema(section, schema, problems, applies=None, kind=None):
+def _apply_schema(section, schema, problems, applies=None, kind=None, hints=None):
     """Parse a settings section against its schema -> {key: value} (only keys present, plus
-    REQUIRED errors). Unknown keys are errors with a suggestion."""
+    REQUIRED errors). Unknown keys are errors with a suggestion. `hints`: {key: object with
+    .hint}, said after "missing (required)" (a transport's keys)."""
     values = {}
     for key, (text, line) in section.entries.items():
         k = key.lower()
@@ -290,7 +320,9 @@ def _apply_schema(section, schema, problems, applies=None, kind=None):
         if spec[1] is REQUIRED and key not in values:
             if applies is not None and kind not in spec[2]:
                 continue
-            problems.error(section.path, section.line, section.name, key, "missing (required)")
+            hint = getattr((hints or {}).get(key), "hint", None)
+            problems.error(section.path, section.line, section.name, key,
+                           "missing (required)" + (": " + hint if hint else ""))
             values[key] = _BAD
     return values
 

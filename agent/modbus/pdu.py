@@ -4,6 +4,11 @@ Each `Function` holds what the rest of the codec needs for its code: how to buil
 PDU, how long the normal response PDU is (computed from the request), and how to parse and
 check that response. Framing (RTU, MBAP) wraps these PDUs and lives in `rtu.py` / `tcp.py`.
 
+This module is the one source of the protocol's numbers: the read limits (`MAX_REGISTERS`,
+`MAX_BITS`, `READ_MAX`), which codes are reads (`READ_FUNCTIONS`), the data length of a read
+answer (`read_data_length`), and the function-code / exception-response check every response
+gets (`check_function`). The framings, the clients, the planner and the config import them.
+
 Parsers return the response's data as on the wire: for reads the data bytes (registers 2*count
 bytes big-endian, bits ceil(count/8) bytes LSB first), for writes None after checking the echo.
 """
@@ -20,9 +25,17 @@ WRITE_SINGLE_REGISTER = 6
 WRITE_MULTIPLE_COILS = 15
 WRITE_MULTIPLE_REGISTERS = 16
 
-READ_FUNCTIONS = (1, 2, 3, 4)
-#: an exception response PDU is function code | 0x80 and the exception code
+#: the reads (FC 01-04); their answers carry a byte count and data (sections 6.1-6.4)
+READ_FUNCTIONS = frozenset((READ_COILS, READ_DISCRETE_INPUTS, READ_HOLDING_REGISTERS,
+                            READ_INPUT_REGISTERS))
+#: spec quantity limits per read: registers for FC 03/04, bits for FC 01/02
+MAX_REGISTERS = 125
+MAX_BITS = 2000
+#: an exception response PDU is function code | 0x80 and the exception code (section 7)
+EXCEPTION_BIT = 0x80
 EXCEPTION_PDU_LENGTH = 2
+#: the normal answer to a write (05, 06, 15, 16): function code, address, value or quantity
+WRITE_RESPONSE_LENGTH = 5
 
 _ADDR_COUNT = struct.Struct(">BHH")       # fc, address, count (reads, FC05/06 echo, FC15/16 answers)
 _MULTI_HEAD = struct.Struct(">BHHB")      # fc, address, count, byte count (FC15/16 requests)
@@ -47,6 +60,38 @@ def pack_bits(values):
 def unpack_bits(data, count):
     """Bytes -> list of `count` bools (inverse of `pack_bits`)."""
     return [bool(data[i >> 3] >> (i & 7) & 1) for i in range(count)]
+
+
+def read_length(framing):
+    """The length of the normal answer to a read, as a function (function, count) -> bytes,
+    for `framing` bytes around the data: 2 data bytes per register, ceil(count / 8) for bits
+    (`function` one of FC 01-04, already checked). The one formula; each framing gets its own
+    function so its hot path pays one call (rtu/tcp `read_response_length`)."""
+    registers = READ_HOLDING_REGISTERS
+
+    def length(function, count):
+        return framing + (count << 1 if function >= registers else (count + 7) >> 3)
+    return length
+
+
+#: data bytes in the normal answer to a read of `count` items: read_data_length(function, count)
+read_data_length = read_length(0)
+
+
+def check_function(frame, at, function, exception_length, unit=None):
+    """The function-code check every response gets, the one place it is made: `frame[at]`
+    must be `function`. `function | 0x80` is an exception response and raises DeviceError
+    (FrameError when `frame`, the PDU or the ADU that holds it, is not `exception_length`
+    bytes long); any other code raises FrameError. Returns normally for a normal response."""
+    fc = frame[at]
+    if fc == function:
+        return
+    if fc == function | EXCEPTION_BIT:
+        if len(frame) != exception_length:
+            raise FrameError("malformed exception response", expected=f"{exception_length} bytes",
+                             got=bytes(frame))
+        raise DeviceError(frame[at + 1], unit=unit, function=function)
+    raise FrameError("unexpected function code", expected=f"{function:02d}", got=bytes(frame))
 
 
 def _check_range(name, value, low, high):
@@ -87,23 +132,11 @@ class Function:
         """
         if not pdu:
             raise FrameError("empty PDU", expected=f"function code {self.code}", got=bytes(pdu))
-        fc = pdu[0]
-        if fc == self.code | 0x80:
-            raise_exception(pdu)
-        if fc != self.code:
-            raise FrameError("unexpected function code", expected=f"{self.code:02d}",
-                             got=bytes(pdu))
+        check_function(pdu, 0, self.code, EXCEPTION_PDU_LENGTH)
         return self._parse(self, pdu, address, count, value)
 
     def __repr__(self):
         return f"<Function {self.code:02d} {self.name}>"
-
-
-def raise_exception(pdu):
-    """Exception response PDU (fc | 0x80, code) -> DeviceError (section 7)."""
-    if len(pdu) != EXCEPTION_PDU_LENGTH:
-        raise FrameError("malformed exception response", expected="2-byte PDU", got=bytes(pdu))
-    raise DeviceError(pdu[1], function=pdu[0] & 0x7F)
 
 
 # --- reads (01, 02, 03, 04) ---------------------------------------------------------------
@@ -115,11 +148,11 @@ def _build_read(fn, address, count):
 
 
 def _bits_length(count):
-    return 2 + bit_bytes(count)
+    return 2 + read_data_length(READ_COILS, count)
 
 
 def _registers_length(count):
-    return 2 + 2 * count
+    return 2 + read_data_length(READ_HOLDING_REGISTERS, count)
 
 
 def _parse_read(fn, pdu, address, count, value):
@@ -151,7 +184,7 @@ def _build_write_register(fn, address, value):
 
 
 def _echo_length(count):
-    return 5
+    return WRITE_RESPONSE_LENGTH
 
 
 def _parse_echo(fn, pdu, address, count, value):
@@ -161,8 +194,9 @@ def _parse_echo(fn, pdu, address, count, value):
         if bytes(pdu) != expected:
             raise FrameError("response does not echo the request", expected=expected.hex(" "),
                              got=bytes(pdu))
-    elif len(pdu) != 5:
-        raise FrameError("wrong response length", expected="5-byte PDU", got=bytes(pdu))
+    elif len(pdu) != WRITE_RESPONSE_LENGTH:
+        raise FrameError("wrong response length", expected=f"{WRITE_RESPONSE_LENGTH}-byte PDU",
+                         got=bytes(pdu))
     return None
 
 
@@ -196,16 +230,18 @@ def _parse_multi(fn, pdu, address, count, value):
 
 FUNCTIONS = {
     f.code: f for f in (
-        Function(1, "read coils", 2000, _build_read, _bits_length, _parse_read),
-        Function(2, "read discrete inputs", 2000, _build_read, _bits_length, _parse_read),
-        Function(3, "read holding registers", 125, _build_read, _registers_length, _parse_read),
-        Function(4, "read input registers", 125, _build_read, _registers_length, _parse_read),
+        Function(1, "read coils", MAX_BITS, _build_read, _bits_length, _parse_read),
+        Function(2, "read discrete inputs", MAX_BITS, _build_read, _bits_length, _parse_read),
+        Function(3, "read holding registers", MAX_REGISTERS, _build_read, _registers_length, _parse_read),
+        Function(4, "read input registers", MAX_REGISTERS, _build_read, _registers_length, _parse_read),
         Function(5, "write single coil", 1, _build_write_coil, _echo_length, _parse_echo),
         Function(6, "write single register", 1, _build_write_register, _echo_length, _parse_echo),
         Function(15, "write multiple coils", 1968, _build_write_coils, _echo_length, _parse_multi),
         Function(16, "write multiple registers", 123, _build_write_registers, _echo_length, _parse_multi),
     )
 }
+#: read function code -> its quantity limit (the clients' fast argument check)
+READ_MAX = {code: FUNCTIONS[code].max_count for code in sorted(READ_FUNCTIONS)}
 
 
 def function(code):
@@ -221,10 +257,8 @@ def response_pdu_length(pdu):
     those bytes do not start a response this codec knows. Used to cut frames out of an RTU
     byte stream, where nothing but the function code tells the length."""
     fc = pdu[0]
-    if fc & 0x80:
-        return EXCEPTION_PDU_LENGTH if (fc & 0x7F) in FUNCTIONS else None
-    if fc in (1, 2, 3, 4):
+    if fc & EXCEPTION_BIT:
+        return EXCEPTION_PDU_LENGTH if (fc & ~EXCEPTION_BIT) in FUNCTIONS else None
+    if fc in READ_FUNCTIONS:
         return 2 + pdu[1]
-    if fc in (5, 6, 15, 16):
-        return 5
-    return None
+    return WRITE_RESPONSE_LENGTH if fc in FUNCTIONS else None

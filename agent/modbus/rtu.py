@@ -1,22 +1,32 @@
-"""RTU ADU framing: unit id, PDU, CRC (Modbus over Serial Line v1.02, section 2.5.1).
+"""RTU ADU framing and serial-line timing (Modbus over Serial Line v1.02, sections 2.5.1, 2.5.1.1).
 
-Pure functions: bytes in, bytes out. The serial timing (3.5-character silence) and reading
-from the line are the transport's job (`client.py`). The same frames travel on a TCP socket
-for RTU-over-TCP gateways.
+Framing: unit id, PDU, CRC. Pure functions: bytes in, bytes out. The same frames travel on a
+TCP socket for RTU-over-TCP gateways.
+
+Timing: the character time and the 3.5-character silence between frames are computed here,
+the one place; waiting them out and reading from the line are the transport's job
+(`rtu_client.py`), and the bus-time estimate (`transport.py`) uses the same numbers.
 """
 import struct
 
 from agent.modbus import pdu as _pdu
 from agent.modbus.crc import crc16
-from agent.modbus.errors import CRCError, DeviceError, FrameError
+from agent.modbus.errors import CRCError, FrameError
 
-#: unit id, function code | 0x80, exception code, CRC
-EXCEPTION_ADU_LENGTH = 5
 #: unit id + CRC around the PDU
 OVERHEAD = 3
+#: unit id, function code | 0x80, exception code, CRC
+EXCEPTION_ADU_LENGTH = OVERHEAD + _pdu.EXCEPTION_PDU_LENGTH
 MAX_ADU_LENGTH = 256
 
 _READ = struct.Struct(">BBHH")
+#: a read request ADU: unit, function, address, count, CRC
+READ_REQUEST_LENGTH = _READ.size + 2
+
+#: above this baud rate the silent interval is fixed (2.5.1.1: "for baud rates greater than
+#: 19200 Bps, fixed values ... 1.750 ms for the interframe delay (t3.5)")
+FIXED_TIMING_BAUD = 19200
+FIXED_SILENCE = 0.00175
 
 
 def build_adu(unit, pdu):
@@ -33,9 +43,13 @@ def build_read(unit, function, address, count):
     return frame + bytes((crc & 0xFF, crc >> 8))
 
 
-def read_response_length(function, count):
-    """Length of the normal RTU response to a read of `count` items."""
-    return 5 + (2 * count if function >= 3 else (count + 7) >> 3)
+#: read_response_length(function, count): length of the normal RTU response to a read
+read_response_length = _pdu.read_length(OVERHEAD + 2)
+
+
+def response_length(fn, count):
+    """Length of the normal RTU response to a request of `fn` (a `pdu.Function`) for `count`."""
+    return fn.response_length(count) + OVERHEAD
 
 
 def frame_length(head):
@@ -57,13 +71,7 @@ def _check_frame(adu, unit, function, expected_length):
                        expected="CRC %02x %02x" % (want & 0xFF, want >> 8), got=bytes(adu))
     if adu[0] != unit:
         raise FrameError("response from the wrong unit", expected=f"unit {unit}", got=bytes(adu))
-    fc = adu[1]
-    if fc == function | 0x80:
-        if n != EXCEPTION_ADU_LENGTH:
-            raise FrameError("malformed exception response", expected="5 bytes", got=bytes(adu))
-        raise DeviceError(adu[2], unit=unit, function=function)
-    if fc != function:
-        raise FrameError("unexpected function code", expected=f"{function:02d}", got=bytes(adu))
+    _pdu.check_function(adu, 1, function, EXCEPTION_ADU_LENGTH, unit)
 
 
 def decode_read(adu, unit, function, count):
@@ -77,6 +85,30 @@ def decode_read(adu, unit, function, count):
 
 def decode_response(adu, unit, fn, address, count, value=None):
     """Check any response against its request's `pdu.Function` and return the parsed data."""
-    expected = fn.response_length(count) + OVERHEAD
+    expected = response_length(fn, count)
     _check_frame(adu, unit, fn.code, expected)
     return fn.parse(adu[1:-2], address, count, value)
+
+
+# --- timing (2.5.1.1) ------------------------------------------------------------------------
+
+def char_bits(bytesize=8, parity="N", stopbits=1):
+    """Bits per character on the line: start bit, data bits, parity bit if any, stop bits."""
+    return 1 + bytesize + (parity != "N") + stopbits
+
+
+def char_time(baud, bytesize=8, parity="N", stopbits=1):
+    """Seconds to move one character."""
+    return char_bits(bytesize, parity, stopbits) / float(baud)
+
+
+def silent_interval(baudrate, bits_per_char=11):
+    """The silence that frames a message: 3.5 character times, fixed at 1.75 ms above 19200 baud."""
+    if baudrate > FIXED_TIMING_BAUD:
+        return FIXED_SILENCE
+    return 3.5 * bits_per_char / baudrate
+
+
+def frame_gap(baud, bytesize=8, parity="N", stopbits=1):
+    """`silent_interval` of a line given by its settings."""
+    return silent_interval(baud, char_bits(bytesize, parity, stopbits))

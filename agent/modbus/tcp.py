@@ -1,21 +1,24 @@
 """Modbus TCP framing: MBAP header + PDU (Modbus Messaging on TCP/IP v1.0b, section 3.1.3).
 
 MBAP: transaction id (2), protocol id (2, always 0), length (2: unit id + PDU), unit id (1).
-Pure functions; the socket handling is in `client.py`.
+Pure functions; the socket handling is in `tcp_client.py`.
 """
 import struct
 
-from agent.modbus.errors import DeviceError, FrameError
+from agent.modbus import pdu as _pdu
+from agent.modbus.errors import FrameError
 
 MBAP = struct.Struct(">HHHB")
 MBAP_LENGTH = 7
 #: MBAP + exception PDU (fc | 0x80, code)
-EXCEPTION_ADU_LENGTH = 9
+EXCEPTION_ADU_LENGTH = MBAP_LENGTH + _pdu.EXCEPTION_PDU_LENGTH
 #: largest legal length field: unit id + 253-byte PDU
 MAX_LENGTH_FIELD = 254
 
 _READ = struct.Struct(">HHHBBHH")
 _READ_HEAD = struct.Struct(">HHHBBB")
+#: a read request ADU: MBAP, function, address, count
+READ_REQUEST_LENGTH = _READ.size
 
 
 def build_adu(tid, unit, pdu):
@@ -38,9 +41,13 @@ def parse_header(head):
     return tid, length, unit
 
 
-def read_response_length(function, count):
-    """Length of the normal TCP response ADU to a read of `count` items."""
-    return 9 + (2 * count if function >= 3 else (count + 7) >> 3)
+#: read_response_length(function, count): length of the normal TCP response to a read
+read_response_length = _pdu.read_length(MBAP_LENGTH + 2)
+
+
+def response_length(fn, count):
+    """Length of the normal TCP response to a request of `fn` (a `pdu.Function`) for `count`."""
+    return fn.response_length(count) + MBAP_LENGTH
 
 
 def _check_frame(adu, tid, unit, function, expected_length):
@@ -59,13 +66,7 @@ def _check_frame(adu, tid, unit, function, expected_length):
                          got=bytes(adu))
     if got_unit != unit:
         raise FrameError("response from the wrong unit", expected=f"unit {unit}", got=bytes(adu))
-    fc = adu[7]
-    if fc == function | 0x80:
-        if n != EXCEPTION_ADU_LENGTH:
-            raise FrameError("malformed exception response", expected="9 bytes", got=bytes(adu))
-        raise DeviceError(adu[8], unit=unit, function=function)
-    if fc != function:
-        raise FrameError("unexpected function code", expected=f"{function:02d}", got=bytes(adu))
+    _pdu.check_function(adu, MBAP_LENGTH, function, EXCEPTION_ADU_LENGTH, unit)
 
 
 def decode_read(adu, tid, unit, function, count):
@@ -84,6 +85,6 @@ def decode_read(adu, tid, unit, function, count):
 
 def decode_response(adu, tid, unit, fn, address, count, value=None):
     """Check any response against its request's `pdu.Function` and return the parsed data."""
-    expected = fn.response_length(count) + MBAP_LENGTH
+    expected = response_length(fn, count)
     _check_frame(adu, tid, unit, fn.code, expected)
     return fn.parse(adu[7:], address, count, value)
