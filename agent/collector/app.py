@@ -20,7 +20,7 @@ from functools import partial
 from agent.collector import ingest, jsonbody, reads
 from agent.collector.config import redact
 from agent.collector.web import AGENT_KEY, TOKEN_AGENT_KEY, HTTPError, json_answer
-from agent.record import utc_timestamp
+from agent.wire import utc_timestamp
 
 log = logging.getLogger("modbus.collector")
 

@@ -15,7 +15,7 @@ from agent.collector.config import redact
 from agent.collector.export import primed, stream_csv, stream_json, stream_jsonl
 from agent.collector.store import finite
 from agent.collector.web import HTTPError, json_answer, status
-from agent.record import utc_timestamp
+from agent.wire import utc_timestamp
 
 MAX_LIMIT = (1 << 63) - 1  # the largest LIMIT both databases take (a signed 64-bit integer)
 _COUNT = re.compile(r"[0-9]{1,19}", re.ASCII)  # ASCII digits only: int() reads other scripts' too

@@ -11,10 +11,10 @@ import math
 import operator
 
 from agent.collector.fastpath import OK_TAIL, VALUES_KEY, fast_record
+from agent.collector.jsonbody import encode
 from agent.collector.schema import VERSION, statements
 
-_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False,
-                           check_circular=False).encode
+_encode = encode   # the collector's compact JSON (agent.collector.jsonbody)
 
 ROW_COLUMNS = ("agent", "seq", "ts", "kind", "device", "unit", "status", "payload", "clock", "received")
 # Rows per export page (one short read transaction each, see Store.records).
