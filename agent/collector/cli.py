@@ -69,7 +69,8 @@ def main(argv=None):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
-    log.info("modbus-collector %s listening on http://%s:%d, storing in %s%s", __version__, host,
+    log.info("modbus-collector %s listening on http://%s:%d, storing in %s%s", __version__,
+             "[%s]" % host if ":" in host else host,
              server.server_address[1], redact(cfg.db),
              " (%d worker processes)" % workers if workers > 1 else "")
     if workers > 1:
