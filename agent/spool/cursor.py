@@ -31,28 +31,86 @@ HINT_SIZE = 128             # ack.hint: the acknowledgement line, then (at this 
 PENDING_SIZE = 1024         # ... the pending loss account; both rewritten in place, never grown
 
 
+NAMED_AT = HINT_SIZE + PENDING_SIZE     # ack.hint: one line per output's cursor from here on
+MAX_OUTPUTS = 16
+
+
+class Cursor:
+    """One output's place in the spool: the reader position (segment key, byte offset in it, lines
+    before the offset) of its first un-acknowledged line, and the highest seq it acknowledged.
+    Kept on a segment that exists (or, with no segment, on the next seq: see Spool._settle)."""
+
+    __slots__ = ("name", "key", "off", "line", "acked", "mark", "memo")
+
+    def __init__(self, name, key, acked=0):
+        self.name = name
+        self.key, self.off, self.line = key, 0, 0
+        self.acked = acked
+        self.mark = (0, -1)         # the last unreadable line it met (segment key, offset)
+        self.memo = (0, 0)          # (lower, upper) seqs of its last corrupt account
+
+    def doc(self, no_segment_key):
+        key = self.key if no_segment_key is None else no_segment_key
+        return {"acked_seq": self.acked, "segment": key, "offset": self.off if no_segment_key is None else 0}
+
+
+def _crc_line(body, size):
+    return (body + b" %08x" % zlib.crc32(body)).ljust(size - 1) + b"\n"
+
+
+def _crc_body(data):
+    """-> the body of a CRC-checked line; ValueError when it is not one."""
+    body, crc = data.rstrip().rsplit(b" ", 1)
+    if zlib.crc32(body) != int(crc, 16):
+        raise ValueError("CRC mismatch")
+    return body
+
+
+def merge_positions(cursor, hint):
+    """-> {output name: {"acked_seq", "segment", "offset"}} from cursor.json and ack.hint: per
+    output, the hint's position when it acknowledged more. A cursor.json without "cursors" (one
+    upload cursor, before named cursors) and a hint without named lines are the "http" cursor."""
+    out = {}
+    if cursor:
+        named = cursor.get("cursors")
+        if isinstance(named, dict):
+            for name, c in named.items():
+                if isinstance(c, dict) and all(type(c.get(k)) is int for k in ("acked_seq", "segment", "offset")):
+                    out[name] = c
+        else:
+            out["http"] = {k: cursor[k] for k in ("acked_seq", "segment", "offset")}
+    for name, c in (hint or {}).get("cursors", {}).items():
+        if name not in out or c["acked_seq"] > out[name]["acked_seq"]:
+            out[name] = c
+    return out
+
+
 class CursorFiles:
     """Spool methods for cursor.json and ack.hint (state: Spool.__init__)."""
 
-    def _position(self, cursor):
-        """Put the reader on the first un-acknowledged line: the cursor's (segment, offset) when it
-        is still a line boundary, else the first line whose seq is above acked_seq."""
+    def _place(self, c, pos):
+        """Put cursor c on its first un-acknowledged line: the stored (segment, offset) when it is
+        still a line boundary, else the first line whose seq is above its acked seq."""
         segs = self._segs
-        if cursor:
-            key, off = cursor["segment"], cursor["offset"]
-            while len(segs) > 1 and segs[0].key < key:
-                self._delete(segs.pop(0), durable=False)
-            if segs and segs[0].key == key and 0 <= off <= segs[0].size and self._boundary(segs[0], off):
-                self._roff = off
-                self._rline = self._count_lines(segs[0], off)
-                return
-        acked = self._acked_seq
-        while len(segs) > 1 and segs[0].last_seq is not None and segs[0].last_seq <= acked:
-            self._delete(segs.pop(0), durable=False)
-        self._roff = self._rline = 0
-        if segs and acked and segs[0].first_seq is not None and segs[0].first_seq <= acked:
-            with open(segs[0].path, "rb") as f:
-                data = f.read(segs[0].size)
+        if not segs:
+            c.key, c.off, c.line = self._next_seq, 0, 0
+            return
+        key, off = pos["segment"], pos["offset"]
+        i = 0
+        while i < len(segs) - 1 and segs[i].key < key:
+            i += 1
+        seg = segs[i]
+        if seg.key == key and 0 <= off <= seg.size and self._boundary(seg, off):
+            c.key, c.off, c.line = key, off, self._count_lines(seg, off)
+            return
+        acked = c.acked
+        while i < len(segs) - 1 and segs[i].last_seq is not None and segs[i].last_seq <= acked:
+            i += 1
+        seg = segs[i]
+        c.key, c.off, c.line = seg.key, 0, 0
+        if acked and seg.first_seq is not None and seg.first_seq <= acked:
+            with open(seg.path, "rb") as f:
+                data = f.read(seg.size)
             pos = 0
             lines = 0
             while pos < len(data):
@@ -62,7 +120,44 @@ class CursorFiles:
                     break
                 pos = nl + 1
                 lines += 1
-            self._roff, self._rline = pos, lines
+            c.off, c.line = pos, lines
+
+    def _position(self, stored, had_state):
+        """Make the enabled outputs' cursors from the stored positions (merge_positions): a new
+        output starts at the oldest record held, a cursor of an output no longer enabled is
+        retired (logged; not written again); delete the segments all of them are past."""
+        held = self._segs[0].key if self._segs else self._next_seq
+        for name in self.outputs:
+            pos = stored.get(name)
+            c = self._cursors[name] = Cursor(name, held, pos["acked_seq"] if pos else 0)
+            if pos is not None:
+                self._place(c, pos)
+            elif had_state:
+                log.info("spool %s: output %s has no cursor yet: it starts at the oldest record held "
+                         "(%d records)", self.directory, name, self._backlog(c))
+        for name in sorted(set(stored) - set(self.outputs)):
+            log.info("spool %s: output %s is no longer enabled: its cursor (acked seq %d) is retired "
+                     "and holds no segment", self.directory, name, stored[name]["acked_seq"])
+        segs = self._segs
+        while len(segs) > 1 and all(c.key > segs[0].key for c in self._cursors.values()):
+            self._delete(segs.pop(0), durable=False)
+
+    def _settle(self):
+        """Cursors whose segment is gone move to the start of the next one (none: the next seq)."""
+        segs = self._segs
+        for c in self._cursors.values():
+            seg = next((s for s in segs if s.key >= c.key), None)
+            if seg is None:
+                c.key, c.off, c.line = self._next_seq, 0, 0
+            elif seg.key != c.key:
+                c.key, c.off, c.line = seg.key, 0, 0
+
+    def _slowest(self):
+        """The cursor furthest behind: it decides what the spool holds."""
+        cs = self._cursors
+        if len(cs) == 1:
+            return next(iter(cs.values()))
+        return min(cs.values(), key=lambda c: (c.key, c.off))
 
     def _read_cursor(self):
         path = os.path.join(self.directory, CURSOR)
@@ -81,9 +176,10 @@ class CursorFiles:
             return None
 
     def _write_cursor(self, durable):
-        seg = self._segs[0] if self._segs else None
-        cur = {"acked_seq": self._acked_seq, "next_seq": self._next_seq, "origin_seq": self.origin_seq,
-               "segment": seg.key if seg else self._next_seq, "offset": self._roff if seg else 0}
+        none = None if self._segs else self._next_seq
+        cur = self._slowest().doc(none)
+        cur["next_seq"], cur["origin_seq"] = self._next_seq, self.origin_seq
+        cur["cursors"] = {c.name: c.doc(none) for c in self._cursors.values()}
         if self._lease.gen is not None:
             cur["gen"] = self._lease.gen
         if self._lease.gen_prev is not None:
@@ -126,27 +222,46 @@ class CursorFiles:
         return True
 
     def _read_hint(self):
+        """-> {"acked_seq", "next_seq", "segment", "offset": the slowest cursor (the "http" one in a
+        hint from before named cursors), "cursors": {name: position}} or None."""
         try:
             with open(os.path.join(self.directory, ACK_HINT), "rb") as f:
-                data = f.read(HINT_SIZE)
-            body, crc = data.rstrip().rsplit(b" ", 1)
-            if zlib.crc32(body) != int(crc, 16):
-                raise ValueError("CRC mismatch")
-            acked, nxt, seg, off = (int(x) for x in body.split())
-            return {"acked_seq": acked, "next_seq": nxt, "segment": seg, "offset": off}
+                data = f.read(NAMED_AT + MAX_OUTPUTS * HINT_SIZE)
+            acked, nxt, seg, off = (int(x) for x in _crc_body(data[:HINT_SIZE]).split())
+            hint = {"acked_seq": acked, "next_seq": nxt, "segment": seg, "offset": off}
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as e:
             log.warning("spool %s: %s unusable (%s); using %s", self.directory, ACK_HINT, e, CURSOR)
             return None
+        named = {}
+        for at in range(NAMED_AT, len(data), HINT_SIZE):
+            line = data[at:at + HINT_SIZE]
+            if not line.strip():
+                break       # the end of the named lines
+            try:
+                name, acked, seg, off = _crc_body(line).split()
+                named[name.decode()] = {"acked_seq": int(acked), "segment": int(seg), "offset": int(off)}
+            except ValueError as e:
+                log.warning("spool %s: a cursor line in %s is unusable (%s); using %s", self.directory,
+                            ACK_HINT, e, CURSOR)
+        hint["cursors"] = named or {"http": {k: hint[k] for k in ("acked_seq", "segment", "offset")}}
+        return hint
 
     def _write_hint(self):
-        seg = self._segs[0] if self._segs else None
-        body = b"%d %d %d %d" % (self._acked_seq, self._next_seq, seg.key if seg else self._next_seq,
-                                 self._roff if seg else 0)
-        data = (body + b" %08x" % zlib.crc32(body)).ljust(HINT_SIZE - 1) + b"\n"
+        none = None if self._segs else self._next_seq
+        slow = self._slowest().doc(none)
+        data = _crc_line(b"%d %d %d %d" % (slow["acked_seq"], self._next_seq, slow["segment"],
+                                           slow["offset"]), HINT_SIZE)
+        named = b"".join(_crc_line(b"%s %d %d %d" % (c.name.encode(), c.acked, d["segment"], d["offset"]),
+                                   HINT_SIZE)
+                         for c, d in ((c, c.doc(none)) for c in self._cursors.values()))
         try:
-            os.pwrite(self._hint_fd(), data, 0)
+            fd = self._hint_fd()
+            os.pwrite(fd, data, 0)
+            if os.fstat(fd).st_size < NAMED_AT:
+                self._write_pending_file(self._failed)      # a new file: the account before them
+            os.pwrite(fd, named + b" " * (HINT_SIZE - 1) + b"\n", NAMED_AT)   # a blank line ends them
         except OSError as e:
             self._trouble("hint", "cannot write %s: %s", ACK_HINT, e.strerror)
             self._write_cursor(durable=False)
@@ -176,10 +291,7 @@ class CursorFiles:
         if not data:
             return None
         try:
-            body, crc = data.rstrip().rsplit(b" ", 1)
-            if zlib.crc32(body) != int(crc, 16):
-                raise ValueError("CRC mismatch")
-            doc = json.loads(body)
+            doc = json.loads(_crc_body(data))
             if not doc:
                 return None
             acc = [doc["dropped"], doc["first_seq"], doc["last_seq"], doc.get("first_ts"),
@@ -197,7 +309,7 @@ class CursorFiles:
         doc = {} if acc is None else {"dropped": acc[0], "first_seq": acc[1], "last_seq": acc[2],
                                       "first_ts": acc[3], "last_ts": acc[4], "reason": acc[5]}
         body = json.dumps(doc, separators=(",", ":")).encode()
-        data = (body + b" %08x" % zlib.crc32(body)).ljust(PENDING_SIZE - 1) + b"\n"
+        data = _crc_line(body, PENDING_SIZE)
         fd = self._hint_fd()
         if os.fstat(fd).st_size < HINT_SIZE:
             self._write_hint()      # a new file: the hint first, the account after it

@@ -6,8 +6,7 @@ import os
 import time
 
 from agent import wire
-from agent.record import CLOCK_SANE
-from agent.spool.cursor import ACK_HINT, HINT_SIZE, PENDING_SIZE, CursorFiles
+from agent.spool.cursor import ACK_HINT, HINT_SIZE, MAX_OUTPUTS, PENDING_SIZE, CursorFiles, merge_positions
 from agent.spool.lease import LEASE, SeqLease
 from agent.spool.loss import LossAccounting
 from agent.spool.quarantine import QUARANTINE, Quarantine
@@ -41,10 +40,18 @@ class Spool(SegmentFiles, CursorFiles, LossAccounting, Reader, Writer, Quarantin
     def __init__(self, directory, agent_id, max_bytes=16 << 20, max_age=7 * 86400, segment_bytes=256 << 10,
                  fsync="interval", fsync_interval=5.0, clock=time.time, quarantine_file=None,
                  quarantine_max_bytes=1 << 20, monotonic=time.monotonic, fresh_seq=None,
-                 seq_file=None, seq_lease=LEASE):
+                 seq_file=None, seq_lease=LEASE, outputs=("http",)):
         if fsync not in FSYNC_MODES:
             raise ValueError("fsync must be one of %s, not %r" % ("|".join(FSYNC_MODES), fsync))
         self.directory = str(directory)
+        # The enabled outputs, each with its own cursor (cursor.Cursor): a segment is deleted when
+        # every one of them is past it (or a bound drops it: loss accounts for each output).
+        self.outputs = tuple(outputs)
+        if not self.outputs or len(set(self.outputs)) != len(self.outputs) or len(self.outputs) > MAX_OUTPUTS \
+                or not all(isinstance(n, str) and n and n.isidentifier() for n in self.outputs):
+            raise ValueError("outputs must be 1..%d distinct names, not %r" % (MAX_OUTPUTS, outputs))
+        self._cursors = {}
+        self._multi = len(self.outputs) > 1     # gap records may be meant for some outputs only
         self.agent_id = agent_id
         self.max_bytes = int(max_bytes)
         self.max_age = float(max_age) if max_age else 0.0
@@ -65,27 +72,25 @@ class Spool(SegmentFiles, CursorFiles, LossAccounting, Reader, Writer, Quarantin
         # Every line the spool writes starts with this, so seq and ts are sliced, not parsed.
         self._prefix = wire.line_prefix(agent_id)
         self._plen = len(self._prefix)
-        self._gap_size = 320 + 3 * self._plen     # room for one gap record line
+        # Room for one gap record line (with "outputs" when it is not for all of them).
+        self._gap_size = 320 + 3 * self._plen + (24 * len(self.outputs) if self._multi else 0)
 
-        self._segs = []             # oldest first; the reader is always in _segs[0]
-        self._roff = 0              # reader: byte offset in _segs[0] of the first un-acked line
-        self._rline = 0             # reader: lines before _roff in _segs[0]
+        self._segs = []             # oldest first; the slowest cursor is always in _segs[0]
         self._wfd = None            # fd of the active segment (_segs[-1]) or None
         self._unsynced = []         # fds of rotated segments waiting for the interval's fsync
         self._doomed = []           # dropped segment paths waiting for their gap record (_reap)
         self._bytes = 0
         self._next_seq = 1
-        self._acked_seq = 0
         self._dirty = False         # bytes written since the last fsync
         self._dir_dirty = False     # a segment was created/removed since the last directory fsync
         self._last_sync = self._mono()
         self._cursor_dirty = False
         self._last_cursor_sync = float("-inf")     # the first acknowledgement writes cursor.json
-        self._pending_loss = []     # [count, first_seq, last_seq, first_ts, last_ts, reason] not yet in a gap record
-        self._oldest_cache = (None, None)
-        self._corrupt_mark = (0, -1)
+        self._pending_loss = []     # [count, first_seq, last_seq, first_ts, last_ts, reason, target] not in a gap record yet
+        self._oldest_cache = {}     # output -> (reader position, ts of its oldest record)
+        self._corrupt_mark = (0, -1)   # the furthest unreadable line met (set aside, counted)
         self._cut = False           # the last _collect_lines stopped at a limit, not at the end
-        self._corrupt_memo = (0, 0)     # (lower, upper) seqs of the last corrupt account
+        self._corrupt_high = 0      # the highest upper seq of a corrupt account counted in totals
         # Records lost to failed writes that no gap record holds yet (also in _pending_loss, and
         # in ack.hint): [count, first_seq, last_seq, first_ts, last_ts, reason] or None.
         self._failed = None
@@ -116,15 +121,16 @@ class Spool(SegmentFiles, CursorFiles, LossAccounting, Reader, Writer, Quarantin
         cursor = self._read_cursor()
         hint = self._read_hint()
         if hint and (not cursor or hint["acked_seq"] > cursor["acked_seq"]):
-            cursor = dict(cursor or {}, **hint)
+            # (the per-output positions are merged one by one: cursor.merge_positions)
+            cursor = dict(cursor or {}, **{k: v for k, v in hint.items() if k != "cursors"})
+        stored = merge_positions(cursor, hint)
         floor = 1
         if cursor:
             floor = max(floor, cursor.get("next_seq", 1))
-            self._acked_seq = cursor.get("acked_seq", 0)
             for k in self.totals:
                 if isinstance(cursor.get(k), int) and k != "appended":
                     self.totals[k] = cursor[k]
-        floor = max(floor, self._acked_seq + 1)
+        floor = max([floor] + [c["acked_seq"] + 1 for c in stored.values()])
         names = segment_names(self.directory)
         for key, name in names:
             seg = Segment(key, os.path.join(self.directory, name))
@@ -157,7 +163,7 @@ class Spool(SegmentFiles, CursorFiles, LossAccounting, Reader, Writer, Quarantin
                             "restart (%s): a gap record will account for them", self.directory,
                             failed[0], failed[1], failed[2], failed[5])
                 self._failed = failed
-                self._pending_loss = [list(failed)]
+                self._pending_loss = [list(failed) + [None]]
                 floor = max(floor, failed[2] + 1)   # the gap record's range must stay unused
         if cursor and isinstance(cursor.get("origin_seq"), int):
             self.origin_seq = cursor["origin_seq"]
@@ -168,11 +174,11 @@ class Spool(SegmentFiles, CursorFiles, LossAccounting, Reader, Writer, Quarantin
             # Cursor writes until the new generation is in place (and all of them when the spool
             # is opened without the seq_file: a status look, a test) keep the one on disk.
             self._lease.gen, self._lease.gen_prev = cursor.get("gen"), cursor.get("gen_prev")
-        self._position(cursor)
+        self._position(stored, bool(cursor or hint))
         # ack.hint is created now, while there is room: acknowledgements and the loss account
         # made while the disk is full then still overwrite it in place (cursor.json needs a new
         # file for every write).
-        if hint is None:
+        if hint is None or set(stored) - set(self.outputs):     # (retired cursors: not again)
             dirty = self._cursor_dirty
             self._write_hint()
             self._cursor_dirty = dirty
@@ -186,27 +192,16 @@ class Spool(SegmentFiles, CursorFiles, LossAccounting, Reader, Writer, Quarantin
             self._lease.new_generation(cursor, lease, mine, lambda: self._write_cursor(durable=True),
                                        self._next_seq)
         now = self._clock()
-        rescued = []
-        for seg in self._segs:
-            if seg.mtime < CLOCK_SANE <= now:
-                # Written while the clock was unset: it would look decades old now that the clock
-                # is set. Never drop data because of a clock jump: it starts ageing now (kept on
-                # the file, so the next start does not start it again).
-                seg.mtime = now
-                rescued.append(seg)
-            elif seg.mtime > now:
-                # From the future: written with a clock that was right, read with one that is
-                # behind (an offline boot at sysfixtime). Not on the file: the clock on disk may
-                # well be the right one; in memory, a segment no younger than now, so it neither
-                # holds back the ageing of the others nor gets the next clock step added on top.
-                seg.mtime = now
-        self._restamp(rescued)
+        self._start_ages(now)
         self._wall_off = now - self._mono()
         self._collect()
         self._age_bound(now)
-        log.info("spool %s: opened, %d segments, %d records, %d bytes, next seq %d, acked seq %d",
-                 self.directory, len(self._segs), self._backlog(), self._bytes - self._roff,
-                 self._next_seq, self._acked_seq)
+        slow = self._slowest()
+        log.info("spool %s: opened, %d segments, %d records, %d bytes, next seq %d, acked seq %d%s",
+                 self.directory, len(self._segs), self._backlog(slow), self._held_bytes(slow),
+                 self._next_seq, slow.acked, "".join(
+                     "; %s: %d records, acked seq %d" % (c.name, self._backlog(c), c.acked)
+                     for c in self._cursors.values()) if self._multi else "")
 
     def _trouble(self, key, fmt, *args):
         """Log an error once while it lasts (not once per try: a full disk must not flood the log)."""
@@ -253,23 +248,27 @@ class Spool(SegmentFiles, CursorFiles, LossAccounting, Reader, Writer, Quarantin
     def _collect(self):
         """Delete fully acknowledged segments at the head, except the newest one (it keeps the
         seq floor on disk even when every record has been acknowledged)."""
-        while len(self._segs) > 1 and self._roff >= self._segs[0].size and (
-                self._wfd is None or len(self._segs) > 1):
-            seg = self._segs.pop(0)
-            self._roff = self._rline = 0
+        segs = self._segs
+        while len(segs) > 1 and all(c.key > segs[0].key or c.off >= segs[0].size
+                                    for c in self._cursors.values()):
+            seg = segs.pop(0)
+            self._settle()
             self._delete(seg, durable=self.fsync == "always")
 
-    def _advance(self, end):
+    def _advance(self, c, end):
+        """Move cursor c to reader position `end` (never back; not into a segment that is gone)."""
         key, off, lno = end
-        while self._segs and self._segs[0].key < key:
-            if len(self._segs) == 1:
-                return
-            seg = self._segs.pop(0)
-            self._roff = self._rline = 0
-            self._delete(seg, durable=self.fsync == "always")
-        if self._segs and self._segs[0].key == key and off > self._roff:
-            self._roff, self._rline = off, lno
+        if (key, off) > (c.key, c.off) and any(s.key == key for s in self._segs):
+            c.key, c.off, c.line = key, off, lno
         self._collect()
+
+    def _acked(self, batch):
+        """The output of `batch` has it (stored, or quarantined): move its cursor past it."""
+        c = self._cursors[batch.output]
+        self._advance(c, batch._ends[-1])
+        if batch.last_seq > c.acked:
+            c.acked = batch.last_seq
+        self._persist_cursor()
 
     def _sync(self):
         err = None
@@ -328,23 +327,32 @@ class Spool(SegmentFiles, CursorFiles, LossAccounting, Reader, Writer, Quarantin
         self._age_bound(now)
 
     def ack(self, batch):
-        """The collector stored the batch (2xx): move the cursor past it, delete acked segments."""
+        """The output stored the batch (the collector: 2xx): move that output's cursor past it,
+        delete the segments every output is past."""
         if batch is None or not batch.count:
             return
-        self._advance(batch._ends[-1])
-        if batch.last_seq > self._acked_seq:
-            self._acked_seq = batch.last_seq
-        self._persist_cursor()
+        self._acked(batch)
 
     def stats(self):
-        ts = self.oldest_ts()
-        t = ts_epoch(ts) if ts else None
-        st = {"records": self._backlog(), "bytes": self._bytes - self._roff, "oldest_ts": ts,
-              "oldest_age": round(max(0.0, self._clock() - t), 3) if t is not None else None,
-              "segments": len(self._segs), "next_seq": self._next_seq, "acked_seq": self._acked_seq,
-              "origin_seq": self.origin_seq,
+        """What is held (behind the slowest output), the totals, and "outputs": per output."""
+        now = self._clock()
+
+        def age(ts):
+            t = ts_epoch(ts) if ts else None
+            return round(max(0.0, now - t), 3) if t is not None else None
+
+        outs = {}
+        for c in self._cursors.values():
+            ts = self.oldest_ts(c.name)
+            outs[c.name] = {"records": self._backlog(c), "bytes": self._held_bytes(c), "oldest_ts": ts,
+                            "oldest_age": age(ts), "acked_seq": c.acked}
+        slow = outs[self._slowest().name]
+        st = {"records": slow["records"], "bytes": slow["bytes"], "oldest_ts": slow["oldest_ts"],
+              "oldest_age": slow["oldest_age"], "segments": len(self._segs), "next_seq": self._next_seq,
+              "acked_seq": slow["acked_seq"], "origin_seq": self.origin_seq,
               "fsync": self.fsync, "bytes_written": self.bytes_written}
         st.update(self.totals)
+        st["outputs"] = outs
         return st
 
     @property

@@ -70,21 +70,23 @@ class LossAccounting:
 
     def _remember_gap(self, spans, reason):
         """Queue losses for the next gap record. A span is (count, first_seq, last_seq, first_ts,
-        last_ts, reason or None); spans never share a lost seq, and all pending ones fold into one
+        last_ts, reason or None[, target: the outputs it is for, None: all]); spans never share a
+        lost seq, and all pending ones of a kind (loss or corruption) and target fold into one
         record: `dropped` is exactly how many records are gone, all of them within
         first_seq..last_seq (the range may also hold records that were delivered, such as other
         gap records). Folding (rather than one record per disjoint range) keeps a spool that
         overflows for days from filling up with gap records re-issuing each other's accounts."""
         for span in spans:
-            count, fseq, lseq, fts, lts, why = span
+            count, fseq, lseq, fts, lts, why = span[:6]
+            target = span[6] if len(span) > 6 else None
             if not count:
                 continue
             why = why or reason
             # Corruption and loss are told apart: each folds only into its own kind of account.
             corrupt = why == CORRUPT
-            acc = next((a for a in self._pending_loss if (a[5] == CORRUPT) == corrupt), None)
+            acc = next((a for a in self._pending_loss if (a[5] == CORRUPT) == corrupt and a[6] == target), None)
             if acc is None:
-                self._pending_loss.append([count, fseq, lseq, fts, lts, why])
+                self._pending_loss.append([count, fseq, lseq, fts, lts, why, target])
                 continue
             acc[0] += count
             acc[1] = min(acc[1], fseq)
@@ -102,9 +104,11 @@ class LossAccounting:
         loses nothing: the account waits for the next try, with whatever was lost meanwhile."""
         pending, self._pending_loss = self._pending_loss, []
         for i, p in enumerate(pending):
-            count, fseq, lseq, fts, lts, reason = p
+            count, fseq, lseq, fts, lts, reason, target = p
             seq = self._next_seq
             rec = gap_record(self.agent_id, self._clock(), count, fseq, lseq, fts, lts, reason)
+            if target is not None:
+                rec["outputs"] = sorted(target)     # for these outputs only (Reader._meant_for)
             rec["seq"] = seq
             line = encode(rec)
             self._lease.cover(seq)
@@ -119,7 +123,7 @@ class LossAccounting:
                     self._remember_gap([tuple(x) for x in new], new[0][5])
                 return False
             self.totals["gaps"] += 1
-            if self._failed is not None and reason != CORRUPT:
+            if self._failed is not None and reason != CORRUPT and target is None:
                 # Its account is in this gap record now (folded in: _remember_gap).
                 self._failed = None
                 if self.fsync == "interval":
@@ -171,15 +175,24 @@ class LossAccounting:
             self._write_pending_gap()
         self._reap()
 
+    def _target(self, names):
+        """The outputs a gap record is for: None (every enabled output), or the set of names."""
+        names = frozenset(names)
+        return None if len(names) == len(self._cursors) else names
+
     def _drop_oldest(self):
-        """Delete the oldest segment; -> spans for _remember_gap: the un-acknowledged records it
-        held (read from the file: the gap record must be exact), and, re-issued with their own
-        range and reason, the accounts of gap records that were not uploaded yet (what they
-        accounted for is still gone and the collector must hear of it)."""
+        """Delete the oldest segment; -> spans for _remember_gap: the records it held that some
+        enabled output had not acknowledged (read from the file: the gap records must be exact),
+        one span per set of outputs that had not got them (one output, or all of them at the same
+        place: one span for everyone), and, re-issued with their own range and reason, the
+        accounts of gap records not yet delivered (what they accounted for is still gone and the
+        outputs must hear of it)."""
         seg = self._segs[0]
-        start = self._roff
+        inside = [c for c in self._cursors.values() if c.key == seg.key and c.off < seg.size]
+        start = min((c.off for c in inside), default=seg.size)
         direct = 0
-        fseq = lseq = fts = lts = None
+        fseq = lseq = None
+        groups = {}     # target -> [count, first seq, last seq, first ts, last ts]
         carried = []
         try:
             with open(seg.path, "rb") as f:
@@ -189,45 +202,62 @@ class LossAccounting:
             self._lost_segment(seg, e)
             return []
         pos = 0
-        last, run = self._acked_seq, None
+        last = {c.name: c.acked for c in inside}
+        runs = {}       # output -> its run of unreadable lines (see Reader._read)
         while pos < len(data):
             nl = data.find(b"\n", pos)
             if nl < 0:
                 break
             line = data[pos:nl]
             at, pos = start + pos, nl + 1
+            unread = [c for c in inside if c.off <= at]
             m = self._meta(line)
             if m is None:
-                if self._corrupt(seg, at, line):      # unread so far: account for it as the reader would
-                    if run is None:
-                        run = [0, max(last, seg.key - 1), None]
-                    run[0] += 1
+                for c in unread:
+                    if self._corrupt(seg, at, line, c):     # unread so far: as the reader would
+                        run = runs.get(c.name)
+                        if run is None:
+                            run = runs[c.name] = [0, max(last[c.name], seg.key - 1), None]
+                        run[0] += 1
                 continue
-            if m[0] <= self._acked_seq:
+            missing = []
+            for c in unread:
+                if m[0] <= c.acked:
+                    continue
+                run = runs.get(c.name)
+                if run is not None and m[0] > run[1]:
+                    self._corrupt_account(runs.pop(c.name), m[0], m[1], line, c)
+                last[c.name] = max(last[c.name], m[0])
+                if not self._multi or self._meant_for(line, c.name):
+                    missing.append(c.name)
+            if not missing:
                 continue
-            if run is not None and m[0] > run[1]:
-                self._corrupt_account(run, m[0], m[1], line)
-                run = None
-            last = max(last, m[0])
             direct += 1
             if fseq is None:
                 fseq = m[0]
             lseq = m[0]
+            target = self._target(missing)
+            g = groups.get(target)
+            if g is None:
+                g = groups[target] = [0, m[0], m[0], None, None]
+            g[0] += 1
+            g[2] = m[0]
             ts = m[1]
             if ts is not None:     # time range: clocks step, so min/max rather than first/last
-                if fts is None or ts < fts:
-                    fts = ts
-                if lts is None or ts > lts:
-                    lts = ts
+                if g[3] is None or ts < g[3]:
+                    g[3] = ts
+                if g[4] is None or ts > g[4]:
+                    g[4] = ts
             if b'"kind":"gap"' in line:
-                g = self._parse(line)
-                if g is not None and type(g.get("dropped")) is int and type(g.get("first_seq")) is int:
-                    carried.append((g["dropped"], g["first_seq"], g.get("last_seq"), g.get("first_ts"),
-                                    g.get("last_ts"), g.get("reason")))
-        if run is not None:
-            self._corrupt_account(run, *(self._next_good((seg.key + 1, 0), run[1]) or (self._next_seq, None, None)))
+                gap = self._parse(line)
+                if gap is not None and type(gap.get("dropped")) is int and type(gap.get("first_seq")) is int:
+                    carried.append((gap["dropped"], gap["first_seq"], gap.get("last_seq"), gap.get("first_ts"),
+                                    gap.get("last_ts"), gap.get("reason"), target))
+        for name, run in runs.items():
+            self._corrupt_account(run, *(self._next_good((seg.key + 1, 0), run[1]) or (self._next_seq, None, None)),
+                                  self._cursors[name])
         self._segs.pop(0)
-        self._roff = self._rline = 0
+        self._settle()
         self.totals["dropped"] += direct
         if self._wfd is not None and not self._segs:
             os.close(self._wfd)
@@ -238,7 +268,7 @@ class LossAccounting:
                     " seq %d..%d" % (fseq, lseq) if direct else "")
         if not direct:
             return []
-        return [(direct, fseq, lseq, fts, lts, None)] + carried
+        return [(g[0], g[1], g[2], g[3], g[4], None, t) for t, g in groups.items()] + carried
 
     def _lost_segment(self, seg, err):
         """A segment file was deleted from outside the agent (err FileNotFoundError or nlink 0),
@@ -246,11 +276,21 @@ class LossAccounting:
         (err None): account for its unread records with a gap record (their count is known; the
         range is from the first unread seq to the last), keep a readable rest aside for a human
         (<segment>.unreadable), go on with the next segment: never stop reading."""
-        head = seg is self._segs[0]
-        lost = seg.count - (self._rline if head else 0)
-        first = seg.first_seq
-        if head and self._acked_seq + 1 > (first or 0):
-            first = self._acked_seq + 1
+        # Per output, the lines of this segment it had not read: all of them for a cursor in an
+        # earlier segment, those after its place for one in it, none for one beyond it.
+        starts = {c.name: (0 if c.key < seg.key else c.line) for c in self._cursors.values() if c.key <= seg.key}
+        lost = seg.count - min(starts.values()) if starts else 0
+        spans = []
+        cuts = sorted(set(starts.values()))
+        for i, s0 in enumerate(cuts):
+            count = (cuts[i + 1] if i + 1 < len(cuts) else seg.count) - s0
+            names = [n for n, s in starts.items() if s <= s0]
+            first = seg.first_seq
+            acked = min(self._cursors[n].acked for n in names)
+            if acked + 1 > (first or 0):
+                first = acked + 1
+            if count > 0 and seg.last_seq is not None:
+                spans.append((count, first, seg.last_seq, seg.first_ts, seg.last_ts, None, self._target(names)))
         if err == "directory":
             why = "spool directory deleted from outside the agent"
         elif isinstance(err, FileNotFoundError) or err == "unlinked":
@@ -274,39 +314,42 @@ class LossAccounting:
             self._wfd = None
         self._segs.remove(seg)
         self._bytes -= seg.size
-        if head:
-            self._roff = self._rline = 0
+        self._settle()
         self.totals["dropped"] += max(lost, 0)
-        if lost > 0 and first is not None and seg.last_seq is not None:
-            self._remember_gap([(lost, first, seg.last_seq, seg.first_ts, seg.last_ts, None)], why)
+        if spans:
+            self._remember_gap(spans, why)
 
-    def _corrupt_account(self, run, upper, upper_ts, upper_line):
+    def _corrupt_account(self, run, upper, upper_ts, upper_line, c):
         """Unreadable lines between the readable seqs run[1] and `upper`: a gap record (reason
         "corrupt") for the seqs missing between them. Counting seqs, not lines: zeroed bytes or a
         lost newline merge several records into one unreadable line, junk adds lines that held no
         record. Seqs between them that a readable gap record right after accounts for already
         (records lost to a failed write) are not counted twice; the same range seen again, across
-        a batch boundary, is not counted again."""
+        a batch boundary, is not counted again. Each output (cursor c) accounts for the runs it
+        meets: a gap record for c alone (with one output: for everyone); counted once in totals."""
         lines, lower, lower_ts = run
         room = upper - lower - 1
-        if upper_line is not None and b'"kind":"gap"' in upper_line:
+        if upper_line is not None and b'"kind":"gap"' in upper_line and self._meant_for(upper_line, c.name):
             g = self._parse(upper_line)
             if g is not None and type(g.get("dropped")) is int and type(g.get("first_seq")) is int \
                     and type(g.get("last_seq")) is int:
                 overlap = min(g["last_seq"], upper - 1) - max(g["first_seq"], lower + 1) + 1
                 room -= max(0, min(g["dropped"], overlap))
-        memo_lower, memo_upper = self._corrupt_memo
+        memo_lower, memo_upper = c.memo
         if upper == memo_upper and lower >= memo_lower:
             return      # the rest of a run already accounted for (the whole range was counted)
         count = room
         if count <= 0:
             return      # not records of their own (junk, a duplicate): set aside, nothing lost
-        self._corrupt_memo = (lower, upper)
-        self.totals["corrupt_lost"] += count
+        c.memo = (lower, upper)
+        target = self._target([c.name])
+        if not self._multi or upper > self._corrupt_high:     # another output's account of it
+            self._corrupt_high = max(self._corrupt_high, upper)
+            self.totals["corrupt_lost"] += count
         log.warning("spool %s: %d unreadable lines between seq %d and %d (set aside in %s): %d records "
                     "cannot be read back; a gap record accounts for them", self.directory, lines,
                     lower, upper, SETASIDE, count)
-        self._remember_gap([(count, lower + 1, upper - 1, lower_ts, upper_ts, CORRUPT)], CORRUPT)
+        self._remember_gap([(count, lower + 1, upper - 1, lower_ts, upper_ts, CORRUPT, target)], CORRUPT)
 
     def _end_outage(self, gap):
         start, why, lost, _ = self._outage

@@ -38,10 +38,7 @@ class Quarantine:
         self.totals["quarantined"] += batch.count
         log.warning("spool %s: quarantined %d records seq %d..%d in %s: %s", self.directory,
                     batch.count, batch.first_seq, batch.last_seq, q, str(reason)[:200])
-        self._advance(batch._ends[-1])
-        if batch.last_seq > self._acked_seq:
-            self._acked_seq = batch.last_seq
-        self._persist_cursor()
+        self._acked(batch)
 
     def _write_quarantine(self, q, data):
         """Append to the quarantine file (bounded: one older generation, q.1, is kept). -> q or None."""

@@ -18,9 +18,10 @@ class Batch:
     `_ends[i]` is the reader position just after line i (segment key, byte offset, line number),
     so a batch can be split (413) and its parts acknowledged in order."""
 
-    __slots__ = ("lines", "seqs", "first_seq", "last_seq", "count", "nbytes", "_ends")
+    __slots__ = ("lines", "seqs", "first_seq", "last_seq", "count", "nbytes", "output", "_ends")
 
-    def __init__(self, lines, seqs, ends):
+    def __init__(self, lines, seqs, ends, output="http"):
+        self.output = output        # the output whose cursor ack() moves
         self.lines = lines
         self.seqs = seqs
         self._ends = ends
@@ -33,8 +34,8 @@ class Batch:
         """-> (first part, second part); both non-empty. Needs count >= 2."""
         if k is None:
             k = self.count // 2
-        return (Batch(self.lines[:k], self.seqs[:k], self._ends[:k]),
-                Batch(self.lines[k:], self.seqs[k:], self._ends[k:]))
+        return (Batch(self.lines[:k], self.seqs[:k], self._ends[:k], self.output),
+                Batch(self.lines[k:], self.seqs[k:], self._ends[k:], self.output))
 
     def __repr__(self):
         return "Batch(%d records, seq %d..%d, %d bytes)" % (self.count, self.first_seq, self.last_seq, self.nbytes)
@@ -43,42 +44,47 @@ class Batch:
 class Reader:
     """Spool methods that read batches (state: Spool.__init__)."""
 
-    def peek(self, max_records=500, max_bytes=256 << 10):
-        """The oldest un-acknowledged lines, or None when there are none. Does not move the
-        cursor (ack/quarantine do). Lines are made durable first (see module doc)."""
+    def peek(self, max_records=500, max_bytes=256 << 10, output="http"):
+        """The oldest lines `output` has not acknowledged, or None when there are none. Does not
+        move its cursor (ack/quarantine do). Lines are made durable first (see module doc)."""
+        c = self._cursors.get(output)
+        if c is None:
+            raise ValueError("spool %s: output %r is not enabled (outputs: %s)" % (
+                self.directory, output, ", ".join(self.outputs)))
         if self._pending_loss:
             self._write_pending_gap()
         if self._dirty and self.fsync != "never":
             self._sync()
         max_records = max(1, int(max_records))
         while True:
-            batch, skipped_to = self._read(max_records, max_bytes)
+            batch, skipped_to = self._read(max_records, max_bytes, c)
             if batch is not None:
                 return batch
             if skipped_to is None:
                 if self._pending_loss and self._write_pending_gap():
                     continue    # the gap record for lines just found unreadable
                 return None
-            self._advance(skipped_to)   # only corrupt or already-acked lines there: step over
+            self._advance(c, skipped_to)    # only corrupt, acked or others' lines: step over
 
-    def _read(self, max_records, max_bytes):
+    def _read(self, max_records, max_bytes, c):
         """-> (Batch or None, position to skip to when only unusable lines were found)."""
-        raw = self._collect_lines(max_records, max_bytes)
+        raw = self._collect_lines(max_records, max_bytes, c)
         while raw is None:
             if self._pending_loss:
                 self._write_pending_gap()
-            raw = self._collect_lines(max_records, max_bytes)
+            raw = self._collect_lines(max_records, max_bytes, c)
         if not raw:
             return None, None
         self._check_lines(raw)
         lines, seqs, ends = [], [], []
-        last = self._acked_seq
+        last = c.acked
+        multi = self._multi
         run = None      # unreadable lines not yet accounted for: [lines, lower seq, lower ts]
         prev = None     # the last readable line
         for e in raw:
             line, seq, endpos, seg, off = e
             if seq is None or seq <= last:
-                if (seq is None or seq > self._acked_seq) and self._corrupt(seg, off, line):
+                if (seq is None or seq > c.acked) and self._corrupt(seg, off, line, c):
                     if run is None:
                         # Every line of a segment has a seq >= its name (the seq of its first line).
                         run = [0, max(last, seg.key - 1), self._meta(prev)[1] if prev is not None else None]
@@ -87,10 +93,14 @@ class Reader:
                     ends[-1] = endpos    # acknowledging the batch steps over the bad line too
                 continue
             if run is not None:
-                self._corrupt_account(run, seq, self._meta(line)[1], line)
+                self._corrupt_account(run, seq, self._meta(line)[1], line, c)
                 run = None
             last = seq
             prev = line
+            if (multi or not seg.verified) and not self._meant_for(line, c.name):
+                if ends:
+                    ends[-1] = endpos    # a gap record for other outputs: stepped over
+                continue
             lines.append(line)
             seqs.append(seq)
             ends.append(endpos)
@@ -98,9 +108,9 @@ class Reader:
             # The readable neighbour above is further on (or there is none: every seq up to the
             # next one to be handed out is then below it).
             nxt = self._next_good(raw[-1][2], run[1]) if self._cut else None
-            self._corrupt_account(run, *(nxt or (self._next_seq, None, None)))
+            self._corrupt_account(run, *(nxt or (self._next_seq, None, None)), c)
         if lines:
-            return Batch(lines, seqs, ends), None
+            return Batch(lines, seqs, ends, c.name), None
         return None, raw[-1][2]
 
     def _next_good(self, end, above):
@@ -124,7 +134,7 @@ class Reader:
                     return rec["seq"], ts if isinstance(ts, str) else None, line
         return None
 
-    def _collect_lines(self, max_records, max_bytes):
+    def _collect_lines(self, max_records, max_bytes, c):
         """Complete lines from the reader on, within the limits (at least one):
         [line, seq or None, end position, segment, offset]. Lines written by this process carry
         their seq in the fixed prefix; others get it checked in _check_lines. None when a segment
@@ -133,9 +143,11 @@ class Reader:
         nbytes = 0
         plen = self._plen
         self._cut = True
-        for i, seg in enumerate(self._segs):
-            off = self._roff if i == 0 else 0
-            lno = self._rline if i == 0 else 0
+        for seg in self._segs:
+            if seg.key < c.key:
+                continue
+            off = c.off if seg.key == c.key else 0
+            lno = c.line if seg.key == c.key else 0
             if off >= seg.size:
                 continue
             try:
@@ -203,30 +215,53 @@ class Reader:
             rec = self._parse(e[0])
             e[1] = rec["seq"] if rec is not None else None
 
-    def _corrupt(self, seg, offset, line):
-        """Count and set aside an unreadable line, once. -> True when it is new."""
-        if (seg.key, offset) <= self._corrupt_mark:
+    def _corrupt(self, seg, offset, line, c):
+        """An unreadable line met by cursor c: -> True when it is new to c (c accounts for it);
+        counted and set aside once, by the first cursor that meets it."""
+        pos = (seg.key, offset)
+        if pos <= c.mark:
             return False    # seen by an earlier peek of the same, not yet acknowledged, lines
-        self._corrupt_mark = (seg.key, offset)
+        c.mark = pos
+        if pos <= self._corrupt_mark:
+            return True     # another output met it first (set aside, counted)
+        self._corrupt_mark = pos
         self.totals["corrupt_skipped"] += 1
         self._set_aside(seg.path, offset, line, "corrupt line skipped")
         log.warning("spool %s: corrupt line at offset %d skipped (%d bytes): %r",
                     seg.path, offset, len(line), line[:60])
         return True
 
-    def _backlog(self):
-        return sum(s.count for s in self._segs) - self._rline
+    def _meant_for(self, line, name):
+        """Is the line for output `name`? Only a gap record with "outputs" (an account of records
+        that only those outputs had not got when they were dropped) is not for every output."""
+        if b',"outputs":[' not in line:
+            return True
+        rec = self._parse(line)
+        outs = rec.get("outputs") if rec is not None and rec.get("kind") == "gap" else None
+        return not isinstance(outs, list) or name in outs
 
-    def oldest_ts(self):
-        """ts of the oldest un-acknowledged record, or None."""
+    def _backlog(self, c=None):
+        """Records (lines) after cursor c (default: the slowest: what the spool holds)."""
+        c = c or self._slowest()
+        return sum(s.count for s in self._segs if s.key >= c.key) - c.line
+
+    def _held_bytes(self, c):
+        return sum(s.size for s in self._segs if s.key >= c.key) - c.off
+
+    def oldest_ts(self, output=None):
+        """ts of the oldest record `output` (default: the slowest) has not acknowledged, or None."""
+        c = self._cursors[output] if output is not None else self._slowest()
         if not self._segs:
             return None
-        pos = (self._segs[0].key, self._roff)
-        if self._oldest_cache[0] == pos:
-            return self._oldest_cache[1]
+        pos = (c.key, c.off)
+        cached = self._oldest_cache.get(c.name)
+        if cached is not None and cached[0] == pos:
+            return cached[1]
         ts = None
-        for i, seg in enumerate(self._segs):
-            off = self._roff if i == 0 else 0
+        for seg in self._segs:
+            if seg.key < c.key:
+                continue
+            off = c.off if seg.key == c.key else 0
             if off >= seg.size:
                 continue
             try:
@@ -240,5 +275,5 @@ class Reader:
             ts = m[1] if m else None
             break
         if ts is not None:  # an empty backlog is not cached: the next append must show up
-            self._oldest_cache = (pos, ts)
+            self._oldest_cache[c.name] = (pos, ts)
         return ts

@@ -31,7 +31,7 @@ import os
 import time
 
 from agent import wire
-from agent.record import utc_timestamp
+from agent.record import CLOCK_SANE, utc_timestamp
 
 log = logging.getLogger("agent.spool")
 
@@ -262,3 +262,22 @@ class SegmentFiles:
                 log.info("spool %s: wall clock stepped by %+.0fs: segment ages follow (measured in "
                          "elapsed time, not clock readings)", self.directory, step)
         return mono
+
+    def _start_ages(self, now):
+        """At open: segment times from a clock that was unset, or from the future (see the
+        module doc)."""
+        rescued = []
+        for seg in self._segs:
+            if seg.mtime < CLOCK_SANE <= now:
+                # Written while the clock was unset: it would look decades old now that the clock
+                # is set. Never drop data because of a clock jump: it starts ageing now (kept on
+                # the file, so the next start does not start it again).
+                seg.mtime = now
+                rescued.append(seg)
+            elif seg.mtime > now:
+                # From the future: written with a clock that was right, read with one that is
+                # behind (an offline boot at sysfixtime). Not on the file: the clock on disk may
+                # well be the right one; in memory, a segment no younger than now, so it neither
+                # holds back the ageing of the others nor gets the next clock step added on top.
+                seg.mtime = now
+        self._restamp(rescued)

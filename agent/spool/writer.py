@@ -132,8 +132,7 @@ class Writer:
         self._wfd = os.open(seg.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self._segs.append(seg)
         self._dir_dirty = True
-        if len(self._segs) == 1:
-            self._roff = self._rline = 0
+        self._settle()      # cursors on the next seq (no segment before) start here
 
     def _rotate(self):
         if self._wfd is None:
@@ -175,7 +174,8 @@ class Writer:
                 except OSError:
                     pass
         self._unsynced, self._hintfd, self._doomed = [], None, []
-        self._bytes = self._roff = self._rline = 0
+        self._bytes = 0
+        self._settle()
         try:
             os.makedirs(self.directory, exist_ok=True)
             dirfd = os.open(self.directory, os.O_RDONLY)
