@@ -10,7 +10,8 @@ import pytest
 
 from agent.spool import ACK_HINT, CURSOR, Spool
 from agent.spool.cursor import NAMED_AT
-from tests.test_spool import AGENT, audit_gaps, drain_all, drain_outputs, not_for, rec, segments
+from tests.test_spool import AGENT, audit_gaps, drain_all, drain_outputs, for_others, rec, segments
+from tests.test_spool_seq import collector, upload  # noqa: F401 (collector: a fixture)
 
 TWO = ("http", "mqtt")
 
@@ -65,18 +66,17 @@ def test_bounds_drop_oldest_and_account_for_every_record_per_output(tmp_path):
     st = sp.stats()
     assert st["dropped"] > 0
     mqtt = drain_all(sp, output="mqtt")
-    views = {"http": http, "mqtt": mqtt}
-    # http kept up: every data record, once, in order, and no gap record (none was meant for it).
+    http += drain_all(sp, output="http")        # (nothing new for it: mqtt's reading lost nothing)
+    # http kept up: every data record, once, in order, every seq, and no loss: the gap records it
+    # is handed are mqtt's, with dropped 0.
     assert [r["values"]["i"] for r in http if r.get("kind") != "gap"] == list(range(3000))
-    assert not [r for r in http if r.get("kind") == "gap"]
+    assert audit_gaps(sp.next_seq, http) == []
+    assert [r for r in http if r.get("kind") == "gap"] and all(
+        for_others(r) and r["outputs"] == ["mqtt"] for r in http if r.get("kind") == "gap")
     # mqtt was down: exact accounting; its gap records are for it alone.
-    gaps = audit_gaps(sp.next_seq, mqtt, skip=not_for("mqtt", views))
+    gaps = audit_gaps(sp.next_seq, mqtt)
     assert gaps and all(g.get("outputs") == ["mqtt"] and "max_bytes" in g["reason"] for g in gaps)
     assert sum(g["dropped"] for g in gaps) == st["dropped"]
-    # What http never saw are those gap records for mqtt (delivered to it, or dropped and
-    # accounted for in its later ones): never a data record.
-    unseen = set(range(1, sp.next_seq)) - {r["seq"] for r in http}
-    assert unseen and not unseen & set(data_seqs(mqtt))
     assert len(gaps) <= st["segments"] + 2
     sp.close()
 
@@ -96,10 +96,9 @@ def test_a_drop_with_both_outputs_behind_is_exact_for_each(tmp_path):
         n += 1
     http += drain_all(sp, output="http")
     mqtt = drain_all(sp, output="mqtt")
-    views = {"http": http, "mqtt": mqtt}
-    for o, got in views.items():
-        audit_gaps(sp.next_seq, got, skip=not_for(o, views))
-    g_http = [g for g in http if g.get("kind") == "gap"]
+    for got in (http, mqtt):
+        audit_gaps(sp.next_seq, got)
+    g_http = [g for g in http if g.get("kind") == "gap" and not for_others(g)]
     g_mqtt = [g for g in mqtt if g.get("kind") == "gap"]
     assert [g.get("outputs") for g in g_http] == [None]
     assert sorted(str(g.get("outputs")) for g in g_mqtt) == ["None", "['mqtt']"]
@@ -194,8 +193,43 @@ def test_both_fast_outputs_share_one_gap_record_per_drop(tmp_path):
     for i in range(1500):
         sp.append(rec(i))
     views = drain_outputs(sp)
-    for o, got in views.items():
-        gaps = audit_gaps(sp.next_seq, got, skip=not_for(o, views))
+    for got in views.values():
+        gaps = audit_gaps(sp.next_seq, got)
         assert gaps and all("outputs" not in g for g in gaps)
     assert [r["seq"] for r in views["http"]] == [r["seq"] for r in views["mqtt"]]
+    sp.close()
+
+
+@pytest.mark.parametrize("down", ["mqtt", "http"])
+def test_the_collector_gets_every_seq_or_its_account(tmp_path, collector, down):  # noqa: F811
+    """Through the real collector (http): whichever output was down while bounds dropped, the
+    collector holds every seq or a gap record that accounts for it, and its dropped count is
+    exactly what http lost (0 when http kept up: mqtt's gap records reach it with dropped 0)."""
+    sp = Spool(tmp_path / "spool", AGENT, max_bytes=64 << 10, segment_bytes=8 << 10, outputs=TWO)
+
+    def keep_up():
+        if down == "mqtt":
+            upload(collector.url, sp)           # http: to the collector
+        else:
+            drain_all(sp, n=25, output="mqtt")
+
+    for i in range(2000):
+        sp.append(rec(i))
+        if i % 40 == 39:
+            keep_up()
+    keep_up()
+    upload(collector.url, sp)
+    recs = [json.loads(r[7]) for r in collector.store.records(agent=AGENT)]
+    seqs = {r["seq"] for r in recs}
+    gaps = [r for r in recs if r.get("kind") == "gap"]
+    missing = set(range(1, sp.next_seq)) - seqs
+    assert sum(g["dropped"] for g in gaps) == len(missing)
+    assert all(any(g["first_seq"] <= s <= g["last_seq"] for g in gaps if g["dropped"]) for s in missing)
+    if down == "mqtt":
+        assert not missing and gaps and all(g["dropped"] == 0 and g["outputs"] == ["mqtt"] for g in gaps)
+    else:
+        assert missing and all(g["outputs"] == ["http"] for g in gaps)
+        assert len(missing) == sp.stats()["dropped"]
+    agent = next(a for a in collector.store.agents() if a["agent"] == AGENT)
+    assert agent["dropped"] == len(missing)
     sp.close()

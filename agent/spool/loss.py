@@ -185,8 +185,8 @@ class LossAccounting:
         enabled output had not acknowledged (read from the file: the gap records must be exact),
         one span per set of outputs that had not got them (one output, or all of them at the same
         place: one span for everyone), and, re-issued with their own range and reason, the
-        accounts of gap records not yet delivered (what they accounted for is still gone and the
-        outputs must hear of it)."""
+        accounts of gap records not yet delivered, for the outputs they were for (what they
+        accounted for is still gone and those outputs must hear of it)."""
         seg = self._segs[0]
         inside = [c for c in self._cursors.values() if c.key == seg.key and c.off < seg.size]
         start = min((c.off for c in inside), default=seg.size)
@@ -228,8 +228,7 @@ class LossAccounting:
                 if run is not None and m[0] > run[1]:
                     self._corrupt_account(runs.pop(c.name), m[0], m[1], line, c)
                 last[c.name] = max(last[c.name], m[0])
-                if not self._multi or self._meant_for(line, c.name):
-                    missing.append(c.name)
+                missing.append(c.name)
             if not missing:
                 continue
             direct += 1
@@ -250,9 +249,11 @@ class LossAccounting:
                     g[4] = ts
             if b'"kind":"gap"' in line:
                 gap = self._parse(line)
-                if gap is not None and type(gap.get("dropped")) is int and type(gap.get("first_seq")) is int:
+                # Its account goes on to those it was for (all, or its "outputs") that lacked it.
+                mine = [n for n in missing if self._meant_for(line, n)]
+                if mine and gap is not None and type(gap.get("dropped")) is int and type(gap.get("first_seq")) is int:
                     carried.append((gap["dropped"], gap["first_seq"], gap.get("last_seq"), gap.get("first_ts"),
-                                    gap.get("last_ts"), gap.get("reason"), target))
+                                    gap.get("last_ts"), gap.get("reason"), self._target(mine)))
         for name, run in runs.items():
             self._corrupt_account(run, *(self._next_good((seg.key + 1, 0), run[1]) or (self._next_seq, None, None)),
                                   self._cursors[name])

@@ -10,6 +10,8 @@ import json
 import logging
 import os
 
+from agent.record import encode
+
 log = logging.getLogger("agent.spool")
 
 
@@ -98,9 +100,7 @@ class Reader:
             last = seq
             prev = line
             if (multi or not seg.verified) and not self._meant_for(line, c.name):
-                if ends:
-                    ends[-1] = endpos    # a gap record for other outputs: stepped over
-                continue
+                line = self._for_others(line)
             lines.append(line)
             seqs.append(seq)
             ends.append(endpos)
@@ -239,6 +239,14 @@ class Reader:
         rec = self._parse(line)
         outs = rec.get("outputs") if rec is not None and rec.get("kind") == "gap" else None
         return not isinstance(outs, list) or name in outs
+
+    @staticmethod
+    def _for_others(line):
+        """A gap record for other outputs, as this one gets it: with "dropped" 0 (its account is
+        theirs), so every output still gets every seq, or an account of it. Rare: rewritten."""
+        rec = json.loads(line)
+        rec["dropped"] = 0
+        return encode(rec)[:-1]
 
     def _backlog(self, c=None):
         """Records (lines) after cursor c (default: the slowest: what the spool holds)."""
