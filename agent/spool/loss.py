@@ -43,6 +43,21 @@ CORRUPT = "corrupt"         # the reason of gap records for lines spooled but un
 SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
+def fold(acc, span):
+    """Add span (count, first_seq, last_seq, first_ts, last_ts, reason) to the account `acc` (a
+    list of the same, maybe a target after them): counts add, ranges widen, reasons join."""
+    count, fseq, lseq, fts, lts, why = span[:6]
+    acc[0] += count
+    acc[1] = min(acc[1], fseq)
+    acc[2] = max(acc[2], lseq)
+    if fts is not None and (acc[3] is None or fts < acc[3]):
+        acc[3] = fts
+    if lts is not None and (acc[4] is None or lts > acc[4]):
+        acc[4] = lts
+    if why not in acc[5].split("; "):
+        acc[5] = (acc[5] + "; " + why)[:300]
+
+
 class LossAccounting:
     """Spool methods that account for lost records (state: Spool.__init__)."""
 
@@ -53,18 +68,10 @@ class LossAccounting:
         if self._outage is not None:
             self._outage[2] += 1
         span = (1, seq, seq, ts, ts, why)
-        acc = self._failed
-        if acc is None:
+        if self._failed is None:
             self._failed = list(span)
         else:
-            acc[0] += 1
-            acc[2] = max(acc[2], seq)
-            if ts is not None and (acc[3] is None or ts < acc[3]):
-                acc[3] = ts
-            if ts is not None and (acc[4] is None or ts > acc[4]):
-                acc[4] = ts
-            if why not in acc[5].split("; "):
-                acc[5] = (acc[5] + "; " + why)[:300]
+            fold(self._failed, span)
         self._remember_gap([span], why)
         self._save_failed()
 
@@ -88,15 +95,7 @@ class LossAccounting:
             if acc is None:
                 self._pending_loss.append([count, fseq, lseq, fts, lts, why, target])
                 continue
-            acc[0] += count
-            acc[1] = min(acc[1], fseq)
-            acc[2] = max(acc[2], lseq)
-            if fts is not None and (acc[3] is None or fts < acc[3]):
-                acc[3] = fts
-            if lts is not None and (acc[4] is None or lts > acc[4]):
-                acc[4] = lts
-            if why not in acc[5].split("; "):
-                acc[5] = (acc[5] + "; " + why)[:300]
+            fold(acc, (count, fseq, lseq, fts, lts, why))
 
     def _write_pending_gap(self):
         """Write the pending accounts as gap records. -> True when none is left. A gap record that
