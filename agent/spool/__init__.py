@@ -3,9 +3,9 @@
 Layout of the spool directory:
   seg-<first seq>.jsonl  segment files, one record per line (agent.wire), oldest first; the newest
                          one is "active" (appended to); rotated at `segment_bytes`.   segments
-  cursor.json            upload cursor + seq floor + totals + the seq lease generation, replaced
-                         atomically.                                                  cursor
-  ack.hint               the latest acknowledgement between two durable cursor writes, and the
+  cursor.json            one cursor per output + seq floor + totals + the seq lease generation,
+                         replaced atomically.                                         cursor
+  ack.hint               the latest acknowledgements between two durable cursor writes, and the
                          pending loss account; rewritten in place, CRC-checked.       cursor
   setaside.log           torn tails and corrupt lines found while reading, for a human. segments
   quarantine.jsonl       records the collector rejected (4xx), each with the reason.  quarantine
@@ -24,7 +24,20 @@ Spool.__init__ and every decision that orders writes, syncs and unlinks is in th
   writer.py    append, rotation, failed writes, a spool directory recreated
   quarantine.py  records the collector rejected (moves to the uploader's side next)
 
-Promises (see issue 4/6; the details are in the module named after each):
+Named cursors (issue 11): Spool(..., outputs=("http",)) names the enabled outputs; each has its own
+cursor: peek(..., output=NAME) hands out what that output has not acknowledged, ack(batch) moves
+batch.output's cursor only. A segment is deleted when every enabled output is past it (the newest
+one is always kept), or when a bound drops it: then the records some output had not got are
+accounted for per output (one gap record for all outputs that lacked the same records, with
+"outputs": [...] when it is not for all of them; another output is handed such a record with
+"dropped" 0, so every output gets every seq or an account of it). A cursor of an output that is no
+longer enabled is retired at open (logged once, not written again): it pins nothing. A new output
+starts at the oldest record held. stats() tells what is held (behind the slowest output) and, in
+"outputs", each output's backlog. cursor.json and ack.hint from before named cursors are read as
+the "http" cursor.
+
+Promises (see issue 4/6; the details are in the module named after each; "acknowledged" is per
+output, "deleted" is when all of them are past):
 - A line is written with one write(2): a kill leaves no half line; a torn line (power cut) is set
   aside at start and its seq reused (segments).
 - Corrupt lines are skipped, counted, set aside and accounted for, never fatal (reader, loss).

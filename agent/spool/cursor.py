@@ -1,8 +1,9 @@
 """The cursor file and the ack hint: where reading resumes, the seq floor, the totals.
 
-  cursor.json  acknowledgement (acked seq, segment, offset) + seq floor (next_seq) + totals + the
-               seq lease generation ("gen"), replaced atomically (tmp, fsync, rename, directory
-               fsync).
+  cursor.json  per output (in "cursors": {name: {acked_seq, segment, offset}}; the top-level
+               acked_seq/segment/offset are the slowest one's, and a file without "cursors" is the
+               "http" cursor) + seq floor (next_seq) + totals + the seq lease generation ("gen"),
+               replaced atomically (tmp, fsync, rename, directory fsync).
   ack.hint     the latest acknowledgement between two durable cursor writes: one fixed-size line
                with a CRC, overwritten in place (same page, same inode), so acknowledging every
                poll cycle costs no new file and no fsync; it survives a killed process, and after
@@ -11,7 +12,10 @@
                made while the disk is full are still kept. From byte HINT_SIZE on, the same file
                (the same page: a 16 kB tmpfs has four) holds the pending loss account: the
                records lost to failed writes that no gap record holds yet, one fixed-size line
-               with a CRC, rewritten in place when it changes (see agent.spool.loss).
+               with a CRC, rewritten in place when it changes (see agent.spool.loss). From byte
+               NAMED_AT on, one line per enabled output ("name acked segment offset CRC"), ended
+               by a blank line; the first line (at 0) is the slowest output's, so a hint without
+               named lines (written before named cursors) is the "http" cursor.
 
 Acknowledged records never come back after a restart, even after SIGKILL (cursor.json or the
 ack hint, both in the page cache); after a power cut up to fsync_interval seconds of

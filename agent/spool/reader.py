@@ -5,6 +5,9 @@ reading goes on while writing goes on. Memory does not grow with the backlog: th
 byte position, reads one batch (<= max_bytes) at a time and slices seq/ts from each line's fixed
 prefix (agent.wire); only lines from an earlier run are JSON-checked, once per batch. With fsync
 always|interval, lines are made durable before they are handed out (peek syncs first).
+
+Each output reads from its own cursor. A gap record meant for other outputs (with "outputs") is
+handed to this one rewritten with "dropped" 0: it gets the seq, not their account.
 """
 import json
 import logging
