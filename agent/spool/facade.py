@@ -27,7 +27,9 @@ class Spool(SegmentFiles, CursorFiles, LossAccounting, Reader, Writer, Quarantin
     """The spool (see the package doc). Every field is set here; the method groups live in the
     modules named in the package doc, and the decisions that order writes, syncs and unlinks are
     here: _delete (cursor before unlink), _reap (gap records synced before dropped segments are
-    unlinked), _sync (segments, directory, then the loss account's clearing), tick, close."""
+    unlinked), _sync (segments, directory, then the loss account's clearing), tick, close. It is
+    a little above the ~350-line target on purpose: these orderings are read together, and opening
+    (_recover) is where all the files meet."""
 
     @property
     def seq_file(self):

@@ -181,6 +181,8 @@ class Reader:
                         lno += 1
                         seq = None
                         if seg.verified:
+                            # Written by this process, so it starts with wire.line_prefix: the seq
+                            # alone, sliced here (wire.slice_seq_ts also decodes the ts: slower).
                             seq = int(line[plen:line.find(b",", plen)])
                         raw.append([line, seq, (seg.key, off + nl + 1, lno), seg, off + pos])
                         nbytes += len(line)
