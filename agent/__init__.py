@@ -2,7 +2,7 @@
 
 Where things are:
   agent/modbus/     the codec (CRC, PDU, RTU/TCP framing) and the transports
-  agent/config.py   the INI file, parsed once into typed objects
+  agent/config/     the INI file, parsed once into typed objects
   agent/loop.py     the single-threaded polling/spooling/uploading loop
   agent/spool.py    the crash-safe rotating JSON-lines spool
   agent/upload.py   bulk upload to the collector

@@ -8,6 +8,7 @@ import struct
 import sys
 import time
 
+from agent.common import format_duration
 from agent.config import BUS_WARN, check_config, load_or_report, redact
 from agent.device import Refused, holes, refusal_hint
 from agent.modbus.errors import ModbusError, hexdump
@@ -23,18 +24,7 @@ def _err(text):
     sys.stderr.write(text + "\n")
 
 
-def _seconds(s):
-    if s >= 1 and float(s).is_integer():
-        if s % 86400 == 0:
-            return "%dd" % (s // 86400)
-        if s % 3600 == 0:
-            return "%dh" % (s // 3600)
-        if s % 60 == 0:
-            return "%dm" % (s // 60)
-        return "%ds" % s
-    if s < 1:
-        return "%gms" % round(s * 1000, 3)
-    return "%gs" % s
+_seconds = format_duration
 
 
 # --- check ---------------------------------------------------------------------------------

@@ -26,9 +26,11 @@ and a probe whose timeout would not fit before the next live device is due waits
 slot (so several dead devices never stack their timeouts). A busy answer (exception 6, or
 5 ACKNOWLEDGE) is retried once after the connection's pause.
 
-One back-off per device/connection pair: the schedule's. The loop's clients never refuse a
-request inside their own reconnect back-off (`refuse_while_down` off), so every probe the
-schedule decides on really goes out; for a lost connection the schedule's back-off is capped by
+One back-off per device/connection pair: the schedule's. The loop's clients refuse a request
+only within `down_hold` of a failed connect (half the shortest interval on that connection: the
+rest of the same sweep, so the other units behind a dead gateway learn it at once instead of each
+waiting out a connect timeout), never a device's own next probe, so every probe the schedule
+decides on really goes out; for a lost connection the schedule's back-off is capped by
 the connection's `backoff_max` as well as `dead_backoff_max`. A device that comes back is
 noticed at most dead_backoff_max + one interval later.
 
@@ -64,13 +66,14 @@ SAFETY_MARGIN = 0.05
 DRAIN_SLICE = 1.0
 # Don't start an upload in a gap shorter than this: one HTTP round trip would not fit.
 MIN_DRAIN_GAP = 0.02
-# Shortest gap in which an upload request can start (agent.upload.MIN_REQUEST_TIME); a
-# schedule with no gap this long starves the upload, which the summary line says.
-UPLOAD_WINDOW = 0.2
 # With records waiting and no gap between polls long enough to start an upload for this long
-# (polls closer together than the upload window), the loop takes one request's time from
-# polling: a few late polls cost less than a spool that fills up and drops the oldest data.
+# (the uploader's measured request time, `Uploader.request_time`, is longer than every gap),
+# the loop takes one request's time from polling: a few late polls cost less than a spool that
+# fills up and drops the oldest data.
 STARVE_AFTER = 10.0
+# After a failed connect the other devices on that connection fail at once for this share of the
+# shortest interval there (agent.modbus.client down_hold): the rest of the sweep, not the next poll.
+LINK_DOWN_HOLD_SHARE = 0.5
 # How often the status file is rewritten.
 STATUS_PERIOD = 5.0
 # With no device configured, wake up this often to upload and write status.
@@ -167,20 +170,6 @@ def make_uploader(cfg):
                     verify=u.verify, backoff_max=u.backoff_max)
 
 
-def _section_key(section, names):
-    """Comparable snapshot of the settings a live object was built from (for SIGHUP)."""
-    if section is None:
-        return None
-    return tuple(repr(getattr(section, n, None)) for n in names)
-
-
-_SPOOL_KEYS = ("spool_dir", "spool_max_mb", "spool_max_age", "spool_segment_kb", "fsync", "fsync_interval", "id",
-               "seq_file")
-_QUARANTINE_KEYS = ("quarantine_file",)
-_UPLOAD_KEYS = ("url", "token", "batch_max_records", "batch_max_kb", "gzip", "timeout", "ca_file", "verify",
-                "backoff_max", "quarantine_file")
-
-
 class Loop:
     def __init__(self, cfg, spool=None, uploader=None, mono=time.monotonic, wall=time.time):
         self.mono = mono
@@ -200,7 +189,6 @@ class Loop:
         self.starve_after = STARVE_AFTER
         self.last_upload_chance = mono()   # last time an upload could start (or had nothing to do)
         self.forced_uploads = 0            # uploads that made polls wait, since the last summary
-        self.upload_window = getattr(sys.modules.get("agent.upload"), "MIN_REQUEST_TIME", UPLOAD_WINDOW)
         self.last_summary = None
         self.clock_unsynced = self.started_wall < CLOCK_SANE
         now = mono()
@@ -360,7 +348,9 @@ class Loop:
         client = self.clients.get(conn.name)
         if client is None:
             client = self.clients[conn.name] = conn.open()
-            client.refuse_while_down = False   # the device schedule owns the back-off
+            # the device schedule owns the back-off; the client only tells the rest of a sweep
+            intervals = [st.device.interval for st in self.states if st.device.connection.name == conn.name]
+            client.down_hold = LINK_DOWN_HOLD_SHARE * min(intervals or [0.0])
         return client
 
     def poll(self, st, now):
@@ -592,12 +582,13 @@ class Loop:
 
     def upload_until(self, until):
         """Upload in the gap before `until` (the next poll). The uploader starts a request only
-        when the time left before `until` - SAFETY_MARGIN covers one (its estimate of recent
-        request durations, at least MIN_REQUEST_TIME); a started request runs to its own
-        `[upload] timeout` and the poll waits for it: cut short, a slow collector would store
+        when the time left before `until` - SAFETY_MARGIN covers one (what its recent requests
+        took, `Uploader.request_time`); a started request runs to its end (its total deadline is
+        `[upload] timeout`) and the poll waits for it: cut short, a slow collector would store
         batches that are never acknowledged. Each drain call starts batches for DRAIN_SLICE at
-        most, then the timers and signals get a turn. Stops when the spool is empty, the uploader
-        backs off, or no further request fits."""
+        most, then the timers and signals get a turn; after SIGTERM/SIGHUP no further request
+        starts. Stops when the spool is empty, the uploader backs off, or no further request
+        fits."""
         if self.uploader is None:
             return
         if self._lingering():
@@ -609,12 +600,12 @@ class Loop:
             end = until - SAFETY_MARGIN
             if end - now < MIN_DRAIN_GAP:
                 return
-            if end - now >= self.upload_window:
+            if end - now >= self.uploader.request_time():
                 self.upload_windows += 1
             # The uploader's own clock: the loop's may be a test's.
             t = time.monotonic()
             try:
-                res = self.uploader.drain(self.spool, t + (end - now), t + DRAIN_SLICE)
+                res = self.uploader.drain(self.spool, t + (end - now), t + DRAIN_SLICE, stop=self._stopping)
             except Exception:  # the uploader handles network errors; anything else is a bug
                 log.exception("upload failed")
                 return
@@ -623,6 +614,10 @@ class Loop:
                 self.last_upload_chance = self.mono()
             if status != "slice":
                 return   # empty, backing off, or no further request fits before the poll
+
+    def _stopping(self):
+        """The uploader starts no further request once this is true (SIGTERM, SIGHUP)."""
+        return self.stop_requested or self.reload_requested
 
     def upload_starved(self, now):
         """Polls have left no gap to upload in for `starve_after` seconds while records wait:
@@ -690,7 +685,7 @@ class Loop:
             if self.forced_uploads:
                 text += "; upload delayed polls %d time(s): no gap between polls to upload in" % self.forced_uploads
             elif not self.upload_windows and sp.get("records"):
-                text += "; upload STARVED: no gap of %gs between polls to upload in" % self.upload_window
+                text += "; upload STARVED: no gap of %.3gs between polls to upload in" % self.uploader.request_time()
         self.upload_windows = 0
         self.forced_uploads = 0
         if self.append_errors:
@@ -744,7 +739,7 @@ class Loop:
 
     # -- reload and shutdown -------------------------------------------------------------
     def reload(self):
-        from agent.config import ConfigError, load_config
+        from agent.config import SPOOL, UPLOADER, ConfigError, changed, load_config
 
         path = self.cfg.path
         log.info("SIGHUP: reloading %s", path)
@@ -760,12 +755,10 @@ class Loop:
             log.error("reload: %s: %s: still running the previous config", path, e)
             return
         old = self.cfg
-        spool_changed = (_section_key(old.agent, _SPOOL_KEYS) != _section_key(new.agent, _SPOOL_KEYS) or
-                         _section_key(old.upload, _QUARANTINE_KEYS) != _section_key(new.upload, _QUARANTINE_KEYS))
-        if spool_changed and not self._reopen_spool(old, new):
+        # what to rebuild: the keys the config schema tags SPOOL / UPLOADER (agent.config.schema)
+        if changed(old, new, SPOOL) and not self._reopen_spool(old, new):
             return
-        if _section_key(old.upload, _UPLOAD_KEYS) != _section_key(new.upload, _UPLOAD_KEYS) or \
-                old.agent.id != new.agent.id:
+        if changed(old, new, UPLOADER):
             _close(self.uploader)
             self.uploader = make_uploader(new)
         for client in self.clients.values():

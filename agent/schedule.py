@@ -14,7 +14,8 @@ Dead devices: after `dead_after` consecutive failed cycles the device is only pr
 wait doubling from one interval up to `backoff_max` (or the lower cap the caller passes to
 `done`, e.g. a connection's reconnect back-off), always on a slot boundary. This is the only
 back-off of a device: the loop's Modbus clients never refuse a request the schedule decided to
-send (agent.modbus.client `refuse_while_down`), so a device that comes back is noticed at most
+send (agent.modbus.client `down_hold`: only the rest of the sweep after a failed connect), so a
+device that comes back is noticed at most
 `backoff_max` + one interval after it does. Slots passed over
 on purpose are counted in `skipped`, not `missed`. The first success makes it live again.
 A probe that would make a live device late can be deferred to a later slot (`defer`), which

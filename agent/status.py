@@ -15,6 +15,8 @@ import os
 import sys
 import time
 
+from agent.common import atomic_replace, format_age, parse_utc
+
 # A status file older than this many periods means the agent is not running (or stuck).
 STALE_PERIODS = 3
 STALE_MIN = 30.0
@@ -27,9 +29,7 @@ def write_status(path, data):
     tmp = os.path.join(directory, ".%s.%d.tmp" % (os.path.basename(path), os.getpid()))
     # dumps, not dump: json.dump streams through the pure-Python encoder, dumps uses the C one
     text = json.dumps(data, separators=(",", ":"), sort_keys=True, default=str)
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text + "\n")
-    os.replace(tmp, path)
+    atomic_replace(path, (text + "\n").encode("utf-8"), durable=False, tmp=tmp, mode=0o666)
 
 
 def read_status(path):
@@ -37,17 +37,7 @@ def read_status(path):
         return json.load(f)
 
 
-def _age(seconds):
-    if seconds is None:
-        return "-"
-    seconds = max(0.0, float(seconds))
-    if seconds < 90:
-        return "%ds" % seconds
-    if seconds < 5400:
-        return "%dm%02ds" % divmod(int(seconds), 60)
-    if seconds < 172800:
-        return "%dh%02dm" % divmod(int(seconds) // 60, 60)
-    return "%dd%02dh" % divmod(int(seconds) // 3600, 24)
+_age = format_age
 
 
 def _size(n):
@@ -62,17 +52,11 @@ def _size(n):
 
 
 def _parse_utc(ts):
-    """'2026-11-21T10:30:45.123Z' -> epoch seconds, None if absent or unreadable."""
-    if not ts or not isinstance(ts, str):
-        return ts if isinstance(ts, (int, float)) else None
-    import calendar
-
-    try:
-        main, _, frac = ts.rstrip("Z").partition(".")
-        t = calendar.timegm(time.strptime(main, "%Y-%m-%dT%H:%M:%S"))
-        return t + (float("0." + frac) if frac else 0.0)
-    except ValueError:
-        return None
+    """'2026-11-21T10:30:45.123Z' -> epoch seconds (a number stays as it is), None if absent
+    or unreadable."""
+    if isinstance(ts, (int, float)):
+        return ts
+    return parse_utc(ts)
 
 
 def _ago(ts, now):

@@ -6,16 +6,35 @@ Authorization: Bearer TOKEN. The collector is idempotent on (agent, seq), so a b
 lost is simply sent again: at-least-once here + idempotent storage there = exactly once.
 
 Time: the loop gives `drain` the monotonic time of the next poll. A request is only STARTED when
-the time left is at least max(MIN_REQUEST_TIME, a running estimate of recent request durations
-(EWMA of answered requests)); once started it runs to its own `[upload] timeout` and the poll waits
-for it. Cutting a request short would be worse than a late poll: a collector slower than the
-gap (cellular + TLS) would store every batch and never get to acknowledge one. Only the connect
-phase is bounded by the time left (nothing has been sent yet, so nothing is lost): a black-holed
-SYN costs the gap, not the whole timeout. A request that gets no answer (timeout, reset, refused)
-raises the estimate to at least the time it took, so after a collector that accepts and hangs the
-next retry waits for a gap that long instead of overrunning every short one. A gap left unused
-only because of the estimate lowers it a little, so one slow answer or one hung request cannot
-starve uploads for good.
+the time left covers what such a request has been measured to take (`request_time`): the 90th
+percentile of the last RECENT answered requests on a kept-alive connection, or of those that had
+to open a connection when none is open (a cold request also pays the TCP/TLS handshake);
+before anything is measured, small priors (REQUEST_PRIOR, + CONNECT_PRIOR when cold) that fit
+the gap of a 100 ms poll, so the first records go out in the first gap. A receiver answering in
+2 ms gets requests in any gap of a few ms (the loop's margin aside), a WAN collector answering
+in 400 ms only in gaps that long. A percentile, not a mean: a poll made late by an outlier
+costs more than a gap left unused. Once started a request runs to its end (at most its own
+`[upload] timeout`) and the poll waits for it. Cutting a request short would be worse than a
+late poll: a collector slower than the gap (cellular + TLS) would store every batch and never
+get to acknowledge one. Only the connect phase is bounded by the time left (at least
+CONNECT_MIN, a SYN round trip over a slow uplink; nothing has been sent yet, so nothing is
+lost): a black-holed SYN costs the gap, not the whole timeout. A request that gets no answer
+(timeout, reset, refused) sets a floor under the estimate of the time it took, so after a
+collector that accepts and hangs the next retry waits for a gap that long instead of overrunning
+every short one. A gap left unused only because of the estimate, when it was at least half the
+estimate (trying it could make the poll late by less than the gap), ages the measurements, so
+one slow answer or one hung request cannot starve uploads for good; gaps far shorter than the
+measured requests age nothing, and the loop's starvation rule (agent.loop) takes over.
+
+Deadline: `[upload] timeout` is the TOTAL time of one request (connect, send, headers, body),
+whatever the server does. requests' own timeout is per socket read: a server (or proxy) that
+dribbles one byte a second would hold the single-threaded loop, and SIGTERM, forever. See
+`_Alarm` for how it is enforced. A request that ran long without an answer backs off at
+least NO_ANSWER_BACKOFF times as long (within backoff_max), so a hung or dribbling server costs
+polling a bounded share of the time, not a timeout every few polls. The answer is read up to
+ANSWER_MAX bytes: a larger one is an error naming its size (the batch stays in the spool and
+goes again after the back-off), so a hostile or broken server cannot make the agent buffer
+hundreds of MB on a 64 MB router.
 
 One agent per batch: the envelope's "agent" is always the agent of the records in the batch (every
 spool line starts {"agent":ID,"seq":...}). After an `[agent] id` rename the old id's backlog goes
@@ -52,17 +71,25 @@ Answers:
   401 403 404 405 407 408 411 415 421 425 426 429, 5xx, network errors
                        not the records' fault (token, URL, overload, outage): exponential back-off
                        with jitter up to backoff_max, nothing quarantined (Retry-After honoured)
-  timeout              the configured `timeout` passed: back off and send smaller batches (the
-                       batch may be too big for the link)
+  timeout              the configured `timeout` (the request's total deadline) passed: back off,
+                       at least 10x as long as it ran, and send smaller batches (the batch may be
+                       too big for the link)
+  answer > 64 KiB      not the collector's answer: back off, the batch stays (size in the error)
 """
+import collections
 import gzip as _gzip
+import http.client
 import json
 import logging
 import random
 import re
+import signal
+import threading
 import time
+import zlib
 
 import requests
+import urllib3
 
 from agent.config import redact
 from agent.record import utc_timestamp
@@ -74,9 +101,25 @@ log = logging.getLogger("agent.upload")
 RETRY_4XX = frozenset((401, 403, 404, 405, 407, 408, 411, 415, 421, 425, 426, 429))
 GZIP_LEVEL = 1      # ~3x faster than level 6 on JSON, barely larger: the router's CPU is the bottleneck
 BACKOFF_BASE = 1.0
-MIN_REQUEST_TIME = 0.2  # never start a request with less time than this before the next poll
-ESTIMATE_WEIGHT = 0.5   # EWMA weight of the latest answered request's duration
-ESTIMATE_DECAY = 0.8    # a gap skipped only because of the estimate lowers it by this factor
+# Before any request is measured: a LAN or loopback round trip with a small body on a slow CPU.
+# Small enough to fit the gap of a 100 ms poll (the loop keeps 50 ms free before each poll): the
+# first records go out at once; a slower collector costs one late poll, then it is measured.
+REQUEST_PRIOR = 0.02
+CONNECT_PRIOR = 0.01    # what a new connection adds, until one has been measured
+RECENT = 20             # answered requests remembered per kind (kept-alive / new connection)
+PERCENTILE = 0.9        # of those, the duration a gap must hold (of 20: the second longest)
+CONNECT_MIN = 0.2       # a connect bounded by a short gap still gets this long (a SYN over 3G)
+ESTIMATE_DECAY = 0.8    # a gap skipped only because of the estimate ages the measurements so
+DECAY_GAP = 0.5         # ... when the gap was at least this fraction of the estimate
+# The collector's answer is one small JSON object ({"stored":..}, or an error naming a record,
+# < 1 kB); a proxy's error page a few kB. 64 KiB holds any of them, and reading that much costs
+# nothing on a 64 MB router; more is not an answer this agent can use.
+ANSWER_MAX = 64 * 1024
+# A request that ran T seconds without an answer (a hung or dribbling server, up to the whole
+# timeout) backs off at least this many times T (within backoff_max): such a server holds the
+# single loop, and with it polling, for at most ~1/(1 + this) of the time.
+NO_ANSWER_BACKOFF = 10.0
+_READ_CHUNK = 8192
 
 _AGENT_KEY = b'{"agent":'
 _RECORD_AGENT = re.compile(r"^\$\.records\[(\d+)\]\.agent$")
@@ -87,6 +130,67 @@ _OBJECT_REPR = re.compile(r"<[^<>]*>(?:: |, )?")
 
 class _Retry(Exception):
     """Stop draining and back off."""
+
+
+class RequestDeadline(BaseException):
+    """A request's total deadline (`[upload] timeout`) passed. A BaseException, like
+    KeyboardInterrupt, on purpose: requests and urllib3 let it through their `except Exception`
+    handlers, and urllib3 closes the connection it interrupted instead of pooling it (the
+    well-trodden Ctrl-C path)."""
+
+
+class _AnswerTooLarge(Exception):
+    pass
+
+
+class _Alarm:
+    """The total deadline of one request: SIGALRM (setitimer, sub-second) in the main thread.
+
+    Why a signal: the alternatives cannot bound everything. A per-read socket timeout is what
+    requests has; shrinking it to the time left before each read would need a socket wrapper
+    that http.client's header reading (readline on a makefile, line by line), urllib3's TLS
+    wrapping and proxies all go through, and `stream=True` with deadline checks between chunks
+    only covers the body. An interval timer interrupts whatever blocks (connect, TLS
+    handshake, send, a dribbled header line, a body read) and the handler raises
+    RequestDeadline in the main thread, where the agent's single loop runs.
+
+    It must never fire into other code: the handler raises only while armed; leaving the
+    block disarms first, then cancels the timer, then puts the previous handler (and any timer
+    that was running, less the time spent) back. Outside the main thread (a test or a tool
+    driving an Uploader from a thread) signals cannot be used: the deadline is then only
+    checked between body chunks, on top of requests' per-read timeout."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+        self.usable = hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+        self.armed = False
+        self._old_handler = self._old_timer = None
+        self._t0 = 0.0
+
+    def _fire(self, signum, frame):
+        if self.armed:
+            self.armed = False
+            raise RequestDeadline()
+
+    def __enter__(self):
+        if self.usable:
+            self._t0 = time.monotonic()
+            self._old_timer = signal.setitimer(signal.ITIMER_REAL, 0)
+            self._old_handler = signal.signal(signal.SIGALRM, self._fire)
+            self.armed = True
+            signal.setitimer(signal.ITIMER_REAL, max(self.seconds, 1e-3))
+        return self
+
+    def __exit__(self, *exc):
+        if self.usable:
+            self.armed = False
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            old = self._old_handler
+            signal.signal(signal.SIGALRM, old if old is not None else signal.SIG_DFL)
+            delay, interval = self._old_timer
+            if delay > 0:
+                signal.setitimer(signal.ITIMER_REAL, max(1e-3, delay - (time.monotonic() - self._t0)), interval)
+        return False
 
 
 class Uploader:
@@ -109,7 +213,8 @@ class Uploader:
         # Passed with every request: a session-level verify loses to $REQUESTS_CA_BUNDLE in
         # requests (psf/requests#3829), which would silently ignore ca_file.
         self._verify = ca_file if ca_file else bool(verify)
-        h = {"Content-Type": "application/json", "User-Agent": "modbus-agent"}
+        # identity: the answer's size on the wire is its size in memory (ANSWER_MAX holds)
+        h = {"Content-Type": "application/json", "User-Agent": "modbus-agent", "Accept-Encoding": "identity"}
         if self.gzip:
             h["Content-Encoding"] = "gzip"
         if token:
@@ -122,7 +227,13 @@ class Uploader:
         self._failures = 0
         self._backoff_until = 0.0       # monotonic
         self._retry_after = None
-        self._estimate = MIN_REQUEST_TIME   # seconds a request is expected to take (EWMA)
+        # Seconds recent answered requests took, on a kept-alive connection and with a new one;
+        # a floor left by a request without an answer (it took that long and taught nothing).
+        self._warm = collections.deque(maxlen=RECENT)
+        self._cold = collections.deque(maxlen=RECENT)
+        self._floor = 0.0
+        self._no_answer_took = 0.0          # how long the failed request just now ran unanswered
+        self._alive = False                 # a kept-alive connection should be open
         self._skipped = False               # the last drain call left its gap unused
         self._seq_reuse_streak = False
         # The highest seq this agent may have put on the collector: seeded at the first drain
@@ -136,13 +247,15 @@ class Uploader:
 
     # ------------------------------------------------------------------ public
 
-    def drain(self, spool, deadline, slice_end=None):
+    def drain(self, spool, deadline, slice_end=None, stop=None):
         """Upload batches until the spool is empty, the time left before the monotonic `deadline`
         (the next poll) is too short to start another request, or an error starts a back-off.
-        A started request is never cut short by `deadline`: it runs to `timeout`. `slice_end`
-        (optional, monotonic): start no further batch after it, so the caller regains control
-        (timers, signals) in a long gap. Returns {"status": "empty"|"deadline"|"slice"|"backoff",
-        "sent", "batches", "quarantined"}; returns at once while a back-off is running."""
+        A started request is never cut short by `deadline`: it runs to its end, `timeout` at
+        most. `slice_end` (optional, monotonic): start no further batch after it, so the caller
+        regains control (timers, signals) in a long gap. `stop` (optional callable): start no
+        further request once it returns true (SIGTERM: the agent stops within one request).
+        Returns {"status": "empty"|"deadline"|"slice"|"backoff"|"stopped", "sent", "batches",
+        "quarantined"}; returns at once while a back-off is running."""
         res = {"status": "empty", "sent": 0, "batches": 0, "quarantined": 0}
         if self._posted_hi is None:
             self._posted_hi = spool.next_seq - 1
@@ -152,15 +265,19 @@ class Uploader:
         started = False
         try:
             while True:
+                if stop is not None and stop():
+                    res["status"] = "stopped"
+                    break
                 now = time.monotonic()
                 left = deadline - now
-                if left < self.request_time():
-                    if not started and left >= MIN_REQUEST_TIME:
+                need = self.request_time()
+                if left < need:
+                    if not started and left >= need * DECAY_GAP:
                         # A whole gap unused because of the estimate (the previous call started
-                        # nothing either, so this is not just the tail of a busy gap): lower it,
+                        # nothing either, so this is not just the tail of a busy gap): age it,
                         # or one slow answer would keep every later gap idle for good.
                         if self._skipped:
-                            self._estimate = max(MIN_REQUEST_TIME, self._estimate * ESTIMATE_DECAY)
+                            self._age()
                         self._skipped = True
                     res["status"] = "deadline"
                     break
@@ -173,16 +290,36 @@ class Uploader:
                 started = True
                 self._skipped = False
                 agent, batch = self._one_agent(batch)
-                if not self._send_batch(spool, batch, agent, deadline, res):
-                    res["status"] = "deadline"
+                if not self._send_batch(spool, batch, agent, deadline, res, stop):
+                    res["status"] = "stopped" if stop is not None and stop() else "deadline"
                     break
         except _Retry:
             res["status"] = "backoff"
         return res
 
     def request_time(self):
-        """The time a gap must still have for a request to start (seconds)."""
-        return max(MIN_REQUEST_TIME, self._estimate)
+        """The time a gap must still have for a request to start (seconds): what recent
+        requests of the kind the next one will be (on the kept-alive connection, or opening
+        one) took, at least the floor an unanswered request left."""
+        warm = _percentile(self._warm)
+        if warm is None:    # a request that opened a connection bounds one that reuses it
+            warm = _percentile(self._cold)
+        if warm is None:
+            warm = REQUEST_PRIOR
+        if self._alive:
+            need = warm
+        else:
+            need = _percentile(self._cold)
+            if need is None:
+                need = warm + CONNECT_PRIOR
+        return max(need, self._floor)
+
+    def _age(self):
+        """A gap was left unused because of the estimate: make the measurements a little
+        shorter (one slow answer must not keep every later gap idle for good)."""
+        self._warm = collections.deque((d * ESTIMATE_DECAY for d in self._warm), maxlen=RECENT)
+        self._cold = collections.deque((d * ESTIMATE_DECAY for d in self._cold), maxlen=RECENT)
+        self._floor *= ESTIMATE_DECAY
 
     def retry_in(self):
         """Seconds until a back-off ends, None when not backing off: the loop wakes then."""
@@ -193,7 +330,7 @@ class Uploader:
         """For the status file."""
         st = dict(self._st)
         st["batch_limit"] = self._limit
-        st["request_time"] = round(self._estimate, 3)
+        st["request_time"] = round(self.request_time(), 3)
         return st
 
     def close(self):
@@ -231,15 +368,15 @@ class Uploader:
             batch = batch.split(k)[0]
         return agent, batch
 
-    def _send_batch(self, spool, batch, agent, deadline, res):
+    def _send_batch(self, spool, batch, agent, deadline, res, stop=None):
         """Send one batch, splitting it on 413 and bisecting it on a rejection. Sub-batches are
         sent in seq order so the spool's cursor only moves forward. False when the time left
-        before `deadline` is too short to start the next request (nothing is lost: the rest
-        stays in the spool)."""
+        before `deadline` is too short to start the next request, or `stop()` says so (nothing
+        is lost: the rest stays in the spool)."""
         stack = [batch]
         while stack:
             b = stack.pop()
-            if deadline - time.monotonic() < self.request_time():
+            if deadline - time.monotonic() < self.request_time() or (stop is not None and stop()):
                 return False
             code, reason, answer = self._post(b, agent, deadline)
             if code is not None and 200 <= code < 300:
@@ -266,7 +403,7 @@ class Uploader:
                     self._quarantine(spool, b, code, reason, res)
                     continue
                 log.info("upload: %d rejected %d records seq %d..%d (%s): bisecting to find the bad ones",
-                         code, b.count, b.first_seq, b.last_seq, reason)
+                         code, b.count, b.first_seq, b.last_seq, redact(reason))
                 first, second = b.split()
                 stack.append(second)
                 stack.append(first)
@@ -320,7 +457,7 @@ class Uploader:
         return None
 
     def _quarantine(self, spool, b, code, reason, res):
-        spool.quarantine(b, "HTTP %d: %s" % (code, reason))
+        spool.quarantine(b, "HTTP %d: %s" % (code, redact(reason)))
         self._st["quarantined_total"] += b.count
         res["quarantined"] += b.count
 
@@ -333,48 +470,77 @@ class Uploader:
 
     def _post(self, batch, agent=None, deadline=None):
         """-> (status code or None for a network error, reason text, parsed JSON answer or None).
-        The connect phase ends by the monotonic `deadline` (at least MIN_REQUEST_TIME); once
-        connected the request runs to the configured timeout."""
+        The whole request, from connect to the answer's last byte, ends within the configured
+        timeout (_Alarm); the connect phase also ends by the monotonic `deadline` (given at
+        least CONNECT_MIN). The answer is read up to ANSWER_MAX bytes."""
+        t0 = time.monotonic()
         body = self._body(batch, self.agent_id if agent is None else agent)
         if self._posted_hi is None or batch.last_seq > self._posted_hi:
             self._posted_hi = batch.last_seq
-        t0 = time.monotonic()
+        cold = not self._alive
+        self._alive = False      # until an answer says the connection stays open
         left = self.timeout if deadline is None else deadline - t0
+        r = None
         try:
-            r = self._session.post(self.url, data=body, headers=self._headers,
-                                   timeout=(min(self.timeout, max(left, MIN_REQUEST_TIME)), self.timeout),
-                                   verify=self._verify, allow_redirects=False)
-        except requests.exceptions.RequestException as e:
+            with _Alarm(self.timeout):
+                r = self._session.post(self.url, data=body, headers=self._headers, stream=True,
+                                       timeout=(min(self.timeout, max(left, CONNECT_MIN)), self.timeout),
+                                       verify=self._verify, allow_redirects=False)
+                raw = _read_answer(r, ANSWER_MAX, t0 + self.timeout)
+        except RequestDeadline:
+            return self._no_answer(r, t0, "TotalTimeout: no complete answer within [upload] timeout = %gs "
+                                          "(the server sends too slowly or not at all; timed out)" % self.timeout)
+        except _AnswerTooLarge as e:
+            self._st["bytes_sent_total"] += len(body)
+            return self._no_answer(r, t0, "HTTP %d: %s" % (r.status_code, e))
+        except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, http.client.HTTPException,
+                OSError) as e:
             # No answer, but it took this long: a hung collector (accepts, never answers) must
             # not get a retry in every short gap, each overrunning the poll by the whole timeout.
-            self._estimate = max(self._estimate, time.monotonic() - t0)
-            return None, "%s: %s" % (type(e).__name__, _short(e)), None
+            return self._no_answer(r, t0, "%s: %s" % (type(e).__name__, _short(e)))
         # answered: how long requests take now decides which gaps can start one
-        took = time.monotonic() - t0
-        self._estimate += ESTIMATE_WEIGHT * (took - self._estimate)
+        (self._cold if cold else self._warm).append(time.monotonic() - t0)
+        self._floor = 0.0
+        self._alive = r.headers.get("Connection", "").lower() != "close" and getattr(r.raw, "version", 11) >= 11
+        r.close()
         answer = None
         try:
-            answer = r.json()
+            answer = json.loads(raw)
         except ValueError:
             pass
+        text = raw.decode("utf-8", "replace")
         reason = r.reason or ""
         if isinstance(answer, dict) and answer.get("error"):
             reason = "%s (where: %s)" % (answer.get("error"), answer.get("where", "-"))
-        elif r.status_code >= 400 and r.text:
-            reason = "%s: %s" % (reason, " ".join(r.text[:200].split())[:120])
+        elif r.status_code >= 400 and text:
+            reason = "%s: %s" % (reason, " ".join(text[:200].split())[:120])
         self._st["bytes_sent_total"] += len(body)
         if 300 <= r.status_code < 400:
             return None, "HTTP %d redirect to %s: not followed, check [upload] url" % (
                 r.status_code, r.headers.get("Location", "?")[:200]), None
         if 200 <= r.status_code < 300 and not (isinstance(answer, dict) and type(answer.get("stored")) is int):
             return None, "HTTP %d without the collector's answer (captive portal or wrong url?): %r" % (
-                r.status_code, r.text[:80]), None
+                r.status_code, text[:80]), None
         if r.status_code == 429 or r.status_code == 503:
             try:
                 self._retry_after = float(r.headers.get("Retry-After", ""))
             except ValueError:
                 pass
         return r.status_code, reason, answer
+
+    def _no_answer(self, r, t0, reason):
+        """A request that ended without a usable answer: drop its connection (a half-read
+        answer must not be reused), remember how long it took. -> (None, reason, None)"""
+        if r is not None:
+            try:
+                r.close()
+            except Exception:   # closing a broken connection: nothing left to save
+                pass
+        self._session.close()   # every pooled connection: the next request opens a new one
+        self._alive = False
+        self._no_answer_took = time.monotonic() - t0
+        self._floor = max(self._floor, self._no_answer_took)
+        return None, reason, None
 
     def _ok(self, batch, agent, answer):
         st = self._st
@@ -434,6 +600,8 @@ class Uploader:
         # after an outage does not hit the collector in lockstep.
         delay = min(self.backoff_max, BACKOFF_BASE * (2 ** min(self._failures - 1, 30)))
         delay *= random.uniform(0.5, 1.0)
+        delay = max(delay, min(self.backoff_max, NO_ANSWER_BACKOFF * self._no_answer_took))
+        self._no_answer_took = 0.0
         ra = self._retry_after
         if ra is not None:
             delay = max(delay, min(ra, self.backoff_max))
@@ -474,9 +642,52 @@ def _collector_error(answer):
 
 
 def _timed_out(reason):
-    """A read timeout, or a send that timed out (requests wraps that in a ConnectionError);
-    not a connect timeout, which says nothing about the batch."""
-    return reason.startswith("ReadTimeout") or ("timed out" in reason and not reason.startswith("ConnectTimeout"))
+    """A read timeout, the total deadline, or a send that timed out (requests wraps that in a
+    ConnectionError); not a connect timeout, which says nothing about the batch."""
+    return reason.startswith(("ReadTimeout", "TotalTimeout")) or \
+        ("timed out" in reason and not reason.startswith("ConnectTimeout"))
+
+
+def _percentile(durations):
+    """The PERCENTILE of `durations` (None when empty): of 20, the second longest."""
+    if not durations:
+        return None
+    d = sorted(durations)
+    return d[min(len(d) - 1, int(PERCENTILE * len(d)))]
+
+
+def _read_answer(r, limit, deadline):
+    """The answer's body, at most `limit` bytes (_AnswerTooLarge beyond, naming the size), read
+    in chunks with the deadline checked between them (the only bound outside the main thread).
+    Content-Encoding gzip/deflate (asked for identity, but a proxy may still compress) is
+    inflated with the same bound: a small compressed answer must not inflate into a huge one."""
+    n = r.headers.get("Content-Length", "")
+    if n.isdigit() and int(n) > limit:
+        raise _AnswerTooLarge("answer of %s bytes (Content-Length), more than the %d this agent reads: "
+                              "not the collector's answer (a proxy, a wrong url?)" % (n, limit))
+    enc = r.headers.get("Content-Encoding", "identity").strip().lower()
+    if enc in ("gzip", "x-gzip"):
+        inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    elif enc == "deflate":
+        inflate = zlib.decompressobj()
+    elif enc in ("", "identity"):
+        inflate = None
+    else:
+        raise _AnswerTooLarge("answer in Content-Encoding %r, which this agent does not read" % enc[:40])
+    out = bytearray()
+    while True:
+        chunk = r.raw.read(_READ_CHUNK, decode_content=False)
+        if not chunk:
+            break
+        if inflate is not None:
+            chunk = inflate.decompress(chunk, limit + 1 - len(out))
+        out += chunk
+        if len(out) > limit or (inflate is not None and inflate.unconsumed_tail):
+            raise _AnswerTooLarge("answer of more than %d bytes%s: not the collector's answer (a proxy, a "
+                                  "wrong url?)" % (limit, " (after inflating)" if inflate is not None else ""))
+        if time.monotonic() > deadline:
+            raise RequestDeadline()
+    return bytes(out)
 
 
 def _short(e):

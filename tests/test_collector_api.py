@@ -762,22 +762,46 @@ def test_cli_with_two_worker_processes(tmp_path, free_port):
 
 
 def test_connections_beyond_max_connections_get_503_at_once(tmp_path):
+    """Beyond max_connections a connection that is only waiting (here: idle, never sent a byte)
+    is closed to make room (issue 10: slow clients must not hold the slots); 503 at once only
+    when every connection is busy in the app."""
     import socket as socketmod
 
     app = make_app(None, db="sqlite:///%s" % (tmp_path / "m.db"))
-    srv = make_server("127.0.0.1", 0, app, max_connections=1)
+    release, entered = threading.Event(), threading.Event()
+
+    def slow_app(environ, start_response):
+        if environ["PATH_INFO"] == "/slow":
+            entered.set()
+            release.wait(10)
+        return app(environ, start_response)
+
+    srv = make_server("127.0.0.1", 0, slow_app, max_connections=1)
     threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     port = srv.server_address[1]
     try:
         idle = socketmod.create_connection(("127.0.0.1", port), timeout=10)  # holds the only slot
+        assert requests.get("http://127.0.0.1:%d/health" % port, timeout=10).status_code == 200
+        assert idle.recv(1) == b""  # it was the one closed
+        idle.close()
+        deadline = time.monotonic() + 10
+        while not entered.is_set():  # the only slot, busy in the app (once the last one is closed)
+            assert time.monotonic() < deadline
+            busy = socketmod.create_connection(("127.0.0.1", port), timeout=10)
+            busy.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+            if not entered.wait(0.5):
+                busy.close()
         r = requests.get("http://127.0.0.1:%d/health" % port, timeout=10)
         assert (r.status_code, r.json()["where"], r.headers["Retry-After"]) == (503, "max_connections", "5")
-        idle.close()
+        release.set()
+        assert busy.recv(100).startswith(b"HTTP/1.1 404")
+        busy.close()
         deadline = time.monotonic() + 10
         while requests.get("http://127.0.0.1:%d/health" % port, timeout=10).status_code != 200:
             assert time.monotonic() < deadline, "the slot was never given back"
             time.sleep(0.05)
     finally:
+        release.set()
         srv.shutdown()
         srv.server_close()
         app.close()

@@ -41,7 +41,8 @@ CHILD = textwrap.dedent("""
             if i % every[o] == 0:
                 b = sp.peek(50, 1 << 20, output=o)
                 # "Upload": the delivery is logged before the ack, as a collector stores before it answers.
-                os.write(dfd[o], b"".join(x + b"\\n" for x in b.lines))
+                # The leading newline ends a delivery a kill cut short (a multi-page write) on its own line.
+                os.write(dfd[o], b"\\n" + b"".join(x + b"\\n" for x in b.lines))
                 sp.ack(b)
                 os.write(afd[o], b"%d\\n" % b.last_seq)
         if i % 11 == 0:
@@ -56,7 +57,20 @@ def read_lines(path):
             data = f.read()
     except FileNotFoundError:
         return []
-    return data.split(b"\n")[:-1]
+    return [x for x in data.split(b"\n")[:-1] if x]
+
+
+def delivered_lines(path):
+    """The delivered records: a delivery that a kill cut short left a fragment on a line of its own
+    (never acknowledged, so those records are delivered again); only whole records count."""
+    out = []
+    for x in read_lines(path):
+        try:
+            json.loads(x)
+        except ValueError:
+            continue
+        out.append(x)
+    return out
 
 
 def remaining(spool_dir, seq_file, outputs):
@@ -103,7 +117,7 @@ def test_sigkill_at_random_moments(tmp_path, with_seq_file, outputs):
                 # (the ack log is written after the ack: a kill in between leaves it one batch behind)
                 assert seqs[0] > acks[-1], "%s: acknowledged records reappeared" % o
             if seqs:
-                got = {json.loads(x)["seq"] for x in read_lines(str(delivered) + "." + o)}
+                got = {json.loads(x)["seq"] for x in delivered_lines(str(delivered) + "." + o)}
                 assert got >= set(range(1, seqs[0])), "%s: records left the spool without being delivered" % o
         last_next = nxt
     # Final drain, as the uploader would after the last restart.
@@ -114,7 +128,7 @@ def test_sigkill_at_random_moments(tmp_path, with_seq_file, outputs):
             if b is None:
                 break
             with open(str(delivered) + "." + o, "ab") as f:
-                f.write(b"".join(x + b"\n" for x in b.lines))
+                f.write(b"\n" + b"".join(x + b"\n" for x in b.lines))
             sp.ack(b)
     nxt = sp.next_seq
     sp.close()
@@ -125,7 +139,7 @@ def test_sigkill_at_random_moments(tmp_path, with_seq_file, outputs):
 def check_delivered(delivered, nxt):
     by_seq = {}
     dups = 0
-    for line in read_lines(delivered):
+    for line in delivered_lines(delivered):
         r = json.loads(line)
         if r["seq"] in by_seq:
             dups += 1

@@ -12,6 +12,9 @@ Faults (each for `count` requests and/or `duration` seconds, or until cleared):
                 the agent must send the batch again and the collector must store it once
   error         answer 503 without forwarding
   slow          wait `seconds` before forwarding
+  delay         a slow link: `seconds` of round trip on every request (before forwarding) and
+                one more when a connection opens (the TCP handshake); meant to stay on
+                (no count, no duration), e.g. set_fault("delay", seconds=0.15)
 When the collector is down the proxy resets the agent's connection, as a refused connect would.
 
 Recording is what makes "zero duplicates" checkable: the collector stores (agent, seq) once
@@ -81,7 +84,7 @@ class FaultProxy:
     # -- faults
 
     def set_fault(self, kind, count=None, duration=None, seconds=1.0):
-        if kind not in ("reset_before", "reset_mid", "reset_after", "error", "slow"):
+        if kind not in ("reset_before", "reset_mid", "reset_after", "error", "slow", "delay"):
             raise ValueError("unknown proxy fault %r" % kind)
         with self._lock:
             self._fault = [kind, count, None if duration is None else time.monotonic() + duration, seconds]
@@ -158,9 +161,20 @@ class FaultProxy:
                 self._conns.add(conn)
             self._spawn(self._serve, conn)
 
+    def _link_delay(self):
+        """The round trip a standing "delay" fault adds (0 without one); counts nothing."""
+        with self._lock:
+            f = self._fault
+            if f is None or f[0] != "delay" or (f[2] is not None and time.monotonic() >= f[2]):
+                return 0.0
+            return f[3]
+
     def _serve(self, conn):
         f = conn.makefile("rb")
         try:
+            handshake = self._link_delay()
+            if handshake:
+                self._stop.wait(handshake)
             while not self._stop.is_set():
                 line = f.readline(65537)
                 if not line:
@@ -191,7 +205,7 @@ class FaultProxy:
                     conn.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
                                  b"Content-Length: %d\r\n\r\n%s" % (len(msg), msg))
                     continue
-                if kind == "slow":
+                if kind in ("slow", "delay"):
                     self._stop.wait(seconds)
                 self._record(headers, body)
                 try:

@@ -217,12 +217,12 @@ class CollectorApp:
         length = environ.get("CONTENT_LENGTH", "")
         stream = environ["wsgi.input"]
         if length:
-            try:
-                n = int(length)
-            except ValueError:
-                raise HTTPError(400, "bad Content-Length", "Content-Length") from None
-            if n < 0:
-                raise HTTPError(400, "bad Content-Length", "Content-Length")
+            # Plain ASCII digits only (RFC 9110 §8.6): int() would also take "+5", " 5", "1_0"
+            # and other scripts' digits, and then this app and a proxy disagree on the framing.
+            if not (length.isascii() and length.isdigit()):
+                raise HTTPError(400, "Content-Length must be plain digits, got %r" % length[:40],
+                                "Content-Length")
+            n = int(length)
             if n > limit:
                 raise HTTPError(413, "body of %d bytes exceeds max_body_bytes %d" % (n, limit), "body")
             body = self._read_exactly(stream, n)
@@ -270,9 +270,16 @@ class CollectorApp:
 
     @staticmethod
     def _read_exactly(stream, n, allow_short=False):
+        """n bytes of the body (at most n when allow_short: a body that ends by itself). Under the
+        built-in server the body is already in memory; under another server a read may time out:
+        that is the client's 400, one log line, not a 500 with a traceback."""
         parts, got = [], 0
         while got < n:
-            chunk = stream.read(min(n - got, 1 << 20))
+            try:
+                chunk = stream.read(min(n - got, 1 << 20))
+            except OSError as e:
+                raise HTTPError(400, "body not received (%d of %s bytes): %s"
+                                % (got, "up to %d" % n if allow_short else n, e), "body") from None
             if not chunk:
                 if allow_short:
                     break

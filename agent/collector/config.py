@@ -7,6 +7,9 @@ import configparser
 import ipaddress
 import re
 
+from agent import common
+from agent.common import ini_value, parse_duration
+
 DEFAULTS = {
     "listen": "127.0.0.1:8080",
     "db": "sqlite:///collector.db",
@@ -30,45 +33,39 @@ DEFAULTS = {
     "log_level": "INFO",
     "workers": 1,                  # built-in server: processes sharing the listening socket
     "max_connections": 200,        # built-in server: open connections per process
+    "max_connections_per_address": 50,  # built-in server: per client address, per process
+    "head_timeout": 10.0,          # built-in server: total time for a request's line + headers
+    "body_timeout": 60.0,          # built-in server: total time for a request's body
 }
 
 _INT_KEYS = ("max_body_bytes", "max_decompressed_bytes", "max_records", "max_depth",
-             "retention_chunk", "refresh", "workers", "max_connections")
-_FLOAT_KEYS = ("retention_days", "retention_interval", "stale_after", "max_future_skew")
+             "retention_chunk", "refresh", "workers", "max_connections", "max_connections_per_address")
+_FLOAT_KEYS = ("retention_days", "retention_interval", "stale_after", "max_future_skew", "head_timeout",
+               "body_timeout")
 _SIZE = re.compile(r"^\s*(\d+)\s*([kKmMgG]?)[bB]?\s*$")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 MIN_TOKEN = 16
 _DB_SCHEMES = ("sqlite://", "postgresql://", "postgres://")
 # A URL's scheme (2+ characters: C:/x.db is a path) and libpq's `key=value ...` conninfo form.
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
 _CONNINFO = re.compile(r"^\w+\s*=")
 _AGENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
-# Secrets inside text: a URL's userinfo password (scheme://user:PASSWORD@host; up to the last @,
-# since passwords are not always percent-encoded) and password=VALUE (URL query, libpq keywords;
-# libpq conninfo quotes a value holding spaces or quotes as 'va lue', with \' and \\ inside: the
-# whole quoted value goes, and an unterminated one (cut-off text) up to the end of its line).
-_URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@'\"]*:)[^\s'\"]*@")
-_KEY_PASSWORD = re.compile(r"(\bpassword\s*=\s*)(?:'(?:\\.|[^'\\\n])*\\?'?|[^\s&'\"]+)",
-                           re.IGNORECASE)
-# A URL query value whose key looks like a secret (?api_key=..., &sig=..., &auth_token=...): the
-# same rule as the agent's redact in agent/config.py (the two copies are to be merged).
-_QUERY_SECRET = re.compile(r"([?&;][^=&#\s'\"]*(?:key|token|secret|password|passwd|pwd|sig|auth)"
-                           r"[^=&#\s'\"]*=)[^&;#\s'\"]*", re.IGNORECASE)
+# A database URL shows its user (the role that failed) and hides only the password; libpq's
+# `password=...` (quoted or not) and secret-looking URL query values go (agent.common.Redactor:
+# the agent's rules, configured for the collector's texts). Not the agent's `token: x` rule: the
+# collector's own messages read `[collector] read_token: reason`. Fewer query words (no
+# `credential`: X-Amz-Credential is an access key id and scope, shown to tell URLs apart).
+_redactor = common.Redactor(keep_user=True, secret_keys=False, libpq=True,
+                            query_words=("key", "token", "secret", "password", "passwd", "pwd", "sig", "auth"))
 
 
 def redact(text):
     """`text` with database passwords and secret-looking URL query values replaced by ***: run
     every error or log text that may hold the db URL (or a driver's message about it) through this."""
-    text = _URL_PASSWORD.sub(r"\1***@", str(text))
-    text = _QUERY_SECRET.sub(r"\1***", text)
-    return _KEY_PASSWORD.sub(r"\1***", text)
+    return _redactor(text)
 
 
-class ConfigError(Exception):
-    def __init__(self, errors):
-        self.errors = list(errors)
-        super().__init__("\n".join(self.errors))
+class ConfigError(common.ConfigError):
+    """Every problem found in the collector's config (file, flags, overrides)."""
 
 
 class Config:
@@ -104,13 +101,6 @@ def parse_size(text):
     if not m:
         raise ValueError("expected a size like 8M, 512k or bytes, got %r" % text)
     return int(m.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30}[m.group(2).lower()]
-
-
-def parse_duration(text):
-    m = _DURATION.match(text)
-    if not m:
-        raise ValueError("expected a duration like 500ms, 10s, 5m, 1h, 7d, got %r" % text)
-    return float(m.group(1)) * _UNITS[m.group(2)]
 
 
 def parse_listen(text):
@@ -223,7 +213,10 @@ def convert(key, value):
             raise ValueError("must be 0 (keep forever) or more")
         return v
     if key in _FLOAT_KEYS:
-        return parse_duration(value) if isinstance(value, str) else float(value)
+        v = parse_duration(value) if isinstance(value, str) else float(value)
+        if key in ("head_timeout", "body_timeout") and v <= 0:
+            raise ValueError("must be more than 0")
+        return v
     if key in ("require_tokens", "open_reads", "open_writes"):
         return _bool(value) if isinstance(value, str) else bool(value)
     if key == "read_token":
@@ -284,15 +277,21 @@ def load_config(path=None, **overrides):
                 if k not in DEFAULTS:
                     errors.append("%s: unknown key" % where("collector", key))
                     continue
+                value, problem = ini_value(value, k)
+                if problem:
+                    errors.append("%s: %s" % (where("collector", key), problem))
+                    continue
                 try:
-                    setattr(cfg, k, convert(k, value.strip()))
+                    setattr(cfg, k, convert(k, value))
                     cfg.origins[k] = where("collector", key)
                 except ValueError as e:
                     errors.append("%s: %s" % (where("collector", key), e))
         if cp.has_section("tokens"):
             for agent, token in cp.items("tokens"):
-                token = token.strip()
-                if not _AGENT_ID.match(agent):
+                token, problem = ini_value(token, "token")   # the agent's rule: quotes, comments
+                if problem:
+                    errors.append("%s: %s" % (where("tokens", agent), problem))
+                elif not _AGENT_ID.match(agent):
                     errors.append("%s: not a valid agent id" % where("tokens", agent))
                 elif len(token) < MIN_TOKEN:
                     errors.append("%s: token too short (at least %d characters)" % (where("tokens", agent), MIN_TOKEN))

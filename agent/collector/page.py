@@ -3,6 +3,8 @@ import json
 import math
 from html import escape
 
+from agent.common import format_age
+
 SPARK_W, SPARK_H = 160, 28
 
 
@@ -78,13 +80,7 @@ def refused(err):
 
 
 def _age(s):
-    if s < 120:
-        return "%ds" % s
-    if s < 7200:
-        return "%dm" % (s // 60)
-    if s < 172800:
-        return "%dh" % (s // 3600)
-    return "%dd" % (s // 86400)
+    return format_age(s, precise=False)
 
 
 CSS = """body{font:14px system-ui,sans-serif;margin:1.5em;color:#222}

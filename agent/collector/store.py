@@ -11,7 +11,7 @@ import math
 import operator
 
 from agent.collector.schema import VERSION, statements
-from agent.collector.validate import fast_record
+from agent.collector.validate import OK_TAIL, VALUES_KEY, fast_record
 
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False,
                            check_circular=False).encode
@@ -74,7 +74,7 @@ def _field(payload, key):
         # ,"status":"ok" are the record's own.
         m = fast_record(payload)
         if m is not None and m.end() == len(payload):
-            return payload[payload.index('"values":') + 9:payload.rindex(',"status":"ok"')]
+            return payload[payload.index(VALUES_KEY) + len(VALUES_KEY):payload.rindex(OK_TAIL)]
     v = json.loads(payload).get(key) if type(payload) is str else payload.get(key)
     if v is None:
         return None

@@ -12,6 +12,8 @@ from newer agents included), so exports give back what was received.
 import json
 import re
 
+from agent.wire import AGENT_KEY, ENVELOPE_TAIL, RECORD_HEAD, TS_LEN
+
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False,
                            check_circular=False).encode
 MAX_SEQ = (1 << 63) - 1
@@ -263,7 +265,7 @@ def normalize_ts(s):
             return None
         if len(_good_dates) < 100000:
             _good_dates.add(date)
-    if len(s) == 24:
+    if len(s) == TS_LEN:
         return s
     frac = (m.group(7) or "") + "000"
     return "%s.%sZ" % (s[:19], frac[:3])
@@ -369,7 +371,7 @@ def record_row(rec, raw, agent, received, path, max_depth, max_ts=None):
     if type(seq) is not int or not 0 <= seq <= MAX_SEQ:
         raise Invalid(path + ".seq", "expected an integer 0..2^63-1")
     ts = get("ts")
-    if type(ts) is not str or len(ts) != 24 or ts[:10] not in _good_dates or _TS.fullmatch(ts) is None:
+    if type(ts) is not str or len(ts) != TS_LEN or ts[:10] not in _good_dates or _TS.fullmatch(ts) is None:
         ts = normalize_ts(ts)
         if ts is None:
             raise Invalid(path + ".ts", "expected a UTC time like 2026-11-21T10:30:45.123Z")
@@ -473,11 +475,19 @@ _FS = r'"[^"\\\x00-\x1f]{0,4096}"'  # a JSON string without escapes, at most MAX
 _FN = r"-?(?:0|[1-9]\d{0,199})(?:\.\d{1,300}|)(?:[eE][+-]?\d{1,2}|)"
 _FV = r"(?:%s|%s|true|false|null)" % (_FN, _FS)
 _FKV = r"%s:%s" % (_FS, _FV)
-_FAST_PREFIX = (r'\{"agent":"([^"\\\x00-\x1f]{1,128})","seq":(0|[1-9]\d{0,18}),'
-                r'"ts":"(\d{4}-\d\d-\d\dT(?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d\.\d{3}Z)",'
-                r'"device":"([^"\\\x00-\x1f]{1,128})","unit":(\d{1,3}),')
-_FAST_START = _FAST_PREFIX + r'"values":\{'
-_FAST_END = r'\},"status":"ok"(,"clock":"unsynced")?\}'
+# The record head as agent.wire declares it ({"agent":..,"seq":..,"ts":.. in that order, ts of
+# TS_LEN characters), then device and unit as agent.record writes them.
+_FAST_TS = r"\d{4}-\d\d-\d\dT(?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d\.\d{3}Z"   # utc_timestamp's form
+assert TS_LEN == 24, "_FAST_TS matches 24 characters"   # tests/test_wire.py pins both
+_FAST_PREFIX = (re.escape(AGENT_KEY.decode()) + r'"([^"\\\x00-\x1f]{1,128})","%s":(0|[1-9]\d{0,18}),' % RECORD_HEAD[1]
+                + r'"%s":"(%s)",' % (RECORD_HEAD[2], _FAST_TS)
+                + r'"device":"([^"\\\x00-\x1f]{1,128})","unit":(\d{1,3}),')
+# An ok reading ends `"values":{...},"status":"ok"` (+ the optional clock flag); store.py slices
+# the values out of a stored payload between these two.
+VALUES_KEY = '"values":'
+OK_TAIL = ',"status":"ok"'
+_FAST_START = _FAST_PREFIX + re.escape(VALUES_KEY) + r"\{"
+_FAST_END = r"\}" + re.escape(OK_TAIL) + r'(,"clock":"unsynced")?\}'
 # A failed read as the agent writes it (agent/record.py error_record, ModbusError.as_record): fixed
 # keys, so no layout is needed and no key can come twice. With an "errors" list: the general path.
 _FAST_ERROR = re.compile(_FAST_PREFIX + r'"status":"error","error":\{"kind":%s,"message":%s'
@@ -488,7 +498,8 @@ MAX_LAYOUT_KEYS = 256  # more values than this in a record: the general path
 _FAST_RECORD = re.compile(_FAST_START + r"(?:%s(?:,%s){0,%d}|)" % (_FKV, _FKV, MAX_LAYOUT_KEYS - 1) + _FAST_END,
                           re.ASCII).match
 fast_record = _FAST_RECORD  # for store.aggregate
-_FAST_HEAD = re.compile(r'\{"agent":"([^"\\\x00-\x1f]{1,128})","records":\[').match
+_FAST_HEAD = re.compile(re.escape(AGENT_KEY.decode()) + r'"([^"\\\x00-\x1f]{1,128})","records":\[').match  # envelope_head
+_ENVELOPE_TAIL = ENVELOPE_TAIL.decode()
 _COMPILES_PER_REQUEST = 4
 # Bounds (whatever clients send, in open mode anyone): a compiled layout takes about 1 KB a key,
 # a device entry ~0.2 KB; past a bound the cache starts again (costs a recompile, never a wrong answer).
@@ -533,7 +544,7 @@ def fast_head(text):
     """'{"agent":"X","records":[' ... ']}' exactly (the uploader's body) -> (agent, index of the
     first record); None for any other shape."""
     m = _FAST_HEAD(text)
-    if m is None or not text.endswith("]}"):
+    if m is None or not text.endswith(_ENVELOPE_TAIL):
         return None
     return m.group(1), m.end()
 

@@ -14,7 +14,7 @@ Robustness rules (each answers a known field problem):
   reopened, and the request sent once more on the fresh connection;
 - after a lost connection, reconnects back off exponentially (one attempt per step, up to
   `backoff_max`); inside the window the call fails at once without touching the network
-  (unless `refuse_while_down` is off: the agent's loop, whose device schedule owns the back-off);
+  (the agent's loop shortens that to `down_hold`: its device schedule owns the back-off);
   a connection the peer closed while idle is reopened once at once (gateways do that);
 - one deadline per request (`timeout` from the send, covering every read and the resend after
   an out-of-sync stream), so a peer that dribbles bytes cannot stretch a request; a truncated
@@ -117,14 +117,15 @@ class _Client:
     #: port, where reopening proves nothing).
     close_after_timeouts = None
 
-    #: Whether a call inside the reconnect back-off window fails at once, without touching the
-    #: network. True for a caller with no schedule of its own (a script, `poll`, `probe`).
-    #: The agent's loop sets it False on its clients: there the device schedule
-    #: (agent.schedule.DeviceSchedule) owns the only back-off of each device/connection pair
-    #: and decides when a request goes out. Two back-offs stacked refused the very probes the
-    #: schedule had chosen ("backing off ..., next try in 0.0 s") and noticed a device that
-    #: came back late.
-    refuse_while_down = True
+    #: How long after a failed connect the next call fails at once, without touching the network.
+    #: None (a script, `poll`, `probe`: no schedule of its own): the whole reconnect back-off
+    #: window. The agent's loop sets a short hold instead (agent.loop.LINK_DOWN_HOLD): its device
+    #: schedule (agent.schedule.DeviceSchedule) owns the only back-off of each device/connection
+    #: pair and decides when a request goes out; two back-offs stacked refused the very probes the
+    #: schedule had chosen ("backing off ..., next try in 0.0 s"). No hold at all made every
+    #: device behind one dead gateway wait out its own connect timeout in the same sweep (ten
+    #: units x 1 s froze the loop for 10 s): within the hold they learn the link is down at once.
+    down_hold = None
 
     def __init__(self, timeout, pause, backoff_min, backoff_max):
         self.timeout = float(timeout)
@@ -134,6 +135,7 @@ class _Client:
         self.stats = dict.fromkeys(STAT_KEYS, 0)
         self._failures = 0          # consecutive connection failures (drives the back-off)
         self._down_until = 0.0      # monotonic time before which we do not reconnect
+        self._lost_at = 0.0         # monotonic time the link last failed
         self._connected_once = False
         self._last_end = 0.0        # monotonic end of the last exchange (pause, RTU silence)
         self._timeouts = 0          # consecutive timeouts (a half-open link shows as these)
@@ -217,11 +219,15 @@ class _Client:
             raise
 
     def _open(self, connect_timeout=None):
-        """Connect (lazily), honouring the back-off window when `refuse_while_down`."""
+        """Connect (lazily), honouring the back-off window (or only `down_hold` of it)."""
         now = _monotonic()
-        if self.refuse_while_down and now < self._down_until:
-            raise ConnectionLost("%s: backing off after %d failed attempt(s), next try in %.1f s"
-                                 % (self._where(), self._failures, self._down_until - now))
+        if now < self._down_until:
+            if self.down_hold is None:
+                raise ConnectionLost("%s: backing off after %d failed attempt(s), next try in %.1f s"
+                                     % (self._where(), self._failures, self._down_until - now))
+            if now - self._lost_at < self.down_hold:
+                raise ConnectionLost("%s: link down: a connect failed %.2f s ago"
+                                     % (self._where(), now - self._lost_at))
         try:
             if connect_timeout is None:
                 self._connect()
@@ -239,7 +245,8 @@ class _Client:
         self._close()
         self._failures += 1
         delay = min(self.backoff_min * (2 ** min(self._failures - 1, 30)), self.backoff_max)
-        self._down_until = _monotonic() + delay
+        self._lost_at = _monotonic()
+        self._down_until = self._lost_at + delay
 
     def _timed_out(self):
         """Count a timeout; close the link after `close_after_timeouts` in a row."""

@@ -1,0 +1,298 @@
+"""The schemas: the one place where options, their types and their defaults live, and the
+typed objects built from them (Settings, Connection, Config).
+"""
+from agent.common import parse_duration
+from agent.config.ini import _suggest
+from agent.config.values import (
+    _agent_id,
+    _between,
+    _choice,
+    _not_negative,
+    _positive,
+    _reason,
+    _text,
+    _url,
+    parse_bool,
+    parse_int,
+    parse_number,
+)
+from agent.plan import MAX_BITS, MAX_REGISTERS
+
+# --- schemas: the one place where options, types and defaults live -------------------------
+
+REQUIRED = object()
+
+# The third element of an [agent] / [upload] entry: what SIGHUP rebuilds when the key's value
+# changes (Loop.reload asks `changed(old, new, SPOOL)`). LIVE: nothing to rebuild, the loop
+# reads the new value from the new config (devices, timers and logging are redone on every
+# reload). Every key says which, so a spool option cannot be added and silently skip the reopen
+# (tests/test_config_reload.py); a key without the element counts as all of them.
+SPOOL = "spool"          # changing it closes the spool and opens it again (agent.loop.open_spool)
+UPLOADER = "uploader"    # changing it builds a new uploader (agent.loop.make_uploader)
+RELOAD_TAGS = (SPOOL, UPLOADER)
+LIVE = ()
+
+AGENT_SCHEMA = {
+    "id": (_agent_id, REQUIRED, (SPOOL, UPLOADER)),
+    "interval": (_positive(parse_duration), 10.0, LIVE),
+    "spool_dir": (_text, "/var/lib/modbus-agent/spool", (SPOOL,)),
+    "seq_file": (_text, None, (SPOOL,)),      # None: <directory of the config file>/<id>.seq
+    "spool_max_mb": (_positive(parse_number), 16.0, (SPOOL,)),
+    "spool_max_age": (_positive(parse_duration), 7 * 86400.0, (SPOOL,)),
+    "spool_segment_kb": (_positive(parse_int), 256, (SPOOL,)),
+    "fsync": (_choice("always", "interval", "never"), "interval", (SPOOL,)),
+    "fsync_interval": (_positive(parse_duration), 5.0, (SPOOL,)),
+    "status_file": (_text, "/tmp/modbus-agent-status.json", LIVE),
+    "log_level": (_choice("debug", "info", "warning", "error"), "info", LIVE),
+    "log_file": (_text, None, LIVE),
+    "log_max_kb": (_positive(parse_int), 512, LIVE),
+    "summary_interval": (_positive(parse_duration), 300.0, LIVE),
+    "health_interval": (_positive(parse_duration), 300.0, LIVE),
+    "dead_after": (_positive(parse_int), 3, LIVE),
+    "dead_backoff_max": (_positive(parse_duration), 300.0, LIVE),
+    "profile_dir": (_text, None, LIVE),
+}
+
+UPLOAD_SCHEMA = {
+    "url": (_url, REQUIRED, (UPLOADER,)),
+    "token": (_text, None, (UPLOADER,)),
+    "batch_max_records": (_positive(parse_int), 500, (UPLOADER,)),
+    "batch_max_kb": (_positive(parse_int), 256, (UPLOADER,)),
+    "gzip": (parse_bool, True, (UPLOADER,)),
+    "timeout": (_positive(parse_duration), 10.0, (UPLOADER,)),
+    "ca_file": (_text, None, (UPLOADER,)),
+    "verify": (parse_bool, True, (UPLOADER,)),
+    "backoff_max": (_positive(parse_duration), 300.0, (UPLOADER,)),
+    "quarantine_file": (_text, None, (SPOOL, UPLOADER)),   # None: <spool_dir>/quarantine.jsonl
+    "linger": (_not_negative(parse_duration), 0.0, LIVE),
+}
+
+# (Config attribute, its schema): the sections whose keys carry reload tags
+RELOAD_SECTIONS = (("agent", AGENT_SCHEMA), ("upload", UPLOAD_SCHEMA))
+
+
+def reload_tags(spec):
+    """The reload tags of one schema entry; an entry without them counts as every tag (the
+    safe side: rebuild too much rather than keep running on stale settings)."""
+    return spec[2] if len(spec) > 2 else RELOAD_TAGS
+
+
+def reopen_keys(tag, sections=RELOAD_SECTIONS):
+    """[(section, key)] whose change means rebuilding `tag` (SPOOL, UPLOADER)."""
+    return [(name, key) for name, schema in sections
+            for key, spec in schema.items() if tag in reload_tags(spec)]
+
+
+def changed(old, new, tag, sections=RELOAD_SECTIONS):
+    """The "section.key"s tagged `tag` whose values differ between two Configs (empty: keep
+    the live object). A section present in one and absent (None) in the other counts as a
+    change of all its tagged keys."""
+    out = []
+    for name, key in reopen_keys(tag, sections):
+        a, b = getattr(old, name), getattr(new, name)
+        if (a is None) != (b is None) or (a is not None and
+                                          repr(getattr(a, key, None)) != repr(getattr(b, key, None))):
+            out.append("%s.%s" % (name, key))
+    return out
+
+
+CONNECTION_TYPES = ("tcp", "rtu", "rtu-over-tcp")
+_TCP, _RTU, _RTU_TCP = CONNECTION_TYPES
+# key -> (parser, default, connection types it applies to). A default of None for `timeout`
+# means "per type", see CONNECTION_TIMEOUT.
+CONNECTION_SCHEMA = {
+    "type": (_choice(*CONNECTION_TYPES), REQUIRED, CONNECTION_TYPES),
+    "host": (_text, REQUIRED, (_TCP, _RTU_TCP)),
+    "port": (None, None, CONNECTION_TYPES),   # TCP port number or serial device path, by type
+    "timeout": (_positive(parse_duration), None, CONNECTION_TYPES),
+    "connect_timeout": (_positive(parse_duration), None, (_TCP, _RTU_TCP)),
+    "pause": (_not_negative(parse_duration), 0.0, CONNECTION_TYPES),
+    "backoff_max": (_positive(parse_duration), 60.0, CONNECTION_TYPES),
+    # serial line; on rtu-over-tcp they describe the bus behind the gateway (for `check` only)
+    "baud": (_positive(parse_int), 9600, (_RTU, _RTU_TCP)),
+    "parity": (_choice("N", "E", "O", fold=str.upper), "N", (_RTU, _RTU_TCP)),
+    "bytesize": (_between(7, 8), 8, (_RTU, _RTU_TCP)),
+    "stopbits": (_between(1, 2), 1, (_RTU, _RTU_TCP)),
+    "rs485_echo": (parse_bool, False, (_RTU,)),
+}
+CONNECTION_TIMEOUT = {_TCP: 1.0, _RTU: 0.5, _RTU_TCP: 1.0}
+
+DEVICE_SCHEMA = {
+    "connection": (_text, REQUIRED),
+    "unit": (_between(0, 255), 1),
+    "interval": (_positive(parse_duration), None),      # None: [agent] interval
+    "base": (_between(0, 1), 0),
+    "byte_order": (_choice("ABCD", "BADC", "CDAB", "DCBA", fold=str.upper), "ABCD"),
+    "max_registers": (_between(1, MAX_REGISTERS), MAX_REGISTERS),
+    "max_bits": (_between(1, MAX_BITS), MAX_BITS),
+    "max_gap": (_between(0, MAX_REGISTERS), 10),
+    "profile": (_text, None),
+    "mode": (_choice("on_schedule", "on_change"), "on_schedule"),
+    "heartbeat": (_positive(parse_duration), 900.0),
+    "enabled": (parse_bool, True),
+}
+
+PROFILE_SCHEMA = {
+    "name": (_text, None),
+    "manufacturer": (_text, None),
+    "model": (_text, None),
+    "source": (_text, None),
+    "base": (_between(0, 1), 0),
+    "byte_order": (_choice("ABCD", "BADC", "CDAB", "DCBA", fold=str.upper), "ABCD"),
+    "unit": (_between(0, 255), None),
+    "notes": (_text, None),
+    # the meter's own limits, used unless the device section sets its own
+    "max_registers": (_between(1, MAX_REGISTERS), None),
+    "max_gap": (_between(0, MAX_REGISTERS), None),
+}
+
+POINT_OPTIONS = ("scale", "offset", "divisor", "decimals", "unit", "deadband", "enum", "swap", "signed")
+
+
+# --- the typed objects ---------------------------------------------------------------------
+
+
+class Settings:
+    """Attributes from a schema; defaults come from the schema, nowhere else."""
+
+    SCHEMA = {}
+
+    def __init__(self, **values):
+        for key, spec in self.SCHEMA.items():
+            default = spec[1]
+            setattr(self, key, values.pop(key, None if default is REQUIRED else default))
+        if values:
+            raise TypeError("unknown settings: %s" % ", ".join(sorted(values)))
+
+    def __repr__(self):
+        return "%s(%s)" % (type(self).__name__,
+                           ", ".join("%s=%r" % (k, getattr(self, k)) for k in self.SCHEMA))
+
+
+class AgentSettings(Settings):
+    """[agent]: identity, default interval, spool, logging, dead-device handling."""
+
+    SCHEMA = AGENT_SCHEMA
+
+    @property
+    def spool_max_bytes(self):
+        return int(self.spool_max_mb * (1 << 20))
+
+    @property
+    def spool_segment_bytes(self):
+        return self.spool_segment_kb << 10
+
+    @property
+    def log_max_bytes(self):
+        return self.log_max_kb << 10
+
+
+class UploadSettings(Settings):
+    """[upload]: where and how the spool is uploaded."""
+
+    SCHEMA = UPLOAD_SCHEMA
+
+    @property
+    def batch_max_bytes(self):
+        return self.batch_max_kb << 10
+
+
+class Connection:
+    """[connection:NAME]: one TCP link or serial bus shared by its devices."""
+
+    def __init__(self, name, type, host=None, port=None, timeout=None, connect_timeout=None,
+                 pause=0.0, backoff_max=60.0, baud=9600, parity="N", bytesize=8, stopbits=1,
+                 rs485_echo=False):
+        self.name = name
+        self.type = type
+        self.host = host
+        self.port = port if port is not None else (502 if type != _RTU else None)
+        self.timeout = timeout if timeout is not None else CONNECTION_TIMEOUT[type]
+        self.connect_timeout = connect_timeout
+        self.pause = pause
+        self.backoff_max = backoff_max
+        self.baud = baud
+        self.parity = parity
+        self.bytesize = bytesize
+        self.stopbits = stopbits
+        self.rs485_echo = rs485_echo
+        self.devices = []   # filled by load_config: the enabled devices on this connection
+
+    def describe(self):
+        if self.type == _RTU:
+            return "rtu %s %d %d%s%d" % (self.port, self.baud, self.bytesize, self.parity, self.stopbits)
+        return "%s %s:%s" % (self.type, self.host, self.port)
+
+    def open(self):
+        """A codec client for this connection (connects lazily on its first read)."""
+        from agent.modbus import client  # lazily: `check` must work without the transports
+        if self.type == _RTU:
+            return client.RtuClient(self.port, baudrate=self.baud, parity=self.parity,
+                                    bytesize=self.bytesize, stopbits=self.stopbits,
+                                    timeout=self.timeout, pause=self.pause,
+                                    rs485_echo=self.rs485_echo, backoff_max=self.backoff_max)
+        cls = client.TcpClient if self.type == _TCP else client.RtuOverTcpClient
+        return cls(self.host, port=self.port, timeout=self.timeout,
+                   connect_timeout=self.connect_timeout, pause=self.pause,
+                   backoff_max=self.backoff_max)
+
+    def __repr__(self):
+        return "Connection(%r, %s)" % (self.name, self.describe())
+
+
+class Config:
+    """The whole file: cfg.agent, cfg.upload, cfg.connections, cfg.devices (enabled ones)."""
+
+    def __init__(self, path, agent, upload, connections, devices, disabled=(), warnings=()):
+        self.path = path
+        self.agent = agent
+        self.upload = upload
+        self.connections = connections
+        self.devices = devices
+        self.disabled = list(disabled)
+        self.warnings = list(warnings)
+
+    def device(self, name):
+        for d in self.devices:
+            if d.name == name:
+                return d
+        raise KeyError(name)
+
+
+# --- applying a schema to a section --------------------------------------------------------
+
+
+def _apply_schema(section, schema, problems, applies=None, kind=None):
+    """Parse a settings section against its schema -> {key: value} (only keys present, plus
+    REQUIRED errors). Unknown keys are errors with a suggestion."""
+    values = {}
+    for key, (text, line) in section.entries.items():
+        k = key.lower()
+        if k not in schema:
+            problems.error(section.path, line, section.name, key,
+                           "unknown option" + _suggest(k, schema))
+            continue
+        spec = schema[k]
+        if applies is not None and kind not in spec[2]:
+            problems.error(section.path, line, section.name, key,
+                           "does not apply to a %s connection (only %s)" % (kind, ", ".join(spec[2])))
+            continue
+        parse = spec[0]
+        if parse is None:
+            values[k] = (text, line)
+            continue
+        try:
+            values[k] = parse(text)
+        except ValueError as e:
+            problems.error(section.path, line, section.name, key, _reason(k, text, e))
+            values[k] = _BAD
+    for key, spec in schema.items():
+        if spec[1] is REQUIRED and key not in values:
+            if applies is not None and kind not in spec[2]:
+                continue
+            problems.error(section.path, section.line, section.name, key, "missing (required)")
+            values[key] = _BAD
+    return values
+
+
+_BAD = object()   # a value that failed to parse (already reported)
