@@ -27,6 +27,8 @@ import logging
 import os
 import zlib
 
+from agent.common import atomic_replace
+
 log = logging.getLogger("agent.spool")
 
 CURSOR = "cursor.json"
@@ -191,31 +193,16 @@ class CursorFiles:
         for k, v in self.totals.items():
             if k != "appended":
                 cur[k] = v
-        path = os.path.join(self.directory, CURSOR)
-        tmp = path + ".tmp"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                data = json.dumps(cur, separators=(",", ":")).encode() + b"\n"
-                if os.write(fd, data) != len(data):
-                    raise OSError(errno.ENOSPC, "short write")
-                if durable:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-            if durable:
-                os.fsync(self._dirfd)
+            atomic_replace(os.path.join(self.directory, CURSOR),
+                           json.dumps(cur, separators=(",", ":")).encode() + b"\n",
+                           durable=durable, dirfd=self._dirfd)
         except OSError as e:
             # Disk full or failing: the old cursor stays (re-sending means duplicates the collector
             # drops, never loss); keep trying on the next acknowledgement.
             self._cursor_dirty = True
             self._trouble("cursor", "cannot write %s: %s (tried again at every acknowledgement; "
                           "logged once)", CURSOR, e.strerror)
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
             return False
         self._resolved("cursor", "%s written again", CURSOR)
         if durable:

@@ -21,10 +21,11 @@ A again), a backup restored after the spool was opened again -- continues at `le
 anything any copy could have handed out. Jumping is always safe (a hole in the seqs, never a
 reused one); the generation keeps the normal restart of the same spool free of jumps.
 """
-import errno
 import json
 import logging
 import os
+
+from agent.common import atomic_replace
 
 log = logging.getLogger("agent.spool")
 
@@ -61,39 +62,14 @@ def new_generation():
 def write(path, lease, base, agent_id=None, gen=None):
     """Replace the lease atomically and durably (it must be on flash before any seq it covers
     can reach the collector). Raises OSError."""
-    path = os.path.abspath(path)
-    parent = os.path.dirname(path)
     doc = {"lease": int(lease), "base": int(base)}
     if gen is not None:
         doc["gen"] = gen
     if agent_id is not None:
         doc["agent"] = agent_id
     data = json.dumps(doc, separators=(",", ":")).encode() + b"\n"
-    tmp = path + ".tmp"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    except FileNotFoundError:
-        os.makedirs(parent, exist_ok=True)      # e.g. /var/lib/modbus-agent not created yet
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        try:
-            if os.write(fd, data) != len(data):
-                raise OSError(errno.ENOSPC, "short write")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except OSError:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    dfd = os.open(parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    # makedirs: e.g. /var/lib/modbus-agent not created yet
+    atomic_replace(path, data, durable=True, makedirs=True)
 
 
 class SeqLease:
