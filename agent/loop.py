@@ -157,12 +157,13 @@ def open_spool(cfg):
 def make_uploader(cfg):
     if cfg.upload is None:
         return None
-    from agent.upload import Uploader
+    from agent.upload import Quarantine, Uploader
 
     u = cfg.upload
     return Uploader(u.url, cfg.agent.id, token=u.token, batch_max_records=u.batch_max_records,
                     batch_max_kb=u.batch_max_kb, gzip=u.gzip, timeout=u.timeout, ca_file=u.ca_file,
-                    verify=u.verify, backoff_max=u.backoff_max)
+                    verify=u.verify, backoff_max=u.backoff_max,
+                    quarantine=Quarantine(u.quarantine_file, fsync=cfg.agent.fsync != "never"))
 
 
 def _section_key(section, names):

@@ -26,7 +26,7 @@ never discarding good readings.
 
 Answers:
   2xx + the collector's answer {"stored": n, ...}
-                       stored: the spool acknowledges the batch (the only way a record leaves it).
+                       stored: the spool acknowledges the batch (a quarantine, below, is the other way out).
                        A 2xx without that answer (a captive portal, a proxy's page, a wrong URL
                        served by some web server) is NOT an acknowledgement: back off.
                        Every record a duplicate while the collector already holds seqs higher
@@ -70,6 +70,7 @@ from agent.config import redact
 from agent.record import utc_timestamp
 from agent.upload import verdict
 from agent.upload.deadline import ANSWER_MAX, Alarm, AnswerTooLarge, RequestDeadline, read_answer, short
+from agent.upload.quarantine import Quarantine
 from agent.upload.timing import CONNECT_MIN, DECAY_GAP, RequestTimes
 from agent.upload.verdict import RETRY_4XX
 from agent.wire import ENVELOPE_TAIL, envelope_head, line_agent, line_prefix
@@ -91,8 +92,10 @@ class _Retry(Exception):
 class Uploader:
     def __init__(self, url, agent_id, token=None, batch_max_records=500, batch_max_kb=256, gzip=True,
                  timeout=10.0, ca_file=None, verify=True, backoff_max=300.0, session=None,
-                 gzip_level=GZIP_LEVEL):
+                 gzip_level=GZIP_LEVEL, quarantine=None):
         self.url = url
+        # where rejected records go (agent.upload.quarantine): written, then acknowledged
+        self.quarantine = quarantine if quarantine is not None else Quarantine()
         self._url_shown = redact(url)   # what logs and state() show: never the URL's credentials
         self.agent_id = agent_id
         self.batch_max_records = max(1, int(batch_max_records))
@@ -291,7 +294,7 @@ class Uploader:
         return True
 
     def _quarantine(self, spool, b, code, reason, res):
-        spool.quarantine(b, "HTTP %d: %s" % (code, redact(reason)))
+        self.quarantine.keep(spool, b, "HTTP %d: %s" % (code, redact(reason)))
         self._st["quarantined_total"] += b.count
         res["quarantined"] += b.count
 
