@@ -163,7 +163,7 @@ def make_uploader(cfg):
     return Uploader(u.url, cfg.agent.id, token=u.token, batch_max_records=u.batch_max_records,
                     batch_max_kb=u.batch_max_kb, gzip=u.gzip, timeout=u.timeout, ca_file=u.ca_file,
                     verify=u.verify, backoff_max=u.backoff_max,
-                    quarantine=Quarantine(u.quarantine_file, fsync=cfg.agent.fsync != "never"))
+                    quarantine=Quarantine(u.quarantine_file))
 
 
 def _section_key(section, names):
