@@ -1,4 +1,5 @@
-"""`modbus-agent run`: the agent's main job, the whole loop in this one file.
+"""`modbus-agent run`: the agent's main job, the whole loop in this one file (what one poll's
+outcome does is agent.polling).
 
 One thread, synchronous, no asyncio. Each turn of the loop does one step:
 
@@ -40,7 +41,6 @@ Timestamps: `time.time()` at the start of the poll (UTC, ms); scheduling uses
 `time.monotonic()` only, so an NTP step at boot never bunches or skips polls. Records taken
 before the clock is set are flagged by agent.record (`"clock": "unsynced"`).
 """
-import logging
 import os
 import select
 import signal
@@ -49,11 +49,8 @@ import time
 
 from agent import log as agentlog
 from agent.config import redact
-from agent.device import Refused, refusal_hint
-from agent.health import Health
-from agent.modbus.errors import ModbusError
-from agent.record import CLOCK_SANE, data_record, error_record, health_record, partial_record, utc_timestamp
-from agent.schedule import DeviceSchedule
+from agent.polling import DeviceState, Poller
+from agent.record import CLOCK_SANE, error_record, health_record, utc_timestamp
 from agent.status import write_status
 
 # Seconds left free between the end of an upload slice and the next poll: the upload's last
@@ -76,61 +73,6 @@ IDLE_PERIOD = 1.0
 
 log = agentlog.get("loop")
 
-
-def _where(dev):
-    return agentlog.where(dev.name, dev.unit)
-
-
-def _point_names(r, limit=8):
-    names = [p.name for p in r.points]
-    text = ", ".join(names[:limit]) + (", ... %d more" % (len(names) - limit) if len(names) > limit else "")
-    return ("points " if len(names) > 1 else "point ") + text
-
-
-def moved(old, new, deadbands):
-    """on_change: does `new` differ from the last sent `old` beyond the points' deadbands?
-
-    A numeric value counts as moved when |new - old| > deadband (deadband 0: any change);
-    anything else (strings, bools, None, a point appearing or vanishing) when it differs."""
-    if old is None or old.keys() != new.keys():
-        return True
-    for name, value in new.items():
-        prev = old[name]
-        if value == prev:
-            continue
-        band = deadbands.get(name) or 0.0
-        if (band and type(value) in (int, float) and type(prev) in (int, float)):
-            if abs(value - prev) > band:
-                return True
-            continue
-        return True
-    return False
-
-
-class DeviceState:
-    """Everything the loop keeps about one device between cycles."""
-
-    __slots__ = ("device", "schedule", "health", "deadbands", "last_sent", "last_sent_at",
-                 "next_health", "summary_ok", "summary_failed", "was_failing", "missed_logged_at",
-                 "last_error_kind", "last_sent_slot", "refused")
-
-    def __init__(self, device, start, agent_cfg, health=None):
-        self.device = device
-        self.schedule = DeviceSchedule(start, device.interval,
-                                       dead_after=agent_cfg.dead_after,
-                                       backoff_max=agent_cfg.dead_backoff_max)
-        self.health = health or Health(device.name, device.unit)
-        self.deadbands = {p.name: p.deadband or 0.0 for p in device.points}
-        self.last_sent = None         # values of the last record sent (on_change)
-        self.last_sent_at = None      # monotonic time it was sent
-        self.last_sent_slot = None    # start of the schedule slot of that poll (heartbeat)
-        self.next_health = start + agent_cfg.health_interval
-        self.summary_ok = 0
-        self.summary_failed = 0
-        self.was_failing = False
-        self.missed_logged_at = None
-        self.last_error_kind = None   # "connection", "timeout", ... of the last failure
-        self.refused = {}             # (function, address, count) -> exception code, as logged
 
 
 def clock_seq(wall=time.time):
@@ -203,6 +145,7 @@ class Loop:
         self.clock_unsynced = self.started_wall < CLOCK_SANE
         now = mono()
         self.states = [DeviceState(d, now, cfg.agent) for d in cfg.devices]
+        self.poller = Poller(cfg.agent.id, self.states, self.append, self.client_for, mono, wall)
         self._set_timers(now)
 
     def _set_timers(self, now):
@@ -308,7 +251,7 @@ class Loop:
         conn = st.device.connection
         # What a probe costs: the connection's timeouts, or what the device's failed polls
         # really took when that was more (a resend, a busy retry, a peer that dribbles bytes)
-        cost = max(getattr(conn, "timeout", 0.0) or 0.0, getattr(conn, "connect_timeout", 0.0) or 0.0,
+        cost = max(conn.timeout or 0.0, conn.connect_timeout or 0.0,
                    st.health.last_duration or 0.0)
         nxt = None
         for other in self.states:
@@ -331,7 +274,7 @@ class Loop:
             if self.uploader is not None and now - self.last_upload_chance >= self.starve_after:
                 self.upload_starved(now)
                 now = self.mono()
-            self.poll(st, now)
+            self.poller.poll(st, now, self.summary_interval)
             self._tick()
             return
         due = st.schedule.due if st is not None else now + IDLE_PERIOD
@@ -361,163 +304,6 @@ class Loop:
             client.refuse_while_down = False   # the device schedule owns the back-off
         return client
 
-    def poll(self, st, now):
-        dev = st.device
-        sched = st.schedule
-        missed = sched.catch_up(now)
-        if missed:
-            # an overloaded bus misses cycles every time: say it once per summary period, the
-            # summary line and the status file carry the running count
-            level = logging.DEBUG
-            if st.missed_logged_at is None or now - st.missed_logged_at >= self.summary_interval:
-                st.missed_logged_at = now
-                level = logging.WARNING
-            log.log(level, "missed %d cycle(s) (interval %gs, %d so far): the loop was busy elsewhere",
-                    missed, dev.interval, sched.missed, extra=_where(dev))
-        t = self.wall()
-        t0 = self.mono()
-        alive = True
-        try:
-            client = self.client_for(dev.connection)
-            values = self._poll_once(st, client)
-        except Refused as e:      # the device answered, refusing some blocks: alive
-            self._refused(st, t, e, self.mono() - t0)
-        except ModbusError as e:
-            alive = False
-            self._failed(st, t, e, self.mono() - t0)
-        except Exception as e:  # a bug must cost one reading, not the agent
-            alive = False
-            log.exception("poll raised %s", type(e).__name__, extra=_where(dev))
-            self._failed(st, t, e, self.mono() - t0)
-        else:
-            self._succeeded(st, t, values, self.mono() - t0)
-        end = self.mono()
-        # the one back-off of this device/connection pair (see the module docstring)
-        cap = dev.connection.backoff_max if st.last_error_kind == "connection" else None
-        sched.done(end, alive, cap)
-        st.health.missed_cycles = sched.missed
-        st.health.skipped_cycles = sched.skipped
-        if sched.dead and not st.health.dead:
-            log.warning("no answer %d times in a row: probing with back-off up to %gs so the others keep "
-                        "their cadence", sched.failures, sched.backoff_limit, extra=_where(dev))
-        st.health.dead = sched.dead
-
-    def _poll_once(self, st, client):
-        """One poll; a busy block (exception 5/6) is asked once more by Device.poll, counted here."""
-        dev = st.device
-        before = dev.busy_retries
-        try:
-            return dev.poll(client)
-        finally:
-            if dev.busy_retries != before:
-                st.health.busy_retries += dev.busy_retries - before
-                log.debug("busy, asked again %d time(s)", dev.busy_retries - before, extra=_where(dev))
-
-    def _succeeded(self, st, t, values, duration, refused=None):
-        """A poll that gave data: every block (`refused` None) or some (agent.device.Refused)."""
-        dev = st.device
-        if refused is None:
-            st.health.ok(t, duration)
-            st.summary_ok += 1
-            if st.refused:
-                self._log_refusals(st, None)
-        else:
-            st.health.partial(refused, t, duration)
-        if st.was_failing:
-            log.info("answering again", extra=_where(dev))
-            st.was_failing = False
-            self._revive_siblings(st)
-        if dev.mode == "on_change":
-            # the heartbeat counts in schedule slots (the due time of this cycle), not in when
-            # the append happened: a poll that ends a little earlier than the one that sent
-            # must not push the heartbeat a whole interval late
-            slot = st.schedule.due
-            heartbeat = dev.heartbeat or 0.0
-            due_heartbeat = (heartbeat > 0 and st.last_sent_slot is not None
-                             and slot - st.last_sent_slot >= heartbeat - 1e-6)
-            if not (due_heartbeat or moved(st.last_sent, values, st.deadbands)):
-                return
-            st.last_sent = values
-            st.last_sent_at = self.mono()
-            st.last_sent_slot = slot
-        if refused is None:
-            self.append(data_record(self.cfg.agent.id, t, dev.name, dev.unit, values))
-        else:
-            self.append(partial_record(self.cfg.agent.id, t, dev.name, dev.unit, values, refused.errors()))
-
-    def _refused(self, st, t, err, duration):
-        """The device answered, refusing some blocks (agent.device.Refused): a partial record,
-        or, when no block gave data, an error record listing them all. Alive either way."""
-        self._log_refusals(st, err)
-        if err.values:
-            self._succeeded(st, t, err.values, duration, err)
-            return
-        dev = st.device
-        st.health.failed(err, t, duration)
-        st.summary_failed += 1
-        st.last_sent = None
-        if st.was_failing:
-            log.info("answering again", extra=_where(dev))
-            st.was_failing = False
-            self._revive_siblings(st)
-        st.last_error_kind = err.kind
-        self.append(error_record(self.cfg.agent.id, t, dev.name, dev.unit, err, err.errors()))
-
-    def _log_refusals(self, st, err):
-        """Say once which blocks the device refuses (and what to change), and once when a
-        refused block answers again; not every cycle (a router's logread is small)."""
-        dev = st.device
-        now = {}
-        if err is not None:
-            for r, e in err.failures:
-                now[(r.function, r.address, r.count)] = (r, e)
-        for key, (r, e) in now.items():
-            if st.refused.get(key) == e.code:
-                continue
-            hint = refusal_hint(dev, r, e.code)
-            log.warning("refuses fc %02d %s %d+%d (%s) with exception code %d %s%s; %s",
-                        r.function, r.table, r.address, r.count, _point_names(r), e.code, e.name,
-                        ": " + hint if hint else "",
-                        "records are \"partial\": the other blocks are read" if err.values else
-                        "no block gives data, but the device answers: it is not dead", extra=_where(dev))
-        for key in list(st.refused):
-            if key not in now:
-                log.info("fc %02d address %d+%d answers again", key[0], key[1], key[2], extra=_where(dev))
-        st.refused = {key: e.code for key, (r, e) in now.items()}
-
-    def _revive_siblings(self, st):
-        """The connection works again: dead devices on it that failed because the link was down
-        (a gateway reboot, a cable) are probed on their next slot, not after their back-off."""
-        now = self.mono()
-        name = st.device.connection.name
-        for other in self.states:
-            if (other is not st and other.schedule.dead and other.last_error_kind == "connection"
-                    and other.device.connection.name == name):
-                other.schedule.probe_soon(now)
-                other.health.skipped_cycles = other.schedule.skipped
-
-    def _failed(self, st, t, err, duration):
-        dev = st.device
-        h = st.health
-        st.last_error_kind = getattr(err, "kind", None)
-        first = h.consecutive_failures == 0
-        h.failed(err, t, duration)
-        st.summary_failed += 1
-        st.last_sent = None  # on_change: the next good reading is news
-        st.was_failing = True
-        if first:
-            log.warning("poll failed: %s", err, extra=_where(dev))
-        else:
-            log.debug("poll failed again (%d): %s", h.consecutive_failures, err, extra=_where(dev))
-        if isinstance(err, ModbusError):
-            rec = error_record(self.cfg.agent.id, t, dev.name, dev.unit, err)
-        else:
-            rec = error_record(self.cfg.agent.id, t, dev.name, dev.unit,
-                               {"kind": "agent", "message": "%s: %s" % (type(err).__name__, err)})
-        self.append(rec)
-
-    # Appends failing in a row (the spool accounts for failed writes itself and never raises for
-    # them; this is what is left: say it once when it starts and once when it ends, not per reading).
     _append_failing = 0
 
     def _append_failed(self, e, rec):
@@ -754,7 +540,7 @@ class Loop:
         try:
             new = load_config(path)
         except ConfigError as e:
-            errors = getattr(e, "errors", None) or [str(e)]
+            errors = e.errors or [str(e)]
             for err in errors:
                 log.error("reload: %s", err)
             log.error("reload: %d error(s) in %s: still running the previous config", len(errors), path)
@@ -779,6 +565,7 @@ class Loop:
         self.cfg = new
         now = self.mono()
         self.states = [DeviceState(d, now, new.agent, kept.get((d.name, d.unit))) for d in new.devices]
+        self.poller = Poller(new.agent.id, self.states, self.append, self.client_for, self.mono, self.wall)
         self._set_timers(now)
         log.info("reloaded: %d device(s) on %d connection(s)", len(self.states), len(new.connections))
 
@@ -815,11 +602,11 @@ class Loop:
 
 
 def _close(obj):
-    close = getattr(obj, "close", None)
-    if close is None:
+    """Close a client or an output (None: nothing); a failure to close is not worth more than a debug line."""
+    if obj is None:
         return
     try:
-        close()
+        obj.close()
     except Exception as e:
         log.debug("close %s: %s", type(obj).__name__, e)
 
@@ -847,7 +634,7 @@ def cmd_run(args):
     if cfg is None:
         return 2
     try:
-        setup_logging(cfg, getattr(args, "log_level", None))
+        setup_logging(cfg, args.log_level)
     except (ValueError, OSError) as e:
         print("%s: [agent] log: %s" % (args.config, e), file=sys.stderr)
         return 2
