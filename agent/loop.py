@@ -8,9 +8,10 @@ One thread, synchronous, no asyncio. Each turn of the loop does one step:
   2. if it is due: poll it (`device.poll(client)`, one client per connection, shared by the
      devices on it), build a record (agent.record), apply on_change, `spool.append`;
   3. otherwise, in the gap before it is due: periodic work (health records, summary log line,
-     status file), then `uploader.drain(spool, deadline)`: requests start only while the time
-     left before the next poll (less SAFETY_MARGIN) covers one, `spool.tick`, and sleep until
-     the next due time (or the end of an upload back-off, when that comes first).
+     status file), then each output's `fill_gap(spool, deadline)` (agent.output; the HTTP
+     uploader is one): requests start only while the time left before the next poll (less
+     SAFETY_MARGIN) covers one, `spool.tick`, and sleep until the next due time (or the end of
+     an output's back-off, when that comes first).
 
 Why this shape: a reading is appended to the spool before anything is uploaded, so a crash or a
 dead collector never loses it; uploads only use time the bus does not need, so a day of backlog
@@ -48,6 +49,7 @@ import sys
 import time
 
 from agent import log as agentlog
+from agent import output
 from agent.config import redact
 from agent.polling import DeviceState, Poller
 from agent.record import CLOCK_SANE, error_record, health_record, utc_timestamp
@@ -61,9 +63,9 @@ SAFETY_MARGIN = 0.05
 DRAIN_SLICE = 1.0
 # Don't start an upload in a gap shorter than this: one HTTP round trip would not fit.
 MIN_DRAIN_GAP = 0.02
-# With records waiting and no gap between polls long enough to start an upload for this long
-# (the uploader's measured request time, `Uploader.request_time`, is longer than every gap),
-# the loop takes one request's time from polling: a few late polls cost less than a spool that
+# With records waiting and no gap between polls long enough for an output to start a request for
+# this long (its measured request time, `Output.request_time`, is longer than every gap), the
+# loop takes one request's time from polling for that output: a few late polls cost less than a spool that
 # fills up and drops the oldest data.
 STARVE_AFTER = 10.0
 # How often the status file is rewritten.
@@ -122,13 +124,29 @@ _UPLOAD_KEYS = ("url", "token", "batch_max_records", "batch_max_kb", "gzip", "ti
                 "backoff_max", "quarantine_file")
 
 
+class _Turns:
+    """What the loop keeps about one output's gaps (the starvation rule, the summary line)."""
+
+    __slots__ = ("last_chance", "windows", "forced")
+
+    def __init__(self, now):
+        self.last_chance = now    # last time it could start a request (or had nothing to do)
+        self.windows = 0          # gaps long enough to start one in, since the last summary
+        self.forced = 0           # requests that made polls wait, since the last summary
+
+
 class Loop:
-    def __init__(self, cfg, spool=None, uploader=None, mono=time.monotonic, wall=time.time):
+    """`uploader`: [upload]'s output (default: built from cfg); `outputs`: any others."""
+
+    def __init__(self, cfg, spool=None, uploader=None, mono=time.monotonic, wall=time.time, outputs=()):
         self.mono = mono
         self.wall = wall
         self.cfg = cfg
-        self.spool = spool if spool is not None else open_spool(cfg)
+        self.outputs = list(outputs)   # asked in this order to fill every gap (agent.output)
+        self._turns = {out.name: _Turns(mono()) for out in self.outputs}
+        self._uploader = None
         self.uploader = uploader if uploader is not None else make_uploader(cfg)
+        self.spool = spool if spool is not None else open_spool(cfg)
         self.clients = {}             # connection name -> client (one per connection)
         self.stop_requested = False
         self.reload_requested = False
@@ -137,16 +155,36 @@ class Loop:
         self.started_wall = wall()
         self.appended = 0
         self.append_errors = 0
-        self.upload_windows = 0       # gaps long enough to upload in, since the last summary
         self.starve_after = STARVE_AFTER
-        self.last_upload_chance = mono()   # last time an upload could start (or had nothing to do)
-        self.forced_uploads = 0            # uploads that made polls wait, since the last summary
         self.last_summary = None
         self.clock_unsynced = self.started_wall < CLOCK_SANE
         now = mono()
         self.states = [DeviceState(d, now, cfg.agent) for d in cfg.devices]
         self.poller = Poller(cfg.agent.id, self.states, self.append, self.client_for, mono, wall)
         self._set_timers(now)
+
+    @property
+    def uploader(self):
+        """The output [upload] builds (agent.upload.Uploader), None when upload is off."""
+        return self._uploader
+
+    @uploader.setter
+    def uploader(self, out):
+        """Put `out` in the outputs in place of the previous [upload] output (SIGHUP rebuilds it);
+        its gap record carries over when the name is the same."""
+        old, self._uploader = self._uploader, out
+        i = self.outputs.index(old) if old is not None else 0
+        self.outputs = [o for o in self.outputs if o is not old]
+        if out is not None:
+            self.outputs.insert(i, out)
+            self._turns.setdefault(out.name, _Turns(self.mono()))
+        elif old is not None:
+            del self._turns[old.name]
+
+    @property
+    def forced_uploads(self):
+        """Requests that made polls wait since the last summary, every output's."""
+        return sum(t.forced for t in self._turns.values())
 
     def _set_timers(self, now):
         a = self.cfg.agent
@@ -271,18 +309,19 @@ class Loop:
                 st.schedule.defer(now)
                 st.health.skipped_cycles = st.schedule.skipped
                 return
-            if self.uploader is not None and now - self.last_upload_chance >= self.starve_after:
-                self.upload_starved(now)
-                now = self.mono()
+            for out in self.outputs:
+                if now - self._turns[out.name].last_chance >= self.starve_after:
+                    self.upload_starved(now, out)
+                    now = self.mono()
             self.poller.poll(st, now, self.summary_interval)
             self._tick()
             return
         due = st.schedule.due if st is not None else now + IDLE_PERIOD
-        # Upload up to the next poll (the status/summary timers run between drain slices and
+        # The outputs work up to the next poll (the status/summary timers run between slices and
         # must not chop the gap into pieces too short for a request), then sleep.
         self.upload_until(due)
         self._tick()
-        self._sleep_until(min(due, self.next_status, self.next_summary, self._upload_retry_at()))
+        self._sleep_until(min(due, self.next_status, self.next_summary, self._retry_at()))
 
     _tick_failing = False
 
@@ -375,64 +414,77 @@ class Loop:
             self.write_status()
 
     def upload_until(self, until):
-        """Upload in the gap before `until` (the next poll). The uploader starts a request only
-        when the time left before `until` - SAFETY_MARGIN covers one (what its recent requests
-        took, `Uploader.request_time`); a started request runs to its end (its total deadline is
-        `[upload] timeout`) and the poll waits for it: cut short, a slow collector would store
-        batches that are never acknowledged. Each drain call starts batches for DRAIN_SLICE at
-        most, then the timers and signals get a turn; after SIGTERM/SIGHUP no further request
-        starts. Stops when the spool is empty, the uploader backs off, or no further request
-        fits."""
-        if self.uploader is None:
+        """Let each output work in the gap before `until` (the next poll), in order, each in what
+        the ones before it left (an output that gets no gap this way is helped by the
+        starvation rule)."""
+        for out in self.outputs:
+            if self._stopping():
+                return
+            self._fill(out, until)
+
+    def _fill(self, out, until):
+        """`out` works in the gap before `until`. It starts a request only when the time left
+        before `until` - SAFETY_MARGIN covers one (what its recent requests took,
+        `Output.request_time`); a started request runs to its end (the HTTP uploader's total
+        deadline is `[upload] timeout`) and the poll waits for it: cut short, a slow collector
+        would store batches that are never acknowledged. Each fill_gap call starts requests
+        for DRAIN_SLICE at most, then the timers and signals get a turn; after SIGTERM/SIGHUP
+        no further request starts. Stops when the spool is empty, the output backs off, or no
+        further request fits."""
+        turns = self._turns[out.name]
+        if out is self._uploader and self._lingering():
+            turns.last_chance = self.mono()   # holding back on purpose is not starving
             return
-        if self._lingering():
-            self.last_upload_chance = self.mono()   # holding back on purpose is not starving
-            return
-        while not (self.stop_requested or self.reload_requested):
+        while not self._stopping():
             now = self.mono()
             self.periodic(now)
             end = until - SAFETY_MARGIN
             if end - now < MIN_DRAIN_GAP:
                 return
-            if end - now >= self.uploader.request_time():
-                self.upload_windows += 1
-            # The uploader's own clock: the loop's may be a test's.
+            if end - now >= out.request_time():
+                turns.windows += 1
+            # The output's own clock (time.monotonic): the loop's may be a test's.
             t = time.monotonic()
             try:
-                res = self.uploader.drain(self.spool, t + (end - now), t + DRAIN_SLICE, stop=self._stopping)
-            except Exception:  # the uploader handles network errors; anything else is a bug
-                log.exception("upload failed")
+                res = out.fill_gap(self.spool, t + (end - now), t + DRAIN_SLICE, stop=self._stopping)
+            except Exception:  # an output handles its own network errors; anything else is a bug
+                log.exception("%s failed", out.label or out.name)
                 return
-            status = res.get("status") if isinstance(res, dict) else None
-            if status in ("empty", "backoff") or res.get("batches"):
-                self.last_upload_chance = self.mono()
-            if status != "slice":
+            status = res.get("status")
+            if status in (output.EMPTY, output.BACKOFF) or res.get("batches"):
+                turns.last_chance = self.mono()
+            if status != output.SLICE:
                 return   # empty, backing off, or no further request fits before the poll
 
     def _stopping(self):
-        """The uploader starts no further request once this is true (SIGTERM, SIGHUP)."""
+        """No output starts a further request once this is true (SIGTERM, SIGHUP)."""
         return self.stop_requested or self.reload_requested
 
-    def upload_starved(self, now):
-        """Polls have left no gap to upload in for `starve_after` seconds while records wait:
+    def upload_starved(self, now, out):
+        """Polls have left `out` no gap to work in for `starve_after` seconds while records wait:
         give one request its time before the due poll (which is then late, and the schedule
         counts what it misses)."""
-        # + MIN_DRAIN_GAP: the uploader checks the time left on its own clock a moment later
-        need = self.uploader.request_time() + SAFETY_MARGIN + MIN_DRAIN_GAP
-        if not self.forced_uploads:
-            log.warning("no gap of %.2fs between polls to upload in for %gs: polls wait for one upload "
+        turns = self._turns[out.name]
+        # + MIN_DRAIN_GAP: the output checks the time left on its own clock a moment later
+        need = out.request_time() + SAFETY_MARGIN + MIN_DRAIN_GAP
+        if not turns.forced:
+            log.warning("no gap of %.2fs between polls to %s in for %gs: polls wait for one %s "
                         "every %gs (intervals are too short for this bus and uplink)",
-                        need, self.starve_after, self.starve_after)
-        self.forced_uploads += 1
-        self.last_upload_chance = now   # at most one forced upload per starve_after
-        self.upload_until(now + need)
+                        need, out.label or out.name, self.starve_after, out.label or out.name,
+                        self.starve_after)
+        turns.forced += 1
+        turns.last_chance = now   # at most one forced request per starve_after
+        self._fill(out, now + need)
 
-    def _upload_retry_at(self):
-        """When a backing-off uploader may try again (loop clock), +inf when it is not backing
-        off: the loop wakes then if that is before the next poll, so a retry is not late."""
-        retry_in = getattr(self.uploader, "retry_in", None)
-        left = retry_in() if retry_in is not None else None
-        return float("inf") if left is None else self.mono() + left
+    def _retry_at(self):
+        """When the first backing-off output may try again (loop clock), +inf when none is
+        backing off: the loop wakes then if that is before the next poll, so a retry is not late."""
+        at = float("inf")
+        for out in self.outputs:
+            t = out.retry_at()
+            if t is not None:
+                at = min(at, self.mono() + (t - time.monotonic()))
+        return at
 
     def _lingering(self):
         """`[upload] linger` (0 = upload in every gap): let a small
@@ -474,14 +526,16 @@ class Loop:
         age = "-" if age is None else "%ds" % age
         text = "summary: %s; spool %s records %s bytes oldest %s" % (
             ", ".join(parts) or "no devices", sp.get("records", "?"), sp.get("bytes", "?"), age)
-        if self.uploader is not None:
-            text += "; upload %s" % _upload_text(self.uploader)
-            if self.forced_uploads:
-                text += "; upload delayed polls %d time(s): no gap between polls to upload in" % self.forced_uploads
-            elif not self.upload_windows and sp.get("records"):
-                text += "; upload STARVED: no gap of %.3gs between polls to upload in" % self.uploader.request_time()
-        self.upload_windows = 0
-        self.forced_uploads = 0
+        for out in self.outputs:
+            turns = self._turns[out.name]
+            label = out.label or out.name
+            text += "; %s %s" % (label, _upload_text(out))
+            if turns.forced:
+                text += "; %s delayed polls %d time(s): no gap between polls to %s in" % (label, turns.forced, label)
+            elif not turns.windows and sp.get("records"):
+                text += "; %s STARVED: no gap of %.3gs between polls to %s in" % (label, out.request_time(), label)
+        for turns in self._turns.values():
+            turns.windows = turns.forced = 0
         if self.append_errors:
             text += "; spool append errors %d" % self.append_errors
         self.last_summary = text
@@ -590,7 +644,8 @@ class Loop:
         for client in self.clients.values():
             _close(client)
         self.clients = {}
-        _close(self.uploader)
+        for out in self.outputs:
+            _close(out)
         self.stopped = True
         self.write_status()   # the last figures, while the spool can still report them
         try:

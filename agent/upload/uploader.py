@@ -67,6 +67,7 @@ import requests
 import urllib3
 
 from agent.config import redact
+from agent.output import Output
 from agent.record import utc_timestamp
 from agent.upload import verdict
 from agent.upload.deadline import ANSWER_MAX, Alarm, AnswerTooLarge, RequestDeadline, read_answer, short
@@ -89,7 +90,12 @@ class _Retry(Exception):
     """Stop draining and back off."""
 
 
-class Uploader:
+class Uploader(Output):
+    """The HTTP output: `fill_gap` is `drain`."""
+
+    name = "http"
+    label = "upload"
+
     def __init__(self, url, agent_id, token=None, batch_max_records=500, batch_max_kb=256, gzip=True,
                  timeout=10.0, ca_file=None, verify=True, backoff_max=300.0, session=None,
                  gzip_level=GZIP_LEVEL, quarantine=None):
@@ -195,6 +201,13 @@ class Uploader:
         requests of the kind the next one will be (on the kept-alive connection, or opening
         one) took, at least the floor an unanswered request left (agent.upload.timing)."""
         return self._times.need()
+
+    def fill_gap(self, spool, until, slice_end=None, stop=None):
+        return self.drain(spool, until, slice_end, stop)
+
+    def retry_at(self):
+        """When a back-off ends (time.monotonic()), None when not backing off."""
+        return self._backoff_until if self._backoff_until > time.monotonic() else None
 
     def retry_in(self):
         """Seconds until a back-off ends, None when not backing off: the loop wakes then."""
