@@ -50,10 +50,12 @@ import time
 
 from agent import log as agentlog
 from agent import output
+from agent.appender import Appender
 from agent.config import redact
 from agent.polling import DeviceState, Poller
-from agent.record import CLOCK_SANE, error_record, health_record, utc_timestamp
+from agent.record import CLOCK_SANE, health_record, utc_timestamp
 from agent.status import write_status
+from agent.summary import status_doc, summary_line
 
 # Seconds left free between the end of an upload slice and the next poll: the upload's last
 # request must be over before the bus needs the CPU again.
@@ -153,8 +155,7 @@ class Loop:
         self.stopped = False
         self._wake_r = self._wake_w = None
         self.started_wall = wall()
-        self.appended = 0
-        self.append_errors = 0
+        self.appender = Appender(cfg.agent.id, wall)
         self.starve_after = STARVE_AFTER
         self.last_summary = None
         self.clock_unsynced = self.started_wall < CLOCK_SANE
@@ -343,54 +344,17 @@ class Loop:
             client.refuse_while_down = False   # the device schedule owns the back-off
         return client
 
-    _append_failing = 0
-
-    def _append_failed(self, e, rec):
-        self.append_errors += 1
-        if not self._append_failing:
-            log.error("spool append failed: %s: readings are lost while this lasts (logged once)", e,
-                      extra=agentlog.where(rec.get("device"), rec.get("unit")))
-        self._append_failing += 1
-
     def append(self, rec):
-        try:
-            self.spool.append(rec)
-            self.appended += 1
-            if self._append_failing:
-                log.warning("spool append works again after %d failed appends", self._append_failing)
-                self._append_failing = 0
-        except OSError as e:
-            self._append_failed(e, rec)
-        except (ValueError, TypeError, OverflowError) as e:
-            # A value JSON cannot carry (an infinity a decoder let through, an odd type) must
-            # not stop the loop: procd would restart the agent into the same reading, forever.
-            # The reading becomes an error record (kind "agent") saying what was wrong.
-            self.append_errors += 1
-            self._append_unencodable(rec, e)
+        """Spool `rec`; never raises (agent.appender)."""
+        self.appender.append(self.spool, rec)
 
-    def _append_unencodable(self, rec, e):
-        device, unit = rec.get("device"), rec.get("unit")
-        values = rec.get("values")
-        bad = ""
-        if isinstance(values, dict):
-            bad = ", ".join("%s=%r" % (k, v) for k, v in values.items()
-                            if not (v is None or type(v) in (str, bool, int) or
-                                    (type(v) is float and v - v == 0.0)))
-        message = "record cannot be encoded (%s: %s)%s" % (type(e).__name__, e, ": " + bad if bad else "")
-        log.error("%s; spooled as an error record instead", message[:300], extra=agentlog.where(device, unit))
-        err = error_record(self.cfg.agent.id, self.wall(), device, unit, {"kind": "agent", "message": message[:500]})
-        err["ts"] = rec.get("ts") if isinstance(rec.get("ts"), str) else err["ts"]
-        err.pop("clock", None)
-        if rec.get("clock") == "unsynced":
-            err["clock"] = "unsynced"
-        try:
-            self.spool.append(err)
-            self.appended += 1
-        except OSError as e2:
-            self._append_failed(e2, err)
-        except (ValueError, TypeError) as e2:
-            log.error("spool append failed (%d so far): %s", self.append_errors, e2,
-                      extra=agentlog.where(device, unit))
+    @property
+    def appended(self):
+        return self.appender.appended
+
+    @property
+    def append_errors(self):
+        return self.appender.errors
 
     # -- the gaps between polls ----------------------------------------------------------
     def periodic(self, now):
@@ -502,79 +466,28 @@ class Loop:
         age = sp.get("oldest_age")
         return (sp.get("records") or 0) < up.batch_max_records and (age is None or age < linger)
 
-    def summary(self):
-        parts = []
-        for st in self.states:
-            h = st.health
-            s = "%s ok=%d(+%d) failed=%d(+%d)" % (st.device.name, h.polls_ok, st.summary_ok,
-                                                  h.polls_failed, st.summary_failed)
-            if h.missed_cycles:
-                s += " missed=%d" % h.missed_cycles
-            if h.polls_partial:
-                s += " partial=%d" % h.polls_partial
-            if h.refused_blocks:
-                s += " refusing %d block(s)" % h.refused_blocks
-            if h.dead:
-                s += " DEAD"
-            parts.append(s)
-            st.summary_ok = st.summary_failed = 0
+    def _spool_stats(self):
         try:
-            sp = self.spool.stats()
+            return self.spool.stats()
         except Exception as e:
-            sp = {"error": str(e)}
-        age = sp.get("oldest_age")
-        age = "-" if age is None else "%ds" % age
-        text = "summary: %s; spool %s records %s bytes oldest %s" % (
-            ", ".join(parts) or "no devices", sp.get("records", "?"), sp.get("bytes", "?"), age)
-        for out in self.outputs:
-            turns = self._turns[out.name]
-            label = out.label or out.name
-            text += "; %s %s" % (label, _upload_text(out))
-            if turns.forced:
-                text += "; %s delayed polls %d time(s): no gap between polls to %s in" % (label, turns.forced, label)
-            elif not turns.windows and sp.get("records"):
-                text += "; %s STARVED: no gap of %.3gs between polls to %s in" % (label, out.request_time(), label)
+            return {"error": str(e)}
+
+    def summary(self):
+        """Log the summary line (agent.summary) and start the next period's counts."""
+        outputs = [(out, self._turns[out.name].forced, self._turns[out.name].windows) for out in self.outputs]
+        text = summary_line(self.states, self._spool_stats(), outputs, self.append_errors)
+        for st in self.states:
+            st.summary_ok = st.summary_failed = 0
         for turns in self._turns.values():
             turns.windows = turns.forced = 0
-        if self.append_errors:
-            text += "; spool append errors %d" % self.append_errors
         self.last_summary = text
         log.info("%s", text)
 
     def status(self):
-        now = self.mono()
-        wall = self.wall()
-        devices = {}
-        for st in self.states:
-            d = st.health.snapshot(utc_timestamp)
-            dev = st.device
-            d.update(unit=dev.unit, interval=dev.interval, mode=dev.mode,
-                     connection=dev.connection.name, next_due_in=round(st.schedule.due - now, 3),
-                     probe_backoff=st.schedule.backoff or None)
-            devices[dev.name] = d
-        try:
-            sp = self.spool.stats()
-        except Exception as e:
-            sp = {"error": str(e)}
-        if isinstance(sp.get("oldest_ts"), (int, float)):
-            sp = dict(sp, oldest_ts=utc_timestamp(sp["oldest_ts"]))
-        return {
-            "agent": self.cfg.agent.id,
-            "pid": os.getpid(),
-            "state": "stopped" if self.stopped else "running",
-            "config": self.cfg.path,
-            "started": utc_timestamp(self.started_wall),
-            "written": utc_timestamp(wall),
-            "written_at": wall,
-            "period": STATUS_PERIOD,
-            "clock_unsynced": self.clock_unsynced,
-            "devices": devices,
-            "spool": sp,
-            "appended": self.appended,
-            "append_errors": self.append_errors,
-            "upload": self.uploader.state() if self.uploader is not None else None,
-            "last_summary": self.last_summary,
-        }
+        """The status file's content (agent.summary.status_doc)."""
+        return status_doc(self.cfg, self.states, self._spool_stats(), self._uploader, self.mono(), self.wall(),
+                          self.started_wall, self.stopped, self.clock_unsynced, STATUS_PERIOD,
+                          self.appended, self.append_errors, self.last_summary)
 
     def write_status(self):
         path = self.cfg.agent.status_file
@@ -620,6 +533,7 @@ class Loop:
         now = self.mono()
         self.states = [DeviceState(d, now, new.agent, kept.get((d.name, d.unit))) for d in new.devices]
         self.poller = Poller(new.agent.id, self.states, self.append, self.client_for, self.mono, self.wall)
+        self.appender.agent_id = new.agent.id
         self._set_timers(now)
         log.info("reloaded: %d device(s) on %d connection(s)", len(self.states), len(new.connections))
 
@@ -664,16 +578,6 @@ def _close(obj):
         obj.close()
     except Exception as e:
         log.debug("close %s: %s", type(obj).__name__, e)
-
-
-def _upload_text(uploader):
-    try:
-        st = uploader.state()
-    except Exception as e:
-        return "state unavailable (%s)" % e
-    keys = ("last_ok", "last_error", "backoff_until", "sent_total")
-    shown = ["%s=%s" % (k, st[k]) for k in keys if st.get(k) not in (None, "")]
-    return " ".join(shown) or "no attempt yet"
 
 
 def setup_logging(cfg, level=None):
