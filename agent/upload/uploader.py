@@ -230,23 +230,7 @@ class Uploader(Output):
         """-> (agent, the leading part of `batch` whose records all belong to that agent). The
         spool holds the records of an earlier `[agent] id` until they are uploaded; each goes out
         under its own agent, so the collector's (agent, seq) identity is kept."""
-        lines = batch.lines
-        own = self._line_prefix
-        first = lines[0]
-        if first.startswith(own):
-            agent, prefix = self.agent_id, own
-        else:
-            agent = line_agent(first)
-            if agent is None:   # no agent id: send it as ours, the collector judges the record
-                agent = self.agent_id
-            prefix = line_prefix(agent)
-        k = 1
-        for line in lines[1:]:
-            if not line.startswith(prefix):
-                a = line_agent(line)
-                if a != agent and not (a is None and agent == self.agent_id):
-                    break
-            k += 1
+        agent, k = leading_agent(batch.lines, self.agent_id, self._line_prefix)
         if agent != self.agent_id:
             if self._st["other_agent"] != agent:
                 log.warning("upload: the spool holds records of agent %r (written before [agent] id became "
@@ -401,22 +385,12 @@ class Uploader(Output):
             st["duplicates_total"] += dups
         if type(max_seq) is int:
             st["last_max_seq"] = max_seq
-        ours = max(batch.last_seq, self._posted_hi or 0)
-        if dups == batch.count and type(max_seq) is int and max_seq > ours:
-            # All already there, and the collector holds seqs this agent never sent: a resend
-            # (lost or late answer, a halved batch, a lagging cursor after a restart) never
-            # looks like this, the collector's max would be at most `ours`.
+        reuse = verdict.seq_reuse(batch, agent, dups, max_seq, max(batch.last_seq, self._posted_hi or 0))
+        if reuse is not None:
             st["seq_reuse_suspected"] += batch.count
             if not self._seq_reuse_streak:
                 self._seq_reuse_streak = True
-                log.error("upload: the collector already holds all %d records seq %d..%d of agent %r and has seqs "
-                          "up to %d, beyond any this agent has sent (%d): these readings are being DISCARDED as "
-                          "duplicates, and new ones will be at least until its seq passes %d. Either another "
-                          "router sends as %r too (each needs its own [agent] id), or this agent's seq went back "
-                          "(spool state lost or rolled back: fsync = never and a power cut, or spool_dir and "
-                          "seq_file both replaced while the clock was unset); a new [agent] id for this agent "
-                          "stops the loss of new readings",
-                          batch.count, batch.first_seq, batch.last_seq, agent, max_seq, ours, max_seq, agent)
+                log.error("%s", reuse)
         elif type(dups) is int and dups < batch.count:
             self._seq_reuse_streak = False
         if agent == self.agent_id:
@@ -459,3 +433,25 @@ class Uploader(Output):
         # an operator's action is needed (hint): ERROR; an outage or overload: WARNING
         log.log(logging.ERROR if hint else logging.WARNING, "upload: %s %s; retry in %.1fs (failure %d)",
                 self._url_shown, st["last_error"], delay, self._failures)
+
+
+def leading_agent(lines, agent_id, own_prefix):
+    """-> (the agent of the first line, how many lines from the start belong to it). A line
+    without an agent id counts as `agent_id`'s (`own_prefix`: line_prefix(agent_id)): the
+    collector judges that record."""
+    first = lines[0]
+    if first.startswith(own_prefix):
+        agent, prefix = agent_id, own_prefix
+    else:
+        agent = line_agent(first)
+        if agent is None:   # no agent id: send it as ours, the collector judges the record
+            agent = agent_id
+        prefix = line_prefix(agent)
+    k = 1
+    for line in lines[1:]:
+        if not line.startswith(prefix):
+            a = line_agent(line)
+            if a != agent and not (a is None and agent == agent_id):
+                break
+        k += 1
+    return agent, k

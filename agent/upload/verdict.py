@@ -63,3 +63,21 @@ def timed_out(reason):
     ConnectionError); not a connect timeout, which says nothing about the batch."""
     return reason.startswith(("ReadTimeout", "TotalTimeout")) or \
         ("timed out" in reason and not reason.startswith("ConnectTimeout"))
+
+
+def seq_reuse(batch, agent, dups, max_seq, ours):
+    """The ERROR to log when a stored answer is the signature of a seq that went back or of a
+    second router with the same [agent] id (None otherwise): every record already there, and
+    the collector holds seqs beyond `ours`, the highest this agent can have sent. A resend (lost
+    or late answer, a halved batch, a lagging cursor after a restart) never looks like this:
+    the collector's max would be at most `ours`."""
+    if not (dups == batch.count and type(max_seq) is int and max_seq > ours):
+        return None
+    return ("upload: the collector already holds all %d records seq %d..%d of agent %r and has seqs "
+            "up to %d, beyond any this agent has sent (%d): these readings are being DISCARDED as "
+            "duplicates, and new ones will be at least until its seq passes %d. Either another "
+            "router sends as %r too (each needs its own [agent] id), or this agent's seq went back "
+            "(spool state lost or rolled back: fsync = never and a power cut, or spool_dir and "
+            "seq_file both replaced while the clock was unset); a new [agent] id for this agent "
+            "stops the loss of new readings"
+            % (batch.count, batch.first_seq, batch.last_seq, agent, max_seq, ours, max_seq, agent))
