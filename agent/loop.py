@@ -1,5 +1,7 @@
-"""`modbus-agent run`: the agent's main job, the whole loop in this one file (what one poll's
-outcome does is agent.polling).
+"""`modbus-agent run`: the agent's main job, the whole loop in this one file. Beside it:
+agent.polling (one poll and what its outcome does: record, health, schedule), agent.appender
+(spool appends that never raise), agent.output (what the loop asks of an output in a gap;
+agent.upload is the HTTP one), agent.summary (the summary line, the status file's content).
 
 One thread, synchronous, no asyncio. Each turn of the loop does one step:
 
