@@ -33,11 +33,16 @@ def segments(d):
     return sorted(n for n in os.listdir(d) if n.startswith("seg-"))
 
 
-def drain_all(sp, n=100, quarantine=False):
+# The corruption and damage tests run with one output and with two (named cursors): every output's
+# view must keep the promises on its own.
+OUTPUTS = pytest.mark.parametrize("outputs", [("http",), ("http", "mqtt")], ids=["one-output", "two-outputs"])
+
+
+def drain_all(sp, n=100, quarantine=False, output="http"):
     """Every record the spool hands out, acknowledged batch by batch -> list of parsed records."""
     out = []
     while True:
-        b = sp.peek(n, 1 << 20)
+        b = sp.peek(n, 1 << 20, output=output)
         if b is None:
             return out
         out.extend(json.loads(x) for x in b.lines)
@@ -48,15 +53,26 @@ def drain_all(sp, n=100, quarantine=False):
             sp.ack(b)
 
 
-def audit_gaps(next_seq, delivered):
-    """Every seq the spool assigned (1..next_seq-1: records and gap records alike) is delivered
-    exactly once or accounted for by a gap record: the gap records' counts add up to exactly the
-    number of missing seqs, their ranges cover them all, and no gap claims more than its range
-    lost. Returns the gap records."""
+def drain_outputs(sp, n=100):
+    """drain_all for every enabled output in turn -> {output: records}."""
+    return {o: drain_all(sp, n, output=o) for o in sp.outputs}
+
+
+def not_for(name, by_output):
+    """Seqs of the gap records meant for other outputs only (never handed to `name`)."""
+    return {r["seq"] for recs in by_output.values() for r in recs
+            if r.get("kind") == "gap" and "outputs" in r and name not in r["outputs"]}
+
+
+def audit_gaps(next_seq, delivered, skip=()):
+    """Every seq the spool assigned (1..next_seq-1: records and gap records alike; but `skip`:
+    gap records for other outputs) is delivered exactly once or accounted for by a gap record:
+    the gap records' counts add up to exactly the number of missing seqs, their ranges cover them
+    all, and no gap claims more than its range lost. Returns the gap records."""
     got = [r["seq"] for r in delivered]
     assert len(got) == len(set(got)), "duplicate delivery"
     gaps = [r for r in delivered if r.get("kind") == "gap"]
-    missing = set(range(1, next_seq)) - set(got)
+    missing = set(range(1, next_seq)) - set(got) - set(skip)
     covered = set()
     for g in gaps:
         assert g["first_seq"] <= g["last_seq"] < g["seq"]
@@ -226,8 +242,9 @@ def test_truncated_segment_mid_line(tmp_path):
     sp.close()
 
 
-def test_corrupt_middle_lines_skipped_and_counted(tmp_path):
-    sp = Spool(tmp_path, AGENT)
+@OUTPUTS
+def test_corrupt_middle_lines_skipped_and_counted(tmp_path, outputs):
+    sp = Spool(tmp_path, AGENT, outputs=outputs)
     for i in range(10):
         sp.append(rec(i))
     sp.close()
@@ -237,33 +254,38 @@ def test_corrupt_middle_lines_skipped_and_counted(tmp_path):
     lines[6] = b"\x00" * 30                                 # a block of zeros
     lines.insert(8, b"not json at all")
     seg.write_bytes(b"\n".join(lines))
-    sp = Spool(tmp_path, AGENT)
-    got = drain_all(sp, n=3)
-    assert [r["seq"] for r in got if r.get("kind") != "gap"] == [1, 2, 3, 5, 6, 8, 9, 10]
-    # seqs 4 and 7 were spooled but cannot be read back: gap records (reason "corrupt") say so;
-    # the junk line between 8 and 9 held no record of its own (no seq is missing there).
-    assert [(g["dropped"], g["first_seq"], g["last_seq"], g["reason"]) for g in got if g.get("kind") == "gap"] \
-        == [(1, 4, 4, "corrupt"), (1, 7, 7, "corrupt")]
-    audit_gaps(sp.next_seq, got)
+    sp = Spool(tmp_path, AGENT, outputs=outputs)
+    views = drain_outputs(sp, n=3)
+    for o, got in views.items():
+        assert [r["seq"] for r in got if r.get("kind") != "gap"] == [1, 2, 3, 5, 6, 8, 9, 10]
+        # seqs 4 and 7 were spooled but cannot be read back: gap records (reason "corrupt") say so;
+        # the junk line between 8 and 9 held no record of its own (no seq is missing there).
+        assert [(g["dropped"], g["first_seq"], g["last_seq"], g["reason"]) for g in got if g.get("kind") == "gap"] \
+            == [(1, 4, 4, "corrupt"), (1, 7, 7, "corrupt")]
+        audit_gaps(sp.next_seq, got, skip=not_for(o, views))
     assert sp.stats()["corrupt_skipped"] == 3
     assert sp.stats()["corrupt_lost"] == 2
     s = sp.append(rec(11))
-    assert [r["seq"] for r in drain_all(sp)] == [s]
+    for o in outputs:
+        assert [r["seq"] for r in drain_all(sp, output=o)] == [s]
     sp.close()
     assert sp.stats()["corrupt_skipped"] == 3               # counted once despite re-peeks
 
 
-def test_wholly_corrupt_segment_and_cursor_never_crash(tmp_path):
+@OUTPUTS
+def test_wholly_corrupt_segment_and_cursor_never_crash(tmp_path, outputs):
     (tmp_path / "seg-0000000000000001.jsonl").write_bytes(os.urandom(5000).replace(b"\n", b"x") + b"\n" * 3)
     (tmp_path / CURSOR).write_bytes(b"{\x00 half a cursor")
-    sp = Spool(tmp_path, AGENT)
+    sp = Spool(tmp_path, AGENT, outputs=outputs)
     # The segment was opened for seq 1: one record that cannot be read back (3 junk lines, but
-    # only one seq is missing), accounted for as corrupt.
-    assert [(r["kind"], r["dropped"], r["first_seq"], r["last_seq"], r["reason"]) for r in drain_all(sp)] \
-        == [("gap", 1, 1, 1, "corrupt")]
+    # only one seq is missing), accounted for as corrupt (for each output).
+    for got in drain_outputs(sp).values():
+        assert [(r["kind"], r["dropped"], r["first_seq"], r["last_seq"], r["reason"]) for r in got] \
+            == [("gap", 1, 1, 1, "corrupt")]
     s = sp.append(rec(0))
     assert s >= 2                                 # above the broken segment's name
-    assert [r["seq"] for r in drain_all(sp)] == [s]
+    for o in outputs:
+        assert [r["seq"] for r in drain_all(sp, output=o)] == [s]
     assert sp.stats()["corrupt_skipped"] == 3
     sp.close()
 
@@ -317,7 +339,8 @@ def test_ack_hint_between_durable_cursors(tmp_path):
     sp.close()
 
 
-def test_stale_cursor_offset_falls_back_to_acked_seq(tmp_path):
+@pytest.mark.parametrize("layout", ["named", "single"])
+def test_stale_cursor_offset_falls_back_to_acked_seq(tmp_path, layout):
     sp = Spool(tmp_path, AGENT)
     for i in range(10):
         sp.append(rec(i))
@@ -325,6 +348,10 @@ def test_stale_cursor_offset_falls_back_to_acked_seq(tmp_path):
     sp.close()
     cur = json.loads((tmp_path / CURSOR).read_bytes())
     cur["offset"] += 3                                    # not a line boundary any more
+    if layout == "named":
+        cur["cursors"]["http"]["offset"] += 3
+    else:
+        del cur["cursors"]                                # as written before named cursors
     (tmp_path / CURSOR).write_text(json.dumps(cur))
     sp = Spool(tmp_path, AGENT)
     assert [r["seq"] for r in drain_all(sp)] == list(range(5, 11))
@@ -436,11 +463,12 @@ def test_foreign_record_order_is_normalised(tmp_path):
     sp.close()
 
 
-def test_segment_deleted_from_outside_is_accounted_for(tmp_path):
-    sp = Spool(tmp_path, AGENT, segment_bytes=4096, max_bytes=1 << 20)
+@OUTPUTS
+def test_segment_deleted_from_outside_is_accounted_for(tmp_path, outputs):
+    sp = Spool(tmp_path, AGENT, segment_bytes=4096, max_bytes=1 << 20, outputs=outputs)
     for i in range(100):
         sp.append(rec(i))
-    sp.ack(sp.peek(5, 1 << 20))
+    sp.ack(sp.peek(5, 1 << 20))                      # http only: another output is further behind
     names = segments(tmp_path)
     os.unlink(tmp_path / names[0])                   # the head, partly acknowledged
     os.unlink(tmp_path / names[-1])                  # the active one: appends would go nowhere
@@ -449,14 +477,15 @@ def test_segment_deleted_from_outside_is_accounted_for(tmp_path):
     sp.tick()
     for i in range(100, 110):
         sp.append(rec(i))
-    delivered = drain_all(sp)
-    lost = set(range(6, sp.next_seq)) - {r["seq"] for r in delivered}
-    gaps = [r for r in delivered if r.get("kind") == "gap"]
-    assert sum(g["dropped"] for g in gaps) == len(lost) > 0
-    assert {g["reason"] for g in gaps} == {"segment file deleted from outside the agent",
-                                           "segment file truncated from outside the agent"}
+    views = drain_outputs(sp)
+    for o, delivered in views.items():
+        lost = set(range(6 if o == "http" else 1, sp.next_seq)) - {r["seq"] for r in delivered} - not_for(o, views)
+        gaps = [r for r in delivered if r.get("kind") == "gap"]
+        assert sum(g["dropped"] for g in gaps) == len(lost) > 0
+        assert {g["reason"] for g in gaps} == {"segment file deleted from outside the agent",
+                                               "segment file truncated from outside the agent"}
+        assert [r["values"]["i"] for r in delivered if r.get("kind") != "gap"][-10:] == list(range(100, 110))
     assert os.path.exists(str(middle) + ".unreadable")
-    assert [r["values"]["i"] for r in delivered if r.get("kind") != "gap"][-10:] == list(range(100, 110))
     sp.close()
 
 
@@ -586,16 +615,17 @@ def test_model_random_operations(tmp_path_factory, ops):
 @given(damage=st.lists(st.tuples(st.integers(0, 10 ** 6), st.integers(0, 10 ** 6), st.binary(max_size=40),
                                  st.sampled_from(["overwrite", "truncate", "insert"])),
                        min_size=1, max_size=4))
-def test_random_damage_never_crashes_and_seq_goes_on(tmp_path_factory, damage):
+@OUTPUTS
+def test_random_damage_never_crashes_and_seq_goes_on(tmp_path_factory, damage, outputs):
     """Whatever happens to the files between two runs, the spool opens, hands out only whole JSON
     records in seq order, and the next seq is above every seq it hands out."""
     d = tmp_path_factory.mktemp("dmg")
-    sp = Spool(d, AGENT, segment_bytes=4096, max_bytes=1 << 20)
+    sp = Spool(d, AGENT, segment_bytes=4096, max_bytes=1 << 20, outputs=outputs)
     for i in range(120):
         sp.append(rec(i))
     sp.ack(sp.peek(30, 1 << 20))
     sp.close()
-    files = segments(d) + [CURSOR]
+    files = segments(d) + [CURSOR, ACK_HINT]
     for which, where, junk, how in damage:
         path = d / files[which % len(files)]
         if not path.exists():
@@ -609,11 +639,13 @@ def test_random_damage_never_crashes_and_seq_goes_on(tmp_path_factory, damage):
         else:
             data[at:at] = junk
         path.write_bytes(bytes(data))
-    sp = Spool(d, AGENT, segment_bytes=4096, max_bytes=1 << 20)
-    got = drain_all(sp, n=17)
-    seqs = [r["seq"] for r in got]
-    assert seqs == sorted(set(seqs))
+    sp = Spool(d, AGENT, segment_bytes=4096, max_bytes=1 << 20, outputs=outputs)
+    views = drain_outputs(sp, n=17)
+    for got in views.values():
+        seqs = [r["seq"] for r in got]
+        assert seqs == sorted(set(seqs))
     nxt = sp.append(rec(999))
-    assert nxt > max(seqs, default=0) and nxt >= 2
-    assert [r["seq"] for r in drain_all(sp)] == [nxt]
+    assert nxt > max((r["seq"] for got in views.values() for r in got), default=0) and nxt >= 2
+    for o in outputs:
+        assert [r["seq"] for r in drain_all(sp, output=o)] == [nxt]
     sp.close()

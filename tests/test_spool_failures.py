@@ -21,7 +21,7 @@ import pytest
 
 from agent.record import data_record
 from agent.spool import ACK_HINT, CURSOR, LOCK, Spool, SpoolError
-from tests.test_spool import audit_gaps, drain_all
+from tests.test_spool import OUTPUTS, audit_gaps, drain_all, drain_outputs, not_for
 from tests.test_spool_seq import collector, upload  # noqa: F401 (collector: a fixture)
 
 AGENT = "site7"
@@ -400,9 +400,10 @@ def test_corrupt_bytes_mid_segment_are_a_corrupt_gap_at_the_collector(tmp_path, 
     assert max(seqs) >= nxt
 
 
-def test_corrupt_run_across_a_batch_boundary_is_counted_once(tmp_path):
+@OUTPUTS
+def test_corrupt_run_across_a_batch_boundary_is_counted_once(tmp_path, outputs):
     d = tmp_path / "spool"
-    sp = Spool(d, AGENT)
+    sp = Spool(d, AGENT, outputs=outputs)
     for i in range(40):
         sp.append(reading(i))
     sp.close()
@@ -411,9 +412,11 @@ def test_corrupt_run_across_a_batch_boundary_is_counted_once(tmp_path):
     for k in range(10, 22):                 # seqs 11..22 unreadable, each line on its own
         lines[k] = b"#" * len(lines[k])
     seg.write_bytes(b"\n".join(lines))
-    sp = Spool(d, AGENT)
-    delivered = drain_all(sp, n=7)          # batches end inside the run
-    g = gaps(delivered)
-    assert sum(x["dropped"] for x in g) == 12 and {x["reason"] for x in g} == {"corrupt"}
-    audit_gaps(sp.next_seq, delivered)
+    sp = Spool(d, AGENT, outputs=outputs)
+    views = drain_outputs(sp, n=7)          # batches end inside the run
+    for o, delivered in views.items():
+        g = gaps(delivered)
+        assert sum(x["dropped"] for x in g) == 12 and {x["reason"] for x in g} == {"corrupt"}
+        audit_gaps(sp.next_seq, delivered, skip=not_for(o, views))
+    assert sp.stats()["corrupt_lost"] == 12
     sp.close()

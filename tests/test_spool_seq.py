@@ -13,11 +13,11 @@ import urllib.request
 
 import pytest
 
-from agent import seqlease
 from agent.config import load_config
 from agent.loop import open_spool
 from agent.record import CLOCK_SANE, data_record
 from agent.spool import Spool
+from agent.spool import lease as seqlease
 
 AGENT = "site7"
 BOOT_CLOCK = 1_780_000_000.0      # sysfixtime: an unset clock, the same at every boot (< CLOCK_SANE)
