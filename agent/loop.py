@@ -89,11 +89,26 @@ def clock_seq(wall=time.time):
     return int(max(wall(), CLOCK_SANE) * 1000)
 
 
-def open_spool(cfg):
+def output_names(cfg, others=()):
+    """The enabled outputs' names, one spool cursor each: [upload]'s output when there is one,
+    then `others`' (agent.output)."""
+    names = tuple(out.name for out in others)
+    if cfg.upload is not None:
+        from agent.upload import Uploader
+
+        names = (Uploader.name,) + names
+    return names
+
+
+def open_spool(cfg, outputs=None):
+    """`outputs`: the names of the enabled outputs (default: output_names(cfg)); with none at
+    all the spool keeps its default cursor, so the records wait for an output enabled later."""
     from agent.spool import Spool
 
     a = cfg.agent
-    return Spool(a.spool_dir, a.id, fresh_seq=clock_seq, seq_file=a.seq_file,
+    names = output_names(cfg) if outputs is None else tuple(outputs)
+    cursors = {"outputs": names} if names else {}
+    return Spool(a.spool_dir, a.id, fresh_seq=clock_seq, seq_file=a.seq_file, **cursors,
                  max_bytes=int(a.spool_max_mb * (1 << 20)),
                  max_age=a.spool_max_age,
                  segment_bytes=int(a.spool_segment_kb * 1024),
@@ -150,7 +165,7 @@ class Loop:
         self._turns = {out.name: _Turns(mono()) for out in self.outputs}
         self._uploader = None
         self.uploader = uploader if uploader is not None else make_uploader(cfg)
-        self.spool = spool if spool is not None else open_spool(cfg)
+        self.spool = spool if spool is not None else open_spool(cfg, output_names(cfg, outputs))
         self.clients = {}             # connection name -> client (one per connection)
         self.stop_requested = False
         self.reload_requested = False
@@ -539,6 +554,10 @@ class Loop:
         self._set_timers(now)
         log.info("reloaded: %d device(s) on %d connection(s)", len(self.states), len(new.connections))
 
+    def _output_names(self, cfg):
+        """The spool cursors `cfg` asks for: [upload]'s output by `cfg`, the others as they are."""
+        return output_names(cfg, [out for out in self.outputs if out is not self._uploader])
+
     def _reopen_spool(self, old, new):
         """Switch to the spool `new` describes. A spool that cannot be opened (directory not
         writable, locked by another agent) leaves the previous config running.
@@ -547,10 +566,10 @@ class Loop:
         before the new spool reads the seq_file and continues beyond it (agent.seqlease)."""
         self.spool.close()
         try:
-            spool = open_spool(new)
+            spool = open_spool(new, self._output_names(new))
         except Exception as e:
             log.error("reload: cannot open the spool: %s: still running the previous config", e)
-            self.spool = open_spool(old)
+            self.spool = open_spool(old, self._output_names(old))
             return False
         self.spool = spool
         return True

@@ -183,7 +183,7 @@ class Uploader(Output):
                 if started and slice_end is not None and now >= slice_end:
                     res["status"] = "slice"
                     break
-                batch = spool.peek(self._limit, self.batch_max_bytes)
+                batch = spool.peek(self._limit, self.batch_max_bytes, output=self.name)
                 if batch is None:
                     break
                 started = True
