@@ -81,6 +81,17 @@ log = agentlog.get("loop")
 
 
 
+class _Turns:
+    """What the loop keeps about one output's gaps (the starvation rule, the summary line)."""
+
+    __slots__ = ("last_chance", "windows", "forced")
+
+    def __init__(self, now):
+        self.last_chance = now    # last time it could start a request (or had nothing to do)
+        self.windows = 0          # gaps long enough to start one in, since the last summary
+        self.forced = 0           # requests that made polls wait, since the last summary
+
+
 def clock_seq(wall=time.time):
     """First seq of a spool that has no state: the clock in milliseconds (never earlier than the
     release date), so a spool lost with its seq floor (tmpfs after a reboot) never hands out a seq
@@ -141,17 +152,6 @@ _SPOOL_KEYS = ("spool_dir", "spool_max_mb", "spool_max_age", "spool_segment_kb",
 _QUARANTINE_KEYS = ("quarantine_file",)
 _UPLOAD_KEYS = ("url", "token", "batch_max_records", "batch_max_kb", "gzip", "timeout", "ca_file", "verify",
                 "backoff_max", "quarantine_file")
-
-
-class _Turns:
-    """What the loop keeps about one output's gaps (the starvation rule, the summary line)."""
-
-    __slots__ = ("last_chance", "windows", "forced")
-
-    def __init__(self, now):
-        self.last_chance = now    # last time it could start a request (or had nothing to do)
-        self.windows = 0          # gaps long enough to start one in, since the last summary
-        self.forced = 0           # requests that made polls wait, since the last summary
 
 
 class Loop:
