@@ -1,7 +1,8 @@
 """`modbus-agent run`: the agent's main job, the whole loop in this one file. Beside it:
 agent.polling (one poll and what its outcome does: record, health, schedule), agent.appender
 (spool appends that never raise), agent.output (what the loop asks of an output in a gap;
-agent.upload is the HTTP one), agent.summary (the summary line, the status file's content).
+agent.upload is the HTTP one), agent.gaps (how a gap is shared among the outputs, the
+starvation rule), agent.summary (the summary line, the status file's content).
 
 One thread, synchronous, no asyncio. Each turn of the loop does one step:
 
@@ -10,10 +11,10 @@ One thread, synchronous, no asyncio. Each turn of the loop does one step:
   2. if it is due: poll it (`device.poll(client)`, one client per connection, shared by the
      devices on it), build a record (agent.record), apply on_change, `spool.append`;
   3. otherwise, in the gap before it is due: periodic work (health records, summary log line,
-     status file), then each output's `fill_gap(spool, deadline)` (agent.output; the HTTP
-     uploader is one): requests start only while the time left before the next poll (less
-     SAFETY_MARGIN) covers one, `spool.tick`, and sleep until the next due time (or the end of
-     an output's back-off, when that comes first).
+     status file), then each output's `fill_gap(spool, deadline)` (agent.output, agent.gaps;
+     the HTTP uploader is one): requests start only while the time left before the next poll
+     (less SAFETY_MARGIN) covers one, `spool.tick`, and sleep until the next due time (or the
+     end of an output's back-off, when that comes first).
 
 Why this shape: a reading is appended to the spool before anything is uploaded, so a crash or a
 dead collector never loses it; uploads only use time the bus does not need, so a day of backlog
@@ -51,27 +52,14 @@ import sys
 import time
 
 from agent import log as agentlog
-from agent import output
 from agent.appender import Appender
 from agent.config import redact
+from agent.gaps import Gaps, lingering
 from agent.polling import DeviceState, Poller
 from agent.record import CLOCK_SANE, health_record, utc_timestamp
 from agent.status import write_status
 from agent.summary import status_doc, summary_line
 
-# Seconds left free between the end of an upload slice and the next poll: the upload's last
-# request must be over before the bus needs the CPU again.
-SAFETY_MARGIN = 0.05
-# A drain call starts batches for at most this long, so SIGTERM/SIGHUP and the timers are served
-# between calls in a long gap. It never limits a request: a started request runs to [upload] timeout.
-DRAIN_SLICE = 1.0
-# Don't start an upload in a gap shorter than this: one HTTP round trip would not fit.
-MIN_DRAIN_GAP = 0.02
-# With records waiting and no gap between polls long enough for an output to start a request for
-# this long (its measured request time, `Output.request_time`, is longer than every gap), the
-# loop takes one request's time from polling for that output: a few late polls cost less than a spool that
-# fills up and drops the oldest data.
-STARVE_AFTER = 10.0
 # How often the status file is rewritten.
 STATUS_PERIOD = 5.0
 # With no device configured, wake up this often to upload and write status.
@@ -79,17 +67,6 @@ IDLE_PERIOD = 1.0
 
 log = agentlog.get("loop")
 
-
-
-class _Turns:
-    """What the loop keeps about one output's gaps (the starvation rule, the summary line)."""
-
-    __slots__ = ("last_chance", "windows", "forced")
-
-    def __init__(self, now):
-        self.last_chance = now    # last time it could start a request (or had nothing to do)
-        self.windows = 0          # gaps long enough to start one in, since the last summary
-        self.forced = 0           # requests that made polls wait, since the last summary
 
 
 def clock_seq(wall=time.time):
@@ -161,8 +138,7 @@ class Loop:
         self.mono = mono
         self.wall = wall
         self.cfg = cfg
-        self.outputs = list(outputs)   # asked in this order to fill every gap (agent.output)
-        self._turns = {out.name: _Turns(mono()) for out in self.outputs}
+        self.gaps = Gaps(outputs, mono)   # the outputs, asked in order in every gap (agent.gaps)
         self._uploader = None
         self.uploader = uploader if uploader is not None else make_uploader(cfg)
         self.spool = spool if spool is not None else open_spool(cfg, output_names(cfg, outputs))
@@ -173,7 +149,6 @@ class Loop:
         self._wake_r = self._wake_w = None
         self.started_wall = wall()
         self.appender = Appender(cfg.agent.id, wall)
-        self.starve_after = STARVE_AFTER
         self.last_summary = None
         self.clock_unsynced = self.started_wall < CLOCK_SANE
         now = mono()
@@ -191,18 +166,25 @@ class Loop:
         """Put `out` in the outputs in place of the previous [upload] output (SIGHUP rebuilds it);
         its gap record carries over when the name is the same."""
         old, self._uploader = self._uploader, out
-        i = self.outputs.index(old) if old is not None else 0
-        self.outputs = [o for o in self.outputs if o is not old]
-        if out is not None:
-            self.outputs.insert(i, out)
-            self._turns.setdefault(out.name, _Turns(self.mono()))
-        elif old is not None:
-            del self._turns[old.name]
+        self.gaps.replace(old, out)
+
+    @property
+    def outputs(self):
+        """The outputs (agent.output), in the order they are asked to fill a gap."""
+        return self.gaps.outputs
 
     @property
     def forced_uploads(self):
         """Requests that made polls wait since the last summary, every output's."""
-        return sum(t.forced for t in self._turns.values())
+        return self.gaps.forced()
+
+    @property
+    def starve_after(self):
+        return self.gaps.starve_after
+
+    @starve_after.setter
+    def starve_after(self, seconds):
+        self.gaps.starve_after = seconds
 
     def _set_timers(self, now):
         a = self.cfg.agent
@@ -327,10 +309,9 @@ class Loop:
                 st.schedule.defer(now)
                 st.health.skipped_cycles = st.schedule.skipped
                 return
-            for out in self.outputs:
-                if now - self._turns[out.name].last_chance >= self.starve_after:
-                    self.upload_starved(now, out)
-                    now = self.mono()
+            for out in self.gaps.starving(now):
+                self.upload_starved(now, out)
+                now = self.mono()
             self.poller.poll(st, now, self.summary_interval)
             self._tick()
             return
@@ -339,7 +320,7 @@ class Loop:
         # must not chop the gap into pieces too short for a request), then sleep.
         self.upload_until(due)
         self._tick()
-        self._sleep_until(min(due, self.next_status, self.next_summary, self._retry_at()))
+        self._sleep_until(min(due, self.next_status, self.next_summary, self.gaps.retry_at()))
 
     _tick_failing = False
 
@@ -396,92 +377,23 @@ class Loop:
 
     def upload_until(self, until):
         """Let each output work in the gap before `until` (the next poll), in order, each in what
-        the ones before it left (an output that gets no gap this way is helped by the
-        starvation rule)."""
+        the ones before it left (agent.gaps)."""
         for out in self.outputs:
             if self._stopping():
                 return
-            self._fill(out, until)
-
-    def _fill(self, out, until):
-        """`out` works in the gap before `until`. It starts a request only when the time left
-        before `until` - SAFETY_MARGIN covers one (what its recent requests took,
-        `Output.request_time`); a started request runs to its end (the HTTP uploader's total
-        deadline is `[upload] timeout`) and the poll waits for it: cut short, a slow collector
-        would store batches that are never acknowledged. Each fill_gap call starts requests
-        for DRAIN_SLICE at most, then the timers and signals get a turn; after SIGTERM/SIGHUP
-        no further request starts. Stops when the spool is empty, the output backs off, or no
-        further request fits."""
-        turns = self._turns[out.name]
-        if out is self._uploader and self._lingering():
-            turns.last_chance = self.mono()   # holding back on purpose is not starving
-            return
-        while not self._stopping():
-            now = self.mono()
-            self.periodic(now)
-            end = until - SAFETY_MARGIN
-            if end - now < MIN_DRAIN_GAP:
-                return
-            if end - now >= out.request_time():
-                turns.windows += 1
-            # The output's own clock (time.monotonic): the loop's may be a test's.
-            t = time.monotonic()
-            try:
-                res = out.fill_gap(self.spool, t + (end - now), t + DRAIN_SLICE, stop=self._stopping)
-            except Exception:  # an output handles its own network errors; anything else is a bug
-                log.exception("%s failed", out.label or out.name)
-                return
-            status = res.get("status")
-            if status in (output.EMPTY, output.BACKOFF) or res.get("batches"):
-                turns.last_chance = self.mono()
-            if status != output.SLICE:
-                return   # empty, backing off, or no further request fits before the poll
+            self.gaps.fill(out, self.spool, until, self.periodic, self._stopping, self._holding_back(out))
 
     def _stopping(self):
         """No output starts a further request once this is true (SIGTERM, SIGHUP)."""
         return self.stop_requested or self.reload_requested
 
     def upload_starved(self, now, out):
-        """Polls have left `out` no gap to work in for `starve_after` seconds while records wait:
-        give one request its time before the due poll (which is then late, and the schedule
-        counts what it misses)."""
-        turns = self._turns[out.name]
-        # + MIN_DRAIN_GAP: the output checks the time left on its own clock a moment later
-        need = out.request_time() + SAFETY_MARGIN + MIN_DRAIN_GAP
-        if not turns.forced:
-            log.warning("no gap of %.2fs between polls to %s in for %gs: polls wait for one %s "
-                        "every %gs (intervals are too short for this bus and uplink)",
-                        need, out.label or out.name, self.starve_after, out.label or out.name,
-                        self.starve_after)
-        turns.forced += 1
-        turns.last_chance = now   # at most one forced request per starve_after
-        self._fill(out, now + need)
+        """No gap for `out` for starve_after while records wait: one request's time from polling."""
+        self.gaps.force(out, self.spool, now, self.periodic, self._stopping, self._holding_back(out))
 
-    def _retry_at(self):
-        """When the first backing-off output may try again (loop clock), +inf when none is
-        backing off: the loop wakes then if that is before the next poll, so a retry is not late."""
-        at = float("inf")
-        for out in self.outputs:
-            t = out.retry_at()
-            if t is not None:
-                at = min(at, self.mono() + (t - time.monotonic()))
-        return at
-
-    def _lingering(self):
-        """`[upload] linger` (0 = upload in every gap): let a small
-        backlog wait until its oldest record is that old or a full batch is ready. Every POST
-        costs the router's CPU the same few milliseconds whatever its size, so fewer, fuller
-        batches mean less CPU; a catch-up is never held back (its oldest record is old)."""
-        up = self.cfg.upload
-        linger = up.linger
-        if linger <= 0:
-            return False
-        try:
-            sp = self.spool.stats()
-        except Exception:
-            return False
-        age = sp.get("oldest_age")
-        return (sp.get("records") or 0) < up.batch_max_records and (age is None or age < linger)
+    def _holding_back(self, out):
+        """[upload] linger holds the uploader back (read live: a reload changes it in place)."""
+        return out is self._uploader and lingering(self.cfg.upload, self.spool)
 
     def _spool_stats(self):
         try:
@@ -491,12 +403,9 @@ class Loop:
 
     def summary(self):
         """Log the summary line (agent.summary) and start the next period's counts."""
-        outputs = [(out, self._turns[out.name].forced, self._turns[out.name].windows) for out in self.outputs]
-        text = summary_line(self.states, self._spool_stats(), outputs, self.append_errors)
+        text = summary_line(self.states, self._spool_stats(), self.gaps.period(), self.append_errors)
         for st in self.states:
             st.summary_ok = st.summary_failed = 0
-        for turns in self._turns.values():
-            turns.windows = turns.forced = 0
         self.last_summary = text
         log.info("%s", text)
 

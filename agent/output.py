@@ -16,7 +16,7 @@ The rules every output keeps, because the bus comes first:
   - an outage is the output's to handle (back-off, `retry_at`), never an exception into the loop.
 
 The loop keeps, per output, whether it has had a gap to work in (`request_time` against the
-gaps); an output that has had none for agent.loop.STARVE_AFTER while records wait is given one
+gaps); an output that has had none for agent.gaps.STARVE_AFTER while records wait is given one
 request's time before a poll (which is then late) rather than letting the spool fill up.
 """
 

@@ -179,8 +179,8 @@ def test_the_starvation_rule_holds_per_output(tmp_path, sim, collector_url):
     loop.starve_after = 0.4
     try:
         run_for(loop, 2.0)
-        forced = loop._turns["slow"].forced
-        http_forced = loop._turns["http"].forced
+        forced = loop.gaps.turns["slow"].forced
+        http_forced = loop.gaps.turns["http"].forced
         loop.summary()
         text = loop.last_summary
     finally:

@@ -13,7 +13,7 @@ time it took, so after a collector that accepts and hangs the next retry waits f
 long instead of overrunning every short one. A gap left unused only because of the estimate,
 when it was at least half the estimate, ages the measurements (`age`), so one slow answer or one
 hung request cannot starve uploads for good; gaps far shorter than the measured requests age
-nothing, and the loop's starvation rule (agent.loop) takes over.
+nothing, and the loop's starvation rule (agent.gaps) takes over.
 """
 import collections
 
