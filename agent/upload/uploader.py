@@ -305,7 +305,7 @@ class Uploader(Output):
     def _post(self, batch, agent=None, deadline=None):
         """-> (status code or None for a network error, reason text, parsed JSON answer or None).
         The whole request, from connect to the answer's last byte, ends within the configured
-        timeout (_Alarm); the connect phase also ends by the monotonic `deadline` (given at
+        timeout (deadline.Alarm); the connect phase also ends by the monotonic `deadline` (given at
         least CONNECT_MIN). The answer is read up to ANSWER_MAX bytes."""
         t0 = time.monotonic()
         body = self._body(batch, self.agent_id if agent is None else agent)
