@@ -1,4 +1,8 @@
-"""`modbus-agent run`: the agent's main job, the whole loop in this one file.
+"""`modbus-agent run`: the agent's main job, the whole loop in this one file. Beside it:
+agent.polling (one poll and what its outcome does: record, health, schedule), agent.appender
+(spool appends that never raise), agent.output (what the loop asks of an output in a gap;
+agent.upload is the HTTP one), agent.gaps (how a gap is shared among the outputs, the
+starvation rule), agent.summary (the summary line, the status file's content).
 
 One thread, synchronous, no asyncio. Each turn of the loop does one step:
 
@@ -7,9 +11,10 @@ One thread, synchronous, no asyncio. Each turn of the loop does one step:
   2. if it is due: poll it (`device.poll(client)`, one client per connection, shared by the
      devices on it), build a record (agent.record), apply on_change, `spool.append`;
   3. otherwise, in the gap before it is due: periodic work (health records, summary log line,
-     status file), then `uploader.drain(spool, deadline)`: requests start only while the time
-     left before the next poll (less SAFETY_MARGIN) covers one, `spool.tick`, and sleep until
-     the next due time (or the end of an upload back-off, when that comes first).
+     status file), then each output's `fill_gap(spool, deadline)` (agent.output, agent.gaps;
+     the HTTP uploader is one): requests start only while the time left before the next poll
+     (less SAFETY_MARGIN) covers one, `spool.tick`, and sleep until the next due time (or the
+     end of an output's back-off, when that comes first).
 
 Why this shape: a reading is appended to the spool before anything is uploaded, so a crash or a
 dead collector never loses it; uploads only use time the bus does not need, so a day of backlog
@@ -42,7 +47,6 @@ Timestamps: `time.time()` at the start of the poll (UTC, ms); scheduling uses
 `time.monotonic()` only, so an NTP step at boot never bunches or skips polls. Records taken
 before the clock is set are flagged by agent.record (`"clock": "unsynced"`).
 """
-import logging
 import os
 import select
 import signal
@@ -50,27 +54,14 @@ import sys
 import time
 
 from agent import log as agentlog
+from agent.appender import Appender
 from agent.config import redact
-from agent.device import Refused, refusal_hint
-from agent.health import Health
-from agent.modbus.errors import ModbusError
-from agent.record import CLOCK_SANE, data_record, error_record, health_record, partial_record, utc_timestamp
-from agent.schedule import DeviceSchedule
+from agent.gaps import Gaps, lingering
+from agent.polling import DeviceState, Poller
+from agent.record import CLOCK_SANE, health_record, utc_timestamp
 from agent.status import write_status
+from agent.summary import status_doc, summary_line
 
-# Seconds left free between the end of an upload slice and the next poll: the upload's last
-# request must be over before the bus needs the CPU again.
-SAFETY_MARGIN = 0.05
-# A drain call starts batches for at most this long, so SIGTERM/SIGHUP and the timers are served
-# between calls in a long gap. It never limits a request: a started request runs to [upload] timeout.
-DRAIN_SLICE = 1.0
-# Don't start an upload in a gap shorter than this: one HTTP round trip would not fit.
-MIN_DRAIN_GAP = 0.02
-# With records waiting and no gap between polls long enough to start an upload for this long
-# (the uploader's measured request time, `Uploader.request_time`, is longer than every gap),
-# the loop takes one request's time from polling: a few late polls cost less than a spool that
-# fills up and drops the oldest data.
-STARVE_AFTER = 10.0
 # After a failed connect the other devices on that connection fail at once for this share of the
 # shortest interval there (agent.modbus.client down_hold): the rest of the sweep, not the next poll.
 LINK_DOWN_HOLD_SHARE = 0.5
@@ -82,75 +73,35 @@ IDLE_PERIOD = 1.0
 log = agentlog.get("loop")
 
 
-def _where(dev):
-    return agentlog.where(dev.name, dev.unit)
-
-
-def _point_names(r, limit=8):
-    names = [p.name for p in r.points]
-    text = ", ".join(names[:limit]) + (", ... %d more" % (len(names) - limit) if len(names) > limit else "")
-    return ("points " if len(names) > 1 else "point ") + text
-
-
-def moved(old, new, deadbands):
-    """on_change: does `new` differ from the last sent `old` beyond the points' deadbands?
-
-    A numeric value counts as moved when |new - old| > deadband (deadband 0: any change);
-    anything else (strings, bools, None, a point appearing or vanishing) when it differs."""
-    if old is None or old.keys() != new.keys():
-        return True
-    for name, value in new.items():
-        prev = old[name]
-        if value == prev:
-            continue
-        band = deadbands.get(name) or 0.0
-        if (band and type(value) in (int, float) and type(prev) in (int, float)):
-            if abs(value - prev) > band:
-                return True
-            continue
-        return True
-    return False
-
-
-class DeviceState:
-    """Everything the loop keeps about one device between cycles."""
-
-    __slots__ = ("device", "schedule", "health", "deadbands", "last_sent", "last_sent_at",
-                 "next_health", "summary_ok", "summary_failed", "was_failing", "missed_logged_at",
-                 "last_error_kind", "last_sent_slot", "refused")
-
-    def __init__(self, device, start, agent_cfg, health=None):
-        self.device = device
-        self.schedule = DeviceSchedule(start, device.interval,
-                                       dead_after=agent_cfg.dead_after,
-                                       backoff_max=agent_cfg.dead_backoff_max)
-        self.health = health or Health(device.name, device.unit)
-        self.deadbands = {p.name: p.deadband or 0.0 for p in device.points}
-        self.last_sent = None         # values of the last record sent (on_change)
-        self.last_sent_at = None      # monotonic time it was sent
-        self.last_sent_slot = None    # start of the schedule slot of that poll (heartbeat)
-        self.next_health = start + agent_cfg.health_interval
-        self.summary_ok = 0
-        self.summary_failed = 0
-        self.was_failing = False
-        self.missed_logged_at = None
-        self.last_error_kind = None   # "connection", "timeout", ... of the last failure
-        self.refused = {}             # (function, address, count) -> exception code, as logged
-
 
 def clock_seq(wall=time.time):
     """First seq of a spool that has no state: the clock in milliseconds (never earlier than the
     release date), so a spool lost with its seq floor (tmpfs after a reboot) never hands out a seq
     the collector already holds for this agent. With the clock unset (no RTC, no NTP yet) the
-    seq lease in `[agent] seq_file` is what keeps it beyond the earlier lives (agent.seqlease)."""
+    seq lease in `[agent] seq_file` is what keeps it beyond the earlier lives (agent.spool.lease)."""
     return int(max(wall(), CLOCK_SANE) * 1000)
 
 
-def open_spool(cfg):
+def output_names(cfg, others=()):
+    """The enabled outputs' names, one spool cursor each: [upload]'s output when there is one,
+    then `others`' (agent.output)."""
+    names = tuple(out.name for out in others)
+    if cfg.upload is not None:
+        from agent.upload import Uploader
+
+        names = (Uploader.name,) + names
+    return names
+
+
+def open_spool(cfg, outputs=None):
+    """`outputs`: the names of the enabled outputs (default: output_names(cfg)); with none at
+    all the spool keeps its default cursor, so the records wait for an output enabled later."""
     from agent.spool import Spool
 
     a = cfg.agent
-    return Spool(a.spool_dir, a.id, fresh_seq=clock_seq, seq_file=a.seq_file,
+    names = output_names(cfg) if outputs is None else tuple(outputs)
+    cursors = {"outputs": names} if names else {}
+    return Spool(a.spool_dir, a.id, fresh_seq=clock_seq, seq_file=a.seq_file, **cursors,
                  max_bytes=int(a.spool_max_mb * (1 << 20)),
                  max_age=a.spool_max_age,
                  segment_bytes=int(a.spool_segment_kb * 1024),
@@ -162,38 +113,69 @@ def open_spool(cfg):
 def make_uploader(cfg):
     if cfg.upload is None:
         return None
-    from agent.upload import Uploader
+    from agent.upload import Quarantine, Uploader
 
     u = cfg.upload
     return Uploader(u.url, cfg.agent.id, token=u.token, batch_max_records=u.batch_max_records,
                     batch_max_kb=u.batch_max_kb, gzip=u.gzip, timeout=u.timeout, ca_file=u.ca_file,
-                    verify=u.verify, backoff_max=u.backoff_max)
+                    verify=u.verify, backoff_max=u.backoff_max,
+                    quarantine=Quarantine(u.quarantine_file))
 
 
 class Loop:
-    def __init__(self, cfg, spool=None, uploader=None, mono=time.monotonic, wall=time.time):
+    """`uploader`: [upload]'s output (default: built from cfg); `outputs`: any others."""
+
+    def __init__(self, cfg, spool=None, uploader=None, mono=time.monotonic, wall=time.time, outputs=()):
         self.mono = mono
         self.wall = wall
         self.cfg = cfg
-        self.spool = spool if spool is not None else open_spool(cfg)
+        self.gaps = Gaps(outputs, mono)   # the outputs, asked in order in every gap (agent.gaps)
+        self._uploader = None
         self.uploader = uploader if uploader is not None else make_uploader(cfg)
+        self.spool = spool if spool is not None else open_spool(cfg, output_names(cfg, outputs))
         self.clients = {}             # connection name -> client (one per connection)
         self.stop_requested = False
         self.reload_requested = False
         self.stopped = False
         self._wake_r = self._wake_w = None
         self.started_wall = wall()
-        self.appended = 0
-        self.append_errors = 0
-        self.upload_windows = 0       # gaps long enough to upload in, since the last summary
-        self.starve_after = STARVE_AFTER
-        self.last_upload_chance = mono()   # last time an upload could start (or had nothing to do)
-        self.forced_uploads = 0            # uploads that made polls wait, since the last summary
+        self.appender = Appender(cfg.agent.id, wall)
         self.last_summary = None
         self.clock_unsynced = self.started_wall < CLOCK_SANE
         now = mono()
         self.states = [DeviceState(d, now, cfg.agent) for d in cfg.devices]
+        self.poller = Poller(cfg.agent.id, self.states, self.append, self.client_for, mono, wall)
         self._set_timers(now)
+
+    @property
+    def uploader(self):
+        """The output [upload] builds (agent.upload.Uploader), None when upload is off."""
+        return self._uploader
+
+    @uploader.setter
+    def uploader(self, out):
+        """Put `out` in the outputs in place of the previous [upload] output (SIGHUP rebuilds it);
+        its gap record carries over when the name is the same."""
+        old, self._uploader = self._uploader, out
+        self.gaps.replace(old, out)
+
+    @property
+    def outputs(self):
+        """The outputs (agent.output), in the order they are asked to fill a gap."""
+        return self.gaps.outputs
+
+    @property
+    def forced_uploads(self):
+        """Requests that made polls wait since the last summary, every output's."""
+        return self.gaps.forced()
+
+    @property
+    def starve_after(self):
+        return self.gaps.starve_after
+
+    @starve_after.setter
+    def starve_after(self, seconds):
+        self.gaps.starve_after = seconds
 
     def _set_timers(self, now):
         a = self.cfg.agent
@@ -298,7 +280,7 @@ class Loop:
         conn = st.device.connection
         # What a probe costs: the connection's timeouts, or what the device's failed polls
         # really took when that was more (a resend, a busy retry, a peer that dribbles bytes)
-        cost = max(getattr(conn, "timeout", 0.0) or 0.0, getattr(conn, "connect_timeout", 0.0) or 0.0,
+        cost = max(conn.timeout or 0.0, conn.connect_timeout or 0.0,
                    st.health.last_duration or 0.0)
         nxt = None
         for other in self.states:
@@ -318,18 +300,18 @@ class Loop:
                 st.schedule.defer(now)
                 st.health.skipped_cycles = st.schedule.skipped
                 return
-            if self.uploader is not None and now - self.last_upload_chance >= self.starve_after:
-                self.upload_starved(now)
+            for out in self.gaps.starving(now):
+                self.upload_starved(now, out)
                 now = self.mono()
-            self.poll(st, now)
+            self.poller.poll(st, now, self.summary_interval)
             self._tick()
             return
         due = st.schedule.due if st is not None else now + IDLE_PERIOD
-        # Upload up to the next poll (the status/summary timers run between drain slices and
+        # The outputs work up to the next poll (the status/summary timers run between slices and
         # must not chop the gap into pieces too short for a request), then sleep.
         self.upload_until(due)
         self._tick()
-        self._sleep_until(min(due, self.next_status, self.next_summary, self._upload_retry_at()))
+        self._sleep_until(min(due, self.next_status, self.next_summary, self.gaps.retry_at()))
 
     _tick_failing = False
 
@@ -353,211 +335,17 @@ class Loop:
             client.down_hold = LINK_DOWN_HOLD_SHARE * min(intervals or [0.0])
         return client
 
-    def poll(self, st, now):
-        dev = st.device
-        sched = st.schedule
-        missed = sched.catch_up(now)
-        if missed:
-            # an overloaded bus misses cycles every time: say it once per summary period, the
-            # summary line and the status file carry the running count
-            level = logging.DEBUG
-            if st.missed_logged_at is None or now - st.missed_logged_at >= self.summary_interval:
-                st.missed_logged_at = now
-                level = logging.WARNING
-            log.log(level, "missed %d cycle(s) (interval %gs, %d so far): the loop was busy elsewhere",
-                    missed, dev.interval, sched.missed, extra=_where(dev))
-        t = self.wall()
-        t0 = self.mono()
-        alive = True
-        try:
-            client = self.client_for(dev.connection)
-            values = self._poll_once(st, client)
-        except Refused as e:      # the device answered, refusing some blocks: alive
-            self._refused(st, t, e, self.mono() - t0)
-        except ModbusError as e:
-            alive = False
-            self._failed(st, t, e, self.mono() - t0)
-        except Exception as e:  # a bug must cost one reading, not the agent
-            alive = False
-            log.exception("poll raised %s", type(e).__name__, extra=_where(dev))
-            self._failed(st, t, e, self.mono() - t0)
-        else:
-            self._succeeded(st, t, values, self.mono() - t0)
-        end = self.mono()
-        # the one back-off of this device/connection pair (see the module docstring)
-        cap = dev.connection.backoff_max if st.last_error_kind == "connection" else None
-        sched.done(end, alive, cap)
-        st.health.missed_cycles = sched.missed
-        st.health.skipped_cycles = sched.skipped
-        if sched.dead and not st.health.dead:
-            log.warning("no answer %d times in a row: probing with back-off up to %gs so the others keep "
-                        "their cadence", sched.failures, sched.backoff_limit, extra=_where(dev))
-        st.health.dead = sched.dead
-
-    def _poll_once(self, st, client):
-        """One poll; a busy block (exception 5/6) is asked once more by Device.poll, counted here."""
-        dev = st.device
-        before = dev.busy_retries
-        try:
-            return dev.poll(client)
-        finally:
-            if dev.busy_retries != before:
-                st.health.busy_retries += dev.busy_retries - before
-                log.debug("busy, asked again %d time(s)", dev.busy_retries - before, extra=_where(dev))
-
-    def _succeeded(self, st, t, values, duration, refused=None):
-        """A poll that gave data: every block (`refused` None) or some (agent.device.Refused)."""
-        dev = st.device
-        if refused is None:
-            st.health.ok(t, duration)
-            st.summary_ok += 1
-            if st.refused:
-                self._log_refusals(st, None)
-        else:
-            st.health.partial(refused, t, duration)
-        if st.was_failing:
-            log.info("answering again", extra=_where(dev))
-            st.was_failing = False
-            self._revive_siblings(st)
-        if dev.mode == "on_change":
-            # the heartbeat counts in schedule slots (the due time of this cycle), not in when
-            # the append happened: a poll that ends a little earlier than the one that sent
-            # must not push the heartbeat a whole interval late
-            slot = st.schedule.due
-            heartbeat = dev.heartbeat or 0.0
-            due_heartbeat = (heartbeat > 0 and st.last_sent_slot is not None
-                             and slot - st.last_sent_slot >= heartbeat - 1e-6)
-            if not (due_heartbeat or moved(st.last_sent, values, st.deadbands)):
-                return
-            st.last_sent = values
-            st.last_sent_at = self.mono()
-            st.last_sent_slot = slot
-        if refused is None:
-            self.append(data_record(self.cfg.agent.id, t, dev.name, dev.unit, values))
-        else:
-            self.append(partial_record(self.cfg.agent.id, t, dev.name, dev.unit, values, refused.errors()))
-
-    def _refused(self, st, t, err, duration):
-        """The device answered, refusing some blocks (agent.device.Refused): a partial record,
-        or, when no block gave data, an error record listing them all. Alive either way."""
-        self._log_refusals(st, err)
-        if err.values:
-            self._succeeded(st, t, err.values, duration, err)
-            return
-        dev = st.device
-        st.health.failed(err, t, duration)
-        st.summary_failed += 1
-        st.last_sent = None
-        if st.was_failing:
-            log.info("answering again", extra=_where(dev))
-            st.was_failing = False
-            self._revive_siblings(st)
-        st.last_error_kind = err.kind
-        self.append(error_record(self.cfg.agent.id, t, dev.name, dev.unit, err, err.errors()))
-
-    def _log_refusals(self, st, err):
-        """Say once which blocks the device refuses (and what to change), and once when a
-        refused block answers again; not every cycle (a router's logread is small)."""
-        dev = st.device
-        now = {}
-        if err is not None:
-            for r, e in err.failures:
-                now[(r.function, r.address, r.count)] = (r, e)
-        for key, (r, e) in now.items():
-            if st.refused.get(key) == e.code:
-                continue
-            hint = refusal_hint(dev, r, e.code)
-            log.warning("refuses fc %02d %s %d+%d (%s) with exception code %d %s%s; %s",
-                        r.function, r.table, r.address, r.count, _point_names(r), e.code, e.name,
-                        ": " + hint if hint else "",
-                        "records are \"partial\": the other blocks are read" if err.values else
-                        "no block gives data, but the device answers: it is not dead", extra=_where(dev))
-        for key in list(st.refused):
-            if key not in now:
-                log.info("fc %02d address %d+%d answers again", key[0], key[1], key[2], extra=_where(dev))
-        st.refused = {key: e.code for key, (r, e) in now.items()}
-
-    def _revive_siblings(self, st):
-        """The connection works again: dead devices on it that failed because the link was down
-        (a gateway reboot, a cable) are probed on their next slot, not after their back-off."""
-        now = self.mono()
-        name = st.device.connection.name
-        for other in self.states:
-            if (other is not st and other.schedule.dead and other.last_error_kind == "connection"
-                    and other.device.connection.name == name):
-                other.schedule.probe_soon(now)
-                other.health.skipped_cycles = other.schedule.skipped
-
-    def _failed(self, st, t, err, duration):
-        dev = st.device
-        h = st.health
-        st.last_error_kind = getattr(err, "kind", None)
-        first = h.consecutive_failures == 0
-        h.failed(err, t, duration)
-        st.summary_failed += 1
-        st.last_sent = None  # on_change: the next good reading is news
-        st.was_failing = True
-        if first:
-            log.warning("poll failed: %s", err, extra=_where(dev))
-        else:
-            log.debug("poll failed again (%d): %s", h.consecutive_failures, err, extra=_where(dev))
-        if isinstance(err, ModbusError):
-            rec = error_record(self.cfg.agent.id, t, dev.name, dev.unit, err)
-        else:
-            rec = error_record(self.cfg.agent.id, t, dev.name, dev.unit,
-                               {"kind": "agent", "message": "%s: %s" % (type(err).__name__, err)})
-        self.append(rec)
-
-    # Appends failing in a row (the spool accounts for failed writes itself and never raises for
-    # them; this is what is left: say it once when it starts and once when it ends, not per reading).
-    _append_failing = 0
-
-    def _append_failed(self, e, rec):
-        self.append_errors += 1
-        if not self._append_failing:
-            log.error("spool append failed: %s: readings are lost while this lasts (logged once)", e,
-                      extra=agentlog.where(rec.get("device"), rec.get("unit")))
-        self._append_failing += 1
-
     def append(self, rec):
-        try:
-            self.spool.append(rec)
-            self.appended += 1
-            if self._append_failing:
-                log.warning("spool append works again after %d failed appends", self._append_failing)
-                self._append_failing = 0
-        except OSError as e:
-            self._append_failed(e, rec)
-        except (ValueError, TypeError, OverflowError) as e:
-            # A value JSON cannot carry (an infinity a decoder let through, an odd type) must
-            # not stop the loop: procd would restart the agent into the same reading, forever.
-            # The reading becomes an error record (kind "agent") saying what was wrong.
-            self.append_errors += 1
-            self._append_unencodable(rec, e)
+        """Spool `rec`; never raises (agent.appender)."""
+        self.appender.append(self.spool, rec)
 
-    def _append_unencodable(self, rec, e):
-        device, unit = rec.get("device"), rec.get("unit")
-        values = rec.get("values")
-        bad = ""
-        if isinstance(values, dict):
-            bad = ", ".join("%s=%r" % (k, v) for k, v in values.items()
-                            if not (v is None or type(v) in (str, bool, int) or
-                                    (type(v) is float and v - v == 0.0)))
-        message = "record cannot be encoded (%s: %s)%s" % (type(e).__name__, e, ": " + bad if bad else "")
-        log.error("%s; spooled as an error record instead", message[:300], extra=agentlog.where(device, unit))
-        err = error_record(self.cfg.agent.id, self.wall(), device, unit, {"kind": "agent", "message": message[:500]})
-        err["ts"] = rec.get("ts") if isinstance(rec.get("ts"), str) else err["ts"]
-        err.pop("clock", None)
-        if rec.get("clock") == "unsynced":
-            err["clock"] = "unsynced"
-        try:
-            self.spool.append(err)
-            self.appended += 1
-        except OSError as e2:
-            self._append_failed(e2, err)
-        except (ValueError, TypeError) as e2:
-            log.error("spool append failed (%d so far): %s", self.append_errors, e2,
-                      extra=agentlog.where(device, unit))
+    @property
+    def appended(self):
+        return self.appender.appended
+
+    @property
+    def append_errors(self):
+        return self.appender.errors
 
     # -- the gaps between polls ----------------------------------------------------------
     def periodic(self, now):
@@ -581,152 +369,44 @@ class Loop:
             self.write_status()
 
     def upload_until(self, until):
-        """Upload in the gap before `until` (the next poll). The uploader starts a request only
-        when the time left before `until` - SAFETY_MARGIN covers one (what its recent requests
-        took, `Uploader.request_time`); a started request runs to its end (its total deadline is
-        `[upload] timeout`) and the poll waits for it: cut short, a slow collector would store
-        batches that are never acknowledged. Each drain call starts batches for DRAIN_SLICE at
-        most, then the timers and signals get a turn; after SIGTERM/SIGHUP no further request
-        starts. Stops when the spool is empty, the uploader backs off, or no further request
-        fits."""
-        if self.uploader is None:
-            return
-        if self._lingering():
-            self.last_upload_chance = self.mono()   # holding back on purpose is not starving
-            return
-        while not (self.stop_requested or self.reload_requested):
-            now = self.mono()
-            self.periodic(now)
-            end = until - SAFETY_MARGIN
-            if end - now < MIN_DRAIN_GAP:
+        """Let each output work in the gap before `until` (the next poll), in order, each in what
+        the ones before it left (agent.gaps)."""
+        for out in self.outputs:
+            if self._stopping():
                 return
-            if end - now >= self.uploader.request_time():
-                self.upload_windows += 1
-            # The uploader's own clock: the loop's may be a test's.
-            t = time.monotonic()
-            try:
-                res = self.uploader.drain(self.spool, t + (end - now), t + DRAIN_SLICE, stop=self._stopping)
-            except Exception:  # the uploader handles network errors; anything else is a bug
-                log.exception("upload failed")
-                return
-            status = res.get("status") if isinstance(res, dict) else None
-            if status in ("empty", "backoff") or res.get("batches"):
-                self.last_upload_chance = self.mono()
-            if status != "slice":
-                return   # empty, backing off, or no further request fits before the poll
+            self.gaps.fill(out, self.spool, until, self.periodic, self._stopping, self._holding_back(out))
 
     def _stopping(self):
-        """The uploader starts no further request once this is true (SIGTERM, SIGHUP)."""
+        """No output starts a further request once this is true (SIGTERM, SIGHUP)."""
         return self.stop_requested or self.reload_requested
 
-    def upload_starved(self, now):
-        """Polls have left no gap to upload in for `starve_after` seconds while records wait:
-        give one request its time before the due poll (which is then late, and the schedule
-        counts what it misses)."""
-        # + MIN_DRAIN_GAP: the uploader checks the time left on its own clock a moment later
-        need = self.uploader.request_time() + SAFETY_MARGIN + MIN_DRAIN_GAP
-        if not self.forced_uploads:
-            log.warning("no gap of %.2fs between polls to upload in for %gs: polls wait for one upload "
-                        "every %gs (intervals are too short for this bus and uplink)",
-                        need, self.starve_after, self.starve_after)
-        self.forced_uploads += 1
-        self.last_upload_chance = now   # at most one forced upload per starve_after
-        self.upload_until(now + need)
+    def upload_starved(self, now, out):
+        """No gap for `out` for starve_after while records wait: one request's time from polling."""
+        self.gaps.force(out, self.spool, now, self.periodic, self._stopping, self._holding_back(out))
 
-    def _upload_retry_at(self):
-        """When a backing-off uploader may try again (loop clock), +inf when it is not backing
-        off: the loop wakes then if that is before the next poll, so a retry is not late."""
-        retry_in = getattr(self.uploader, "retry_in", None)
-        left = retry_in() if retry_in is not None else None
-        return float("inf") if left is None else self.mono() + left
+    def _holding_back(self, out):
+        """[upload] linger holds the uploader back (read live: a reload changes it in place)."""
+        return out is self._uploader and lingering(self.cfg.upload, self.spool)
 
-    def _lingering(self):
-        """`[upload] linger` (0 = upload in every gap): let a small
-        backlog wait until its oldest record is that old or a full batch is ready. Every POST
-        costs the router's CPU the same few milliseconds whatever its size, so fewer, fuller
-        batches mean less CPU; a catch-up is never held back (its oldest record is old)."""
-        up = self.cfg.upload
-        linger = up.linger
-        if linger <= 0:
-            return False
+    def _spool_stats(self):
         try:
-            sp = self.spool.stats()
-        except Exception:
-            return False
-        age = sp.get("oldest_age")
-        return (sp.get("records") or 0) < up.batch_max_records and (age is None or age < linger)
+            return self.spool.stats()
+        except Exception as e:
+            return {"error": str(e)}
 
     def summary(self):
-        parts = []
+        """Log the summary line (agent.summary) and start the next period's counts."""
+        text = summary_line(self.states, self._spool_stats(), self.gaps.period(), self.append_errors)
         for st in self.states:
-            h = st.health
-            s = "%s ok=%d(+%d) failed=%d(+%d)" % (st.device.name, h.polls_ok, st.summary_ok,
-                                                  h.polls_failed, st.summary_failed)
-            if h.missed_cycles:
-                s += " missed=%d" % h.missed_cycles
-            if h.polls_partial:
-                s += " partial=%d" % h.polls_partial
-            if h.refused_blocks:
-                s += " refusing %d block(s)" % h.refused_blocks
-            if h.dead:
-                s += " DEAD"
-            parts.append(s)
             st.summary_ok = st.summary_failed = 0
-        try:
-            sp = self.spool.stats()
-        except Exception as e:
-            sp = {"error": str(e)}
-        age = sp.get("oldest_age")
-        age = "-" if age is None else "%ds" % age
-        text = "summary: %s; spool %s records %s bytes oldest %s" % (
-            ", ".join(parts) or "no devices", sp.get("records", "?"), sp.get("bytes", "?"), age)
-        if self.uploader is not None:
-            text += "; upload %s" % _upload_text(self.uploader)
-            if self.forced_uploads:
-                text += "; upload delayed polls %d time(s): no gap between polls to upload in" % self.forced_uploads
-            elif not self.upload_windows and sp.get("records"):
-                text += "; upload STARVED: no gap of %.3gs between polls to upload in" % self.uploader.request_time()
-        self.upload_windows = 0
-        self.forced_uploads = 0
-        if self.append_errors:
-            text += "; spool append errors %d" % self.append_errors
         self.last_summary = text
         log.info("%s", text)
 
     def status(self):
-        now = self.mono()
-        wall = self.wall()
-        devices = {}
-        for st in self.states:
-            d = st.health.snapshot(utc_timestamp)
-            dev = st.device
-            d.update(unit=dev.unit, interval=dev.interval, mode=dev.mode,
-                     connection=dev.connection.name, next_due_in=round(st.schedule.due - now, 3),
-                     probe_backoff=st.schedule.backoff or None)
-            devices[dev.name] = d
-        try:
-            sp = self.spool.stats()
-        except Exception as e:
-            sp = {"error": str(e)}
-        if isinstance(sp.get("oldest_ts"), (int, float)):
-            sp = dict(sp, oldest_ts=utc_timestamp(sp["oldest_ts"]))
-        return {
-            "agent": self.cfg.agent.id,
-            "pid": os.getpid(),
-            "state": "stopped" if self.stopped else "running",
-            "config": self.cfg.path,
-            "started": utc_timestamp(self.started_wall),
-            "written": utc_timestamp(wall),
-            "written_at": wall,
-            "period": STATUS_PERIOD,
-            "clock_unsynced": self.clock_unsynced,
-            "devices": devices,
-            "spool": sp,
-            "appended": self.appended,
-            "append_errors": self.append_errors,
-            "upload": self.uploader.state() if self.uploader is not None else None,
-            "last_summary": self.last_summary,
-        }
+        """The status file's content (agent.summary.status_doc)."""
+        return status_doc(self.cfg, self.states, self._spool_stats(), self._uploader, self.mono(), self.wall(),
+                          self.started_wall, self.stopped, self.clock_unsynced, STATUS_PERIOD,
+                          self.appended, self.append_errors, self.last_summary)
 
     def write_status(self):
         path = self.cfg.agent.status_file
@@ -746,7 +426,7 @@ class Loop:
         try:
             new = load_config(path)
         except ConfigError as e:
-            errors = getattr(e, "errors", None) or [str(e)]
+            errors = e.errors or [str(e)]
             for err in errors:
                 log.error("reload: %s", err)
             log.error("reload: %d error(s) in %s: still running the previous config", len(errors), path)
@@ -769,21 +449,27 @@ class Loop:
         self.cfg = new
         now = self.mono()
         self.states = [DeviceState(d, now, new.agent, kept.get((d.name, d.unit))) for d in new.devices]
+        self.poller = Poller(new.agent.id, self.states, self.append, self.client_for, self.mono, self.wall)
+        self.appender.agent_id = new.agent.id
         self._set_timers(now)
         log.info("reloaded: %d device(s) on %d connection(s)", len(self.states), len(new.connections))
+
+    def _output_names(self, cfg):
+        """The spool cursors `cfg` asks for: [upload]'s output by `cfg`, the others as they are."""
+        return output_names(cfg, [out for out in self.outputs if out is not self._uploader])
 
     def _reopen_spool(self, old, new):
         """Switch to the spool `new` describes. A spool that cannot be opened (directory not
         writable, locked by another agent) leaves the previous config running.
         The old spool is closed first: the directory lock must be released when it is the same
         directory, and its last writes (a pending gap record, the seq_file at close) must come
-        before the new spool reads the seq_file and continues beyond it (agent.seqlease)."""
+        before the new spool reads the seq_file and continues beyond it (agent.spool.lease)."""
         self.spool.close()
         try:
-            spool = open_spool(new)
+            spool = open_spool(new, self._output_names(new))
         except Exception as e:
             log.error("reload: cannot open the spool: %s: still running the previous config", e)
-            self.spool = open_spool(old)
+            self.spool = open_spool(old, self._output_names(old))
             return False
         self.spool = spool
         return True
@@ -793,7 +479,8 @@ class Loop:
         for client in self.clients.values():
             _close(client)
         self.clients = {}
-        _close(self.uploader)
+        for out in self.outputs:
+            _close(out)
         self.stopped = True
         self.write_status()   # the last figures, while the spool can still report them
         try:
@@ -805,23 +492,13 @@ class Loop:
 
 
 def _close(obj):
-    close = getattr(obj, "close", None)
-    if close is None:
+    """Close a client or an output (None: nothing); a failure to close is not worth more than a debug line."""
+    if obj is None:
         return
     try:
-        close()
+        obj.close()
     except Exception as e:
         log.debug("close %s: %s", type(obj).__name__, e)
-
-
-def _upload_text(uploader):
-    try:
-        st = uploader.state()
-    except Exception as e:
-        return "state unavailable (%s)" % e
-    keys = ("last_ok", "last_error", "backoff_until", "sent_total")
-    shown = ["%s=%s" % (k, st[k]) for k in keys if st.get(k) not in (None, "")]
-    return " ".join(shown) or "no attempt yet"
 
 
 def setup_logging(cfg, level=None):
@@ -837,7 +514,7 @@ def cmd_run(args):
     if cfg is None:
         return 2
     try:
-        setup_logging(cfg, getattr(args, "log_level", None))
+        setup_logging(cfg, args.log_level)
     except (ValueError, OSError) as e:
         print("%s: [agent] log: %s" % (args.config, e), file=sys.stderr)
         return 2

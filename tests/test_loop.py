@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.loop import moved
+from agent.polling import moved
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT / "tools") not in sys.path:

@@ -1,4 +1,4 @@
-"""The uploader: drains the spool to the collector in bulk batches, in the gaps between polls.
+"""The HTTP uploader (the loop's "http" output, agent.output): drains the spool to the collector in bulk batches, in the gaps between polls.
 
 Wire format (issue 4): POST {url} with body {"agent": ID, "records": [record, ...]} built by joining
 the spool's lines (never re-encoded), Content-Type application/json, optional Content-Encoding gzip,
@@ -6,35 +6,15 @@ Authorization: Bearer TOKEN. The collector is idempotent on (agent, seq), so a b
 lost is simply sent again: at-least-once here + idempotent storage there = exactly once.
 
 Time: the loop gives `drain` the monotonic time of the next poll. A request is only STARTED when
-the time left covers what such a request has been measured to take (`request_time`): the 90th
-percentile of the last RECENT answered requests on a kept-alive connection, or of those that had
-to open a connection when none is open (a cold request also pays the TCP/TLS handshake);
-before anything is measured, small priors (REQUEST_PRIOR, + CONNECT_PRIOR when cold) that fit
-the gap of a 100 ms poll, so the first records go out in the first gap. A receiver answering in
-2 ms gets requests in any gap of a few ms (the loop's margin aside), a WAN collector answering
-in 400 ms only in gaps that long. A percentile, not a mean: a poll made late by an outlier
-costs more than a gap left unused. Once started a request runs to its end (at most its own
-`[upload] timeout`) and the poll waits for it. Cutting a request short would be worse than a
+the time left covers what such a request has been measured to take (`request_time`, see
+agent.upload.timing). Once started a request runs to its end (at most its own `[upload] timeout`,
+agent.upload.deadline) and the poll waits for it. Cutting a request short would be worse than a
 late poll: a collector slower than the gap (cellular + TLS) would store every batch and never
 get to acknowledge one. Only the connect phase is bounded by the time left (at least
 CONNECT_MIN, a SYN round trip over a slow uplink; nothing has been sent yet, so nothing is
-lost): a black-holed SYN costs the gap, not the whole timeout. A request that gets no answer
-(timeout, reset, refused) sets a floor under the estimate of the time it took, so after a
-collector that accepts and hangs the next retry waits for a gap that long instead of overrunning
-every short one. A gap left unused only because of the estimate, when it was at least half the
-estimate (trying it could make the poll late by less than the gap), ages the measurements, so
-one slow answer or one hung request cannot starve uploads for good; gaps far shorter than the
-measured requests age nothing, and the loop's starvation rule (agent.loop) takes over.
-
-Deadline: `[upload] timeout` is the TOTAL time of one request (connect, send, headers, body),
-whatever the server does. requests' own timeout is per socket read: a server (or proxy) that
-dribbles one byte a second would hold the single-threaded loop, and SIGTERM, forever. See
-`_Alarm` for how it is enforced. A request that ran long without an answer backs off at
-least NO_ANSWER_BACKOFF times as long (within backoff_max), so a hung or dribbling server costs
-polling a bounded share of the time, not a timeout every few polls. The answer is read up to
-ANSWER_MAX bytes: a larger one is an error naming its size (the batch stays in the spool and
-goes again after the back-off), so a hostile or broken server cannot make the agent buffer
-hundreds of MB on a 64 MB router.
+lost): a black-holed SYN costs the gap, not the whole timeout. A request that ran long without
+an answer backs off at least NO_ANSWER_BACKOFF times as long (within backoff_max), so a hung or
+dribbling server costs polling a bounded share of the time, not a timeout every few polls.
 
 One agent per batch: the envelope's "agent" is always the agent of the records in the batch (every
 spool line starts {"agent":ID,"seq":...}). After an `[agent] id` rename the old id's backlog goes
@@ -46,7 +26,7 @@ never discarding good readings.
 
 Answers:
   2xx + the collector's answer {"stored": n, ...}
-                       stored: the spool acknowledges the batch (the only way a record leaves it).
+                       stored: the spool acknowledges the batch (a quarantine, below, is the other way out).
                        A 2xx without that answer (a captive portal, a proxy's page, a wrong URL
                        served by some web server) is NOT an acknowledgement: back off.
                        Every record a duplicate while the collector already holds seqs higher
@@ -76,128 +56,52 @@ Answers:
                        too big for the link)
   answer > 64 KiB      not the collector's answer: back off, the batch stays (size in the error)
 """
-import collections
 import gzip as _gzip
 import http.client
 import json
 import logging
 import random
-import re
-import signal
-import threading
 import time
-import zlib
 
 import requests
 import urllib3
 
 from agent.config import redact
+from agent.output import Output
 from agent.record import utc_timestamp
+from agent.upload import verdict
+from agent.upload.deadline import ANSWER_MAX, Alarm, AnswerTooLarge, RequestDeadline, read_answer, short
+from agent.upload.quarantine import Quarantine
+from agent.upload.timing import CONNECT_MIN, DECAY_GAP, RequestTimes
+from agent.upload.verdict import RETRY_4XX
+from agent.wire import ENVELOPE_TAIL, envelope_head, line_agent, line_prefix
 
 log = logging.getLogger("agent.upload")
 
-# 4xx answers that say nothing about the records themselves: quarantining on them would move a
-# whole healthy backlog aside because of a revoked token or a typo in the URL.
-RETRY_4XX = frozenset((401, 403, 404, 405, 407, 408, 411, 415, 421, 425, 426, 429))
 GZIP_LEVEL = 1      # ~3x faster than level 6 on JSON, barely larger: the router's CPU is the bottleneck
 BACKOFF_BASE = 1.0
-# Before any request is measured: a LAN or loopback round trip with a small body on a slow CPU.
-# Small enough to fit the gap of a 100 ms poll (the loop keeps 50 ms free before each poll): the
-# first records go out at once; a slower collector costs one late poll, then it is measured.
-REQUEST_PRIOR = 0.02
-CONNECT_PRIOR = 0.01    # what a new connection adds, until one has been measured
-RECENT = 20             # answered requests remembered per kind (kept-alive / new connection)
-PERCENTILE = 0.9        # of those, the duration a gap must hold (of 20: the second longest)
-CONNECT_MIN = 0.2       # a connect bounded by a short gap still gets this long (a SYN over 3G)
-ESTIMATE_DECAY = 0.8    # a gap skipped only because of the estimate ages the measurements so
-DECAY_GAP = 0.5         # ... when the gap was at least this fraction of the estimate
-# The collector's answer is one small JSON object ({"stored":..}, or an error naming a record,
-# < 1 kB); a proxy's error page a few kB. 64 KiB holds any of them, and reading that much costs
-# nothing on a 64 MB router; more is not an answer this agent can use.
-ANSWER_MAX = 64 * 1024
 # A request that ran T seconds without an answer (a hung or dribbling server, up to the whole
 # timeout) backs off at least this many times T (within backoff_max): such a server holds the
 # single loop, and with it polling, for at most ~1/(1 + this) of the time.
 NO_ANSWER_BACKOFF = 10.0
-_READ_CHUNK = 8192
-
-_AGENT_KEY = b'{"agent":'
-_RECORD_AGENT = re.compile(r"^\$\.records\[(\d+)\]\.agent$")
-_JSON = json.JSONDecoder()
-_CAUSED_BY = re.compile(r"\(Caused by (\w+)\((.*)\)\)$")
-_OBJECT_REPR = re.compile(r"<[^<>]*>(?:: |, )?")
 
 
 class _Retry(Exception):
     """Stop draining and back off."""
 
 
-class RequestDeadline(BaseException):
-    """A request's total deadline (`[upload] timeout`) passed. A BaseException, like
-    KeyboardInterrupt, on purpose: requests and urllib3 let it through their `except Exception`
-    handlers, and urllib3 closes the connection it interrupted instead of pooling it (the
-    well-trodden Ctrl-C path)."""
+class Uploader(Output):
+    """The HTTP output: `fill_gap` is `drain`."""
 
+    name = "http"
+    label = "upload"
 
-class _AnswerTooLarge(Exception):
-    pass
-
-
-class _Alarm:
-    """The total deadline of one request: SIGALRM (setitimer, sub-second) in the main thread.
-
-    Why a signal: the alternatives cannot bound everything. A per-read socket timeout is what
-    requests has; shrinking it to the time left before each read would need a socket wrapper
-    that http.client's header reading (readline on a makefile, line by line), urllib3's TLS
-    wrapping and proxies all go through, and `stream=True` with deadline checks between chunks
-    only covers the body. An interval timer interrupts whatever blocks (connect, TLS
-    handshake, send, a dribbled header line, a body read) and the handler raises
-    RequestDeadline in the main thread, where the agent's single loop runs.
-
-    It must never fire into other code: the handler raises only while armed; leaving the
-    block disarms first, then cancels the timer, then puts the previous handler (and any timer
-    that was running, less the time spent) back. Outside the main thread (a test or a tool
-    driving an Uploader from a thread) signals cannot be used: the deadline is then only
-    checked between body chunks, on top of requests' per-read timeout."""
-
-    def __init__(self, seconds):
-        self.seconds = seconds
-        self.usable = hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
-        self.armed = False
-        self._old_handler = self._old_timer = None
-        self._t0 = 0.0
-
-    def _fire(self, signum, frame):
-        if self.armed:
-            self.armed = False
-            raise RequestDeadline()
-
-    def __enter__(self):
-        if self.usable:
-            self._t0 = time.monotonic()
-            self._old_timer = signal.setitimer(signal.ITIMER_REAL, 0)
-            self._old_handler = signal.signal(signal.SIGALRM, self._fire)
-            self.armed = True
-            signal.setitimer(signal.ITIMER_REAL, max(self.seconds, 1e-3))
-        return self
-
-    def __exit__(self, *exc):
-        if self.usable:
-            self.armed = False
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            old = self._old_handler
-            signal.signal(signal.SIGALRM, old if old is not None else signal.SIG_DFL)
-            delay, interval = self._old_timer
-            if delay > 0:
-                signal.setitimer(signal.ITIMER_REAL, max(1e-3, delay - (time.monotonic() - self._t0)), interval)
-        return False
-
-
-class Uploader:
     def __init__(self, url, agent_id, token=None, batch_max_records=500, batch_max_kb=256, gzip=True,
                  timeout=10.0, ca_file=None, verify=True, backoff_max=300.0, session=None,
-                 gzip_level=GZIP_LEVEL):
+                 gzip_level=GZIP_LEVEL, quarantine=None):
         self.url = url
+        # where rejected records go (agent.upload.quarantine): written, then acknowledged
+        self.quarantine = quarantine if quarantine is not None else Quarantine()
         self._url_shown = redact(url)   # what logs and state() show: never the URL's credentials
         self.agent_id = agent_id
         self.batch_max_records = max(1, int(batch_max_records))
@@ -206,9 +110,9 @@ class Uploader:
         self.gzip_level = gzip_level
         self.timeout = float(timeout)
         self.backoff_max = float(backoff_max)
-        self._head = _envelope_head(agent_id)
+        self._head = envelope_head(agent_id)
         # how the spool's lines of this agent start: a batch whose lines all start so is ours
-        self._line_prefix = _line_prefix(agent_id)
+        self._line_prefix = line_prefix(agent_id)
         self._session = session or requests.Session()
         # Passed with every request: a session-level verify loses to $REQUESTS_CA_BUNDLE in
         # requests (psf/requests#3829), which would silently ignore ca_file.
@@ -227,13 +131,8 @@ class Uploader:
         self._failures = 0
         self._backoff_until = 0.0       # monotonic
         self._retry_after = None
-        # Seconds recent answered requests took, on a kept-alive connection and with a new one;
-        # a floor left by a request without an answer (it took that long and taught nothing).
-        self._warm = collections.deque(maxlen=RECENT)
-        self._cold = collections.deque(maxlen=RECENT)
-        self._floor = 0.0
+        self._times = RequestTimes()        # what requests take: which gaps can start one
         self._no_answer_took = 0.0          # how long the failed request just now ran unanswered
-        self._alive = False                 # a kept-alive connection should be open
         self._skipped = False               # the last drain call left its gap unused
         self._seq_reuse_streak = False
         # The highest seq this agent may have put on the collector: seeded at the first drain
@@ -277,14 +176,14 @@ class Uploader:
                         # nothing either, so this is not just the tail of a busy gap): age it,
                         # or one slow answer would keep every later gap idle for good.
                         if self._skipped:
-                            self._age()
+                            self._times.age()
                         self._skipped = True
                     res["status"] = "deadline"
                     break
                 if started and slice_end is not None and now >= slice_end:
                     res["status"] = "slice"
                     break
-                batch = spool.peek(self._limit, self.batch_max_bytes)
+                batch = spool.peek(self._limit, self.batch_max_bytes, output=self.name)
                 if batch is None:
                     break
                 started = True
@@ -300,26 +199,15 @@ class Uploader:
     def request_time(self):
         """The time a gap must still have for a request to start (seconds): what recent
         requests of the kind the next one will be (on the kept-alive connection, or opening
-        one) took, at least the floor an unanswered request left."""
-        warm = _percentile(self._warm)
-        if warm is None:    # a request that opened a connection bounds one that reuses it
-            warm = _percentile(self._cold)
-        if warm is None:
-            warm = REQUEST_PRIOR
-        if self._alive:
-            need = warm
-        else:
-            need = _percentile(self._cold)
-            if need is None:
-                need = warm + CONNECT_PRIOR
-        return max(need, self._floor)
+        one) took, at least the floor an unanswered request left (agent.upload.timing)."""
+        return self._times.need()
 
-    def _age(self):
-        """A gap was left unused because of the estimate: make the measurements a little
-        shorter (one slow answer must not keep every later gap idle for good)."""
-        self._warm = collections.deque((d * ESTIMATE_DECAY for d in self._warm), maxlen=RECENT)
-        self._cold = collections.deque((d * ESTIMATE_DECAY for d in self._cold), maxlen=RECENT)
-        self._floor *= ESTIMATE_DECAY
+    def fill_gap(self, spool, until, slice_end=None, stop=None):
+        return self.drain(spool, until, slice_end, stop)
+
+    def retry_at(self):
+        """When a back-off ends (time.monotonic()), None when not backing off."""
+        return self._backoff_until if self._backoff_until > time.monotonic() else None
 
     def retry_in(self):
         """Seconds until a back-off ends, None when not backing off: the loop wakes then."""
@@ -342,23 +230,7 @@ class Uploader:
         """-> (agent, the leading part of `batch` whose records all belong to that agent). The
         spool holds the records of an earlier `[agent] id` until they are uploaded; each goes out
         under its own agent, so the collector's (agent, seq) identity is kept."""
-        lines = batch.lines
-        own = self._line_prefix
-        first = lines[0]
-        if first.startswith(own):
-            agent, prefix = self.agent_id, own
-        else:
-            agent = _line_agent(first)
-            if agent is None:   # no agent id: send it as ours, the collector judges the record
-                agent = self.agent_id
-            prefix = _line_prefix(agent)
-        k = 1
-        for line in lines[1:]:
-            if not line.startswith(prefix):
-                a = _line_agent(line)
-                if a != agent and not (a is None and agent == self.agent_id):
-                    break
-            k += 1
+        agent, k = leading_agent(batch.lines, self.agent_id, self._line_prefix)
         if agent != self.agent_id:
             if self._st["other_agent"] != agent:
                 log.warning("upload: the spool holds records of agent %r (written before [agent] id became "
@@ -398,7 +270,7 @@ class Uploader:
                 self._quarantine(spool, b, code, reason, res)
                 continue
             if code is not None and 400 <= code < 500 and code not in RETRY_4XX and \
-                    self._names_a_bad_record(b, answer):
+                    verdict.names_a_bad_record(b, answer):
                 if b.count == 1:
                     self._quarantine(spool, b, code, reason, res)
                     continue
@@ -409,61 +281,23 @@ class Uploader:
                 stack.append(first)
                 continue
             # Not the records' fault: network, timeout, 5xx, token, url, a proxy's page, an id.
-            if code is None and b.count > 1 and _timed_out(reason):
+            if code is None and b.count > 1 and verdict.timed_out(reason):
                 # The configured timeout passed: too big for the link or the collector, smaller
                 # batches from now on, or it would never get through.
                 self._limit = max(1, b.count // 2)
                 self._ok_since_413 = 0
-            self._fail(code, reason, self._hint(b, agent, code, answer))
+            self._fail(code, reason, verdict.hint(b, agent, self.agent_id, code, answer))
             raise _Retry()
         return True
 
-    def _names_a_bad_record(self, batch, answer):
-        """Is this 4xx the collector's verdict on a record (bisect, quarantine) rather than on the
-        request (back off)? Only the collector's JSON error names a record; a proxy's HTML 400
-        does not. "$.records[i].agent" is a record's fault only when record i carries no agent
-        id at all: a real id that differs from the envelope's is a mismatch, not a bad reading."""
-        if not isinstance(answer, dict):
-            return False
-        where, error = answer.get("where"), answer.get("error")
-        if not (isinstance(where, str) and isinstance(error, str) and error):
-            return False
-        m = _RECORD_AGENT.match(where)
-        if m:
-            i = int(m.group(1))
-            return i < batch.count and _line_agent(batch.lines[i]) is None
-        if where.startswith("$.records["):
-            return True
-        # malformed JSON located in the body: one of the joined lines (the envelope is ours)
-        return where.startswith("body:") or (where == "body" and error.startswith("malformed JSON"))
-
-    def _hint(self, batch, agent, code, answer):
-        """What the operator must do, for the failures a configuration change causes."""
-        where = answer.get("where") if isinstance(answer, dict) else None
-        if agent != self.agent_id and code in (401, 403):
-            return ("the spool still holds records of agent %r (before [agent] id became %r), and the collector "
-                    "refuses them with this token: keep [agent] id = %s until they are uploaded, or let the "
-                    "collector accept this token for %r; newer records wait behind them"
-                    % (agent, self.agent_id, agent, agent))
-        m = _RECORD_AGENT.match(where) if isinstance(where, str) else None
-        if m and int(m.group(1)) < batch.count:
-            return ("agent id mismatch: the spool's record says %r, the batch says %r, [agent] id is %r; "
-                    "nothing quarantined" % (_line_agent(batch.lines[int(m.group(1))]), agent, self.agent_id))
-        if where == "$.agent" and code not in (401, 403):
-            return "the collector refuses the agent id %r ([agent] id); nothing quarantined" % agent
-        if code is not None and 400 <= code < 500 and code not in RETRY_4XX and not _collector_error(answer):
-            return ("HTTP %d is not the collector's answer (a proxy, a firewall, plain HTTP to an HTTPS port?): "
-                    "check [upload] url; nothing quarantined" % code)
-        return None
-
     def _quarantine(self, spool, b, code, reason, res):
-        spool.quarantine(b, "HTTP %d: %s" % (code, redact(reason)))
+        self.quarantine.keep(spool, b, "HTTP %d: %s" % (code, redact(reason)))
         self._st["quarantined_total"] += b.count
         res["quarantined"] += b.count
 
     def _body(self, batch, agent):
-        head = self._head if agent == self.agent_id else _envelope_head(agent)
-        body = head + b",".join(batch.lines) + b"]}"
+        head = self._head if agent == self.agent_id else envelope_head(agent)
+        body = head + b",".join(batch.lines) + ENVELOPE_TAIL
         if self.gzip:
             body = _gzip.compress(body, self.gzip_level)
         return body
@@ -471,37 +305,36 @@ class Uploader:
     def _post(self, batch, agent=None, deadline=None):
         """-> (status code or None for a network error, reason text, parsed JSON answer or None).
         The whole request, from connect to the answer's last byte, ends within the configured
-        timeout (_Alarm); the connect phase also ends by the monotonic `deadline` (given at
+        timeout (deadline.Alarm); the connect phase also ends by the monotonic `deadline` (given at
         least CONNECT_MIN). The answer is read up to ANSWER_MAX bytes."""
         t0 = time.monotonic()
         body = self._body(batch, self.agent_id if agent is None else agent)
         if self._posted_hi is None or batch.last_seq > self._posted_hi:
             self._posted_hi = batch.last_seq
-        cold = not self._alive
-        self._alive = False      # until an answer says the connection stays open
+        cold = not self._times.alive
+        self._times.alive = False      # until an answer says the connection stays open
         left = self.timeout if deadline is None else deadline - t0
         r = None
         try:
-            with _Alarm(self.timeout):
+            with Alarm(self.timeout):
                 r = self._session.post(self.url, data=body, headers=self._headers, stream=True,
                                        timeout=(min(self.timeout, max(left, CONNECT_MIN)), self.timeout),
                                        verify=self._verify, allow_redirects=False)
-                raw = _read_answer(r, ANSWER_MAX, t0 + self.timeout)
+                raw = read_answer(r, ANSWER_MAX, t0 + self.timeout)
         except RequestDeadline:
             return self._no_answer(r, t0, "TotalTimeout: no complete answer within [upload] timeout = %gs "
                                           "(the server sends too slowly or not at all; timed out)" % self.timeout)
-        except _AnswerTooLarge as e:
+        except AnswerTooLarge as e:
             self._st["bytes_sent_total"] += len(body)
             return self._no_answer(r, t0, "HTTP %d: %s" % (r.status_code, e))
         except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, http.client.HTTPException,
                 OSError) as e:
             # No answer, but it took this long: a hung collector (accepts, never answers) must
             # not get a retry in every short gap, each overrunning the poll by the whole timeout.
-            return self._no_answer(r, t0, "%s: %s" % (type(e).__name__, _short(e)))
+            return self._no_answer(r, t0, "%s: %s" % (type(e).__name__, short(e)))
         # answered: how long requests take now decides which gaps can start one
-        (self._cold if cold else self._warm).append(time.monotonic() - t0)
-        self._floor = 0.0
-        self._alive = r.headers.get("Connection", "").lower() != "close" and getattr(r.raw, "version", 11) >= 11
+        self._times.answered(cold, time.monotonic() - t0)
+        self._times.alive = r.headers.get("Connection", "").lower() != "close" and getattr(r.raw, "version", 11) >= 11
         r.close()
         answer = None
         try:
@@ -537,9 +370,8 @@ class Uploader:
             except Exception:   # closing a broken connection: nothing left to save
                 pass
         self._session.close()   # every pooled connection: the next request opens a new one
-        self._alive = False
         self._no_answer_took = time.monotonic() - t0
-        self._floor = max(self._floor, self._no_answer_took)
+        self._times.unanswered(self._no_answer_took)
         return None, reason, None
 
     def _ok(self, batch, agent, answer):
@@ -553,22 +385,12 @@ class Uploader:
             st["duplicates_total"] += dups
         if type(max_seq) is int:
             st["last_max_seq"] = max_seq
-        ours = max(batch.last_seq, self._posted_hi or 0)
-        if dups == batch.count and type(max_seq) is int and max_seq > ours:
-            # All already there, and the collector holds seqs this agent never sent: a resend
-            # (lost or late answer, a halved batch, a lagging cursor after a restart) never
-            # looks like this, the collector's max would be at most `ours`.
+        reuse = verdict.seq_reuse(batch, agent, dups, max_seq, max(batch.last_seq, self._posted_hi or 0))
+        if reuse is not None:
             st["seq_reuse_suspected"] += batch.count
             if not self._seq_reuse_streak:
                 self._seq_reuse_streak = True
-                log.error("upload: the collector already holds all %d records seq %d..%d of agent %r and has seqs "
-                          "up to %d, beyond any this agent has sent (%d): these readings are being DISCARDED as "
-                          "duplicates, and new ones will be at least until its seq passes %d. Either another "
-                          "router sends as %r too (each needs its own [agent] id), or this agent's seq went back "
-                          "(spool state lost or rolled back: fsync = never and a power cut, or spool_dir and "
-                          "seq_file both replaced while the clock was unset); a new [agent] id for this agent "
-                          "stops the loss of new readings",
-                          batch.count, batch.first_seq, batch.last_seq, agent, max_seq, ours, max_seq, agent)
+                log.error("%s", reuse)
         elif type(dups) is int and dups < batch.count:
             self._seq_reuse_streak = False
         if agent == self.agent_id:
@@ -613,89 +435,23 @@ class Uploader:
                 self._url_shown, st["last_error"], delay, self._failures)
 
 
-def _envelope_head(agent_id):
-    return b'{"agent":' + json.dumps(agent_id, ensure_ascii=False).encode("utf-8") + b',"records":['
-
-
-def _line_prefix(agent_id):
-    """How the spool starts a line of this agent (agent.record / agent.spool)."""
-    return b'{"agent":' + json.dumps(agent_id, ensure_ascii=False).encode("utf-8") + b',"seq":'
-
-
-def _line_agent(line):
-    """The agent id a spool line carries (a non-empty string), None when it has none."""
-    agent = None
-    try:
-        if line.startswith(_AGENT_KEY):
-            agent, _ = _JSON.raw_decode(line[len(_AGENT_KEY):len(_AGENT_KEY) + 1024].decode("utf-8", "replace"))
-        else:
-            rec = json.loads(line)
-            agent = rec.get("agent") if isinstance(rec, dict) else None
-    except ValueError:
-        return None
-    return agent if isinstance(agent, str) and agent else None
-
-
-def _collector_error(answer):
-    """The collector's error body: {"error": ..., "where": ...}."""
-    return isinstance(answer, dict) and isinstance(answer.get("error"), str) and isinstance(answer.get("where"), str)
-
-
-def _timed_out(reason):
-    """A read timeout, the total deadline, or a send that timed out (requests wraps that in a
-    ConnectionError); not a connect timeout, which says nothing about the batch."""
-    return reason.startswith(("ReadTimeout", "TotalTimeout")) or \
-        ("timed out" in reason and not reason.startswith("ConnectTimeout"))
-
-
-def _percentile(durations):
-    """The PERCENTILE of `durations` (None when empty): of 20, the second longest."""
-    if not durations:
-        return None
-    d = sorted(durations)
-    return d[min(len(d) - 1, int(PERCENTILE * len(d)))]
-
-
-def _read_answer(r, limit, deadline):
-    """The answer's body, at most `limit` bytes (_AnswerTooLarge beyond, naming the size), read
-    in chunks with the deadline checked between them (the only bound outside the main thread).
-    Content-Encoding gzip/deflate (asked for identity, but a proxy may still compress) is
-    inflated with the same bound: a small compressed answer must not inflate into a huge one."""
-    n = r.headers.get("Content-Length", "")
-    if n.isdigit() and int(n) > limit:
-        raise _AnswerTooLarge("answer of %s bytes (Content-Length), more than the %d this agent reads: "
-                              "not the collector's answer (a proxy, a wrong url?)" % (n, limit))
-    enc = r.headers.get("Content-Encoding", "identity").strip().lower()
-    if enc in ("gzip", "x-gzip"):
-        inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    elif enc == "deflate":
-        inflate = zlib.decompressobj()
-    elif enc in ("", "identity"):
-        inflate = None
+def leading_agent(lines, agent_id, own_prefix):
+    """-> (the agent of the first line, how many lines from the start belong to it). A line
+    without an agent id counts as `agent_id`'s (`own_prefix`: line_prefix(agent_id)): the
+    collector judges that record."""
+    first = lines[0]
+    if first.startswith(own_prefix):
+        agent, prefix = agent_id, own_prefix
     else:
-        raise _AnswerTooLarge("answer in Content-Encoding %r, which this agent does not read" % enc[:40])
-    out = bytearray()
-    while True:
-        chunk = r.raw.read(_READ_CHUNK, decode_content=False)
-        if not chunk:
-            break
-        if inflate is not None:
-            chunk = inflate.decompress(chunk, limit + 1 - len(out))
-        out += chunk
-        if len(out) > limit or (inflate is not None and inflate.unconsumed_tail):
-            raise _AnswerTooLarge("answer of more than %d bytes%s: not the collector's answer (a proxy, a "
-                                  "wrong url?)" % (limit, " (after inflating)" if inflate is not None else ""))
-        if time.monotonic() > deadline:
-            raise RequestDeadline()
-    return bytes(out)
-
-
-def _short(e):
-    """One line, without the noise urllib3 nests into connection errors: "HTTPConnectionPool(...):
-    Max retries exceeded with url: ... (Caused by X(<object at 0x...>, 'what happened'))" becomes
-    "X: what happened", so the cause (and the connect timeout used) is not cut off."""
-    s = str(e).replace("\n", " ")
-    m = _CAUSED_BY.search(s)
-    if m:
-        s = "%s: %s" % (m.group(1), _OBJECT_REPR.sub("", m.group(2)).strip("'\" "))
-    return s[:200]
+        agent = line_agent(first)
+        if agent is None:   # no agent id: send it as ours, the collector judges the record
+            agent = agent_id
+        prefix = line_prefix(agent)
+    k = 1
+    for line in lines[1:]:
+        if not line.startswith(prefix):
+            a = line_agent(line)
+            if a != agent and not (a is None and agent == agent_id):
+                break
+        k += 1
+    return agent, k
