@@ -32,6 +32,21 @@ def names_a_bad_record(batch, answer):
     return where.startswith("body:") or (where == "body" and error.startswith("malformed JSON"))
 
 
+_RECORD_AT = re.compile(r"^\$\.records\[(\d+)\]")
+
+
+def bad_record_index(batch, answer):
+    """The index of the record the collector's error names ("$.records[i]..."), when it is one
+    of this batch's; None otherwise (malformed JSON, a body-level error). The collector checks
+    records in order and names the first it refuses, so those before it were fine."""
+    where = answer.get("where") if isinstance(answer, dict) else None
+    m = _RECORD_AT.match(where) if isinstance(where, str) else None
+    if m is None:
+        return None
+    i = int(m.group(1))
+    return i if i < batch.count else None
+
+
 def hint(batch, agent, agent_id, code, answer):
     """What the operator must do, for the failures a configuration change causes (`agent`: the
     batch's envelope, `agent_id`: [agent] id)."""
