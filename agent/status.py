@@ -82,8 +82,8 @@ def format_status(st, now=None):
     if st.get("clock_unsynced"):
         lines.append("WARNING: the clock looks unset (before the release date); records are flagged \"clock\": \"unsynced\"")
     devices = st.get("devices") or {}
-    header = ("DEVICE", "UNIT", "STATE", "LAST SUCCESS", "FAILS", "OK", "FAILED", "TIMEOUT", "CRC", "FRAME",
-              "CONN", "EXCEPTIONS", "MISSED")
+    header = ("DEVICE", "UNIT", "STATE", "LAST SUCCESS", "FAILS", "OK", "PARTIAL", "FAILED", "TIMEOUT", "CRC",
+              "FRAME", "CONN", "EXCEPTIONS", "MISSED")
     rows = [header]
     for name in sorted(devices):
         d = devices[name]
@@ -100,7 +100,8 @@ def format_status(st, now=None):
         exc = d.get("exceptions") or {}
         rows.append((
             name, str(d.get("unit", "-")), state, _ago(d.get("last_success"), now),
-            str(d.get("consecutive_failures", 0)), str(d.get("polls_ok", 0)), str(d.get("polls_failed", 0)),
+            str(d.get("consecutive_failures", 0)), str(d.get("polls_ok", 0)), str(d.get("polls_partial", 0)),
+            str(d.get("polls_failed", 0)),
             str(d.get("timeouts", 0)), str(d.get("crc_errors", 0)), str(d.get("frame_errors", 0)),
             str(d.get("connection_errors", 0)),
             ",".join("%s:%s" % kv for kv in sorted(exc.items())) or "-",

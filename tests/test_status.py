@@ -1,6 +1,7 @@
 """agent.status: atomic status file, formatting, staleness."""
 import json
 import os
+import re
 import time
 
 from agent.status import format_status, is_stale, read_status, write_status
@@ -92,3 +93,17 @@ def test_status_json_through_the_command_line(tmp_path, capsys):
     write_status(str(tmp_path / "status.json"), _sample(time.time()))
     assert main(["status", "-c", str(ini), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["devices"]["plc"]["exceptions"] == {"6": 2}
+
+
+def test_a_device_with_only_partial_polls_shows_them(tmp_path):
+    """Review: a device whose every poll was partial showed OK 0 / FAILED 0 and no sign of its polls."""
+    from agent.status import format_status as render
+    st = {"agent": "a", "state": "running", "written_at": 1_800_000_000.0, "period": 5,
+          "devices": {"m": {"unit": 1, "polls_ok": 0, "polls_partial": 7, "polls_failed": 0,
+                            "refused_blocks": 1, "consecutive_failures": 0,
+                            "last_error": "refuses fc 03 holding 500+1 (point bad)"}}}
+    text = render(st, now=1_800_000_001.0)
+    header = next(line for line in text.splitlines() if line.startswith("DEVICE"))
+    row = next(line for line in text.splitlines() if line.startswith("m "))
+    cols = dict(zip(re.split(r"\s{2,}", header), re.split(r"\s{2,}", row)))
+    assert cols["STATE"] == "partial" and cols["PARTIAL"] == "7" and cols["OK"] == "0"
