@@ -274,3 +274,14 @@ def test_cli_db_with_an_unknown_scheme_is_a_usage_error(tmp_path):
 ])
 def test_redact_hides_secret_looking_query_values(text, shown):
     assert redact(text) == shown
+
+
+def test_a_database_in_a_missing_directory_is_named_in_the_error(tmp_path):
+    """Review: `--db` into a directory that does not exist said only "unable to open database file"."""
+    import subprocess
+    import sys
+    db = tmp_path / "nowhere" / "c.db"
+    r = subprocess.run([sys.executable, "-m", "agent.collector.cli", "--listen", "127.0.0.1:0", "--db", str(db)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0
+    assert str(db) in r.stderr and "directory %s does not exist" % (tmp_path / "nowhere") in r.stderr

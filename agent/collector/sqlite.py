@@ -79,8 +79,14 @@ class SQLiteStore(Store):
             self.migrate()
 
     def _connect(self):
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                               timeout=BUSY_TIMEOUT_MS / 1000.0, cached_statements=64)
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                   timeout=BUSY_TIMEOUT_MS / 1000.0, cached_statements=64)
+        except sqlite3.OperationalError as e:
+            # sqlite says "unable to open database file" without the file: name it, and its directory
+            folder = os.path.dirname(os.path.abspath(self.path))
+            why = "" if os.path.isdir(folder) else " (directory %s does not exist)" % folder
+            raise sqlite3.OperationalError("%s: %s%s" % (self.path, e, why)) from None
         conn.execute("PRAGMA busy_timeout = %d" % BUSY_TIMEOUT_MS)
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = FULL")
