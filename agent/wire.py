@@ -1,7 +1,7 @@
 """The wire format: one record is one line of compact UTF-8 JSON, and the same bytes travel
 everywhere: appended to the spool, sent in an upload batch, stored as the collector's payload.
 
-Stdlib only: the agent (record, spool, upload) and the collector (validate, store) import it.
+Stdlib only: the agent (record, spool, upload) and the collector (fastpath, validate, app, reads) import it.
 tests/test_wire.py pins every fact below; change one and that test says who relies on it.
 
 The contract:
