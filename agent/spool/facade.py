@@ -148,10 +148,6 @@ class Spool(SegmentFiles, CursorFiles, LossAccounting, Reader, Writer, Quarantin
             seg.verified = False
             self._segs.append(seg)
             self._bytes += seg.size
-        lease = self._lease.read()
-        mine = self._lease.is_mine(cursor, lease)
-        floor = self._lease.start_floor(floor, cursor, lease, mine, not cursor and not names,
-                                        self._fresh_seq, self.directory)
         failed = self._read_pending()
         if failed is not None:
             on_disk = max((seg.last_seq for seg in self._segs if seg.last_seq is not None), default=0)
@@ -167,6 +163,13 @@ class Spool(SegmentFiles, CursorFiles, LossAccounting, Reader, Writer, Quarantin
                 self._failed = failed
                 self._pending_loss = [list(failed) + [None]]
                 floor = max(floor, failed[2] + 1)   # the gap record's range must stay unused
+        # The seq lease is judged against the spool's WHOLE floor, the lost seqs of the pending
+        # account included: a clean stop (or the lease moving on) during the outage wrote a base
+        # past them, and this spool's own lost seqs must not look like another copy's.
+        lease = self._lease.read()
+        mine = self._lease.is_mine(cursor, lease)
+        floor = self._lease.start_floor(floor, cursor, lease, mine, not cursor and not names,
+                                        self._fresh_seq, self.directory)
         if cursor and isinstance(cursor.get("origin_seq"), int):
             self.origin_seq = cursor["origin_seq"]
         else:
