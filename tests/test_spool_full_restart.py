@@ -19,10 +19,11 @@ import textwrap
 
 import pytest
 
+from agent.record import data_record
 from agent.spool import Spool
 from agent.spool.lease import LEASE
 from tests.test_spool import audit_gaps, drain_all
-from tests.test_spool_failures import AGENT, ROOT, fill, gaps, reading
+from tests.test_spool_failures import AGENT, ROOT, T0, fill, gaps, reading
 
 
 @pytest.fixture
@@ -144,3 +145,28 @@ def test_kill_9_while_full_then_start_after_freeing(small_fs, tmp_path, caplog, 
     assert last - first == 14, out
     os.unlink(os.path.join(str(small_fs), "filler"))
     restart_and_audit(d, kw, caplog, delivered, list(range(first, last + 1)), n)
+
+
+@pytest.mark.xfail(strict=True, reason="not fixed (see /work/notes/f1-spool.md): a segment dropped to make room on a "
+                   "full disk is unlinked at once and its gap account is kept in memory only (ack.hint keeps "
+                   "failed writes only), so a stop before its gap record is written loses the account")
+def test_a_segment_dropped_for_room_keeps_its_account_across_a_stop(small_fs, tmp_path):
+    d = small_fs / "spool"
+    kw = options(tmp_path, LEASE)
+    sp = Spool(d, AGENT, **kw)
+    sp.append(reading(0))                   # a small oldest segment (one page), never uploaded
+    for i in range(1, 4):                   # 5 kB records, one segment each
+        sp.append(data_record(AGENT, T0 + i, "meter1", 1, {"p%d" % k: k * 1.5 for k in range(400)}))
+    filler = fill(small_fs)
+    sp.append(data_record(AGENT, T0 + 4, "meter1", 1, {"p%d" % k: k * 1.5 for k in range(400)}))
+    assert sp.stats()["dropped"] == 1 and sp.stats()["write_lost"] == 1   # seq 1 dropped: no room for 5 kB
+    (small_fs / "other").mkdir()
+    other = fill(small_fs / "other")        # another writer on the partition takes the freed page
+    sp.close()
+    os.unlink(filler)
+    os.unlink(other)
+    sp = Spool(d, AGENT, **kw)
+    sp.append(reading(5))
+    delivered = drain_all(sp)
+    audit_gaps(sp.next_seq, delivered)      # fails: seq 1 is gone with no gap record
+    sp.close()
