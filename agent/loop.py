@@ -106,8 +106,7 @@ def open_spool(cfg, outputs=None):
                  max_age=a.spool_max_age,
                  segment_bytes=int(a.spool_segment_kb * 1024),
                  fsync=a.fsync,
-                 fsync_interval=a.fsync_interval,
-                 quarantine_file=cfg.upload.quarantine_file if cfg.upload is not None else None)
+                 fsync_interval=a.fsync_interval)
 
 
 def make_uploader(cfg):

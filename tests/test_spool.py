@@ -1,5 +1,5 @@
 """The spool against real files: rotation, bounds with exact gap records, torn and corrupt lines,
-lost cursor, seq continuity across restarts, quarantine, disk errors."""
+lost cursor, seq continuity across restarts, disk errors (the quarantine is the uploader's: tests/test_upload_quarantine.py)."""
 import json
 import os
 import subprocess
@@ -10,8 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.record import data_record, encode, error_record
-from agent.spool import ACK_HINT, CURSOR, QUARANTINE, SETASIDE, Spool, SpoolError
+from agent.record import data_record, encode
+from agent.spool import ACK_HINT, CURSOR, SETASIDE, Spool, SpoolError
+from agent.upload.quarantine import Quarantine
 
 AGENT = "site7"
 T0 = 1_795_000_000.0   # 2026-11-19, after CLOCK_SANE
@@ -38,7 +39,7 @@ def segments(d):
 OUTPUTS = pytest.mark.parametrize("outputs", [("http",), ("http", "mqtt")], ids=["one-output", "two-outputs"])
 
 
-def drain_all(sp, n=100, quarantine=False, output="http"):
+def drain_all(sp, n=100, output="http"):
     """Every record the spool hands out, acknowledged batch by batch -> list of parsed records."""
     out = []
     while True:
@@ -47,10 +48,7 @@ def drain_all(sp, n=100, quarantine=False, output="http"):
             return out
         out.extend(json.loads(x) for x in b.lines)
         assert [r["seq"] for r in out[-b.count:]] == b.seqs
-        if quarantine:
-            sp.quarantine(b, "test")
-        else:
-            sp.ack(b)
+        sp.ack(b)
 
 
 def drain_outputs(sp, n=100):
@@ -425,41 +423,8 @@ def test_age_bound_after_restart_ignores_clock_jump(tmp_path):
     sp.close()
 
 
-def test_quarantine_moves_on(tmp_path):
-    sp = Spool(tmp_path, AGENT)
-    for i in range(6):
-        sp.append(rec(i))
-    sp.append(error_record(AGENT, T0, "meter1", 1, {"kind": "timeout", "message": "no answer"}))
-    b = sp.peek(3, 1 << 20)
-    sp.quarantine(b, "HTTP 400: bad unit")
-    q = [json.loads(x) for x in (tmp_path / QUARANTINE).read_bytes().splitlines()]
-    assert [x["record"]["seq"] for x in q] == [1, 2, 3]
-    assert q[0]["reason"] == "HTTP 400: bad unit"
-    assert [r["seq"] for r in drain_all(sp)] == [4, 5, 6, 7]
-    assert sp.stats()["quarantined"] == 3
-    sp.close()
-    sp = Spool(tmp_path, AGENT)
-    assert sp.stats()["quarantined"] == 3 and sp.peek(10, 1 << 20) is None
-    sp.close()
-
-
-def test_quarantine_falls_back_to_the_spool_dir_and_stays_bounded(tmp_path):
-    (tmp_path / "not-a-dir").write_text("x")
-    sp = Spool(tmp_path / "spool", AGENT, quarantine_file=tmp_path / "not-a-dir" / "q.jsonl",
-               quarantine_max_bytes=3000)
-    for i in range(40):
-        sp.append(rec(i))
-    while True:
-        b = sp.peek(5, 1 << 20)
-        if b is None:
-            break
-        sp.quarantine(b, "HTTP 422: test")
-    q = tmp_path / "spool" / QUARANTINE
-    older = (tmp_path / "spool" / (QUARANTINE + ".1")).read_bytes().splitlines()
-    assert os.path.getsize(q) <= 3000 and older
-    assert json.loads(q.read_bytes().splitlines()[-1])["record"]["seq"] == 40
-    assert sp.stats()["quarantined"] == 40 and sp.stats()["records"] == 0
-    sp.close()
+# (The quarantine is the uploader's: tests/test_upload_quarantine.py writes rejected records with
+# the reason, acknowledges them in a real spool, falls back to the spool's directory, stays bounded.)
 
 
 def test_foreign_record_order_is_normalised(tmp_path):
@@ -576,8 +541,10 @@ def test_disk_full_loses_only_what_a_gap_record_accounts_for(tmp_path):
     sp.close()
 
 
-# A model of the spool checked against the real one through random appends, acks, quarantines,
-# restarts and bound hits: everything appended is delivered once or accounted for by a gap record.
+# A model of the spool checked against the real one through random appends, acks, quarantines
+# (the uploader's writer: the records go to its file, then the batch is acknowledged), restarts and
+# bound hits: everything appended is delivered once or accounted for by a gap record, and the
+# quarantine file holds exactly the records quarantined.
 ops = st.lists(st.one_of(
     st.tuples(st.just("append"), st.integers(1, 120)),
     st.tuples(st.just("ack"), st.integers(1, 80)),
@@ -598,7 +565,9 @@ def test_model_random_operations(tmp_path_factory, ops, outputs):
     kw = dict(max_bytes=32 << 10, segment_bytes=4096, max_age=3600, clock=clock, monotonic=clock,
               outputs=outputs)
     sp = Spool(d, AGENT, **kw)
-    appended, delivered = [], {o: [] for o in outputs}
+    qfile = tmp_path_factory.mktemp("q") / "rejected.jsonl"
+    quarantine = Quarantine(qfile, max_bytes=1 << 30, fsync=False, clock=clock)
+    appended, delivered, quarantined = [], {o: [] for o in outputs}, []
     for op, n in ops:
         if op == "append":
             appended += [sp.append(rec(i, clock.t)) for i in range(n)]
@@ -610,7 +579,11 @@ def test_model_random_operations(tmp_path_factory, ops, outputs):
             b = sp.peek(n, 1 << 20, output=o)
             if b is not None:
                 delivered[o].extend(json.loads(x) for x in b.lines)
-                sp.ack(b) if op == "ack" else sp.quarantine(b, "model")
+                if op == "ack":
+                    sp.ack(b)
+                else:
+                    assert quarantine.keep(sp, b, "model") == str(qfile)
+                    quarantined += [json.loads(x) for x in b.lines]
         else:
             sp.close()
             sp = Spool(d, AGENT, **kw)
@@ -619,6 +592,9 @@ def test_model_random_operations(tmp_path_factory, ops, outputs):
     assert appended == sorted(set(appended)) and appended[-1:] <= [sp.next_seq - 1]
     for got in delivered.values():
         audit_gaps(sp.next_seq, got)
+    kept = [json.loads(x) for x in qfile.read_bytes().splitlines()] if qfile.exists() else []
+    assert [x["record"] for x in kept] == quarantined and all(x["reason"] == "model" for x in kept)
+    assert quarantine.total == len(quarantined)
     st_ = sp.stats()
     assert st_["records"] == 0 and all(v["records"] == 0 for v in st_["outputs"].values())
     sp.close()

@@ -65,7 +65,7 @@ UPLOAD_SCHEMA = {
     "ca_file": (_text, None, (UPLOADER,)),
     "verify": (parse_bool, True, (UPLOADER,)),
     "backoff_max": (_positive(parse_duration), 300.0, (UPLOADER,)),
-    "quarantine_file": (_text, None, (SPOOL, UPLOADER)),   # None: <spool_dir>/quarantine.jsonl
+    "quarantine_file": (_text, None, (UPLOADER,)),   # the uploader's (None: <spool_dir>/quarantine.jsonl)
     "linger": (_not_negative(parse_duration), 0.0, LIVE),
 }
 

@@ -8,7 +8,8 @@ Layout of the spool directory:
   ack.hint               the latest acknowledgements between two durable cursor writes, and the
                          pending loss account; rewritten in place, CRC-checked.       cursor
   setaside.log           torn tails and corrupt lines found while reading, for a human. segments
-  quarantine.jsonl       records the collector rejected (4xx), each with the reason.  quarantine
+  quarantine.jsonl       not the spool's: the uploader's quarantine (agent.upload.quarantine)
+                         falls back to this directory when [upload] quarantine_file is unusable.
   lock                   flock: one agent per spool directory.                        facade
 
 Where each part lives (one class, Spool, assembled from method groups; every field is set in
@@ -22,7 +23,6 @@ Spool.__init__ and every decision that orders writes, syncs and unlinks is in th
                segments lost from outside
   reader.py    Batch and peek: reading batches
   writer.py    append, rotation, failed writes, a spool directory recreated
-  quarantine.py  records the collector rejected (moves to the uploader's side next)
 
 Named cursors (issue 11): Spool(..., outputs=("http",)) names the enabled outputs; each has its own
 cursor: peek(..., output=NAME) hands out what that output has not acknowledged, ack(batch) moves
@@ -73,10 +73,9 @@ output, "deleted" is when all of them are past):
 from agent.spool.cursor import ACK_HINT, CURSOR
 from agent.spool.facade import FSYNC_MODES, Spool, SpoolError
 from agent.spool.loss import CORRUPT
-from agent.spool.quarantine import QUARANTINE
 from agent.spool.reader import Batch
 from agent.spool.segments import CLOCK_STEP, SEG_PREFIX, SEG_SUFFIX, SETASIDE
 from agent.spool.writer import LOCK
 
-__all__ = ["ACK_HINT", "CLOCK_STEP", "CORRUPT", "CURSOR", "FSYNC_MODES", "LOCK", "QUARANTINE",
-           "SEG_PREFIX", "SEG_SUFFIX", "SETASIDE", "Batch", "Spool", "SpoolError"]
+__all__ = ["ACK_HINT", "CLOCK_STEP", "CORRUPT", "CURSOR", "FSYNC_MODES", "LOCK", "SEG_PREFIX", "SEG_SUFFIX",
+           "SETASIDE", "Batch", "Spool", "SpoolError"]

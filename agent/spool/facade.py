@@ -1,5 +1,5 @@
 """The Spool facade: opening (recovery), the ordering of syncs and unlinks, acknowledgement,
-quarantine, status and close. See the package doc (agent.spool) for the layout and promises."""
+status and close. See the package doc (agent.spool) for the layout and promises."""
 import fcntl
 import logging
 import os
@@ -9,7 +9,6 @@ from agent import wire
 from agent.spool.cursor import ACK_HINT, HINT_SIZE, MAX_OUTPUTS, PENDING_SIZE, CursorFiles, merge_positions
 from agent.spool.lease import LEASE, SeqLease
 from agent.spool.loss import LossAccounting
-from agent.spool.quarantine import QUARANTINE, Quarantine
 from agent.spool.reader import Reader
 from agent.spool.segments import Segment, SegmentFiles, segment_names, ts_epoch
 from agent.spool.writer import LOCK, Writer
@@ -23,7 +22,7 @@ class SpoolError(Exception):
     """The spool cannot be used (directory locked by another agent, unwritable)."""
 
 
-class Spool(SegmentFiles, CursorFiles, LossAccounting, Reader, Writer, Quarantine):
+class Spool(SegmentFiles, CursorFiles, LossAccounting, Reader, Writer):
     """The spool (see the package doc). Every field is set here; the method groups live in the
     modules named in the package doc, and the decisions that order writes, syncs and unlinks are
     here: _delete (cursor before unlink), _reap (gap records synced before dropped segments are
@@ -40,9 +39,8 @@ class Spool(SegmentFiles, CursorFiles, LossAccounting, Reader, Writer, Quarantin
         return self._lease.block
 
     def __init__(self, directory, agent_id, max_bytes=16 << 20, max_age=7 * 86400, segment_bytes=256 << 10,
-                 fsync="interval", fsync_interval=5.0, clock=time.time, quarantine_file=None,
-                 quarantine_max_bytes=1 << 20, monotonic=time.monotonic, fresh_seq=None,
-                 seq_file=None, seq_lease=LEASE, outputs=("http",)):
+                 fsync="interval", fsync_interval=5.0, clock=time.time, monotonic=time.monotonic,
+                 fresh_seq=None, seq_file=None, seq_lease=LEASE, outputs=("http",)):
         if fsync not in FSYNC_MODES:
             raise ValueError("fsync must be one of %s, not %r" % ("|".join(FSYNC_MODES), fsync))
         self.directory = str(directory)
@@ -69,8 +67,6 @@ class Spool(SegmentFiles, CursorFiles, LossAccounting, Reader, Writer, Quarantin
         self._lease = SeqLease(seq_file, seq_lease, agent_id)
         self._mono = monotonic        # fsync interval, clock step detection
         self._wall_off = None         # wall - monotonic at the last look (see _check_step)
-        self.quarantine_file = str(quarantine_file or os.path.join(self.directory, QUARANTINE))
-        self.quarantine_max_bytes = int(quarantine_max_bytes)
         # Every line the spool writes starts with this, so seq and ts are sliced, not parsed.
         self._prefix = wire.line_prefix(agent_id)
         self._plen = len(self._prefix)
@@ -102,7 +98,7 @@ class Spool(SegmentFiles, CursorFiles, LossAccounting, Reader, Writer, Quarantin
         self._troubles = set()      # what is failing (cursor, hint, fsync...): logged once, not per try
         self._locked_out = False    # the recreated directory is locked by another agent
         self.totals = {"appended": 0, "dropped": 0, "gaps": 0, "corrupt_skipped": 0, "torn_set_aside": 0,
-                       "quarantined": 0, "write_errors": 0, "write_lost": 0, "corrupt_lost": 0}
+                       "write_errors": 0, "write_lost": 0, "corrupt_lost": 0}
         self.bytes_written = 0      # line bytes written by this process (for bytes-per-record)
 
         try:
@@ -148,10 +144,6 @@ class Spool(SegmentFiles, CursorFiles, LossAccounting, Reader, Writer, Quarantin
             seg.verified = False
             self._segs.append(seg)
             self._bytes += seg.size
-        lease = self._lease.read()
-        mine = self._lease.is_mine(cursor, lease)
-        floor = self._lease.start_floor(floor, cursor, lease, mine, not cursor and not names,
-                                        self._fresh_seq, self.directory)
         failed = self._read_pending()
         if failed is not None:
             on_disk = max((seg.last_seq for seg in self._segs if seg.last_seq is not None), default=0)
@@ -167,6 +159,13 @@ class Spool(SegmentFiles, CursorFiles, LossAccounting, Reader, Writer, Quarantin
                 self._failed = failed
                 self._pending_loss = [list(failed) + [None]]
                 floor = max(floor, failed[2] + 1)   # the gap record's range must stay unused
+        # The seq lease is judged against the spool's WHOLE floor, the lost seqs of the pending
+        # account included: a clean stop (or the lease moving on) during the outage wrote a base
+        # past them, and this spool's own lost seqs must not look like another copy's.
+        lease = self._lease.read()
+        mine = self._lease.is_mine(cursor, lease)
+        floor = self._lease.start_floor(floor, cursor, lease, mine, not cursor and not names,
+                                        self._fresh_seq, self.directory)
         if cursor and isinstance(cursor.get("origin_seq"), int):
             self.origin_seq = cursor["origin_seq"]
         else:
@@ -265,7 +264,7 @@ class Spool(SegmentFiles, CursorFiles, LossAccounting, Reader, Writer, Quarantin
         self._collect()
 
     def _acked(self, batch):
-        """The output of `batch` has it (stored, or quarantined): move its cursor past it."""
+        """The output of `batch` has it (stored, or kept aside by that output): move its cursor past it."""
         c = self._cursors[batch.output]
         self._advance(c, batch._ends[-1])
         if batch.last_seq > c.acked:

@@ -4,8 +4,8 @@ the loss accounting; a spool directory deleted or replaced from outside is recre
 
 A deleted (or replaced) spool directory is recreated on the next write (with an ERROR line): its
 segments are accounted for as lost, cursor.json (seq floor, acknowledgement, generation), the
-lock and ack.hint (with the pending account) are written again; setaside.log and
-quarantine.jsonl, if they were there, are gone.
+lock and ack.hint (with the pending account) are written again; setaside.log (and the
+uploader's quarantine file, if it was kept there) are gone.
 """
 import errno
 import fcntl
@@ -14,7 +14,6 @@ import os
 
 from agent.record import encode
 from agent.spool.loss import SPACE_ERRNOS
-from agent.spool.quarantine import QUARANTINE
 from agent.spool.segments import SETASIDE, Segment
 
 log = logging.getLogger("agent.spool")
@@ -163,8 +162,8 @@ class Writer:
         if "dir" not in self._troubles:
             log.error("spool %s: the spool directory was deleted or replaced from outside the agent: "
                       "recreating it; its %d un-uploaded records are lost (a gap record accounts for "
-                      "them), and %s and %s are gone if they were there", self.directory,
-                      self._backlog(), SETASIDE, QUARANTINE)
+                      "them), and %s and any other file kept there (a quarantine file) are gone",
+                      self.directory, self._backlog(), SETASIDE)
         for seg in list(self._segs):
             self._lost_segment(seg, "directory")
         for fd in self._unsynced + [self._hintfd]:

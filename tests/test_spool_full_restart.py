@@ -1,0 +1,172 @@
+"""A spool with a seq_file, stopped (cleanly or by kill -9) while its disk is full, started again
+once the disk was freed (review1 item 2): the seq goes on right after the readings lost in the
+outage -- no jump of a lease block, no "an older copy of the spool?" warning -- and one gap record
+accounts for exactly the readings lost, so the collector has no hole that nothing explains.
+
+The cause: at open, the seq lease's "older copy" check compared the seq_file's base (the writer's
+next seq, past the lost readings: at a clean close, or when the lease moved on during the outage)
+with the spool's floor BEFORE the pending loss account in ack.hint (the lost readings' seqs) had
+raised that floor, so the spool's own lost seqs looked like another copy's.
+
+Real 64 kB tmpfs (skipped without mount rights), real spool,
+the seq_file on another filesystem (as in the field: /etc or flash, not the spool partition)."""
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from agent.record import data_record
+from agent.spool import Spool
+from agent.spool.lease import LEASE
+from tests.test_spool import audit_gaps, drain_all
+from tests.test_spool_failures import AGENT, ROOT, T0, fill, gaps, reading
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A real 64 kB tmpfs (a router's small spool partition), unmounted whatever happens."""
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0755", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip("cannot mount a 64 kB tmpfs here (mount needs root/CAP_SYS_ADMIN): %s" % r.stderr.strip())
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+LEASES = pytest.mark.parametrize("lease", [LEASE, 4], ids=["lease-65536", "lease-4"])
+
+
+def warnings(caplog, text):
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and text in r.getMessage()]
+
+
+def options(tmp_path, lease):
+    return dict(segment_bytes=4096, max_bytes=1 << 20, seq_file=str(tmp_path / "site7.seq"), seq_lease=lease)
+
+
+def restart_and_audit(d, kw, caplog, delivered, lost, n):
+    """Open the spool again (the disk is free now): the seq goes on right after the lost seqs,
+    no "older copy" warning, one gap record for exactly `lost`, every seq accounted for."""
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="agent.spool"):
+        sp = Spool(d, AGENT, **kw)
+    assert warnings(caplog, "older copy") == []
+    assert sp.next_seq == lost[-1] + 1, "the seq jumped by %d" % (sp.next_seq - lost[-1] - 1)
+    sp.append(reading(n))
+    delivered += drain_all(sp)
+    g = gaps(delivered)
+    assert [(x["dropped"], x["first_seq"], x["last_seq"]) for x in g] == [(len(lost), lost[0], lost[-1])], g
+    assert g[0]["seq"] == lost[-1] + 1 and delivered[-1]["seq"] == lost[-1] + 2
+    audit_gaps(sp.next_seq, delivered)      # every seq from 1 on: delivered or in the gap record
+    assert [r["values"]["i"] for r in delivered if r.get("kind") != "gap"] == \
+        [i for i in range(n + 1) if i not in set(range(n - len(lost), n))]
+    sp.close()
+    with caplog.at_level(logging.INFO, logger="agent.spool"):
+        sp = Spool(d, AGENT, **kw)          # and a normal restart after that: no jump either
+    assert warnings(caplog, "older copy") == [] and sp.next_seq == lost[-1] + 3
+    assert drain_all(sp) == []
+    sp.close()
+
+
+def lose(sp, i, count):
+    """Append readings i, i+1, ... to a spool on a full disk until `count` were lost (the first
+    ones may still fit in the active segment's last page) -> (next reading, the lost seqs)."""
+    lost = []
+    while len(lost) < count:
+        before = sp.stats()["write_lost"]
+        seq = sp.append(reading(i))
+        i += 1
+        if sp.stats()["write_lost"] > before:
+            lost.append(seq)
+        assert i < 1000, "the disk never filled"
+    assert lost == list(range(lost[0], lost[0] + count))
+    return i, lost
+
+
+@LEASES
+def test_clean_stop_while_full_then_start_after_freeing(small_fs, tmp_path, caplog, lease):
+    d = small_fs / "spool"
+    kw = options(tmp_path, lease)
+    sp = Spool(d, AGENT, **kw)
+    for i in range(10):
+        sp.append(reading(i))
+    delivered = drain_all(sp)
+    filler = fill(small_fs)
+    n, lost = lose(sp, 10, 15)
+    sp.close()                              # SIGTERM: a clean stop while the disk is full
+    os.unlink(filler)
+    restart_and_audit(d, kw, caplog, delivered, lost, n)
+
+
+CHILD = textwrap.dedent("""
+    import os, sys
+    sys.path.insert(0, sys.argv[1])
+    from agent.spool import Spool
+    from tests.test_spool_failures import fill
+    from tests.test_spool_full_restart import lose
+    mnt, lease = sys.argv[2], int(sys.argv[4])
+    sp = Spool(os.path.join(mnt, "spool"), "site7", segment_bytes=4096, max_bytes=1 << 20,
+               seq_file=sys.argv[3], seq_lease=lease)
+    fill(mnt)
+    n, lost = lose(sp, 10, 15)
+    sp.tick()
+    print(n, lost[0], lost[-1], flush=True)
+    sys.stdin.read()        # killed here, never closed
+""")
+
+
+@LEASES
+def test_kill_9_while_full_then_start_after_freeing(small_fs, tmp_path, caplog, lease):
+    """The same with kill -9: no close, so the seq_file's base is where the lease last moved on
+    (with a small lease: during the outage, at a lost seq)."""
+    d = small_fs / "spool"
+    kw = options(tmp_path, lease)
+    sp = Spool(d, AGENT, **kw)
+    for i in range(10):
+        sp.append(reading(i))
+    delivered = drain_all(sp)
+    sp.close()
+    p = subprocess.Popen([sys.executable, "-c", CHILD, ROOT, str(small_fs), kw["seq_file"], str(lease)],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        out = p.stdout.readline().split()
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait(10)
+    n, first, last = (int(x) for x in out)
+    assert last - first == 14, out
+    os.unlink(os.path.join(str(small_fs), "filler"))
+    restart_and_audit(d, kw, caplog, delivered, list(range(first, last + 1)), n)
+
+
+@pytest.mark.xfail(strict=True, reason="not fixed (see /work/notes/f1-spool.md): a segment dropped to make room on a "
+                   "full disk is unlinked at once and its gap account is kept in memory only (ack.hint keeps "
+                   "failed writes only), so a stop before its gap record is written loses the account")
+def test_a_segment_dropped_for_room_keeps_its_account_across_a_stop(small_fs, tmp_path):
+    d = small_fs / "spool"
+    kw = options(tmp_path, LEASE)
+    sp = Spool(d, AGENT, **kw)
+    sp.append(reading(0))                   # a small oldest segment (one page), never uploaded
+    for i in range(1, 4):                   # 5 kB records, one segment each
+        sp.append(data_record(AGENT, T0 + i, "meter1", 1, {"p%d" % k: k * 1.5 for k in range(400)}))
+    filler = fill(small_fs)
+    sp.append(data_record(AGENT, T0 + 4, "meter1", 1, {"p%d" % k: k * 1.5 for k in range(400)}))
+    assert sp.stats()["dropped"] == 1 and sp.stats()["write_lost"] == 1   # seq 1 dropped: no room for 5 kB
+    (small_fs / "other").mkdir()
+    other = fill(small_fs / "other")        # another writer on the partition takes the freed page
+    sp.close()
+    os.unlink(filler)
+    os.unlink(other)
+    sp = Spool(d, AGENT, **kw)
+    sp.append(reading(5))
+    delivered = drain_all(sp)
+    audit_gaps(sp.next_seq, delivered)      # fails: seq 1 is gone with no gap record
+    sp.close()
