@@ -136,6 +136,7 @@ class Loop:
         self.stop_requested = False
         self.reload_requested = False
         self.stopped = False
+        self.log_level = None         # `run --log-level`: kept over reloads
         self._wake_r = self._wake_w = None
         self.started_wall = wall()
         self.appender = Appender(cfg.agent.id, wall)
@@ -434,8 +435,17 @@ class Loop:
             log.error("reload: %s: %s: still running the previous config", path, e)
             return
         old = self.cfg
+        # Logging first: a log_file the new config cannot open must leave everything as it was
+        # (procd would restart the agent into the same file, and `run` would refuse it).
+        try:
+            setup_logging(new, self.log_level)
+        except (ValueError, OSError) as e:
+            setup_logging(old, self.log_level)
+            log.error("reload: %s: [agent] log: %s: still running the previous config", path, e)
+            return
         # what to rebuild: the keys the config schema tags SPOOL / UPLOADER (agent.config.schema)
         if changed(old, new, SPOOL) and not self._reopen_spool(old, new):
+            setup_logging(old, self.log_level)
             return
         if changed(old, new, UPLOADER):
             _close(self.uploader)
@@ -443,7 +453,6 @@ class Loop:
         for client in self.clients.values():
             _close(client)
         self.clients = {}
-        setup_logging(new)
         kept = {(st.device.name, st.device.unit): st.health for st in self.states}
         self.cfg = new
         now = self.mono()
@@ -522,5 +531,6 @@ def cmd_run(args):
     except Exception as e:  # SpoolError, OSError: the spool directory is unusable or locked
         log.error("cannot start: %s", e)
         return 1
+    loop.log_level = args.log_level
     loop.install_signals()
     return loop.run()

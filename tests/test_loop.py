@@ -529,3 +529,52 @@ def test_sigkill_at_random_moments_never_skips_or_reuses_a_seq(tmp_path, site, c
     assert collector.lost_acks
     print("\n%d SIGKILLs: %d records at the collector, %d still spooled, %d POSTs, %d acks lost" % (
         kills, len(at_server), len(pending), collector.posts, collector.lost_acks))
+
+
+def test_sighup_with_an_unwritable_log_file_keeps_the_running_config(tmp_path, site, collector):
+    """Review: a reload whose log_file cannot be opened raised out of the loop (exit 1), and procd
+    restarted the agent into a file `run` refuses: the agent stayed down."""
+    cfg = write_config(tmp_path / "agent.ini", tmp_path, site.tcp_port, collector.url, METER)
+    log_path = tmp_path / "agent.log"
+    proc = start_agent(cfg, log_path)
+    try:
+        wait_for(lambda: len(collector.of("meter", "data")) >= 3, 20, "meter records", proc, log_path)
+        good = cfg.read_text()
+        cfg.write_text(good.replace("[agent]\n", "[agent]\nlog_file = %s/no/such/dir/agent.log\n" % tmp_path, 1))
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "[agent] log:" in log_path.read_text(), 15, "the reload error", proc, log_path)
+        before = len(collector.of("meter", "data"))
+        wait_for(lambda: len(collector.of("meter", "data")) >= before + 3, 15,
+                 "meter records after the refused reload", proc, log_path)
+        assert proc.poll() is None
+        rc = stop(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert rc == 0
+    assert "still running the previous config" in log_path.read_text()
+
+
+def test_run_log_level_survives_a_sighup(tmp_path, site, collector):
+    """Review: `run --log-level` was replaced by the file's log_level at the first reload."""
+    cfg = write_config(tmp_path / "agent.ini", tmp_path, site.tcp_port, collector.url, METER, log_level="warning")
+    log_path = tmp_path / "agent.log"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    with open(log_path, "ab") as logf:
+        proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "-c", str(cfg), "--log-level", "debug"],
+                                cwd=str(ROOT), stdout=logf, stderr=logf, env=env)
+    try:
+        wait_for(lambda: len(collector.of("meter", "data")) >= 2, 20, "meter records", proc, log_path)
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reloaded:" in log_path.read_text(), 15, "the reload", proc, log_path)
+        mark = len(log_path.read_text())
+        # the file says warning: an INFO summary after the reload means --log-level debug still holds
+        wait_for(lambda: " INFO loop: summary" in log_path.read_text()[mark:], 10,
+                 "INFO lines after the reload", proc, log_path)
+        rc = stop(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert rc == 0
