@@ -16,7 +16,7 @@ import pytest
 
 from agent.collector import make_app
 from agent.collector.jsonbody import parse_batch
-from agent.collector.schema import VERSION, statements
+from agent.collector.schema import VERSION, concurrent_indexes, statements
 from agent.collector.store import open_store
 from agent.collector.validate import batch_rows
 from agent.record import encode, error_record, gap_record, health_record, utc_timestamp
@@ -186,6 +186,42 @@ def test_a_version_1_database_is_migrated_and_keeps_its_data(db_url):
     assert stored_seqs(s) == [1, 2]
     assert ingest(s, "a", [data("a", 2), data("a", 3)]) == (1, 1, 3)
     s.close()
+
+
+def test_migration_3_takes_old_legacy_hash_seqs_out_of_an_agents_max_seq(db_url):
+    """A database of schema 2 where a /receive-data post with agent a's token stored a legacy row
+    under a positive 63-bit hash seq (the old identity) and pushed a's max_seq to it: after the
+    upgrade a's max_seq is its own highest seq again, and a legacy-only agent's is -1 (review2)."""
+    old = _version_1_store(db_url)
+    old.close()
+    old = open_store(db_url, migrate=False)
+    with old._write() as cur:   # migration 2, as a schema-2 collector left it
+        for stmt in statements(old.dialect, 2):
+            cur.execute(stmt)
+        for name, spec in ([] if old.dialect == "sqlite" else concurrent_indexes(2)):
+            cur.execute("CREATE INDEX %s %s" % (name, spec))
+        cur.execute("UPDATE schema_version SET version = 2")
+    assert ingest(old, "a", [data("a", 1), data("a", 2)]) == (2, 0, 2)
+    hashed = 7_000_000_000_000_000_001
+    payload = '{"device":"RUT200_1","ts":"2027-01-15T08:00:00.000Z","values":{"r0":1},"status":"ok"}'
+    with old._write() as cur:
+        for agent, seq in (("a", hashed), ("legacy", hashed + 1)):
+            cur.execute(old._sql("INSERT INTO records (agent, seq, ts, kind, device, unit, status, payload, clock, "
+                                 "received) VALUES (?, ?, '2027-01-15T08:00:00.000Z', 'data', 'RUT200_1', NULL, "
+                                 "'ok', ?, NULL, 1.0)"), (agent, seq, payload))
+        cur.execute(old._sql("UPDATE agents SET max_seq = ? WHERE agent = 'a'"), (hashed,))
+        cur.execute(old._sql("INSERT INTO agents (agent, max_seq, records, first_seen, last_seen) "
+                             "VALUES ('legacy', ?, 1, 1.0, 1.0)"), (hashed + 1,))
+    old.close()
+    s = open_store(db_url)
+    try:
+        assert s.ping() == VERSION >= 3
+        with s._read() as cur:
+            cur.execute("SELECT agent, max_seq FROM agents ORDER BY agent")
+            assert [tuple(r) for r in cur.fetchall()] == [("a", 2), ("legacy", -1)]
+        assert ingest(s, "a", [data("a", 3)]) == (1, 0, 3)
+    finally:
+        s.close()
 
 
 def test_a_batch_sent_twice_is_stored_once(store):

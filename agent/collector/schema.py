@@ -21,7 +21,9 @@ agents    agent, max_seq, records, gaps, dropped, first_seen, last_seen (epoch s
 devices   per (agent, device): unit, last_ts/last_status (newest reading), values_ts/last_values,
           error_ts/last_error, health_ts/health, records, errors, last_seen (epoch seconds)
 legacy /receive-data posts land in `records` too: agent = the token's agent (or receive_data_agent),
-seq = a 63-bit hash of the record's content (see legacy.legacy_row).
+seq = a NEGATIVE hash of the canonical reading (see legacy.legacy_row), outside the agents' seqs
+(0 and up), so agents.max_seq never counts them. (Before schema 3 it was a positive 63-bit hash;
+such rows are kind 'data' with unit NULL, and migration 3 takes them out of max_seq.)
 
 Grafana, SQLite data source (frser-sqlite-datasource), one point over time:
     SELECT ts AS time, json_extract(payload, '$.values.voltage_l1') AS voltage_l1 FROM records
@@ -80,6 +82,20 @@ MIGRATIONS = [
         ],
         "postgres_concurrently": [
             ("records_received", "ON records (received)"),
+        ],
+    },
+    # 3: legacy rows stored before their seqs became negative had positive 63-bit hash seqs; one
+    # posted with an agent's own token pushed that agent's max_seq to a hash, and the agent then
+    # read every answer as "your seqs are below the collector's" (a false seq-reuse alarm). Such an
+    # agent's max_seq becomes the highest seq of its own records again (-1 when it has none).
+    # Agents' readings always have a unit; legacy rows are the kind 'data' rows without one.
+    {
+        "common": [
+            """UPDATE agents SET max_seq = COALESCE(
+                   (SELECT MAX(r.seq) FROM records r
+                    WHERE r.agent = agents.agent AND NOT (r.kind = 'data' AND r.unit IS NULL)), -1)
+               WHERE EXISTS (SELECT 1 FROM records r WHERE r.agent = agents.agent AND r.seq = agents.max_seq
+                             AND r.kind = 'data' AND r.unit IS NULL AND r.seq >= 0)""",
         ],
     },
 ]
