@@ -11,8 +11,9 @@
                duplicates the collector drops, never loss). Created at open, so acknowledgements
                made while the disk is full are still kept. From byte HINT_SIZE on, the same file
                (the same page: a 16 kB tmpfs has four) holds the pending loss account: the
-               records lost to failed writes that no gap record holds yet, one fixed-size line
-               with a CRC, rewritten in place when it changes (see agent.spool.loss). From byte
+               records lost to failed writes that no gap record holds yet (and, under "segs",
+               those of segments dropped for room before their gap record could be written, each
+               with its mark: loss.LossAccounting._keep_dropped), one fixed-size line with a CRC, rewritten in place when it changes (see agent.spool.loss). From byte
                NAMED_AT on, one line per enabled output ("name acked segment offset CRC"), ended
                by a blank line; the first line (at 0) is the slowest output's, so a hint without
                named lines (written before named cursors) is the "http" cursor.
@@ -58,6 +59,12 @@ class Cursor:
     def doc(self, no_segment_key):
         key = self.key if no_segment_key is None else no_segment_key
         return {"acked_seq": self.acked, "segment": key, "offset": self.off if no_segment_key is None else 0}
+
+
+def _an_account(acc):
+    """Is acc [count, first_seq, last_seq, first_ts, last_ts, reason] a usable loss account?"""
+    return (type(acc[0]) is int and type(acc[1]) is int and type(acc[2]) is int
+            and acc[0] > 0 and 0 < acc[1] <= acc[2] and isinstance(acc[5], str))
 
 
 def _crc_line(body, size):
@@ -251,7 +258,7 @@ class CursorFiles:
             fd = self._hint_fd()
             os.pwrite(fd, data, 0)
             if os.fstat(fd).st_size < NAMED_AT:
-                self._write_pending_file(self._failed)      # a new file: the account before them
+                self._write_pending_file()      # a new file: the account before them
             os.pwrite(fd, named + b" " * (HINT_SIZE - 1) + b"\n", NAMED_AT)   # a blank line ends them
         except OSError as e:
             self._trouble("hint", "cannot write %s: %s", ACK_HINT, e.strerror)
@@ -267,39 +274,59 @@ class CursorFiles:
         return self._hintfd
 
     def _read_pending(self):
-        """-> the pending loss account kept in ack.hint [count, first_seq, last_seq, first_ts,
-        last_ts, reason], or None."""
+        """-> (the pending write-failure account kept in ack.hint [count, first_seq, last_seq,
+        first_ts, last_ts, reason] or None, the dropped-segment accounts kept there [count,
+        first_seq, last_seq, first_ts, last_ts, reason, target (frozenset or None), mark])."""
         try:
             with open(os.path.join(self.directory, ACK_HINT), "rb") as f:
                 f.seek(HINT_SIZE)
                 data = f.read(PENDING_SIZE)
         except FileNotFoundError:
-            return None
+            return None, []
         except OSError as e:
             log.warning("spool %s: cannot read %s: %s: an account of lost records may be missing",
                         self.directory, ACK_HINT, e.strerror)
-            return None
+            return None, []
         if not data:
-            return None
+            return None, []
         try:
             doc = json.loads(_crc_body(data))
             if not doc:
-                return None
-            acc = [doc["dropped"], doc["first_seq"], doc["last_seq"], doc.get("first_ts"),
-                   doc.get("last_ts"), doc["reason"]]
-            if not (type(acc[0]) is int and type(acc[1]) is int and type(acc[2]) is int
-                    and acc[0] > 0 and 0 < acc[1] <= acc[2] and isinstance(acc[5], str)):
-                raise ValueError("not an account: %r" % (doc,))
-            return acc
+                return None, []
+            acc = None
+            if "dropped" in doc:
+                acc = [doc["dropped"], doc["first_seq"], doc["last_seq"], doc.get("first_ts"),
+                       doc.get("last_ts"), doc["reason"]]
+                if not _an_account(acc):
+                    raise ValueError("not an account: %r" % (doc,))
+            segs = []
+            for d in doc.get("segs", ()):
+                count, fseq, lseq, fts, lts, why, outs, mark = d
+                if not (_an_account(d[:6]) and type(mark) is int
+                        and (outs is None or (isinstance(outs, list) and all(isinstance(n, str) for n in outs)))):
+                    raise ValueError("not an account: %r" % (d,))
+                segs.append([count, fseq, lseq, fts, lts, why, None if outs is None else frozenset(outs), mark])
+            return acc, segs
         except (ValueError, KeyError, TypeError) as e:
             log.warning("spool %s: the loss account in %s is unusable (%s): an account of lost "
                         "records may be missing", self.directory, ACK_HINT, e)
-            return None
+            return None, []
 
-    def _write_pending_file(self, acc, sync=False):
+    def _write_pending_file(self, sync=False):
+        """Write the pending accounts (_failed, _dropped) in ack.hint's account area. Raises OSError."""
+        acc = self._failed
         doc = {} if acc is None else {"dropped": acc[0], "first_seq": acc[1], "last_seq": acc[2],
                                       "first_ts": acc[3], "last_ts": acc[4], "reason": acc[5]}
+        if self._dropped:
+            doc["segs"] = [d[:5] + [d[5][:120], None if d[6] is None else sorted(d[6]), d[7]]
+                           for d in self._dropped]
         body = json.dumps(doc, separators=(",", ":")).encode()
+        if len(body) > PENDING_SIZE - 16 and self._dropped:
+            # Many outputs with dropped segments at once: the failed writes' account comes first.
+            self._trouble("pending-segs", "the accounts of %d dropped segments do not fit in %s: they "
+                          "are kept in memory only", len(self._dropped), ACK_HINT)
+            del doc["segs"]
+            body = json.dumps(doc, separators=(",", ":")).encode()
         data = _crc_line(body, PENDING_SIZE)
         fd = self._hint_fd()
         if os.fstat(fd).st_size < HINT_SIZE:
@@ -310,18 +337,20 @@ class CursorFiles:
             os.fdatasync(fd)
 
     def _save_failed(self, sync=None):
-        """Put the pending write-failure account (or none) in ack.hint: a pwrite in place, in
-        the page cache (survives kill -9); synced in fsync=always mode, at close and by the
-        interval's fsync."""
+        """Put the pending accounts (records lost to failed writes, dropped segments; or none) in
+        ack.hint: a pwrite in place, in the page cache (survives kill -9); synced in fsync=always
+        mode, at close, by the interval's fsync and when asked."""
         self._pend_clear = False
         if sync is None:
             sync = self.fsync == "always"
         try:
-            self._write_pending_file(self._failed, sync)
+            self._write_pending_file(sync)
         except OSError as e:
             self._trouble("pending", "cannot write the loss account to %s: %s: it is kept in memory "
                           "only", ACK_HINT, e.strerror)
             return
+        self._dropped_dirty = False
+        self._dropped_saved = bool(self._dropped)
         self._pend_dirty = not sync and self.fsync != "never"
         self._resolved("pending", "loss account written to %s again", ACK_HINT)
 

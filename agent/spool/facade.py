@@ -8,7 +8,7 @@ import time
 from agent import wire
 from agent.spool.cursor import ACK_HINT, HINT_SIZE, MAX_OUTPUTS, PENDING_SIZE, CursorFiles, merge_positions
 from agent.spool.lease import LEASE, SeqLease
-from agent.spool.loss import LossAccounting
+from agent.spool.loss import CORRUPT, LossAccounting
 from agent.spool.reader import Reader
 from agent.spool.segments import Segment, SegmentFiles, segment_names, ts_epoch
 from agent.spool.writer import LOCK, Writer
@@ -92,6 +92,13 @@ class Spool(SegmentFiles, CursorFiles, LossAccounting, Reader, Writer):
         # Records lost to failed writes that no gap record holds yet (also in _pending_loss, and
         # in ack.hint): [count, first_seq, last_seq, first_ts, last_ts, reason] or None.
         self._failed = None
+        # Accounts of dropped segments that no gap record holds yet (also in _pending_loss; put
+        # in ack.hint by _reap before such a segment is unlinked: loss._keep_dropped).
+        self._dropped = []
+        self._dropped_dirty = False     # _dropped changed since ack.hint last got it
+        self._dropped_saved = False     # ack.hint may hold dropped accounts
+        self._capturing = False         # in loss._drop: spans queued now are a dropped segment's
+        self._inflight = []             # the _dropped entries the gap records being written hold
         self._pend_dirty = False    # the pending account (in ack.hint) written since the last fsync
         self._pend_clear = False    # a gap record took the account: clear it on disk after its fsync
         self._outage = None         # writes are failing: [monotonic start, strerror, lost, drop futile]
@@ -144,7 +151,7 @@ class Spool(SegmentFiles, CursorFiles, LossAccounting, Reader, Writer):
             seg.verified = False
             self._segs.append(seg)
             self._bytes += seg.size
-        failed = self._read_pending()
+        failed, dropped = self._read_pending()
         if failed is not None:
             on_disk = max((seg.last_seq for seg in self._segs if seg.last_seq is not None), default=0)
             if on_disk > failed[2]:
@@ -159,6 +166,8 @@ class Spool(SegmentFiles, CursorFiles, LossAccounting, Reader, Writer):
                 self._failed = failed
                 self._pending_loss = [list(failed) + [None]]
                 floor = max(floor, failed[2] + 1)   # the gap record's range must stay unused
+        if dropped:
+            self._recover_dropped(dropped)
         # The seq lease is judged against the spool's WHOLE floor, the lost seqs of the pending
         # account included: a clean stop (or the lease moving on) during the outage wrote a base
         # past them, and this spool's own lost seqs must not look like another copy's.
@@ -204,6 +213,41 @@ class Spool(SegmentFiles, CursorFiles, LossAccounting, Reader, Writer):
                      "; %s: %d records, acked seq %d" % (c.name, self._backlog(c), c.acked)
                      for c in self._cursors.values()) if self._multi else "")
 
+    def _recover_dropped(self, dropped):
+        """The accounts of dropped segments kept in ack.hint: one that a gap record of its kind and
+        target from its mark on holds is in the spool already (killed before ack.hint was cleared);
+        the others are queued again (and kept in ack.hint until their gap record is written)."""
+        low = min(d[7] for d in dropped)
+        gaps = []
+        for seg in self._segs:
+            if seg.last_seq is None or seg.last_seq < low:
+                continue
+            try:
+                with open(seg.path, "rb") as f:
+                    data = f.read(seg.size)
+            except OSError:
+                continue
+            for line in data.split(b"\n"):
+                if b'"kind":"gap"' in line:
+                    g = self._parse(line)
+                    if g is not None and type(g.get("seq")) is int and g["seq"] >= low:
+                        gaps.append(g)
+        for d in dropped:
+            count, fseq, lseq, fts, lts, why, target, mark = d
+            corrupt = why == CORRUPT
+            outs = sorted(target) if target is not None else None
+            if any(g["seq"] >= mark and (g.get("reason") == CORRUPT) == corrupt and g.get("outputs") == outs
+                   and type(g.get("dropped")) is int and g["dropped"] >= count
+                   and type(g.get("first_seq")) is int and g["first_seq"] <= fseq
+                   and type(g.get("last_seq")) is int and g["last_seq"] >= lseq for g in gaps):
+                self._pend_clear = True     # cleared below
+                continue
+            log.warning("spool %s: %d records seq %d..%d of a segment dropped before the restart (%s): a "
+                        "gap record will account for them", self.directory, count, fseq, lseq, why)
+            self._dropped.append(list(d))
+            self._dropped_saved = True
+            self._remember_gap([(count, fseq, lseq, fts, lts, why, target)], why)
+
     def _trouble(self, key, fmt, *args):
         """Log an error once while it lasts (not once per try: a full disk must not flood the log)."""
         if key not in self._troubles:
@@ -236,11 +280,16 @@ class Spool(SegmentFiles, CursorFiles, LossAccounting, Reader, Writer):
             self._trouble("unlink", "cannot delete %s: %s", os.path.basename(path), e.strerror)
 
     def _reap(self):
-        """Unlink dropped segments, after syncing the gap records written for them."""
+        """Unlink dropped segments, after syncing the gap records written for them (or, when those
+        could not be written yet, the accounts in ack.hint that stand in for them)."""
         if not self._doomed:
             return
         if self.fsync != "never" and self._dirty:
             self._sync()
+        if self._dropped and self._dropped_dirty:
+            # Their gap record is not written yet (a full disk): ack.hint (pre-allocated, written
+            # in place) keeps the account instead, synced, before the records go.
+            self._save_failed(sync=self.fsync != "never")
         for path in self._doomed:
             self._unlink(path)
         self._doomed = []
@@ -375,7 +424,7 @@ class Spool(SegmentFiles, CursorFiles, LossAccounting, Reader, Writer):
                 finally:
                     os.close(self._wfd)
                     self._wfd = None
-            if self._failed is not None or self._pend_clear:
+            if self._failed is not None or self._pend_clear or self._dropped:
                 self._save_failed(sync=True)    # the account survives the stop (see _recover)
                 if self._failed is not None:
                     log.error("spool %s: stopping with %d records lost to failed writes not yet in a "

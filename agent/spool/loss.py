@@ -13,7 +13,10 @@
   cannot be written is lost too, without a try), so the gap record is the first line after the
   loss. The log says it once when writing stops and once when it works again. On a full disk with
   a backlog the oldest segment is dropped to make room (as max_bytes would), at most once per
-  outage when that does not help. The account is kept in ack.hint (pwrite in place, no new file,
+  outage when that does not help; such a segment is unlinked at once (the space is needed now)
+  and its gap record follows, so until then its account is in ack.hint too (put there, synced,
+  before the unlink; at the next start a gap record of its kind and target past the newest line
+  of that time says it was written). The account is kept in ack.hint (pwrite in place, no new file,
   no fsync: it survives kill -9 in the page cache and costs the flash at most a page per kernel
   writeback; synced with the interval's fsync, and at close), so an agent stopped or killed during
   an outage writes the gap record after its restart; after a power cut the account of up to
@@ -91,6 +94,8 @@ class LossAccounting:
             why = why or reason
             # Corruption and loss are told apart: each folds only into its own kind of account.
             corrupt = why == CORRUPT
+            if self._capturing:
+                self._keep_dropped(count, fseq, lseq, fts, lts, why, target)
             acc = next((a for a in self._pending_loss if (a[5] == CORRUPT) == corrupt and a[6] == target), None)
             if acc is None:
                 self._pending_loss.append([count, fseq, lseq, fts, lts, why, target])
@@ -102,6 +107,14 @@ class LossAccounting:
         cannot be written takes no seq (nothing was written: the seq was never handed out) and
         loses nothing: the account waits for the next try, with whatever was lost meanwhile."""
         pending, self._pending_loss = self._pending_loss, []
+        # The dropped-segment accounts these gap records hold (not those made while writing them).
+        self._inflight = list(self._dropped)
+        try:
+            return self._write_gaps(pending)
+        finally:
+            self._inflight = []
+
+    def _write_gaps(self, pending):
         for i, p in enumerate(pending):
             count, fseq, lseq, fts, lts, reason, target = p
             seq = self._next_seq
@@ -111,17 +124,20 @@ class LossAccounting:
             rec["seq"] = seq
             line = encode(rec)
             self._lease.cover(seq)
-            self._next_seq = seq + 1
             now = self._clock()
             if self._wfd is not None and self._segs[-1].size + len(line) > self.segment_bytes:
                 self._rotate()
+            # _next_seq moves on only once the line is written: a segment dropped while trying
+            # writes cursor.json, whose floor must not skip the seq this record may not get.
             if not self._write(line, seq, rec["ts"], now):
-                self._next_seq = seq
                 new, self._pending_loss = self._pending_loss, [list(x) for x in pending[i:]]
                 if new:     # lost while trying (a segment dropped to make room): folded in
                     self._remember_gap([tuple(x) for x in new], new[0][5])
                 return False
+            self._next_seq = seq + 1
             self.totals["gaps"] += 1
+            if self._dropped:
+                self._dropped_written(reason == CORRUPT, target, seq)
             if self._failed is not None and reason != CORRUPT and target is None:
                 # Its account is in this gap record now (folded in: _remember_gap).
                 self._failed = None
@@ -136,6 +152,57 @@ class LossAccounting:
                             self.directory, seq, count, fseq, lseq, fts, lts, reason)
         return True
 
+    def _drop(self, why):
+        """Drop the oldest segment (_drop_oldest) and queue its account; the account is also kept
+        in _dropped until a gap record holds it, so _reap can put it in ack.hint before the
+        segment is unlinked when that gap record could not be written first (a full disk)."""
+        self._capturing = True
+        try:
+            self._remember_gap(self._drop_oldest(), why)
+        finally:
+            self._capturing = False
+
+    def _keep_dropped(self, count, fseq, lseq, fts, lts, why, target):
+        """Add a dropped segment's span to _dropped: [count, first_seq, last_seq, first_ts,
+        last_ts, reason, target, mark]. `mark`: every gap record that can hold it has seq >= mark
+        (it is written after the newest line on disk now), so at the next start a gap record of its
+        kind and target from mark on says the account is in the spool (_recover). Folded into an
+        entry of its kind and target, except one a gap record being written holds (_inflight)."""
+        corrupt = why == CORRUPT
+        acc = next((d for d in self._dropped if (d[5] == CORRUPT) == corrupt and d[6] == target
+                    and not any(d is x for x in self._inflight)), None)
+        if acc is None:
+            mark = max((s.last_seq for s in self._segs if s.last_seq is not None), default=0) + 1
+            self._dropped.append([count, fseq, lseq, fts, lts, why, target, mark])
+        else:
+            fold(acc, (count, fseq, lseq, fts, lts, why))
+        self._dropped_dirty = True
+
+    def _dropped_written(self, corrupt, target, seq):
+        """A gap record (seq) of this kind and target is written: the dropped-segment accounts it
+        holds are done; those made while it was written (it does not hold them) get a mark past it."""
+        kept, done, moved = [], False, False
+        for d in self._dropped:
+            if (d[5] == CORRUPT) != corrupt or d[6] != target:
+                kept.append(d)
+                continue
+            if any(d is x for x in self._inflight):
+                done = True
+                continue
+            if d[7] <= seq:
+                d[7] = seq + 1
+                moved = True
+            kept.append(d)
+        self._dropped = kept
+        if not self._dropped_saved or not (done or moved):
+            return
+        if moved:
+            self._save_failed()         # at once: the old mark would make it look written
+        elif self.fsync == "interval":
+            self._pend_clear = True     # once the gap record is durable (_sync)
+        else:
+            self._save_failed()
+
     def _make_room(self, n, now):
         """Rotate the active segment and enforce max_bytes before writing n bytes.
         Returns True when a gap record was written (seqs moved)."""
@@ -146,10 +213,10 @@ class LossAccounting:
         before = self._next_seq
         dropped = False
         while self._over(n) and len(self._segs) > 1:
-            self._remember_gap(self._drop_oldest(), why)
+            self._drop(why)
             dropped = True
         if self._wfd is None and self._segs and self._over(n):
-            self._remember_gap(self._drop_oldest(), why)   # a lone closed segment over the bound
+            self._drop(why)   # a lone closed segment over the bound
             dropped = True
         if dropped and self._pending_loss:
             self._write_pending_gap()
@@ -168,7 +235,7 @@ class LossAccounting:
         while self._segs and self._segs[0].mtime < limit:
             if self._wfd is not None and len(self._segs) == 1:
                 self._rotate()
-            self._remember_gap(self._drop_oldest(), "older than max_age (%gs)" % self.max_age)
+            self._drop("older than max_age (%gs)" % self.max_age)
             dropped = True
         if dropped and self._pending_loss:
             self._write_pending_gap()

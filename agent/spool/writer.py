@@ -44,13 +44,17 @@ class Writer:
             record["seq"] = seq
             line = self._prefix + str(seq).encode() + line[line.find(b",", self._plen):]
         self._lease.cover(seq)
-        self._next_seq = seq + 1
+        # _next_seq moves on once the line is written or counted as lost: a segment dropped while
+        # trying writes cursor.json, and a kill -9 before _lose must not leave a seq that nothing
+        # accounts for (the seq, never on disk, is then simply used again).
         if self._failed is None and self._write(line, seq, record.get("ts"), now):
+            self._next_seq = seq + 1
             if self._outage is not None:
                 self._end_outage(None)
             return seq
         # else: its gap record could not be written just now, so neither can this line (and it
         # must not come first: see _recover)
+        self._next_seq = seq + 1
         self._lose(seq, record.get("ts"))
         return seq
 
@@ -109,8 +113,8 @@ class Writer:
         elif retry and e.errno in SPACE_ERRNOS and len(self._segs) > 1 and not (
                 self._outage is not None and self._outage[3]):
             # Make room: the oldest data goes (accounted for by a gap record), the newest is kept.
-            self._remember_gap(self._drop_oldest(), "disk full: %s" % why)
-            self._reap()        # the space is needed now; the gap record follows with the next write
+            self._drop("disk full: %s" % why)
+            self._reap()        # the space is needed now (its account in ack.hint); the gap record follows
             if self._write(line, seq, ts, now, retry=False):
                 return True
             if self._outage is not None:
