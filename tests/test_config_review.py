@@ -70,3 +70,12 @@ def test_the_collector_refuses_a_token_a_comment_would_cut(tmp_path):
         load_collector_config(str(p))
     msg = str(e.value)
     assert "[tokens] site7" in msg and "double quotes" in msg and "klmnop" not in msg
+
+
+def test_a_mistyped_connection_type_gets_a_suggestion(tmp_path):
+    """review2: `type = rtu_tcp` listed the choices but did not say which one was meant."""
+    p = tmp_path / "agent.ini"
+    p.write_text("[agent]\nid = a\nspool_dir = %s/spool\n\n[connection:c]\ntype = rtu_tcp\nhost = 127.0.0.1\n"
+                 "\n[device:d]\nconnection = c\n\n[points:d]\nv = holding 0 uint16\n" % tmp_path)
+    _cfg, errors, _warnings = check_config(str(p))
+    assert any("[connection:c] type:" in e and "did you mean 'rtu-over-tcp'?" in e for e in errors), errors

@@ -72,7 +72,10 @@ def _choice(*choices, fold=str.lower):
     def check(text):
         v = fold(text.strip())
         if v not in choices:
-            raise ValueError("must be one of %s, not %r" % (" | ".join(choices), text))
+            import difflib  # only on a wrong value: keeps it out of the running agent's memory
+            close = difflib.get_close_matches(v.replace("_", "-"), choices, n=1, cutoff=0.6)
+            raise ValueError("must be one of %s, not %r%s" % (" | ".join(choices), text,
+                                                             " (did you mean %r?)" % close[0] if close else ""))
         return v
     return check
 
