@@ -68,6 +68,6 @@ class Appender:
             self.appended += 1
         except OSError as e2:
             self._failed(e2, err)
-        except (ValueError, TypeError) as e2:
+        except (ValueError, TypeError, OverflowError) as e2:
             log.error("spool append failed (%d so far): %s", self.errors, e2,
                       extra=agentlog.where(device, unit))

@@ -181,11 +181,12 @@ class Refused(DeviceError):
 
     def summary(self):
         """One line: which blocks and points are refused, how."""
-        return "; ".join(block_error(self.device.unit, r, e)["message"] + " (%s)" % _names(r)
+        return "; ".join(block_error(self.device.unit, r, e)["message"] + " (%s)" % point_names(r)
                          for r, e in self.failures)
 
 
-def _names(r, limit=8):
+def point_names(r, limit=8):
+    """'point a' / 'points a, b, ... N more': the points a block reads, for log lines."""
     names = [p.name for p in r.points]
     text = ", ".join(names[:limit])
     if len(names) > limit:

@@ -12,11 +12,9 @@ taking each request as far as it can go never makes a later one necessary that a
 would have avoided.
 """
 
-from agent.modbus.pdu import MAX_BITS, MAX_REGISTERS
 from agent.modbus.transport import TRANSPORTS
 
-__all__ = ["MAX_BITS", "MAX_REGISTERS", "Planned", "Span", "bus_estimate", "plan_addresses",
-           "plan_spans"]
+__all__ = ["Planned", "Span", "bus_estimate", "plan_addresses", "plan_spans"]
 
 
 class Span:

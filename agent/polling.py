@@ -16,7 +16,7 @@ import logging
 import time
 
 from agent import log as agentlog
-from agent.device import Refused, refusal_hint
+from agent.device import Refused, point_names, refusal_hint
 from agent.health import Health
 from agent.modbus.errors import ModbusError
 from agent.record import data_record, error_record, partial_record
@@ -27,12 +27,6 @@ log = agentlog.get("loop")
 
 def _where(dev):
     return agentlog.where(dev.name, dev.unit)
-
-
-def _point_names(r, limit=8):
-    names = [p.name for p in r.points]
-    text = ", ".join(names[:limit]) + (", ... %d more" % (len(names) - limit) if len(names) > limit else "")
-    return ("points " if len(names) > 1 else "point ") + text
 
 
 def moved(old, new, deadbands):
@@ -158,10 +152,7 @@ class Poller:
                 self._log_refusals(st, None)
         else:
             st.health.partial(refused, t, duration)
-        if st.was_failing:
-            log.info("answering again", extra=_where(dev))
-            st.was_failing = False
-            self._revive_siblings(st)
+        self._answered(st)
         if dev.mode == "on_change":
             # the heartbeat counts in schedule slots (the due time of this cycle), not in when
             # the append happened: a poll that ends a little earlier than the one that sent
@@ -180,6 +171,14 @@ class Poller:
         else:
             self.append(partial_record(self.agent_id, t, dev.name, dev.unit, values, refused.errors()))
 
+    def _answered(self, st):
+        """The device answered (data or an exception response): after failures, say so once and
+        probe the dead devices that share its connection soon."""
+        if st.was_failing:
+            log.info("answering again", extra=_where(st.device))
+            st.was_failing = False
+            self._revive_siblings(st)
+
     def _refused(self, st, t, err, duration):
         """The device answered, refusing some blocks (agent.device.Refused): a partial record,
         or, when no block gave data, an error record listing them all. Alive either way."""
@@ -191,10 +190,7 @@ class Poller:
         st.health.failed(err, t, duration)
         st.summary_failed += 1
         st.last_sent = None
-        if st.was_failing:
-            log.info("answering again", extra=_where(dev))
-            st.was_failing = False
-            self._revive_siblings(st)
+        self._answered(st)
         st.last_error_kind = err.kind
         self.append(error_record(self.agent_id, t, dev.name, dev.unit, err, err.errors()))
 
@@ -211,7 +207,7 @@ class Poller:
                 continue
             hint = refusal_hint(dev, r, e.code)
             log.warning("refuses fc %02d %s %d+%d (%s) with exception code %d %s%s; %s",
-                        r.function, r.table, r.address, r.count, _point_names(r), e.code, e.name,
+                        r.function, r.table, r.address, r.count, point_names(r), e.code, e.name,
                         ": " + hint if hint else "",
                         "records are \"partial\": the other blocks are read" if err.values else
                         "no block gives data, but the device answers: it is not dead", extra=_where(dev))
@@ -250,6 +246,3 @@ class Poller:
             rec = error_record(self.agent_id, t, dev.name, dev.unit,
                                {"kind": "agent", "message": "%s: %s" % (type(err).__name__, err)})
         self.append(rec)
-
-    # Appends failing in a row (the spool accounts for failed writes itself and never raises for
-    # them; this is what is left: say it once when it starts and once when it ends, not per reading).

@@ -473,8 +473,10 @@ class SilentCollector:
 
 
 def wait_backoff(up):
-    while up.retry_in():
-        time.sleep(up.retry_in())
+    at = up.retry_at()
+    while at is not None:
+        time.sleep(max(at - time.monotonic(), 0.0))
+        at = up.retry_at()
 
 
 def test_a_black_holed_connect_is_bounded_by_the_gap_and_teaches_the_estimate(tmp_path):

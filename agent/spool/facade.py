@@ -30,14 +30,6 @@ class Spool(SegmentFiles, CursorFiles, LossAccounting, Reader, Writer):
     a little above the ~350-line target on purpose: these orderings are read together, and opening
     (_recover) is where all the files meet."""
 
-    @property
-    def seq_file(self):
-        return self._lease.path
-
-    @property
-    def seq_lease(self):
-        return self._lease.block
-
     def __init__(self, directory, agent_id, max_bytes=16 << 20, max_age=7 * 86400, segment_bytes=256 << 10,
                  fsync="interval", fsync_interval=5.0, clock=time.time, monotonic=time.monotonic,
                  fresh_seq=None, seq_file=None, seq_lease=LEASE, outputs=("http",)):

@@ -209,11 +209,6 @@ class Uploader(Output):
         """When a back-off ends (time.monotonic()), None when not backing off."""
         return self._backoff_until if self._backoff_until > time.monotonic() else None
 
-    def retry_in(self):
-        """Seconds until a back-off ends, None when not backing off: the loop wakes then."""
-        left = self._backoff_until - time.monotonic()
-        return left if left > 0 else None
-
     def state(self):
         """For the status file."""
         st = dict(self._st)
