@@ -24,7 +24,6 @@ def _err(text):
     sys.stderr.write(text + "\n")
 
 
-_seconds = format_duration
 
 
 # --- check ---------------------------------------------------------------------------------
@@ -39,19 +38,19 @@ def plan_lines(cfg):
             continue
         load = sum(d.estimate()["seconds"] / d.interval for d in conn.devices)
         lines.append("connection %s: %s, timeout %s, pause %s: bus busy %.1f%% of the time%s" % (
-            conn.name, conn.describe(), _seconds(conn.timeout), _seconds(conn.pause), 100 * load,
+            conn.name, conn.describe(), format_duration(conn.timeout), format_duration(conn.pause), 100 * load,
             "  WARNING: above %d%%" % (100 * BUS_WARN) if load > BUS_WARN else ""))
         for d in conn.devices:
             est = d.estimate()
             share = est["seconds"] / d.interval
-            extra = d.mode + (" (heartbeat %s)" % _seconds(d.heartbeat) if d.mode == "on_change" else "")
+            extra = d.mode + (" (heartbeat %s)" % format_duration(d.heartbeat) if d.mode == "on_change" else "")
             lines.append("  device %s: unit %d, every %s, %s, %d point(s)%s" % (
-                d.name, d.unit, _seconds(d.interval), extra, len(d.points),
+                d.name, d.unit, format_duration(d.interval), extra, len(d.points),
                 ", profile %s" % d.profile if d.profile else ""))
             lines.append("    %d request(s) per cycle, %d bytes on the wire, ~%.1f ms bus time = "
                          "%.1f%% of %s%s" % (
                              est["requests"], est["bytes"], 1000 * est["seconds"], 100 * share,
-                             _seconds(d.interval),
+                             format_duration(d.interval),
                              "  WARNING: above %d%%" % (100 * BUS_WARN) if share > BUS_WARN else ""))
             for r in d.requests:
                 names = " ".join(p.name for p in r.points)
@@ -86,7 +85,7 @@ def cmd_check(args):
         ", disabled: " + ", ".join(cfg.disabled) if cfg.disabled else ""))
     _out("upload: %s" % (redact(cfg.upload.url) if cfg.upload else "off (no [upload] section)"))
     _out("spool: %s, at most %g MB and %s, fsync %s" % (
-        cfg.agent.spool_dir, cfg.agent.spool_max_mb, _seconds(cfg.agent.spool_max_age), cfg.agent.fsync))
+        cfg.agent.spool_dir, cfg.agent.spool_max_mb, format_duration(cfg.agent.spool_max_age), cfg.agent.fsync))
     for line in plan_lines(cfg):
         _out(line)
     return 0

@@ -92,16 +92,6 @@ def parse_utc(ts):
     return calendar.timegm(parts) + (float("0." + frac) if frac else 0.0)
 
 
-# --- secrets in messages ---------------------------------------------------------------------
-
-# Values never shown in an error, a warning or a log line (they end up in logread, support
-# tickets, the collector's log): URL credentials, secret-looking query values, the values of keys
-# that hold secrets. One set of rules; the agent and the collector each configure a Redactor
-# (the agent's is `redact` below, the collector's agent.collector.config.redact).
-
-# Userinfo runs to the LAST '@' of the URL: a password may hold '@' (or '/', which breaks the URL
-# but still must not show), and stopping at the first one would print the rest of it. A path that
-# holds '@' hides the host too: showing too little beats showing a secret.
 # -- INI values: the rule both config readers apply (agent/config, agent/collector/config) --
 SECRET_KEY = re.compile(r"(?i)token|password|passwd|secret")
 _INLINE_COMMENT = re.compile(r"\s[;#]")
@@ -132,7 +122,16 @@ def ini_value(text, key):
     return text[:m.start()].strip(), None
 
 
+# --- secrets in messages ---------------------------------------------------------------------
 
+# Values never shown in an error, a warning or a log line (they end up in logread, support
+# tickets, the collector's log): URL credentials, secret-looking query values, the values of keys
+# that hold secrets. One set of rules; the agent and the collector each configure a Redactor
+# (the agent's is `redact` below, the collector's agent.collector.config.redact).
+
+# Userinfo runs to the LAST '@' of the URL: a password may hold '@' (or '/', which breaks the URL
+# but still must not show), and stopping at the first one would print the rest of it. A path that
+# holds '@' hides the host too: showing too little beats showing a secret.
 _URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^\s'\"]*@")
 # ... or only the password part, keeping the user name (scheme://user:***@host)
 _URL_PASSWORD = re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://[^\s:/@'\"]*:)[^\s'\"]*@")

@@ -38,11 +38,10 @@ def data_record(agent, t, device, unit, values):
 def error_record(agent, t, device, unit, error, errors=None):
     """`error` is a ModbusError (its as_record()) or an already-built dict; `errors`, when
     given, lists every refused block (see partial_record)."""
-    err = error.as_record() if hasattr(error, "as_record") else dict(error)
+    fields = {"status": "error", "error": error.as_record() if hasattr(error, "as_record") else dict(error)}
     if errors:
-        return _base(agent, t, device=device, unit=unit, status="error", error=err,
-                     errors=list(errors))
-    return _base(agent, t, device=device, unit=unit, status="error", error=err)
+        fields["errors"] = list(errors)     # after "error": the order agent.wire describes
+    return _base(agent, t, device=device, unit=unit, **fields)
 
 
 def partial_record(agent, t, device, unit, values, errors):

@@ -37,9 +37,6 @@ def read_status(path):
         return json.load(f)
 
 
-_age = format_age
-
-
 def _size(n):
     if n is None:
         return "-"
@@ -63,7 +60,7 @@ def _ago(ts, now):
     t = _parse_utc(ts)
     if t is None:
         return "never"
-    return "%s ago" % _age(now - t)
+    return "%s ago" % format_age(now - t)
 
 
 def format_status(st, now=None):
@@ -75,8 +72,8 @@ def format_status(st, now=None):
     # a stopped agent's uptime ends when it wrote its last status
     until = (written or now) if st.get("state") == "stopped" else now
     lines.append("agent %s  pid %s  up %s  status written %s" % (
-        st.get("agent"), st.get("pid"), _age(until - started) if started else "-",
-        _ago(st.get("written"), now) if written is None else "%s ago" % _age(now - written)))
+        st.get("agent"), st.get("pid"), format_age(until - started) if started else "-",
+        _ago(st.get("written"), now) if written is None else "%s ago" % format_age(now - written)))
     if st.get("state") == "stopped":
         lines.append("STOPPED: the agent exited cleanly; figures below are from its last moment")
     if st.get("clock_unsynced"):
@@ -119,7 +116,7 @@ def format_status(st, now=None):
         oldest = _parse_utc(sp.get("oldest_ts"))
         lines.append("spool: %s records, %s, oldest %s; segments %s, dropped %s, corrupt skipped %s, next seq %s" % (
             sp.get("records", "-"), _size(sp.get("bytes")),
-            "%s ago" % _age(now - oldest) if oldest else "-",
+            "%s ago" % format_age(now - oldest) if oldest else "-",
             sp.get("segments", "-"), sp.get("dropped", 0), sp.get("corrupt_skipped", 0), sp.get("next_seq", "-")))
     up = st.get("upload")
     if up is None:

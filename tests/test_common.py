@@ -19,7 +19,7 @@ def test_both_sides_use_the_one_copy():
     assert issubclass(config.ConfigError, common.ConfigError)
     assert issubclass(collector_config.ConfigError, common.ConfigError)
     assert config.ConfigError is not collector_config.ConfigError   # says who found the problem
-    assert status._age is format_age and commands._seconds is format_duration
+    assert status.format_age is format_age and commands.format_duration is format_duration
     assert page._age(150) == "2m"
 
 

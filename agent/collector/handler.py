@@ -103,7 +103,7 @@ def environ(c, server_name, server_port):
         path = "/" + path.split("/", 3)[3] if path.count("/") >= 3 else "/"
     env = {"REQUEST_METHOD": head.method, "SCRIPT_NAME": "", "PATH_INFO": unquote(path, "iso-8859-1"),
            "QUERY_STRING": query, "SERVER_NAME": server_name, "SERVER_PORT": str(server_port),
-           "SERVER_PROTOCOL": c.request_version, "SERVER_SOFTWARE": "modbus-collector/%s" % __version__,
+           "SERVER_PROTOCOL": c.request_version, "SERVER_SOFTWARE": _Handler.server_software,
            "GATEWAY_INTERFACE": "CGI/1.1", "REMOTE_ADDR": c.ip, "REMOTE_PORT": str(c.addr[1]),
            "CONTENT_TYPE": "text/plain"}
     if c.unread:

@@ -81,7 +81,8 @@ def parse_head(data):
     """The head's bytes (up to, without, the empty line) -> Head, or Refuse. Strict where leniency
     lets two parsers disagree about where a request ends (RFC 9112 §2.2, §5): CRLF line ends only,
     no whitespace before the colon, no obs-fold, no control characters."""
-    if b"\n" in data.replace(b"\r\n", b"") or b"\r" in data.replace(b"\r\n", b""):
+    bare = data.replace(b"\r\n", b"")
+    if b"\n" in bare or b"\r" in bare:
         raise Refuse(400, "line endings in the request head must be CRLF", "head")
     lines = data.split(b"\r\n")
     while lines and lines[0] == b"":  # RFC 9112 §2.2: empty lines before the request line are ignored

@@ -72,10 +72,9 @@ def _choice(*choices, fold=str.lower):
     def check(text):
         v = fold(text.strip())
         if v not in choices:
-            import difflib  # only on a wrong value: keeps it out of the running agent's memory
-            close = difflib.get_close_matches(v.replace("_", "-"), choices, n=1, cutoff=0.6)
+            from agent.config.ini import _suggest
             raise ValueError("must be one of %s, not %r%s" % (" | ".join(choices), text,
-                                                             " (did you mean %r?)" % close[0] if close else ""))
+                                                             _suggest(v.replace("_", "-"), choices)))
         return v
     return check
 
