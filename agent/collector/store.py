@@ -149,6 +149,15 @@ def _failure(payload):
 class Store:
     dialect = "sqlite"
     ph = "?"
+    # Called inside each batch's write transaction, after its records and summaries are written:
+    # hook(cur, store, agent, fresh, received), `fresh` = the newly stored rows (ROW_COLUMNS tuples,
+    # seq order; payload = the record's JSON text). A hook that raises rolls the whole batch back
+    # (the agent retries it), so what a hook maintains (rollups, alert inputs) is exactly as
+    # durable as the records. Register with add_ingest_hook; keep hooks cheap: they run on ingest.
+    ingest_hooks = ()
+
+    def add_ingest_hook(self, hook):
+        self.ingest_hooks = tuple(self.ingest_hooks) + (hook,)
 
     def _sql(self, text):
         return text if self.ph == "?" else text.replace("?", self.ph)
@@ -264,6 +273,8 @@ class Store:
         # agents' 0..2^63-1: they never move max_seq (-1 until the agent sends a record itself).
         cur.execute(self.sql_agent, (agent, max(hi, -1), stored, gaps, dropped, received, received))
         max_seq = cur.fetchone()[0]
+        for hook in self.ingest_hooks:
+            hook(cur, self, agent, fresh, received)
         return stored, len(rows) - stored, max_seq
 
     def _insert(self, cur, rows):
