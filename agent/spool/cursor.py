@@ -276,7 +276,8 @@ class CursorFiles:
     def _read_pending(self):
         """-> (the pending write-failure account kept in ack.hint [count, first_seq, last_seq,
         first_ts, last_ts, reason] or None, the dropped-segment accounts kept there [count,
-        first_seq, last_seq, first_ts, last_ts, reason, target (frozenset or None), mark])."""
+        first_seq, last_seq, first_ts, last_ts, reason, target (frozenset or None), mark, through
+        (the newest dropped segment's key, or None)])."""
         try:
             with open(os.path.join(self.directory, ACK_HINT), "rb") as f:
                 f.seek(HINT_SIZE)
@@ -301,11 +302,15 @@ class CursorFiles:
                     raise ValueError("not an account: %r" % (doc,))
             segs = []
             for d in doc.get("segs", ()):
-                count, fseq, lseq, fts, lts, why, outs, mark = d
-                if not (_an_account(d[:6]) and type(mark) is int
+                # (an account written before `through` was kept has 8 fields)
+                count, fseq, lseq, fts, lts, why, outs, mark = d[:8]
+                through = d[8] if len(d) == 9 else None
+                if not (_an_account(d[:6]) and type(mark) is int and len(d) in (8, 9)
+                        and (through is None or type(through) is int)
                         and (outs is None or (isinstance(outs, list) and all(isinstance(n, str) for n in outs)))):
                     raise ValueError("not an account: %r" % (d,))
-                segs.append([count, fseq, lseq, fts, lts, why, None if outs is None else frozenset(outs), mark])
+                segs.append([count, fseq, lseq, fts, lts, why, None if outs is None else frozenset(outs), mark,
+                             through])
             return acc, segs
         except (ValueError, KeyError, TypeError) as e:
             log.warning("spool %s: the loss account in %s is unusable (%s): an account of lost "
@@ -318,7 +323,7 @@ class CursorFiles:
         doc = {} if acc is None else {"dropped": acc[0], "first_seq": acc[1], "last_seq": acc[2],
                                       "first_ts": acc[3], "last_ts": acc[4], "reason": acc[5]}
         if self._dropped:
-            doc["segs"] = [d[:5] + [d[5][:120], None if d[6] is None else sorted(d[6]), d[7]]
+            doc["segs"] = [d[:5] + [d[5][:120], None if d[6] is None else sorted(d[6]), d[7], d[8]]
                            for d in self._dropped]
         body = json.dumps(doc, separators=(",", ":")).encode()
         if len(body) > PENDING_SIZE - 16 and self._dropped:

@@ -90,6 +90,8 @@ class Spool(SegmentFiles, CursorFiles, LossAccounting, Reader, Writer):
         self._dropped_dirty = False     # _dropped changed since ack.hint last got it
         self._dropped_saved = False     # ack.hint may hold dropped accounts
         self._capturing = False         # in loss._drop: spans queued now are a dropped segment's
+        self._dropping = None           # in loss._drop: the key of the segment being dropped
+        self._gap_writing = None        # (corrupt, target, seq) of the gap record being written
         self._inflight = []             # the _dropped entries the gap records being written hold
         self._pend_dirty = False    # the pending account (in ack.hint) written since the last fsync
         self._pend_clear = False    # a gap record took the account: clear it on disk after its fsync
@@ -209,6 +211,18 @@ class Spool(SegmentFiles, CursorFiles, LossAccounting, Reader, Writer):
         """The accounts of dropped segments kept in ack.hint: one that a gap record of its kind and
         target from its mark on holds is in the spool already (killed before ack.hint was cleared);
         the others are queued again (and kept in ack.hint until their gap record is written)."""
+        # A kill after the account was saved and before the unlink left such segments on disk
+        # (the cursor may not have moved past them either: cursor.json cannot be rewritten on a
+        # full disk): their records are accounted for as lost, so the drop is finished now, or
+        # they would be handed out AND counted lost.
+        through = max((d[8] for d in dropped if d[8] is not None), default=None)
+        while through is not None and self._segs and self._segs[0].key <= through:
+            seg = self._segs.pop(0)
+            self._bytes -= seg.size
+            log.warning("spool %s: %s was dropped before the restart (its account is kept): "
+                        "deleted now", self.directory, os.path.basename(seg.path))
+            self._unlink(seg.path)
+            self._dir_dirty = True
         low = min(d[7] for d in dropped)
         gaps = []
         for seg in self._segs:
@@ -225,7 +239,7 @@ class Spool(SegmentFiles, CursorFiles, LossAccounting, Reader, Writer):
                     if g is not None and type(g.get("seq")) is int and g["seq"] >= low:
                         gaps.append(g)
         for d in dropped:
-            count, fseq, lseq, fts, lts, why, target, mark = d
+            count, fseq, lseq, fts, lts, why, target, mark = d[:8]
             corrupt = why == CORRUPT
             outs = sorted(target) if target is not None else None
             if any(g["seq"] >= mark and (g.get("reason") == CORRUPT) == corrupt and g.get("outputs") == outs
@@ -254,12 +268,14 @@ class Spool(SegmentFiles, CursorFiles, LossAccounting, Reader, Writer):
     def _delete(self, seg, durable, defer=False):
         """Unlink a segment, after the cursor (and with it the seq floor) is written. A dropped
         segment (defer) is only unlinked by _reap, once the gap record that accounts for it is
-        on disk: a power cut in between must not lose both the records and their account."""
+        on disk: a power cut in between must not lose both the records and their account. Its
+        cursor write waits for its account too (loss._drop): a cursor past a segment whose
+        account was still only in memory lost both at a kill -9."""
         self._bytes -= seg.size
-        self._write_cursor(durable=durable and self.fsync != "never")
         if defer:
             self._doomed.append(seg.path)
             return
+        self._write_cursor(durable=durable and self.fsync != "never")
         self._unlink(seg.path)
         self._dir_dirty = True
 

@@ -127,9 +127,21 @@ class LossAccounting:
             now = self._clock()
             if self._wfd is not None and self._segs[-1].size + len(line) > self.segment_bytes:
                 self._rotate()
+            # ack.hint's marks must say, before this line can exist, which dropped-segment
+            # accounts it holds (mark <= seq) and which it does not (mark > seq): a kill -9 right
+            # after the write must not make the next start take an account it does not hold
+            # for written (_recover_dropped), nor re-issue one it holds.
+            corrupt = reason == CORRUPT
+            if self._dropped and self._fix_marks(corrupt, target, seq):
+                self._save_failed()
             # _next_seq moves on only once the line is written: a segment dropped while trying
             # writes cursor.json, whose floor must not skip the seq this record may not get.
-            if not self._write(line, seq, rec["ts"], now):
+            self._gap_writing = (corrupt, target, seq)
+            try:
+                written = self._write(line, seq, rec["ts"], now)
+            finally:
+                self._gap_writing = None
+            if not written:
                 new, self._pending_loss = self._pending_loss, [list(x) for x in pending[i:]]
                 if new:     # lost while trying (a segment dropped to make room): folded in
                     self._remember_gap([tuple(x) for x in new], new[0][5])
@@ -152,30 +164,68 @@ class LossAccounting:
                             self.directory, seq, count, fseq, lseq, fts, lts, reason)
         return True
 
+    def _fix_marks(self, corrupt, target, seq):
+        """Set the marks of the dropped-segment accounts of this kind and target for a gap record
+        about to be written at `seq`: those it holds (_inflight) at most seq, the others past it.
+        -> True when one changed."""
+        changed = False
+        for d in self._dropped:
+            if (d[5] == CORRUPT) != corrupt or d[6] != target:
+                continue
+            if any(d is x for x in self._inflight):
+                if d[7] > seq:
+                    d[7], changed = seq, True
+            elif d[7] <= seq:
+                d[7], changed = seq + 1, True
+        return changed
+
     def _drop(self, why):
         """Drop the oldest segment (_drop_oldest) and queue its account; the account is also kept
         in _dropped until a gap record holds it, so _reap can put it in ack.hint before the
         segment is unlinked when that gap record could not be written first (a full disk)."""
         self._capturing = True
+        # Its key goes with its account into ack.hint: a kill after the account is saved and
+        # before the unlink leaves the segment on disk, and the next start must finish the drop
+        # (_recover_dropped) rather than hand out records whose loss is already on record.
+        self._dropping = self._segs[0].key if self._segs else None
         try:
             self._remember_gap(self._drop_oldest(), why)
         finally:
             self._capturing = False
+        # The order a kill -9 may cut anywhere: the account (with the segment's key) in ack.hint,
+        # then the cursor past the segment, then (_reap) the unlink. Killed before the account:
+        # the old cursor hands the records out again; after it: the next start finishes the drop
+        # and issues the account (_recover_dropped). An account that cannot be put in ack.hint
+        # keeps the old cursor, for the same reason.
+        if self._dropped_dirty:
+            self._save_failed()
+        if not self._dropped_dirty:
+            self._write_cursor(durable=False)
+        else:
+            self._cursor_dirty = True
 
     def _keep_dropped(self, count, fseq, lseq, fts, lts, why, target):
         """Add a dropped segment's span to _dropped: [count, first_seq, last_seq, first_ts,
-        last_ts, reason, target, mark]. `mark`: every gap record that can hold it has seq >= mark
-        (it is written after the newest line on disk now), so at the next start a gap record of its
-        kind and target from mark on says the account is in the spool (_recover). Folded into an
-        entry of its kind and target, except one a gap record being written holds (_inflight)."""
+        last_ts, reason, target, mark, through]. `mark`: every gap record that can hold it has seq
+        >= mark (it is written after the newest line on disk now), so at the next start a gap
+        record of its kind and target from mark on says the account is in the spool (_recover).
+        `through`: the key of the newest segment whose records it accounts for (segments are
+        dropped oldest first, so every segment up to it is gone or going). Folded into an entry of
+        its kind and target, except one a gap record being written holds (_inflight)."""
         corrupt = why == CORRUPT
         acc = next((d for d in self._dropped if (d[5] == CORRUPT) == corrupt and d[6] == target
                     and not any(d is x for x in self._inflight)), None)
         if acc is None:
             mark = max((s.last_seq for s in self._segs if s.last_seq is not None), default=0) + 1
-            self._dropped.append([count, fseq, lseq, fts, lts, why, target, mark])
+            writing = self._gap_writing
+            if writing is not None and writing[:2] == (corrupt, target):
+                # Dropped to make room for a gap record of its kind that does not hold it.
+                mark = max(mark, writing[2] + 1)
+            self._dropped.append([count, fseq, lseq, fts, lts, why, target, mark, self._dropping])
         else:
             fold(acc, (count, fseq, lseq, fts, lts, why))
+            if self._dropping is not None:
+                acc[8] = self._dropping if acc[8] is None else max(acc[8], self._dropping)
         self._dropped_dirty = True
 
     def _dropped_written(self, corrupt, target, seq):
