@@ -218,6 +218,11 @@ def _load_device(name, s, psec, agent, connections, conn_sections, problems):
         problems.error(path, _line_of(s, "unit"), s.name, "unit",
                        "must be 1..247 on a serial bus (0 is broadcast, which cannot be read)")
         ok = False
+    if values.get("first") == "on_change" and values.get("mode", "on_schedule") != "on_change":
+        problems.error(path, _line_of(s, "first"), s.name, "first",
+                       "first = on_change applies to mode = on_change (a device on_schedule sends "
+                       "every poll)")
+        ok = False
     points, points_ok = _device_points(name, s, psec, values, agent, problems)
     if not (ok and points_ok):
         return None
