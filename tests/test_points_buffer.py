@@ -198,3 +198,21 @@ def test_malformed_samples_are_refused_naming_the_field(client, change, where, w
     assert (resp.status, resp.json()["where"]) == (422, where), resp.body
     assert why in resp.json()["error"]
     assert client.count() == 0
+
+
+def test_the_fast_path_takes_the_agents_buffered_records_itself(tmp_path, umodbus, monkeypatch):
+    from agent.collector import fastpath
+
+    lines = agent_lines(tmp_path, umodbus, n=4, buffer=2)
+    text = (envelope_head("buf") + b",".join(line.rstrip(b"\n") for line in lines) + b"]}").decode()
+    agent, idx = fast_head(text)
+    want = fast_rows(text, idx, agent, 1.0, 500, 32)      # learns the dates, compiles the layout
+
+    def general(*a, **k):
+        raise AssertionError("the general path was asked")
+    monkeypatch.setattr(fastpath, "record_row", general)
+    assert fast_rows(text, idx, agent, 1.0, 500, 32) == want and len(want) == 2
+    # a sample whose values differ in keys from the record's: the general path decides
+    odd = text.replace('"values":{"v":', '"values":{"u":', 1)
+    with pytest.raises(AssertionError, match="general path"):
+        fast_rows(odd, idx, agent, 1.0, 500, 32)
