@@ -44,9 +44,11 @@ def plan_lines(cfg):
             est = d.estimate()
             share = est["seconds"] / d.interval
             extra = d.mode + (" (heartbeat %s)" % format_duration(d.heartbeat) if d.mode == "on_change" else "")
-            lines.append("  device %s: unit %d, every %s, %s, %d point(s)%s" % (
+            lines.append("  device %s: unit %d, every %s, %s, %d point(s)%s%s%s" % (
                 d.name, d.unit, format_duration(d.interval), extra, len(d.points),
-                ", profile %s" % d.profile if d.profile else ""))
+                ", profile %s" % d.profile if d.profile else "",
+                ", %d polls per record" % d.buffer if getattr(d, "buffer", 1) > 1 else "",
+                ", writable (modbus-agent write)" if getattr(d, "writable", False) else ""))
             lines.append("    %d request(s) per cycle, %d bytes on the wire, ~%.1f ms bus time = "
                          "%.1f%% of %s%s" % (
                              est["requests"], est["bytes"], 1000 * est["seconds"], 100 * share,

@@ -92,3 +92,11 @@ def test_the_new_keys_load(tmp_path):
     d = cfg.devices[0]
     assert (d.buffer, d.writable, d.first) == (10, True, "on_change")
     assert d.points[0].enum == {0: "not ok", 1: ""} and d.points[0].invert
+
+
+def test_check_shows_buffer_and_writable_in_the_plan(tmp_path):
+    from agent.commands import plan_lines
+
+    cfg, errors, _ = check_config(write(tmp_path, "v = holding 0 uint16", "buffer = 10\nwritable = yes\n"))
+    assert errors == []
+    assert any("10 polls per record, writable (modbus-agent write)" in line for line in plan_lines(cfg))
