@@ -462,6 +462,8 @@ def _confirm(args, prompt):
     sys.stdout.write(prompt + " [y/N] ")
     sys.stdout.flush()
     answer = sys.stdin.readline()
+    if not (hasattr(sys.stdin, "isatty") and sys.stdin.isatty()):
+        sys.stdout.write(answer.strip() + "\n")   # piped: show the answer as a terminal would
     return answer.strip().lower() in ("y", "yes")
 
 
