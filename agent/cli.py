@@ -1,4 +1,4 @@
-"""`modbus-agent` command line: check, poll, probe, run, status.
+"""`modbus-agent` command line: check, poll, probe, write, run, status.
 
 Each subcommand's work lives in the module that owns it; this file only parses arguments.
 Exit codes: 0 ok, 1 a device or run failed, 2 bad configuration or usage.
@@ -29,6 +29,12 @@ def build_parser():
     sp.add_argument("--address", metavar="A", required=True)
     sp.add_argument("--table", default="holding", choices=["holding", "input"])
     sp.add_argument("--expect", metavar="LOW..HIGH", required=True)
+    sp = add("write", "write one value to a point (or raw registers/coils), confirm, read back")
+    sp.add_argument("device", metavar="DEVICE", help="a [device:NAME] with writable = yes")
+    sp.add_argument("what", nargs="+", metavar="POINT VALUE | TABLE ADDRESS VALUE...",
+                    help="a point and its value, or with --raw a table, protocol address and values")
+    sp.add_argument("--raw", action="store_true", help="write raw registers or coils: TABLE ADDRESS VALUE...")
+    sp.add_argument("--yes", action="store_true", help="send without asking")
     sp = add("run", "poll, spool and upload until stopped (the main job)")
     sp.add_argument("--log-level", default=None, help="override [agent] log_level")
     sp = add("status", "print device health, spool backlog and upload state of a running agent")
@@ -38,7 +44,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.command in ("check", "poll", "probe"):
+    if args.command in ("check", "poll", "probe", "write"):
         from agent import commands
 
         handler = getattr(commands, f"cmd_{args.command}")

@@ -39,7 +39,7 @@ class Request:
             fields = []
             for p in points:
                 t = TYPES[p.type]
-                size = read_data_length(self.function, p.count if t.code == "s" else t.words)
+                size = read_data_length(self.function, t.size(p.count))
                 order = "BA" if (t.code == "s" and p.swap) else p.order
                 fields.append(Field(p.name, read_data_length(self.function, p.address - address),
                                     t.code, size, order, p.transform()))
@@ -56,7 +56,8 @@ class Device:
 
     def __init__(self, name, connection, unit=1, interval=10.0, base=0, byte_order="ABCD",
                  max_registers=MAX_REGISTERS, max_bits=MAX_BITS, max_gap=10, profile=None,
-                 mode="on_schedule", heartbeat=900.0, enabled=True, points=None):
+                 mode="on_schedule", heartbeat=900.0, enabled=True, points=None, writable=False,
+                 buffer=1, first="always"):
         self.name = name
         self.connection = connection
         self.unit = unit
@@ -70,6 +71,9 @@ class Device:
         self.mode = mode
         self.heartbeat = heartbeat
         self.enabled = enabled
+        self.writable = writable    # `modbus-agent write` may write here
+        self.buffer = buffer        # polls per record (agent.polling)
+        self.first = first          # on_change: the first poll after start sent, or a baseline
         self.points = list(points or ())
         self.requests = []
         self.path = None

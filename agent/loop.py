@@ -443,6 +443,7 @@ class Loop:
             setup_logging(old, self.log_level)
             log.error("reload: %s: [agent] log: %s: still running the previous config", path, e)
             return
+        self.poller.flush_all()   # [device] buffer: polls not yet in a record, before states go
         # what to rebuild: the keys the config schema tags SPOOL / UPLOADER (agent.config.schema)
         if changed(old, new, SPOOL) and not self._reopen_spool(old, new):
             setup_logging(old, self.log_level)
@@ -484,6 +485,7 @@ class Loop:
 
     def shutdown(self):
         log.info("stopping: closing the spool")
+        self.poller.flush_all()   # [device] buffer: the polls not yet in a record
         for client in self.clients.values():
             _close(client)
         self.clients = {}

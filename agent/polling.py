@@ -19,7 +19,7 @@ from agent import log as agentlog
 from agent.device import Refused, point_names, refusal_hint
 from agent.health import Health
 from agent.modbus.errors import ModbusError
-from agent.record import data_record, error_record, partial_record
+from agent.record import buffered_record, data_record, error_record, partial_record
 from agent.schedule import DeviceSchedule
 
 log = agentlog.get("loop")
@@ -54,7 +54,7 @@ class DeviceState:
 
     __slots__ = ("device", "schedule", "health", "deadbands", "last_sent", "last_sent_at",
                  "next_health", "summary_ok", "summary_failed", "was_failing", "missed_logged_at",
-                 "last_error_kind", "last_sent_slot", "refused")
+                 "last_error_kind", "last_sent_slot", "refused", "pending", "started")
 
     def __init__(self, device, start, agent_cfg, health=None):
         self.device = device
@@ -73,6 +73,8 @@ class DeviceState:
         self.missed_logged_at = None
         self.last_error_kind = None   # "connection", "timeout", ... of the last failure
         self.refused = {}             # (function, address, count) -> exception code, as logged
+        self.pending = []             # buffer = N: [(wall time, values)] not yet in a record
+        self.started = False          # a poll has given data since start (first = on_change)
 
 
 class Poller:
@@ -158,6 +160,11 @@ class Poller:
             # the append happened: a poll that ends a little earlier than the one that sent
             # must not push the heartbeat a whole interval late
             slot = st.schedule.due
+            if not st.started and dev.first == "on_change" and refused is None:
+                # first = on_change: the first reading after start is the baseline, not news
+                st.started = True
+                st.last_sent, st.last_sent_at, st.last_sent_slot = values, self.mono(), slot
+                return
             heartbeat = dev.heartbeat or 0.0
             due_heartbeat = (heartbeat > 0 and st.last_sent_slot is not None
                              and slot - st.last_sent_slot >= heartbeat - 1e-6)
@@ -166,10 +173,33 @@ class Poller:
             st.last_sent = values
             st.last_sent_at = self.mono()
             st.last_sent_slot = slot
+        st.started = True
         if refused is None:
+            if dev.buffer > 1:
+                st.pending.append((t, values))
+                if len(st.pending) >= dev.buffer:
+                    self.flush(st)
+                return
             self.append(data_record(self.agent_id, t, dev.name, dev.unit, values))
         else:
+            self.flush(st)
             self.append(partial_record(self.agent_id, t, dev.name, dev.unit, values, refused.errors()))
+
+    def flush(self, st):
+        """`buffer = N`: the polls not yet recorded go out as one record now (before a partial
+        or error record, so seq order stays time order; at a reload or stop, so none is lost)."""
+        if not st.pending:
+            return
+        dev, pending = st.device, st.pending
+        st.pending = []
+        if len(pending) == 1:
+            self.append(data_record(self.agent_id, pending[0][0], dev.name, dev.unit, pending[0][1]))
+        else:
+            self.append(buffered_record(self.agent_id, pending, dev.name, dev.unit))
+
+    def flush_all(self):
+        for st in self.states:
+            self.flush(st)
 
     def _answered(self, st):
         """The device answered (data or an exception response): after failures, say so once and
@@ -192,6 +222,7 @@ class Poller:
         st.last_sent = None
         self._answered(st)
         st.last_error_kind = err.kind
+        self.flush(st)
         self.append(error_record(self.agent_id, t, dev.name, dev.unit, err, err.errors()))
 
     def _log_refusals(self, st, err):
@@ -245,4 +276,5 @@ class Poller:
         else:
             rec = error_record(self.agent_id, t, dev.name, dev.unit,
                                {"kind": "agent", "message": "%s: %s" % (type(err).__name__, err)})
+        self.flush(st)
         self.append(rec)

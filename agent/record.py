@@ -3,6 +3,8 @@
     {"agent": "site7-rut200", "seq": 1234, "ts": "2026-11-21T10:30:45.123Z", "device": "meter1",
      "unit": 1, "values": {"voltage_l1": 230.1}, "status": "ok"}
 
+A buffered record (`[device] buffer = N`) adds "samples": [{"ts", "values"}, ...] after
+"status": N polls, oldest first, the newest (also in "ts"/"values") included.
 A failed read has "status": "error" and "error": {"kind", "message"[, "code"]} instead of values.
 A device that refused some blocks with an exception response (it answered) gives "status":
 "partial": "values" holds the points of the blocks that answered (refused points are omitted),
@@ -33,6 +35,19 @@ def _base(agent, t, **fields):
 
 def data_record(agent, t, device, unit, values):
     return _base(agent, t, device=device, unit=unit, values=values, status="ok")
+
+
+def buffered_record(agent, samples, device, unit):
+    """`[device] buffer = N`: N successful polls [(t, values)] (oldest first) in one record.
+    "ts" and "values" are the newest sample's, so a reader that knows nothing of buffering
+    still sees the latest reading; "samples" holds every poll, the newest included:
+
+        {..., "values": {...}, "status": "ok", "samples": [{"ts": ..., "values": {...}}, ...]}
+    """
+    t, values = samples[-1]
+    rec = _base(agent, t, device=device, unit=unit, values=values, status="ok",
+                samples=[{"ts": utc_timestamp(st), "values": v} for st, v in samples])
+    return rec
 
 
 def error_record(agent, t, device, unit, error, errors=None):

@@ -32,42 +32,6 @@ TABLES = {
 #: leading digit of a classic 5/6-digit address -> table
 CLASSIC_PREFIX = {"0": "coil", "1": "discrete", "3": "input", "4": "holding"}
 
-# --- types ---------------------------------------------------------------------------------
-
-
-class TypeInfo:
-    """A value type: registers it spans, its struct code, and what its argument means."""
-
-    __slots__ = ("code", "kind", "name", "words")
-
-    def __init__(self, name, words, code, kind):
-        self.name = name
-        self.words = words      # registers (or bits, for 'bool' on bit tables)
-        self.code = code        # struct code of the whole field
-        self.kind = kind        # int | float | bool | string | bits | bit | byte
-
-
-TYPES = {
-    "bool": TypeInfo("bool", 1, None, "bool"),
-    "bit": TypeInfo("bit", 1, "H", "bit"),          # bit N of a register
-    "bits": TypeInfo("bits", 1, "H", "bits"),       # bits A-B of a register
-    "int8": TypeInfo("int8", 1, "H", "byte"),       # int8 high|low
-    "uint8": TypeInfo("uint8", 1, "H", "byte"),
-    "int16": TypeInfo("int16", 1, "h", "int"),
-    "uint16": TypeInfo("uint16", 1, "H", "int"),
-    "int32": TypeInfo("int32", 2, "i", "int"),
-    "uint32": TypeInfo("uint32", 2, "I", "int"),
-    "float32": TypeInfo("float32", 2, "f", "float"),
-    "int64": TypeInfo("int64", 4, "q", "int"),
-    "uint64": TypeInfo("uint64", 4, "Q", "int"),
-    "float64": TypeInfo("float64", 4, "d", "float"),
-    "string": TypeInfo("string", None, "s", "string"),  # string N: N registers
-}
-# Telegraf-style spellings people paste from other configs.
-TYPE_ALIASES = {"int8h": ("int8", "high"), "int8l": ("int8", "low"),
-                "uint8h": ("uint8", "high"), "uint8l": ("uint8", "low"),
-                "float": ("float32", None), "double": ("float64", None)}
-
 # --- byte orders ---------------------------------------------------------------------------
 
 ORDERS_16 = ("AB", "BA")
@@ -91,29 +55,157 @@ _DIRECT = {
 }
 
 
+# --- types ---------------------------------------------------------------------------------
+#
+# The type table is the one place a type is defined: its size, struct code, kind (which
+# transform and inverse it takes), its positional argument, the byte orders it takes, and the
+# options that apply to it. agent/config/points.py, agent/device.py and `write` only ask it.
+
+#: options that scale a number (and the deadband that compares scaled numbers)
+NUMERIC = ("scale", "offset", "divisor", "decimals", "deadband")
+#: options every point takes
+COMMON_OPTIONS = ("unit", "overlap")
+
+
+class _ArgError(ValueError):
+    """The positional argument of a type is wrong (the message says how to write it)."""
+
+
+def _arg_bit(text):
+    try:
+        n = int(text, 0)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= 15:
+        raise _ArgError("bit number %s is not 0..15" % text)
+    return {"bit_lo": n, "bit_hi": n}
+
+
+def _arg_bits(text):
+    lo, _, hi = text.partition("-")
+    try:
+        a, b = int(lo, 0), int(hi or lo, 0)
+    except ValueError:
+        a = b = -1
+    if not 0 <= a <= b <= 15:
+        raise _ArgError("bit range %s is not within 0-15, low-high" % text)
+    return {"bit_lo": a, "bit_hi": b}
+
+
+def _arg_length(text, limit=125):
+    try:
+        n = int(text, 0)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= limit:
+        raise _ArgError("string length %s is not 1..%d registers" % (text, limit))
+    return {"count": n}
+
+
+def _arg_byte(text):
+    byte = {"high": "high", "h": "high", "low": "low", "l": "low"}.get(text.lower())
+    if byte is None:
+        raise _ArgError("%r: int8/uint8 take `high` or `low`" % text)
+    return {"byte": byte}
+
+
+class TypeInfo:
+    """A value type: registers it spans, its struct code, its kind, its argument, its orders
+    and the options that apply to it.
+
+    words:   registers (bits for 'bool'); None when the argument gives the count (string N)
+    code:    struct code of the whole field as read from the block
+    kind:    int | float | bool | string | bits | bit | byte | append: which transform
+             (make_transform) and inverse (encode) it takes
+    arg:     parser of the positional argument (text -> point attributes), or None
+    orders:  byte orders it takes (a tuple), or () for none
+    device_order: whether the device's byte_order applies when the point names none
+    options: the key=value options that apply (besides COMMON_OPTIONS)
+    table:   "register" or "bit" (coil/discrete)
+    signed:  the raw value is signed before any option (int8)
+    """
+
+    __slots__ = ("arg", "arg_help", "code", "device_order", "kind", "name", "options", "orders",
+                 "requires", "signed", "table", "words")
+
+    def __init__(self, name, words, code, kind, arg=None, arg_help=None, orders=(),
+                 device_order=False, options=(), table="register", signed=False, requires=()):
+        self.name = name
+        self.words = words
+        self.code = code
+        self.kind = kind
+        self.arg = arg
+        self.arg_help = arg_help
+        self.orders = orders
+        self.device_order = device_order
+        self.options = frozenset(options) | frozenset(COMMON_OPTIONS)
+        self.table = table
+        self.signed = signed
+        self.requires = requires
+
+    def size(self, count):
+        """Registers (or bits) a point of this type spans, given its count."""
+        return count if self.words is None else self.words
+
+    def __repr__(self):
+        return "TypeInfo(%r)" % self.name
+
+
+def _t(name, words, code, kind, **kw):
+    return name, TypeInfo(name, words, code, kind, **kw)
+
+
+_INT = NUMERIC + ("enum",)
+_FLOAT = NUMERIC
+
+TYPES = dict((
+    _t("bool", 1, None, "bool", table="bit", options=("enum", "invert")),
+    _t("bit", 1, "H", "bit", arg=_arg_bit, arg_help="`bit` needs the bit number: bit 0..15",
+       orders=ORDERS_16, options=("enum", "invert")),
+    _t("bits", 1, "H", "bits", arg=_arg_bits, arg_help="`bits` needs a range: bits 0-3",
+       orders=ORDERS_16, options=_INT + ("signed", "reverse")),
+    _t("int8", 1, "H", "byte", arg=_arg_byte, arg_help="`int8` needs high or low",
+       options=_INT, signed=True),
+    _t("uint8", 1, "H", "byte", arg=_arg_byte, arg_help="`uint8` needs high or low", options=_INT),
+    _t("int16", 1, "h", "int", orders=ORDERS_16, device_order=True, options=_INT),
+    _t("uint16", 1, "H", "int", orders=ORDERS_16, device_order=True, options=_INT),
+    _t("int32", 2, "i", "int", orders=ORDERS_32, device_order=True, options=_INT),
+    _t("uint32", 2, "I", "int", orders=ORDERS_32, device_order=True, options=_INT),
+    _t("float32", 2, "f", "float", orders=ORDERS_32, device_order=True, options=_FLOAT),
+    _t("int64", 4, "q", "int", orders=ORDERS_64, device_order=True, options=_INT),
+    _t("uint64", 4, "Q", "int", orders=ORDERS_64, device_order=True, options=_INT),
+    _t("float64", 4, "d", "float", orders=ORDERS_64, device_order=True, options=_FLOAT),
+    _t("string", None, "s", "string", arg=_arg_length,
+       arg_help="`string` needs its length in registers: string 8", options=("swap",)),
+    # integer part in register N, fraction in N+1 (FairCom appendAdjacentRegisters): 12, 34
+    # with decimals=2 -> 12.34; `_reversed`: the fraction first
+    _t("append", 2, "I", "append", options=NUMERIC + ("signed",), requires=("decimals",)),
+    _t("append_reversed", 2, "I", "append", options=NUMERIC + ("signed",), requires=("decimals",)),
+))
+# Telegraf-style spellings people paste from other configs.
+TYPE_ALIASES = {"int8h": ("int8", "high"), "int8l": ("int8", "low"),
+                "uint8h": ("uint8", "high"), "uint8l": ("uint8", "low"),
+                "float": ("float32", None), "double": ("float64", None)}
+#: every key=value option some type takes
+POINT_OPTIONS = tuple(sorted(set().union(*(t.options for t in TYPES.values()))))
+
+
 def order_for(type_name, order):
     """The concrete byte order of a value of `type_name` given a point or device order
     (2, 4 or 8 letters). Raises ValueError naming the orders that fit."""
-    words = TYPES[type_name].words
-    if words == 1 and TYPES[type_name].kind == "int":
-        if order in ORDERS_16:
-            return order
-        if order in ORDER_FOR_16:
-            return ORDER_FOR_16[order]
+    t = TYPES[type_name]
+    if not t.orders:
+        raise ValueError("type %s has no byte order" % type_name)
+    if order in t.orders:
+        return order
+    n = len(t.orders[0])
+    mapped = {2: ORDER_FOR_16, 8: ORDER_FOR_64}.get(n, {}).get(order)
+    if mapped is not None:
+        return mapped
+    if n == 2:
         raise ValueError("byte order %s does not fit a 16-bit value (use AB or BA)" % order)
-    if words == 2:
-        if order in ORDERS_32:
-            return order
-        raise ValueError("byte order %s does not fit a 32-bit value (use one of %s)"
-                         % (order, ", ".join(ORDERS_32)))
-    if words == 4:
-        if order in ORDERS_64:
-            return order
-        if order in ORDER_FOR_64:
-            return ORDER_FOR_64[order]
-        raise ValueError("byte order %s does not fit a 64-bit value (use one of %s)"
-                         % (order, ", ".join(ORDERS_64)))
-    raise ValueError("type %s has no byte order" % type_name)
+    raise ValueError("byte order %s does not fit a %d-bit value (use one of %s)"
+                     % (order, 8 * n, ", ".join(t.orders)))
 
 
 def permutation(order):
@@ -227,6 +319,20 @@ def shortest32(v, _bisect=bisect_right, _bounds=_BOUNDS, _table=_TABLE, _r=_ROUN
     return ((m * 10.0 + _r) - _r) / u9  # 9 digits: always within the interval
 
 
+def _append_step(decimals, signed, fraction_first):
+    """The append transform: raw uint32 (two registers, first in the high half) -> number."""
+    unit = 10 ** decimals
+
+    def append(v):
+        ip, frac = (v & 0xFFFF, v >> 16) if fraction_first else (v >> 16, v & 0xFFFF)
+        if frac >= unit:
+            return None
+        if signed and ip & 0x8000:
+            return -((65536 - ip) * unit + frac) / unit
+        return (ip * unit + frac) / unit if unit > 1 else ip + frac
+    return append
+
+
 def _reciprocal(x):
     """10 for 0.1: scaling 2301 by 0.1 should give 230.1, not 230.10000000000002, so small
     decimal scales divide by their reciprocal instead of multiplying."""
@@ -247,25 +353,43 @@ def _whole(x, limit=2 ** 53):
 
 
 def make_transform(kind, scale=1.0, offset=0.0, divisor=1.0, decimals=None, enum=None,
-                   bit_lo=0, bit_hi=15, signed=False, byte=None, float32=False):
+                   bit_lo=0, bit_hi=15, signed=False, byte=None, float32=False, invert=False,
+                   reverse=False, fraction_first=False):
     """Closure turning the raw struct value of one point into its reported value, or None when
     the raw value can be reported as is. Order: bits/byte extraction, enum, then
     value = raw * scale / divisor + offset, then rounding to `decimals`. A float32 is first
     taken as its shortest decimal (`shortest32`). NaN and infinities (raw, or reached by
     scaling) become None. Integer values stay exact integers through whole-number scales and
-    offsets; integer division is correctly rounded (no int -> float step first)."""
+    offsets; integer division is correctly rounded (no int -> float step first).
+
+    invert (bit, bool): the boolean is negated before enum (FairCom bitBooleanZeroValue).
+    reverse (bits): the field's bits are mirrored (its lowest bit becomes its highest) before
+    the sign is taken. append: the raw uint32 holds the integer part in its high register and
+    the fraction in its low one (`fraction_first`: the other way round); `decimals` digits of
+    fraction: 12, 34 -> 12.34. A negative integer part (signed) gives -(|int| + fraction):
+    -12, 34 -> -12.34; a fraction register of 10^decimals or more is no valid reading: None."""
     steps = []
     if kind == "bit":
         n = bit_lo
-        steps.append(lambda v: bool((v >> n) & 1))
+        if invert:
+            steps.append(lambda v: not (v >> n) & 1)
+        else:
+            steps.append(lambda v: bool((v >> n) & 1))
+    elif kind == "bool" and invert:
+        steps.append(lambda v: not v)
     elif kind == "bits":
         lo, width = bit_lo, bit_hi - bit_lo + 1
         mask = (1 << width) - 1
-        if signed:
-            sign, full = 1 << (width - 1), 1 << width
-            steps.append(lambda v: (lambda x: x - full if x & sign else x)((v >> lo) & mask))
+        if reverse:
+            steps.append(lambda v: int(bin(((v >> lo) & mask) | (1 << width))[:2:-1], 2))
         else:
             steps.append(lambda v: (v >> lo) & mask)
+        if signed:
+            sign, full = 1 << (width - 1), 1 << width
+            steps.append(lambda x: x - full if x & sign else x)
+    elif kind == "append":
+        steps.append(_append_step(int(decimals or 0), signed, fraction_first))
+        decimals = None if scale == 1.0 and offset == 0.0 and divisor == 1.0 else decimals
     elif kind == "byte":
         shift = 8 if byte == "high" else 0
         if signed:
@@ -277,7 +401,7 @@ def make_transform(kind, scale=1.0, offset=0.0, divisor=1.0, decimals=None, enum
     if enum:
         table = dict(enum)
         steps.append(lambda v: table.get(v, v))
-    elif kind in ("int", "float", "bits", "byte"):
+    elif kind in ("int", "float", "bits", "byte", "append"):
         mul = float(scale)
         div = float(divisor)
         recip = _reciprocal(mul)
@@ -290,8 +414,12 @@ def make_transform(kind, scale=1.0, offset=0.0, divisor=1.0, decimals=None, enum
         # Checked on the result, after scaling: a finite raw value can overflow there (float64
         # 1e308 * 10, an int64 times a huge scale), and one infinite value must not reach the
         # encoder (it would stop the agent at every poll of that device).
-        if kind == "float":
-            if float32:
+        if kind in ("float", "append"):
+            if kind == "append":
+                if scaled:
+                    steps.append(lambda v: v if v is None else (
+                        x if (x := v * mul / div + off) - x == 0.0 else None))
+            elif float32:
                 s32 = shortest32
                 if scaled:
                     def f32_scaled(v):
@@ -405,10 +533,16 @@ class RegisterBlockDecoder:
             key = (source, endian, f.offset, f.code, f.size)
             if key not in slots:
                 slots[key] = None
-                groups.setdefault((source, endian), []).append(key)
+                # Overlapping fields (overlap=yes: a float and its raw words) cannot share one
+                # struct format: each goes to the first layer where it overlaps nothing.
+                layer = 0
+                while any(k[2] < f.offset + f.size and f.offset < k[2] + k[4]
+                          for k in groups.get((source, endian, layer), ())):
+                    layer += 1
+                groups.setdefault((source, endian, layer), []).append(key)
         self._unpackers = []
         order = []
-        for (source, endian), keys in sorted(groups.items()):
+        for (source, endian, _layer), keys in sorted(groups.items()):
             keys.sort(key=lambda k: k[2])
             fmt, pos = [endian], 0
             for _s, _e, offset, code, size in keys:
@@ -484,3 +618,239 @@ class BitBlockDecoder:
             v = bool((bits >> offset) & 1)
             out[name] = v if fn is None else fn(v)
         return out
+
+
+# --- the inverse: a value to write -> register words or bits -------------------------------
+
+
+class Unwritable(ValueError):
+    """A value the point cannot hold as given; the message says why."""
+
+
+_INT_RANGE = {"h": (-0x8000, 0x7FFF), "H": (0, 0xFFFF), "i": (-(1 << 31), (1 << 31) - 1),
+              "I": (0, (1 << 32) - 1), "q": (-(1 << 63), (1 << 63) - 1), "Q": (0, (1 << 64) - 1)}
+_TRUE = ("1", "true", "on", "yes")
+_FALSE = ("0", "false", "off", "no")
+
+
+class WriteValue:
+    """What writing one value to a point takes: `registers` (words in wire order from the
+    point's address), or `bits` (coils), or `modify` (a function of the register's current
+    word -> the new word: a bit field shares its register with others, so it is read first)."""
+
+    __slots__ = ("bits", "modify", "raw", "registers")
+
+    def __init__(self, raw, registers=None, bits=None, modify=None):
+        self.raw = raw
+        self.registers = registers
+        self.bits = bits
+        self.modify = modify
+
+
+def _fraction(x):
+    """A config number (a float from its text) as the exact decimal that was written."""
+    from fractions import Fraction  # only `write` needs exact arithmetic: not the agent
+    return Fraction(repr(float(x))) if not isinstance(x, int) else Fraction(x)
+
+
+def _number(text):
+    from decimal import Decimal, InvalidOperation
+    from fractions import Fraction
+
+    t = text.strip()
+    try:
+        return Fraction(int(t, 0))
+    except ValueError:
+        pass
+    try:
+        return Fraction(Decimal(t))
+    except (InvalidOperation, ValueError, OverflowError):
+        raise Unwritable("%r is not a number" % text) from None
+
+
+def _unscale(p, value, what):
+    """value -> raw register units, exactly: raw = (value - offset) * divisor / scale."""
+    scale, offset, divisor = _fraction(p.scale), _fraction(p.offset), _fraction(p.divisor)
+    raw = (value - offset) * divisor / scale
+    if (scale, offset, divisor) != (1, 0, 1):
+        what += " (%s in the register's units: %s)" % (_show(raw), _scaling_text(p))
+    return raw, what
+
+
+def _scaling_text(p):
+    parts = []
+    for k, default in (("scale", 1.0), ("divisor", 1.0), ("offset", 0.0)):
+        v = getattr(p, k)
+        if v != default:
+            parts.append("%s=%s" % (k, repr(float(v)).rstrip("0").rstrip(".") if v != int(v) else int(v)))
+    return " ".join(parts)
+
+
+def _show(x):
+    if hasattr(x, "denominator") and not isinstance(x, int):
+        if x.denominator == 1:
+            return str(x.numerator)
+        return repr(float(x))
+    return str(x)
+
+
+def _whole_raw(p, text, lo, hi, label):
+    """A number (or an enum label) -> a whole raw value within lo..hi, or Unwritable."""
+    enum = p.enum or {}
+    for k, lab in enum.items():
+        if lab == text:
+            return k, "%r is %d" % (text, k)
+    try:
+        value = _number(text)
+    except Unwritable:
+        if enum:
+            raise Unwritable("%r is not a number nor one of the labels: %s" % (
+                text, ", ".join("%d:%r" % kv for kv in sorted(enum.items())))) from None
+        raise
+    raw, what = _unscale(p, value, _show(value))
+    if raw.denominator != 1:
+        raise Unwritable("%s is not a whole number: the %s holds whole steps%s, so it would "
+                         "be rounded" % (what, label, " of %s" % _step(p) if _step(p) else ""))
+    raw = raw.numerator
+    if not lo <= raw <= hi:
+        raise Unwritable("%s does not fit: a %s holds %d..%d" % (what, label, lo, hi))
+    return raw, what
+
+
+def _step(p):
+    step = _fraction(p.scale) / _fraction(p.divisor)
+    return "" if step == 1 else _show(step)
+
+
+def _to_words(wire):
+    return [(wire[i] << 8) | wire[i + 1] for i in range(0, len(wire), 2)]
+
+
+def _wire(natural, order):
+    """Natural (most significant first) bytes -> wire bytes in `order`."""
+    if not order:
+        return natural
+    return bytes(natural[ord(c) - 65] for c in order)
+
+
+def _swap16(w):
+    return ((w & 0xFF) << 8) | (w >> 8)
+
+
+def _field_modify(p, lo, width, raw):
+    """A function old word -> new word setting bits lo..lo+width-1 of the (logical) register
+    to `raw`; a BA point's register is byte-swapped on the wire."""
+    mask = ((1 << width) - 1) << lo
+    bits = (raw << lo) & mask
+    swapped = p.order == "BA"
+
+    def modify(word):
+        logical = _swap16(word) if swapped else word
+        logical = (logical & ~mask & 0xFFFF) | bits
+        return _swap16(logical) if swapped else logical
+    return modify
+
+
+def _boolean(p, text):
+    for k, lab in (p.enum or {}).items():
+        if lab == text:
+            return bool(k)
+    t = text.strip().lower()
+    if t in _TRUE:
+        return True
+    if t in _FALSE:
+        return False
+    raise Unwritable("%r is not a boolean (1/0, true/false, on/off%s)" % (
+        text, "" if not p.enum else " or a label: " + ", ".join(repr(v) for v in p.enum.values())))
+
+
+def encode(p, text):
+    """The inverse of the point's type, order and scaling: `text` (as typed on the command
+    line) -> WriteValue. Raises Unwritable saying why a value does not fit or would not read
+    back as written."""
+    t = TYPES[p.type]
+    kind = t.kind
+    if kind == "bool":
+        v = _boolean(p, text)
+        v = not v if getattr(p, "invert", False) else v
+        return WriteValue(v, bits=[v])
+    if kind == "bit":
+        v = _boolean(p, text)
+        v = not v if getattr(p, "invert", False) else v
+        return WriteValue(int(v), modify=_field_modify(p, p.bit_lo, 1, int(v)))
+    if kind == "bits":
+        width = p.bit_hi - p.bit_lo + 1
+        signed = p.signed
+        lo, hi = (-(1 << (width - 1)), (1 << (width - 1)) - 1) if signed else (0, (1 << width) - 1)
+        raw, _ = _whole_raw(p, text, lo, hi, "%d-bit field%s" % (width, " (signed)" if signed else ""))
+        raw &= (1 << width) - 1
+        if getattr(p, "reverse", False):
+            raw = int(bin(raw | (1 << width))[:2:-1], 2)
+        return WriteValue(raw, modify=_field_modify(p, p.bit_lo, width, raw))
+    if kind == "byte":
+        signed = t.signed
+        lo, hi = (-128, 127) if signed else (0, 255)
+        raw, _ = _whole_raw(p, text, lo, hi, "%s byte" % p.type)
+        return WriteValue(raw, modify=_field_modify(p, 8 if p.byte == "high" else 0, 8, raw & 0xFF))
+    if kind == "int":
+        lo, hi = _INT_RANGE[t.code]
+        raw, _ = _whole_raw(p, text, lo, hi, p.type)
+        natural = struct.pack(">" + t.code, raw)
+        return WriteValue(raw, registers=_to_words(_wire(natural, p.order)))
+    if kind == "float":
+        from fractions import Fraction
+
+        value = _number(text)
+        raw, what = _unscale(p, value, _show(value))
+        code = t.code
+        try:
+            natural = struct.pack(">" + code, float(raw))
+        except (OverflowError, struct.error):
+            raise Unwritable("%s does not fit a %s" % (what, p.type)) from None
+        back = struct.unpack(">" + code, natural)[0]
+        fn = p.transform()
+        got = fn(back) if fn is not None else back
+        if got is None or Fraction(got) != value and got != float(value):
+            raise Unwritable("%s would read back as %s: a %s cannot hold it exactly (write %s)"
+                             % (_show(value), _show(got), p.type, _show(got)))
+        return WriteValue(back, registers=_to_words(_wire(natural, p.order)))
+    if kind == "string":
+        try:
+            data = text.encode("latin-1")
+        except UnicodeEncodeError:
+            raise Unwritable("%r has characters outside Latin-1, which the register string "
+                             "cannot hold" % text) from None
+        room = 2 * p.count
+        if len(data) > room:
+            raise Unwritable("%d characters do not fit: string %d holds at most %d"
+                             % (len(data), p.count, room))
+        data = data.ljust(room, b"\0")
+        if p.swap:
+            data = bytes(data[i ^ 1] for i in range(room))
+        return WriteValue(text, registers=_to_words(data))
+    if kind == "append":
+        d = int(p.decimals or 0)
+        unit = 10 ** d
+        value = _number(text)
+        raw, what = _unscale(p, value, _show(value))
+        scaled = raw * unit
+        if scaled.denominator != 1:
+            raise Unwritable("%s has more than %d decimal(s): the fraction register holds "
+                             "exactly %d digit(s)" % (what, d, d))
+        n = scaled.numerator
+        if n < 0 and not p.signed:
+            raise Unwritable("%s is negative: the integer register is unsigned (signed=yes "
+                             "makes it int16)" % what)
+        ip, frac = divmod(abs(n), unit)
+        if n < 0 and ip == 0:
+            raise Unwritable("%s cannot be written: the sign is carried by the integer register, "
+                             "and -0 is 0" % what)
+        ip = -ip if n < 0 else ip
+        lo, hi = (-0x8000, 0x7FFF) if p.signed else (0, 0xFFFF)
+        if not lo <= ip <= hi:
+            raise Unwritable("%s does not fit: the integer register holds %d..%d" % (what, lo, hi))
+        words = [ip & 0xFFFF, frac]
+        if p.type == "append_reversed":
+            words.reverse()
+        return WriteValue(raw, registers=words)
+    raise Unwritable("type %s cannot be written" % p.type)   # pragma: no cover - every kind above

@@ -1,14 +1,17 @@
 """Streaming exports of GET /api/v1/records: JSON, JSON lines and CSV, in pieces of ~64 KB.
 
 The payload column is the record as the agent sent it, so JSON and JSON lines give back what was
-received. CSV cells a spreadsheet would run as a formula are neutralised (csv_cell). Every stream
+received (a buffered record with its "samples"). CSV has one row per reading: a buffered record
+gives one row per sample (per_sample). CSV cells a spreadsheet would run as a formula are neutralised (csv_cell). Every stream
 closes the database cursor generator when the client hangs up (_closing).
 """
 import csv
 import io
+import json
 import re
 
 from agent.collector.jsonbody import encode as _encode
+from agent.collector.samples import samples
 from agent.collector.store import ROW_COLUMNS
 
 
@@ -85,6 +88,33 @@ def csv_cell(v):
     return v
 
 
+_SAMPLES_KEY = '"samples":['
+_TS_AT, _PAYLOAD_AT = ROW_COLUMNS.index("ts"), ROW_COLUMNS.index("payload")
+
+
+def per_sample(row):
+    """A stored row -> the rows CSV shows for it: a buffered record ([device] buffer = N) gives
+    one row per sample, its ts the sample's and its payload the sample as a one-poll record
+    (the shape an unbuffered reading has); any other row as it is."""
+    payload = row[_PAYLOAD_AT]
+    if type(payload) is str and _SAMPLES_KEY not in payload:
+        return (row,)
+    rec = json.loads(payload) if type(payload) is str else payload
+    if type(rec) is not dict or "samples" not in rec:
+        return (row,)
+    head = {k: rec[k] for k in ("agent", "seq") if k in rec}
+    tail = {k: rec[k] for k in ("device", "unit") if k in rec}
+    out = []
+    for ts, values in samples(rec):
+        one = dict(head, ts=ts, **tail)
+        one["values"] = values
+        one["status"] = rec.get("status")
+        r = list(row)
+        r[_TS_AT], r[_PAYLOAD_AT] = ts, _encode(one)
+        out.append(r)
+    return out
+
+
 def stream_csv(rows):
     def pieces():
         buf = io.StringIO()
@@ -92,8 +122,9 @@ def stream_csv(rows):
         # "\n" it left unquoted (and readers split the row there).
         w = csv.writer(buf, lineterminator="\r\n")
         w.writerow(ROW_COLUMNS)
-        for r in rows:
-            w.writerow([csv_cell(v) for v in r])
+        for row in rows:
+            for r in per_sample(row):
+                w.writerow([csv_cell(v) for v in r])
             if buf.tell() >= 65536:
                 yield buf.getvalue()
                 buf.seek(0)

@@ -8,7 +8,7 @@ import json
 import re
 
 from agent.collector.jsonbody import DuplicateKey, check_json_size, scan_once
-from agent.collector.validate import MAX_SEQ, good_dates, record_row
+from agent.collector.validate import MAX_SAMPLES, MAX_SEQ, good_dates, record_row
 from agent.wire import AGENT_KEY, ENVELOPE_TAIL, RECORD_HEAD, TS_LEN
 
 # The agent writes every record the same way (agent/record.py: compact, keys in a fixed order, no
@@ -16,7 +16,8 @@ from agent.wire import AGENT_KEY, ENVELOPE_TAIL, RECORD_HEAD, TS_LEN
 # by one regex match, without building a dict: about 40% less CPU than parse + validate, which is
 # most of the collector's work per record. The same for a failed read (status "error" with the
 # agent's error object). Anything else (another key order, a gap, health or partial record, an
-# "errors" list, an escape, a number beyond 300 digits, a date not seen yet, more than 256 values)
+# "errors" list, an escape, a number beyond 300 digits, a date not seen yet, more than 256 values;
+# a buffered record with "samples" has its own match, _fast_buffered)
 # takes the general path, record by record, with the same rules; tests check that both paths agree.
 #
 # A regex cannot see that a key of "values" comes twice, so the generic pattern is only the first
@@ -66,6 +67,75 @@ _MAX_DEVICES = 65536
 _layouts = {}  # tuple of keys -> compiled match of a record with exactly these "values" keys
 _device_layouts = {}  # agent -> {device: match}
 _sizes = [0, 0]  # keys in _layouts, devices in _device_layouts
+
+
+# A buffered record ([device] buffer = N; CONTRACTS.md section 8): the head and the newest values
+# as in an ok record, then "samples", one object per poll. Every sample's values must have exactly
+# the record's keys (an ok poll gives every point), matched by a pattern with those keys as
+# literals, so no key can come twice; samples in time order, the last one at the record's ts, each
+# date already seen. Anything else takes the general path, which says what is wrong.
+_SAMPLES_OPEN = ',"samples":['
+_FAST_BUF_HEAD = re.compile(_FAST_START + r"(?:%s(?:,%s){0,%d}|)" % (_FKV, _FKV, MAX_LAYOUT_KEYS - 1)
+                            + r"\}" + re.escape(OK_TAIL + _SAMPLES_OPEN), re.ASCII).match
+_FAST_BUF_TAIL = re.compile(r'\](,"clock":"unsynced")?\}', re.ASCII).match
+_sample_layouts = {}  # tuple of keys -> compiled match of one sample with exactly these keys
+_MAX_SAMPLE_LAYOUTS = 1024
+
+
+class _Buffered:
+    """What fast_rows takes from a match (end, groups) for a buffered record."""
+
+    __slots__ = ("_end", "_groups", "compiled")
+
+    def __init__(self, groups, end, compiled):
+        self._groups, self._end, self.compiled = groups, end, compiled
+
+    def end(self):
+        return self._end
+
+    def groups(self):
+        return self._groups
+
+
+def _fast_buffered(text, idx, max_ts, may_compile):
+    """A buffered record in the agent's own form at text[idx:] -> _Buffered, or None (the
+    general path decides)."""
+    m = _FAST_BUF_HEAD(text, idx)
+    if m is None:
+        return None
+    vend = m.end() - len(OK_TAIL) - len(_SAMPLES_OPEN)
+    keys = tuple(_values_keys(text, text.index('"values":{', idx) + 9, vend))
+    if len(set(keys)) != len(keys):
+        return None
+    match = _sample_layouts.get(keys)
+    compiled = False
+    if match is None:
+        if not may_compile:
+            return None
+        if len(_sample_layouts) >= _MAX_SAMPLE_LAYOUTS:
+            _sample_layouts.clear()
+        values = ",".join('"%s":%s' % (re.escape(k), _FV) for k in keys)
+        match = _sample_layouts[keys] = re.compile(
+            r'\{"ts":"(%s)","values":\{%s\}\}' % (_FAST_TS, values), re.ASCII).match
+        compiled = True
+    pos, prev, n = m.end(), None, 0
+    while True:
+        sm = match(text, pos)
+        if sm is None:
+            return None
+        sts = sm.group(1)
+        if sts[:10] not in good_dates or (prev is not None and sts < prev) or (
+                max_ts is not None and sts > max_ts):
+            return None
+        prev, n, pos = sts, n + 1, sm.end()
+        if text[pos] != ",":
+            break
+        pos += 1
+    t = _FAST_BUF_TAIL(text, pos)
+    groups = m.groups()
+    if t is None or n > MAX_SAMPLES or prev != groups[2]:
+        return None
+    return _Buffered(groups + (t.group(1),), t.end(), compiled)
 
 
 def _layout(keys):
@@ -139,6 +209,11 @@ def fast_rows(text, idx, agent, received, max_records, max_depth, max_ts=None, l
                 if m is None:
                     m = _FAST_ERROR(text, idx)
                     status = "error"
+                    if m is None:   # a buffered record? (its head pattern fails fast on others)
+                        m = _fast_buffered(text, idx, max_ts, compiles > 0)
+                        status = "ok"
+                        if m is not None and m.compiled:
+                            compiles -= 1
                 else:
                     # (at most MAX_LAYOUT_KEYS of them: the pattern's bound)
                     keys = tuple(_values_keys(text, text.index('"values":{', idx) + 9,

@@ -13,6 +13,7 @@ from urllib.parse import parse_qs
 from agent.collector import page, validate
 from agent.collector.config import redact
 from agent.collector.export import primed, stream_csv, stream_json, stream_jsonl
+from agent.collector.samples import samples
 from agent.collector.store import finite
 from agent.collector.web import HTTPError, json_answer, status
 from agent.wire import utc_timestamp
@@ -77,12 +78,28 @@ def get_page(app, environ, start_response):
     now = app.clock()
     since = utc_timestamp(now - 3600)
     devices = device_view(app)
-    series = {(d["agent"], d["device"]): app.store.series(d["agent"], d["device"], since)
+    series = {(d["agent"], d["device"]): sample_rows(app.store.series(d["agent"], d["device"], since))
               for d in devices}
     body = page.render(agent_view(app), devices, series, now, app.cfg.refresh).encode("utf-8")
     start_response(status(200), [("Content-Type", "text/html; charset=utf-8"),
                                  ("Content-Length", str(len(body))), ("Cache-Control", "no-store")])
     return [body]
+
+
+def sample_rows(rows):
+    """(ts, payload) rows of readings -> (ts, payload) per reading: a buffered record's samples
+    each as {"values": ...} at its own ts (agent.collector.samples), others as they are."""
+    out = []
+    for ts, payload in rows:
+        if type(payload) is str and '"samples":[' not in payload:
+            out.append((ts, payload))
+            continue
+        try:
+            rec = json.loads(payload) if type(payload) is str else payload
+        except ValueError:
+            continue
+        out.extend((sts, {"values": values}) for sts, values in samples(rec))
+    return out
 
 
 def get_records(app, environ, start_response):

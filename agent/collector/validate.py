@@ -138,6 +138,42 @@ def _errors(rec, path, max_depth, required):
         check_depth(e, 3, max_depth, p)
 
 
+#: samples one buffered record may carry ([device] buffer = N on the agent allows up to 1000)
+MAX_SAMPLES = 1000
+
+
+def _samples(rec, ts, path, max_depth, max_ts):
+    """A buffered record's "samples" (CONTRACTS.md section 8): 1..MAX_SAMPLES objects
+    {"ts": UTC time, "values": {...}}, oldest first, the newest being the record's own ts."""
+    v = rec.get("samples")
+    path += ".samples"
+    if type(v) is not list or not 0 < len(v) <= MAX_SAMPLES:
+        raise Invalid(path, "expected a list of 1..%d samples {\"ts\": ..., \"values\": {...}}"
+                      % MAX_SAMPLES)
+    prev = None
+    for i, sample in enumerate(v):
+        p = "%s[%d]" % (path, i)
+        if type(sample) is not dict:
+            raise Invalid(p, 'expected an object {"ts": ..., "values": {...}}')
+        extra = [k for k in sample if k not in ("ts", "values")]
+        if extra:
+            raise Invalid("%s.%s" % (p, extra[0]), 'unknown key: a sample holds "ts" and "values"')
+        sts = normalize_ts(sample.get("ts"))
+        if sts is None:
+            raise Invalid(p + ".ts", "expected a UTC time like 2026-11-21T10:30:45.123Z")
+        if prev is not None and sts < prev:
+            raise Invalid(p + ".ts", "%s is before the sample above it (%s): samples are oldest first"
+                          % (sts, prev))
+        if max_ts is not None and sts > max_ts:
+            raise Invalid(p + ".ts", "%s is later than the collector's clock allows (up to %s, "
+                          "max_future_skew): is the agent's clock right?" % (sts, max_ts))
+        prev = sts
+        checked_object(sample, "values", p, max_depth)
+    if prev != ts:
+        raise Invalid(path, "the last sample's ts (%s) must be the record's ts (%s): the record "
+                      "shows its newest sample" % (prev, ts))
+
+
 def record_row(rec, raw, agent, received, path, max_depth, max_ts=None):
     """One record dict and its source text -> row tuple; raises Invalid. The payload is the
     whole record as sent (raw), re-encoded only when the source text is not at hand. A reading
@@ -178,6 +214,11 @@ def record_row(rec, raw, agent, received, path, max_depth, max_ts=None):
             if (type(get("values")) is not dict or raw is None or len(raw) > MAX_TEXT
                     or raw.count("{") > 2 or "[" in raw):
                 checked_object(rec, "values", path, max_depth)
+            if "samples" in rec:
+                _samples(rec, ts, path, max_depth, max_ts)
+        elif "samples" in rec:
+            raise Invalid(path + ".samples", 'only an "ok" record carries samples (a partial or '
+                          'failed poll is never buffered)')
         elif status == "error":
             if type(checked_object(rec, "error", path, max_depth).get("kind")) is not str:
                 raise Invalid(path + ".error.kind", "expected a string")

@@ -218,6 +218,11 @@ def _load_device(name, s, psec, agent, connections, conn_sections, problems):
         problems.error(path, _line_of(s, "unit"), s.name, "unit",
                        "must be 1..247 on a serial bus (0 is broadcast, which cannot be read)")
         ok = False
+    if values.get("first") == "on_change" and values.get("mode", "on_schedule") != "on_change":
+        problems.error(path, _line_of(s, "first"), s.name, "first",
+                       "first = on_change applies to mode = on_change (a device on_schedule sends "
+                       "every poll)")
+        ok = False
     points, points_ok = _device_points(name, s, psec, values, agent, problems)
     if not (ok and points_ok):
         return None
@@ -300,16 +305,21 @@ def _check_units(devices, problems):
 
 
 def _check_overlaps(points, problems):
-    """Two points may share a register only through disjoint bit masks (bit, bits, int8)."""
+    """Two points may share a register only through disjoint bit masks (bit, bits, int8),
+    unless one of them says `overlap=yes` (the manual defines both on those registers: a
+    status word and its bits, a float and its raw words)."""
     ok = True
     owners = {}   # (table, address) -> [(mask, point)]
     for p in points:
+        if p.overlap:
+            continue
         for addr, mask in p.footprint().items():
             lst = owners.setdefault((p.table, addr), [])
             for other_mask, other in lst:
                 if other_mask & mask:
                     problems.error(p.path, p.line, p.section, p.name,
-                                   "overlaps %s (%s %d) at %s %d" % (
+                                   "overlaps %s (%s %d) at %s %d; if the manual defines both "
+                                   "there, add overlap=yes to one of them" % (
                                        other.name, other.table, other.address, p.table, addr))
                     ok = False
                     break

@@ -19,6 +19,7 @@ from agent.config.values import (
 from agent.modbus import keys as _keys
 from agent.modbus.pdu import MAX_BITS, MAX_REGISTERS
 from agent.modbus.transport import TRANSPORTS
+from agent.types import POINT_OPTIONS as _POINT_OPTIONS
 
 # --- schemas: the one place where options, types and defaults live -------------------------
 
@@ -173,6 +174,12 @@ DEVICE_SCHEMA = {
     "mode": (_choice("on_schedule", "on_change"), "on_schedule"),
     "heartbeat": (_positive(parse_duration), 900.0),
     "enabled": (parse_bool, True),
+    # `modbus-agent write` may write to this device (the agent itself never writes)
+    "writable": (parse_bool, False),
+    # N successful polls in one record ("samples"; agent.record), 1: a record per poll
+    "buffer": (_between(1, 1000), 1),
+    # the first poll after start (on_change mode): "always" sent, or only a baseline
+    "first": (_choice("always", "on_change"), "always"),
 }
 
 PROFILE_SCHEMA = {
@@ -189,7 +196,8 @@ PROFILE_SCHEMA = {
     "max_gap": (_between(0, MAX_REGISTERS), None),
 }
 
-POINT_OPTIONS = ("scale", "offset", "divisor", "decimals", "unit", "deadband", "enum", "swap", "signed")
+#: point options: the type table (agent.types) says which exist and which type takes them
+POINT_OPTIONS = _POINT_OPTIONS
 
 
 # --- the typed objects ---------------------------------------------------------------------
