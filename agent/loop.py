@@ -54,6 +54,7 @@ import sys
 import time
 
 from agent import log as agentlog
+from agent import notify
 from agent.appender import Appender
 from agent.config import redact
 from agent.gaps import Gaps, lingering
@@ -123,6 +124,9 @@ def make_uploader(cfg):
 
 class Loop:
     """`uploader`: [upload]'s output (default: built from cfg); `outputs`: any others."""
+
+    #: systemd notify (agent.notify): READY from run, WATCHDOG from periodic, STOPPING at shutdown
+    notifier = notify.NULL
 
     def __init__(self, cfg, spool=None, uploader=None, mono=time.monotonic, wall=time.time, outputs=()):
         self.mono = mono
@@ -242,6 +246,8 @@ class Loop:
         if self.clock_unsynced:
             log.warning("clock reads %s, before the release date: records are flagged \"clock\": \"unsynced\" "
                         "until NTP sets it", utc_timestamp(self.started_wall))
+        self.notifier = notify.Notifier.from_env(mono=self.mono)
+        self.notifier.ready("polling %d device(s)" % len(self.states))
         code = 0
         try:
             while not self.stop_requested:
@@ -311,7 +317,8 @@ class Loop:
         # must not chop the gap into pieces too short for a request), then sleep.
         self.upload_until(due)
         self._tick()
-        self._sleep_until(min(due, self.next_status, self.next_summary, self.gaps.retry_at()))
+        self._sleep_until(min(due, self.next_status, self.next_summary, self.gaps.retry_at(),
+                              self.notifier.ping_at()))
 
     _tick_failing = False
 
@@ -349,6 +356,7 @@ class Loop:
 
     # -- the gaps between polls ----------------------------------------------------------
     def periodic(self, now):
+        self.notifier.watchdog(now)
         if self.clock_unsynced and self.wall() >= CLOCK_SANE:
             self.clock_unsynced = False
             log.info("clock is set now (%s): records are no longer flagged", utc_timestamp(self.wall()))
@@ -364,6 +372,7 @@ class Loop:
             while self.next_summary <= now:
                 self.next_summary += self.summary_interval
             self.summary()
+            self.notifier.status(self.last_summary)
         if now >= self.next_status:
             self.next_status = now + STATUS_PERIOD
             self.write_status()
@@ -483,6 +492,7 @@ class Loop:
         return True
 
     def shutdown(self):
+        self.notifier.stopping()
         log.info("stopping: closing the spool")
         for client in self.clients.values():
             _close(client)
@@ -497,6 +507,7 @@ class Loop:
             log.exception("spool close failed")
         self.uninstall_signals()
         log.info("stopped after %d record(s) appended", self.appended)
+        self.notifier.close()
 
 
 def _close(obj):

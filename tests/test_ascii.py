@@ -20,7 +20,7 @@ from agent.modbus.transport import TRANSPORTS
 from tests import modbus_peers as peers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-import simulator as simmod  # noqa: E402
+import simulator as simmod
 
 TIMEOUT = 1.0
 #: a Linux pty refuses any framing but 8N1 once it has been set (EINVAL from tcsetattr), so the
