@@ -56,7 +56,7 @@ class Device:
 
     def __init__(self, name, connection, unit=1, interval=10.0, base=0, byte_order="ABCD",
                  max_registers=MAX_REGISTERS, max_bits=MAX_BITS, max_gap=10, profile=None,
-                 mode="on_schedule", heartbeat=900.0, enabled=True, points=None):
+                 mode="on_schedule", heartbeat=900.0, enabled=True, points=None, identify=False):
         self.name = name
         self.connection = connection
         self.unit = unit
@@ -70,6 +70,7 @@ class Device:
         self.mode = mode
         self.heartbeat = heartbeat
         self.enabled = enabled
+        self.identify = identify      # FC 43 once after the first answer (agent.polling)
         self.points = list(points or ())
         self.requests = []
         self.path = None

@@ -360,14 +360,17 @@ class Loop:
         if self.clock_unsynced and self.wall() >= CLOCK_SANE:
             self.clock_unsynced = False
             log.info("clock is set now (%s): records are no longer flagged", utc_timestamp(self.wall()))
+        own = None      # the agent's own figures, read once per round (agent.health.SelfMonitor)
         for st in self.states:
             if now >= st.next_health:
                 # next on the health grid, not now + interval: no drift, no bunching
                 while st.next_health <= now:
                     st.next_health += self.health_interval
                 h = st.health
+                if own is None:
+                    own = self._self_monitor().snapshot(self.polls_run())
                 self.append(health_record(self.cfg.agent.id, self.wall(), h.device, h.unit,
-                                          h.snapshot(utc_timestamp)))
+                                          dict(h.snapshot(utc_timestamp), agent=own)))
         if now >= self.next_summary:
             while self.next_summary <= now:
                 self.next_summary += self.summary_interval
@@ -376,6 +379,19 @@ class Loop:
         if now >= self.next_status:
             self.next_status = now + STATUS_PERIOD
             self.write_status()
+
+    _monitor = None
+
+    def _self_monitor(self):
+        if self._monitor is None or self._monitor.spool_dir != self.cfg.agent.spool_dir:
+            from agent.health import SelfMonitor
+
+            self._monitor = SelfMonitor(self.cfg.agent.spool_dir, self.mono)
+        return self._monitor
+
+    def polls_run(self):
+        h = [st.health for st in self.states]
+        return sum(x.polls_ok + x.polls_partial + x.polls_failed for x in h)
 
     def upload_until(self, until):
         """Let each output work in the gap before `until` (the next poll), in order, each in what

@@ -173,6 +173,10 @@ DEVICE_SCHEMA = {
     "mode": (_choice("on_schedule", "on_change"), "on_schedule"),
     "heartbeat": (_positive(parse_duration), 900.0),
     "enabled": (parse_bool, True),
+    # read device identification (FC 43 / MEI 14) once after the first answer, into health
+    # records; off by default (an old device may stay silent on a function it lacks: `scan`
+    # writes `identify = yes` for the devices that answered it)
+    "identify": (parse_bool, False),
 }
 
 PROFILE_SCHEMA = {
