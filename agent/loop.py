@@ -125,7 +125,8 @@ def make_uploader(cfg):
 class Loop:
     """`uploader`: [upload]'s output (default: built from cfg); `outputs`: any others."""
 
-    #: systemd notify (agent.notify): READY from run, WATCHDOG from periodic, STOPPING at shutdown
+    #: systemd notify / procd watchdog (agent.notify): READY from run, WATCHDOG from periodic,
+    #: STOPPING at shutdown
     notifier = notify.NULL
 
     def __init__(self, cfg, spool=None, uploader=None, mono=time.monotonic, wall=time.time, outputs=()):
@@ -246,7 +247,7 @@ class Loop:
         if self.clock_unsynced:
             log.warning("clock reads %s, before the release date: records are flagged \"clock\": \"unsynced\" "
                         "until NTP sets it", utc_timestamp(self.started_wall))
-        self.notifier = notify.Notifier.from_env(mono=self.mono)
+        self.notifier = notify.from_env(mono=self.mono)
         self.notifier.ready("polling %d device(s)" % len(self.states))
         code = 0
         try:

@@ -1,4 +1,6 @@
-"""systemd's notify protocol without libsystemd: one datagram per message to $NOTIFY_SOCKET.
+"""Telling the service manager the loop is alive: systemd's notify protocol (a datagram per
+message to $NOTIFY_SOCKET, no libsystemd) or procd's instance watchdog (`ubus call service
+watchdog`). `from_env()` picks the one the environment asks for (else a no-op).
 
     READY=1       the loop runs (sent once, from Loop.run): `Type=notify` units count as started
     WATCHDOG=1    the loop is alive (from Loop.periodic, which runs every step; the loop's
@@ -12,6 +14,14 @@ namespace (sd_notify(3)). $WATCHDOG_USEC is the watchdog timeout; $WATCHDOG_PID,
 be our pid (else the watchdog is meant for another process). Without $NOTIFY_SOCKET (procd, a
 shell, the tests) every call does nothing. A failed send is logged once and never raises: the
 notify channel must not be able to stop the loop.
+
+procd (OpenWrt 21.02 and later) restarts an instance whose watchdog timer runs out
+(`procd_set_param watchdog 1 SECONDS`); the timer is reset by the ubus call
+`service watchdog {"name": SERVICE, "instance": INSTANCE}`. init/modbus-agent passes
+$MODBUS_AGENT_PROCD_WATCHDOG="SERVICE INSTANCE SECONDS [UBUS_SOCKET]" and `ProcdWatchdog` makes
+that call with the `ubus` command every SECONDS / 2 from the loop (a short-lived child, started
+without waiting for it; one at a time, reaped on the next ping). procd's respawn alone never
+notices a hung process: it acts only when the process exits.
 """
 import os
 import socket
@@ -118,5 +128,86 @@ class Notifier:
             sock.close()
 
 
-#: the notifier of a loop that is not run under systemd (and of loops built by tests)
+class ProcdWatchdog(Notifier):
+    """procd's instance watchdog: `ubus call service watchdog` instead of datagrams; READY,
+    STATUS and STOPPING mean nothing to procd."""
+
+    def __init__(self, service, instance, timeout, socket_path=None, mono=time.monotonic,
+                 ubus="ubus"):
+        super().__init__(None, timeout, mono)
+        self.ping_every = timeout / 2.0     # a child process per ping: not every second
+        self.service, self.instance = service, instance
+        self.command = [ubus] + (["-s", socket_path] if socket_path else []) + [
+            "call", "service", "watchdog",
+            '{"name": "%s", "instance": "%s"}' % (service, instance)]
+        self._child = None
+
+    @classmethod
+    def parse(cls, text, mono=time.monotonic):
+        parts = text.split()
+        try:
+            timeout = float(parts[2])
+            if len(parts) not in (3, 4) or timeout <= 0:
+                raise ValueError
+        except (IndexError, ValueError):
+            log.warning("MODBUS_AGENT_PROCD_WATCHDOG=%r: want \"SERVICE INSTANCE SECONDS [SOCKET]\"; "
+                        "no watchdog pings", text)
+            return NULL
+        return cls(parts[0], parts[1], timeout, parts[3] if len(parts) > 3 else None, mono)
+
+    @property
+    def enabled(self):
+        return True
+
+    def ready(self, status=None):
+        self.next_ping = self.mono()
+
+    def status(self, text):
+        pass
+
+    def stopping(self):
+        pass
+
+    def send(self, message):
+        """Start one `ubus call` (the message is always WATCHDOG=1 here)."""
+        import subprocess
+
+        child = self._child
+        if child is not None and child.poll() is None:
+            return False        # the last ping still runs (ubusd busy): never pile them up
+        try:
+            self._child = subprocess.Popen(self.command, stdin=subprocess.DEVNULL,
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                           close_fds=True)
+        except OSError as e:
+            if not self._failing:
+                log.warning("procd watchdog: %s failed: %s (logged once while it lasts)",
+                            self.command[0], e)
+            self._failing = True
+            return False
+        self._failing = False
+        self.sent += 1
+        return True
+
+    def close(self):
+        child, self._child = self._child, None
+        if child is not None:
+            try:
+                child.wait(1.0)
+            except Exception:
+                pass
+
+
+def from_env(env=None, mono=time.monotonic):
+    """The notifier the environment asks for: systemd's ($NOTIFY_SOCKET), procd's watchdog
+    ($MODBUS_AGENT_PROCD_WATCHDOG), or the no-op."""
+    env = os.environ if env is None else env
+    if env.get("NOTIFY_SOCKET"):
+        return Notifier.from_env(env, mono=mono)
+    if env.get("MODBUS_AGENT_PROCD_WATCHDOG"):
+        return ProcdWatchdog.parse(env["MODBUS_AGENT_PROCD_WATCHDOG"], mono)
+    return NULL
+
+
+#: the notifier of a loop that is not run under a service manager (and of loops built by tests)
 NULL = Notifier()
