@@ -108,3 +108,28 @@ def test_send_failure_never_raises(caplog):
     assert n.send("READY=1") is False
     assert n.send("WATCHDOG=1") is False
     assert sum("notify" in r.getMessage() for r in caplog.records) == 1   # logged once
+
+
+def test_procd_watchdog_runs_ubus_call(tmp_path):
+    log = tmp_path / "calls"
+    ubus = tmp_path / "ubus"
+    ubus.write_text('#!/bin/sh\necho "$@" >> %s\n' % log)
+    ubus.chmod(0o755)
+    clock = [0.0]
+    n = notify.from_env({"MODBUS_AGENT_PROCD_WATCHDOG": "modbus-agent agent 60 /tmp/u.sock"},
+                        mono=lambda: clock[0])
+    assert isinstance(n, notify.ProcdWatchdog) and n.ping_every == 30.0
+    n.command[0] = str(ubus)
+    n.ready()
+    n.watchdog()            # due at once
+    clock[0] = 10.0
+    n.watchdog()            # not yet
+    n.close()
+    clock[0] = 30.0
+    n.watchdog()
+    n.close()
+    assert log.read_text().splitlines() == [
+        '-s /tmp/u.sock call service watchdog {"name": "modbus-agent", "instance": "agent"}'] * 2
+    assert notify.from_env({"MODBUS_AGENT_PROCD_WATCHDOG": "only two"}) is notify.NULL
+    missing = notify.ProcdWatchdog("s", "i", 2.0, ubus=str(tmp_path / "no-ubus"))
+    assert missing.send("WATCHDOG=1") is False          # logged, never raised
