@@ -204,3 +204,26 @@ def test_identify_against_pymodbus(kind):
         server.stop()
         if bridge:
             bridge.stop()
+
+
+@pytest.mark.parametrize("transport", ["rtu", "tcp"])
+def test_identification_under_faults_raises_only_codec_errors(site, transport):
+    """The variable-length answer's reading (RTU: by the objects' lengths) against truncated,
+    corrupted and random answers: codec errors only, and the next request works."""
+    from agent.modbus.errors import ModbusError
+
+    client = (RtuClient(site.rtu_path, baudrate=9600, timeout=0.15) if transport == "rtu"
+              else TcpClient("127.0.0.1", site.tcp_port, timeout=0.2))
+    try:
+        for kind, count in (("truncate", 1), ("crc", 1), ("garbage", 1), ("fuzz", 4)):
+            site.set_fault(3, kind, count=count)
+            for _ in range(count):
+                try:
+                    client.read_device_identification(3, P.READ_BASIC)
+                except ModbusError:
+                    pass
+        site.clear_fault()
+        assert client.identify(3)["objects"]["product_code"] == "SM-3P-CDAB"
+    finally:
+        site.clear_fault()
+        client.close()
