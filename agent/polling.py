@@ -106,6 +106,8 @@ class Poller:
         t = self.wall()
         t0 = self.mono()
         alive = True
+        # back after a lost link or as a dead device: it may be another one now (identify again)
+        reconnected = st.was_failing and (st.schedule.dead or st.last_error_kind == "connection")
         try:
             client = self.client_for(dev.connection)
             values = self._poll_once(st, client)
@@ -120,7 +122,7 @@ class Poller:
             self._failed(st, t, e, self.mono() - t0)
         else:
             self._succeeded(st, t, values, self.mono() - t0)
-        if alive and st.health.identity is None and dev.identify:
+        if alive and dev.identify and (st.health.identity is None or reconnected):
             self._identify(st, client)
         end = self.mono()
         # the one back-off of this device/connection pair (see the module docstring)
@@ -134,9 +136,10 @@ class Poller:
         st.health.dead = sched.dead
 
     def _identify(self, st, client):
-        """Read device identification (FC 43 / MEI 14) once, after the first poll the device
-        answered: its vendor, product code and revision go into its health records. A device
-        without it (exception 1, or silence) is not asked again until the agent restarts."""
+        """Read device identification (FC 43 / MEI 14) after the first poll the device answered,
+        and again when it answers after a lost connection or as a dead device (it may have been
+        replaced): its vendor, product code and revision go into its health records. A device
+        without it (exception 1, or silence) is asked no more often than that."""
         dev = st.device
         try:
             st.health.identity = client.identify(dev.unit)

@@ -110,6 +110,17 @@ def test_health_records_carry_self_monitoring_and_identity(tmp_path, sim):
             loop.step()
         # asked once (basic + regular, 2 objects per answer: 6 answers), not every cycle
         assert sim.stats(1)["requests"] - loop.states[0].health.polls_ok == identify_requests == 6
+        # the link goes down and comes back: identified once more (it may be another device)
+        sim.set_down(0.4)
+        end = time.monotonic() + 5
+        while time.monotonic() < end and not (loop.states[0].health.connection_errors
+                                               and loop.states[0].health.consecutive_failures == 0):
+            loop.step()
+        end = time.monotonic() + 0.4
+        while time.monotonic() < end:
+            loop.step()
+        assert loop.states[0].health.connection_errors >= 1
+        assert sim.stats(1)["requests"] - loop.states[0].health.polls_ok == 12
     finally:
         loop.shutdown()
     health = [r for r in _spooled(tmp_path / "spool") if r.get("kind") == "health"]
