@@ -1,4 +1,4 @@
-"""`modbus-agent` command line: check, poll, probe, write, run, status.
+"""`modbus-agent` command line: check, poll, probe, write, scan, run, status.
 
 Each subcommand's work lives in the module that owns it; this file only parses arguments.
 Exit codes: 0 ok, 1 a device or run failed, 2 bad configuration or usage.
@@ -35,6 +35,13 @@ def build_parser():
                     help="a point and its value, or with --raw a table, protocol address and values")
     sp.add_argument("--raw", action="store_true", help="write raw registers or coils: TABLE ADDRESS VALUE...")
     sp.add_argument("--yes", action="store_true", help="send without asking")
+    sp = add("scan", "find the devices on a connection: unit ids, baud rates, parities")
+    sp.add_argument("--connection", metavar="NAME", required=True, help="a [connection:NAME] of the file")
+    sp.add_argument("--units", metavar="RANGES", help="unit ids to ask, e.g. 1-247 (default) or 1,3,10-20")
+    sp.add_argument("--bauds", metavar="LIST", help="serial only: baud rates to try, e.g. 9600,19200")
+    sp.add_argument("--parities", metavar="LIST", help="serial only: parities to try, e.g. N,E")
+    sp.add_argument("--timeout", metavar="DURATION", help="answer timeout (default 200ms, or the connection's if shorter)")
+    sp.add_argument("--pause", metavar="DURATION", help="silence between requests (default 50ms, or the connection's if longer)")
     sp = add("run", "poll, spool and upload until stopped (the main job)")
     sp.add_argument("--log-level", default=None, help="override [agent] log_level")
     sp = add("status", "print device health, spool backlog and upload state of a running agent")
@@ -44,7 +51,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.command in ("check", "poll", "probe", "write"):
+    if args.command in ("check", "poll", "probe", "write", "scan"):
         from agent import commands
 
         handler = getattr(commands, f"cmd_{args.command}")

@@ -57,7 +57,7 @@ class Device:
     def __init__(self, name, connection, unit=1, interval=10.0, base=0, byte_order="ABCD",
                  max_registers=MAX_REGISTERS, max_bits=MAX_BITS, max_gap=10, profile=None,
                  mode="on_schedule", heartbeat=900.0, enabled=True, points=None, writable=False,
-                 buffer=1, first="always"):
+                 buffer=1, first="always", identify=False):
         self.name = name
         self.connection = connection
         self.unit = unit
@@ -74,6 +74,7 @@ class Device:
         self.writable = writable    # `modbus-agent write` may write here
         self.buffer = buffer        # polls per record (agent.polling)
         self.first = first          # on_change: the first poll after start sent, or a baseline
+        self.identify = identify      # FC 43 once after the first answer (agent.polling)
         self.points = list(points or ())
         self.requests = []
         self.path = None

@@ -54,6 +54,7 @@ import sys
 import time
 
 from agent import log as agentlog
+from agent import notify
 from agent.appender import Appender
 from agent.config import redact
 from agent.gaps import Gaps, lingering
@@ -123,6 +124,10 @@ def make_uploader(cfg):
 
 class Loop:
     """`uploader`: [upload]'s output (default: built from cfg); `outputs`: any others."""
+
+    #: systemd notify / procd watchdog (agent.notify): READY from run, WATCHDOG from periodic,
+    #: STOPPING at shutdown
+    notifier = notify.NULL
 
     def __init__(self, cfg, spool=None, uploader=None, mono=time.monotonic, wall=time.time, outputs=()):
         self.mono = mono
@@ -242,6 +247,8 @@ class Loop:
         if self.clock_unsynced:
             log.warning("clock reads %s, before the release date: records are flagged \"clock\": \"unsynced\" "
                         "until NTP sets it", utc_timestamp(self.started_wall))
+        self.notifier = notify.from_env(mono=self.mono)
+        self.notifier.ready("polling %d device(s)" % len(self.states))
         code = 0
         try:
             while not self.stop_requested:
@@ -311,7 +318,8 @@ class Loop:
         # must not chop the gap into pieces too short for a request), then sleep.
         self.upload_until(due)
         self._tick()
-        self._sleep_until(min(due, self.next_status, self.next_summary, self.gaps.retry_at()))
+        self._sleep_until(min(due, self.next_status, self.next_summary, self.gaps.retry_at(),
+                              self.notifier.ping_at()))
 
     _tick_failing = False
 
@@ -349,24 +357,42 @@ class Loop:
 
     # -- the gaps between polls ----------------------------------------------------------
     def periodic(self, now):
+        self.notifier.watchdog(now)
         if self.clock_unsynced and self.wall() >= CLOCK_SANE:
             self.clock_unsynced = False
             log.info("clock is set now (%s): records are no longer flagged", utc_timestamp(self.wall()))
+        own = None      # the agent's own figures, read once per round (agent.health.SelfMonitor)
         for st in self.states:
             if now >= st.next_health:
                 # next on the health grid, not now + interval: no drift, no bunching
                 while st.next_health <= now:
                     st.next_health += self.health_interval
                 h = st.health
+                if own is None:
+                    own = self._self_monitor().snapshot(self.polls_run())
                 self.append(health_record(self.cfg.agent.id, self.wall(), h.device, h.unit,
-                                          h.snapshot(utc_timestamp)))
+                                          dict(h.snapshot(utc_timestamp), agent=own)))
         if now >= self.next_summary:
             while self.next_summary <= now:
                 self.next_summary += self.summary_interval
             self.summary()
+            self.notifier.status(self.last_summary)
         if now >= self.next_status:
             self.next_status = now + STATUS_PERIOD
             self.write_status()
+
+    _monitor = None
+
+    def _self_monitor(self):
+        if self._monitor is None or self._monitor.spool_dir != self.cfg.agent.spool_dir:
+            from agent.health import SelfMonitor
+
+            self._monitor = SelfMonitor(self.cfg.agent.spool_dir, self.mono)
+        return self._monitor
+
+    def polls_run(self):
+        h = [st.health for st in self.states]
+        return sum(x.polls_ok + x.polls_partial + x.polls_failed for x in h)
 
     def upload_until(self, until):
         """Let each output work in the gap before `until` (the next poll), in order, each in what
@@ -484,6 +510,7 @@ class Loop:
         return True
 
     def shutdown(self):
+        self.notifier.stopping()
         log.info("stopping: closing the spool")
         self.poller.flush_all()   # [device] buffer: the polls not yet in a record
         for client in self.clients.values():
@@ -499,6 +526,7 @@ class Loop:
             log.exception("spool close failed")
         self.uninstall_signals()
         log.info("stopped after %d record(s) appended", self.appended)
+        self.notifier.close()
 
 
 def _close(obj):

@@ -108,6 +108,8 @@ class Poller:
         t = self.wall()
         t0 = self.mono()
         alive = True
+        # back after a lost link or as a dead device: it may be another one now (identify again)
+        reconnected = st.was_failing and (st.schedule.dead or st.last_error_kind == "connection")
         try:
             client = self.client_for(dev.connection)
             values = self._poll_once(st, client)
@@ -122,6 +124,8 @@ class Poller:
             self._failed(st, t, e, self.mono() - t0)
         else:
             self._succeeded(st, t, values, self.mono() - t0)
+        if alive and dev.identify and (st.health.identity is None or reconnected):
+            self._identify(st, client)
         end = self.mono()
         # the one back-off of this device/connection pair (see the module docstring)
         cap = dev.connection.backoff_max if st.last_error_kind == "connection" else None
@@ -132,6 +136,23 @@ class Poller:
             log.warning("no answer %d times in a row: probing with back-off up to %gs so the others keep "
                         "their cadence", sched.failures, sched.backoff_limit, extra=_where(dev))
         st.health.dead = sched.dead
+
+    def _identify(self, st, client):
+        """Read device identification (FC 43 / MEI 14) after the first poll the device answered,
+        and again when it answers after a lost connection or as a dead device (it may have been
+        replaced): its vendor, product code and revision go into its health records. A device
+        without it (exception 1, or silence) is asked no more often than that."""
+        dev = st.device
+        try:
+            st.health.identity = client.identify(dev.unit)
+            log.info("identification: %s", ", ".join(
+                "%s %s" % kv for kv in st.health.identity["objects"].items()), extra=_where(dev))
+        except ModbusError as e:
+            code = getattr(e, "code", None)
+            st.health.identity = {"error": e.describe(), **({"code": code} if code else {})}
+            log.debug("no identification: %s", e, extra=_where(dev))
+        except Exception as e:   # a client without it, a bug: never the poll's problem
+            st.health.identity = {"error": "%s: %s" % (type(e).__name__, e)}
 
     def _poll_once(self, st, client):
         """One poll; a busy block (exception 5/6) is asked once more by Device.poll, counted here."""

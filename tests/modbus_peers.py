@@ -343,7 +343,9 @@ def umodbus_rtu_handler(app):
 class PymodbusServer:
     """A pymodbus 3.x server (TCP, RTU-over-TCP or serial RTU) in its own thread and event loop."""
 
-    def __init__(self, kind="tcp", serial_path=None, unit=1):
+    def __init__(self, kind="tcp", serial_path=None, unit=1, framer=None, identity=None):
+        """`framer`: "ascii" for Modbus ASCII (serial or on TCP); `identity`: {object id: text}
+        it answers FC 43 / MEI 14 with (pymodbus' ModbusDeviceIdentification)."""
         from pymodbus import FramerType
         from pymodbus.server import ModbusSerialServer, ModbusTcpServer
         from pymodbus.simulator import DataType, SimData, SimDevice
@@ -368,12 +370,20 @@ class PymodbusServer:
                     [SimData(0, values=holding, datatype=DataType.REGISTERS)],
                     [SimData(0, values=inputs, datatype=DataType.REGISTERS)],
                 ))
+                ident = None
+                if identity:
+                    from pymodbus.pdu.device import ModbusDeviceIdentification
+                    ident = ModbusDeviceIdentification(info=dict(identity))
                 if kind == "serial":
-                    self.server = ModbusSerialServer(device, framer=FramerType.RTU, port=serial_path,
-                                                     baudrate=38400, timeout=0.05)
+                    self.server = ModbusSerialServer(
+                        device, framer=FramerType.ASCII if framer == "ascii" else FramerType.RTU,
+                        port=serial_path, baudrate=38400, timeout=0.05, identity=ident)
                 else:
-                    framer = FramerType.RTU if kind == "rtu-over-tcp" else FramerType.SOCKET
-                    self.server = ModbusTcpServer(device, framer=framer, address=("127.0.0.1", self.port))
+                    fr = FramerType.RTU if kind == "rtu-over-tcp" else FramerType.SOCKET
+                    if framer == "ascii":
+                        fr = FramerType.ASCII
+                    self.server = ModbusTcpServer(device, framer=fr, address=("127.0.0.1", self.port),
+                                                  identity=ident)
                 await self.server.serve_forever(background=True)
                 ready.set()
                 await self.server.serving

@@ -67,7 +67,9 @@ def test_invalid_requests(code, address, payload):
 
 def test_unsupported_function():
     with pytest.raises(InvalidRequest):
-        pdu.function(43)
+        pdu.function(7)
+    assert pdu.response_pdu_length(b"\x07\x00") is None
+    # FC 43's answer is of variable length: its first 2 bytes cannot tell it
     assert pdu.response_pdu_length(b"\x2b\x0e") is None
 
 

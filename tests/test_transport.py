@@ -18,14 +18,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_config_takes_the_registry_as_it_is():
-    assert CONNECTION_TYPES == tuple(TRANSPORTS) == ("tcp", "rtu", "rtu-over-tcp")
+    assert CONNECTION_TYPES == tuple(TRANSPORTS) == ("tcp", "rtu", "rtu-over-tcp", "ascii",
+                                                     "ascii-over-tcp")
     for name, t in TRANSPORTS.items():
         assert name == t.client.TYPE
         for key in t.keys:
             assert name in CONNECTION_SCHEMA[key][2], (name, key)
     takes = {key for t in TRANSPORTS.values() for key in t.keys}
     assert set(CONNECTION_SCHEMA) == takes | {"type"}
-    assert [t.serial for t in TRANSPORTS.values()] == [False, True, True]
+    assert [t.serial for t in TRANSPORTS.values()] == [False, True, True, True, True]
 
 
 def test_required_keys_and_defaults_per_type(tmp_path):
@@ -114,5 +115,5 @@ def test_a_new_transport_is_one_client_class_and_one_registry_line(tmp_path):
     assert lines[3].startswith("connection l: loop /dev/loop0 x3, timeout 250ms")
     errors = lines[4:]
     assert "[connection:l] lines: must be between 1 and 4, not 9" in errors
-    assert "[connection:l] host: does not apply to a loop connection (only tcp, rtu-over-tcp)" in errors
+    assert "[connection:l] host: does not apply to a loop connection (only tcp, rtu-over-tcp, ascii-over-tcp)" in errors
     assert "[connection:l] port: missing (required): the serial device, e.g. /dev/ttyUSB0" in errors

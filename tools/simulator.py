@@ -2,7 +2,7 @@
 """Modbus device simulator: a site to point the agent at, with faults on cue.
 
 Serves Modbus TCP, RTU on a pseudo-terminal (the slave path is printed) and optionally
-RTU-over-TCP. The answer PDUs are computed by umodbus (an implementation we did not write:
+RTU-over-TCP, Modbus ASCII on a second pseudo-terminal and ASCII-over-TCP. The answer PDUs are computed by umodbus (an implementation we did not write:
 the agent is always tested against a peer of its own making); this module owns the socket
 and pty loops so that it can mangle the bytes on the way out.
 
@@ -19,7 +19,13 @@ Devices, one per unit id, the same unit ids on every transport:
            for load tests
 
 A unit id with no device behind it never answers (RTU and TCP alike, like a gateway without
-gateway exceptions).
+gateway exceptions). On the serial lines (ptys) a device given a baud rate (`KIND:UNIT@BAUD`)
+answers only while the port is set to that rate (read from the pty's termios: the rate the
+master opened it with), as a device at another rate would see only garbage.
+
+Read device identification (FC 43 / MEI 14, answered here: umodbus does not speak it): the meter
+answers basic and regular objects, two objects per answer so that "more follows" is used; the
+plc and generic devices answer exception 1 (ILLEGAL FUNCTION), as devices without it do.
 
 Faults (per unit; see Simulator.set_fault): delay, silence, exception, crc, truncate,
 garbage, drop, reset, gone. Server-wide: down (the TCP listeners close, connections are
@@ -27,6 +33,7 @@ refused, then they come back on the same ports).
 
 Command line:
   tools/simulator.py [serve] --tcp 5020 --rtu --meter 1 --plc 2 --control 5099
+  tools/simulator.py serve --ascii --ascii-tcp 5021 --device meter:1@9600 --device plc:7@19200
   tools/simulator.py ctl 127.0.0.1:5099 fault 1 silence --duration 10
   tools/simulator.py ctl 127.0.0.1:5099 clear [UNIT]
   tools/simulator.py ctl 127.0.0.1:5099 down 5
@@ -85,6 +92,12 @@ class Device:
     umodbus's route map calls for every address of a request."""
 
     kind = "device"
+    #: FC 43 / MEI 14 objects {object id: text}; empty: the device does not speak it
+    identity = {}
+    #: objects per identification answer (more follow in the next one)
+    ident_per_answer = 2
+    #: the only baud rate it answers at on a serial line (None: any)
+    baud = None
 
     def __init__(self, seed=0):
         self.rng = random.Random(seed)
@@ -115,6 +128,9 @@ class EnergyMeter(Device):
     an energy register that only increases."""
 
     kind = "meter"
+    identity = {0: "Simulated Meters Ltd", 1: "SM-3P-CDAB", 2: "1.4.2",
+                3: "https://example.invalid/sm3p", 4: "Three-phase energy meter",
+                5: "SM3P-100A", 6: "modbus-agent simulator"}
     NAMES = ["voltage_l1", "voltage_l2", "voltage_l3", "current_l1", "current_l2", "current_l3",
              "power_l1", "power_l2", "power_l3", "power_total", "power_factor", "frequency",
              "energy_import"]
@@ -266,12 +282,14 @@ class Simulator:
     """
 
     def __init__(self, devices, host="127.0.0.1", tcp=0, rtu=False, rtu_tcp=None, control=None,
-                 log=None):
+                 log=None, ascii=False, ascii_tcp=None):
         self.devices = dict(devices)
         self.host = host
         self.tcp_port, self.rtu_tcp_port, self.control_port = tcp, rtu_tcp, control
         self.want_rtu = rtu
         self.rtu_path = None
+        self.want_ascii, self.ascii_tcp_port, self.ascii_path = ascii, ascii_tcp, None
+        self._ascii_pty = None
         self.log = log or (lambda msg: None)
         self.route_map = Map()
         for unit, dev in self.devices.items():
@@ -305,6 +323,15 @@ class Simulator:
             self._pty = (master, slave)
             self.rtu_path = os.ttyname(slave)
             self._spawn(self._rtu_loop, master)
+        if self.ascii_tcp_port is not None:
+            self.ascii_tcp_port = self._listen("ascii_tcp", self.ascii_tcp_port)
+        if self.want_ascii:
+            master, slave = os.openpty()
+            tty.setraw(master)
+            tty.setraw(slave)
+            self._ascii_pty = (master, slave)
+            self.ascii_path = os.ttyname(slave)
+            self._spawn(self._ascii_loop, master)
         self._spawn(self._accept_loop)
         if self.control_port is not None:
             self.control_port = self._listen("control", self.control_port)
@@ -319,13 +346,13 @@ class Simulator:
             self._conns.clear()
         for t in self._threads:
             t.join(timeout=2.0)
-        if self._pty:
-            for fd in self._pty:
+        for pty in (self._pty, self._ascii_pty):
+            for fd in pty or ():
                 try:
                     os.close(fd)
                 except OSError:
                     pass
-            self._pty = None
+        self._pty = self._ascii_pty = None
 
     def __enter__(self):
         return self.start()
@@ -375,7 +402,7 @@ class Simulator:
         `duration` seconds (meanwhile connections are refused)."""
         with self._conn_lock:
             self._down_until = time.monotonic() + float(duration)
-            for name in ("tcp", "rtu_tcp"):
+            for name in ("tcp", "rtu_tcp", "ascii_tcp"):
                 _close(self._listeners.pop(name, None))
             for c in list(self._conns):
                 _close(c)
@@ -413,17 +440,26 @@ class Simulator:
 
     # -- one request
 
-    def answer(self, unit, pdu):
-        """Request PDU -> (response PDU or None for silence, the fault applied or None)."""
+    def answer(self, unit, pdu, baud=None):
+        """Request PDU -> (response PDU or None for silence, the fault applied or None).
+        `baud`: the serial line's rate (None: not a serial line); a device set to another
+        rate does not answer."""
         dev = self.devices.get(unit)
         if dev is None:
             return None, None  # nobody with that unit id on the bus
+        if baud is not None and dev.baud is not None and dev.baud != baud:
+            return None, None  # at another baud rate it sees garbage and stays silent
         fault = self._take_fault(unit)
         if fault is not None and fault.kind in ("silence", "gone", "drop", "reset"):
             return None, fault
         fc = pdu[0] if pdu else 0
         if fault is not None and fault.kind == "exception":
             return pack_exception_pdu(fc & 0x7F, fault.code), fault
+        if fc == 43:
+            resp = identify_answer(dev, pdu)
+            with self._flock:
+                self._count(unit, "answered")
+            return resp, fault
         with dev.lock:
             dev.update(time.time())
             try:
@@ -481,6 +517,8 @@ class Simulator:
                         self._listen("tcp", self.tcp_port)
                     if self.rtu_tcp_port is not None:
                         self._listen("rtu_tcp", self.rtu_tcp_port)
+                    if self.ascii_tcp_port is not None:
+                        self._listen("ascii_tcp", self.ascii_tcp_port)
                     self.log("up again")
                 except OSError as e:
                     self.log("cannot reopen: %s" % e)
@@ -505,7 +543,8 @@ class Simulator:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 with self._conn_lock:
                     self._conns.add(conn)
-                self._spawn(self._tcp_conn if name == "tcp" else self._rtu_tcp_conn, conn)
+                self._spawn({"tcp": self._tcp_conn, "rtu_tcp": self._rtu_tcp_conn,
+                             "ascii_tcp": self._ascii_tcp_conn}[name], conn)
 
     def _recv(self, conn):
         """Next chunk from a connection; b'' when it is closed or we are stopping."""
@@ -631,7 +670,7 @@ class Simulator:
         unit = frame[0]
         if unit == 0:
             return  # broadcast: slaves never answer
-        pdu, fault = self.answer(unit, frame[1:-2])
+        pdu, fault = self.answer(unit, frame[1:-2], line_baud(fd))
         if pdu is None:
             return
         if fault is not None and fault.kind == "delay" and self._stop.wait(fault.seconds):
@@ -641,6 +680,76 @@ class Simulator:
             os.write(fd, out)
         except OSError:
             pass
+
+    # -- Modbus ASCII on the second pty and on ascii_tcp connections
+
+    def _ascii_loop(self, fd):
+        frames = AsciiFrames()
+        while not self._stop.is_set():
+            try:
+                r, _, _ = select.select([fd], [], [], 0.05)
+                if not r:
+                    continue
+                chunk = os.read(fd, 4096)
+            except (OSError, ValueError):
+                if self._stop.is_set():
+                    return
+                time.sleep(0.05)
+                continue
+            for unit, pdu in frames.feed(chunk):
+                if unit == 0:
+                    continue   # broadcast
+                answer, fault = self.answer(unit, pdu, line_baud(fd))
+                out = self._ascii_out(unit, answer, fault)
+                if out:
+                    try:
+                        os.write(fd, out)
+                    except OSError:
+                        pass
+
+    def _ascii_tcp_conn(self, conn):
+        frames = AsciiFrames()
+        try:
+            while True:
+                chunk = self._recv(conn)
+                if not chunk:
+                    return
+                for unit, pdu in frames.feed(chunk):
+                    answer, fault = self.answer(unit, pdu)
+                    if fault is not None and fault.kind in ("drop", "reset"):
+                        return
+                    out = self._ascii_out(unit, answer, fault)
+                    if out:
+                        try:
+                            conn.sendall(out)
+                        except OSError:
+                            return
+        finally:
+            self._finish_conn(conn)
+
+    def _ascii_out(self, unit, pdu, fault):
+        """The ASCII frame of an answer with the fault applied (None: silence)."""
+        if pdu is None:
+            return None
+        if fault is not None and fault.kind == "delay" and self._stop.wait(fault.seconds):
+            return None
+        frame = ascii_frame(unit, pdu)
+        if fault is None:
+            return frame
+        if fault.kind == "crc":       # a wrong LRC
+            bad = (int(frame[-4:-2], 16) ^ 0x5A) & 0xFF
+            return frame[:-4] + b"%02X" % bad + frame[-2:]
+        if fault.kind == "truncate":
+            return frame[:max(1, len(frame) // 2)]
+        if fault.kind == "garbage":   # line noise around the answer
+            return b"\x00\xffzz" + frame + b"#!"
+        if fault.kind == "fuzz":
+            rng = self._fuzz_rng
+            if rng.random() < 0.5:
+                return bytes(rng.getrandbits(8) for _ in range(rng.randint(0, len(frame))))
+            return ascii_frame(unit, bytes([pdu[0]]) + bytes(
+                rng.getrandbits(8) for _ in range(rng.randint(0, 60))))
+        return frame
 
     # -- control port
 
@@ -678,6 +787,93 @@ class Simulator:
         return {"ok": True}
 
 
+def ascii_frame(unit, pdu):
+    """Modbus ASCII frame: ':' + hex pairs of unit, PDU and LRC + CR LF (Serial Line 2.5.2)."""
+    body = bytes([unit]) + bytes(pdu)
+    return b":" + (body + bytes([-sum(body) & 0xFF])).hex().upper().encode() + b"\r\n"
+
+
+class AsciiFrames:
+    """Cuts ASCII request frames out of a character stream, as a slave does: ':' starts (and
+    restarts) a frame, LF ends it; frames that are not hex or fail the LRC are dropped."""
+
+    def __init__(self):
+        self.buf = None
+
+    def feed(self, chunk):
+        out = []
+        for c in chunk:
+            if c == 0x3A:
+                self.buf = bytearray()
+            elif self.buf is not None:
+                if c == 0x0A:
+                    text, self.buf = bytes(self.buf).rstrip(b"\r"), None
+                    try:
+                        body = bytes.fromhex(text.decode("ascii"))
+                    except ValueError:
+                        continue
+                    if len(body) >= 3 and -sum(body[:-1]) & 0xFF == body[-1]:
+                        out.append((body[0], body[1:-1]))
+                elif len(self.buf) > 600:
+                    self.buf = None
+                else:
+                    self.buf.append(c)
+        return out
+
+
+def identify_answer(dev, pdu):
+    """FC 43 / MEI 14 answer PDU of `dev` (Modbus Application Protocol 6.21): stream access
+    (read codes 1 basic, 2 regular, 3 extended) from the object asked for, `ident_per_answer`
+    objects per answer with "more follows"; code 4 one object. Exceptions as the spec says."""
+    if not dev.identity:
+        return pack_exception_pdu(43, 1)
+    if len(pdu) != 4 or pdu[1] != 0x0E:
+        return pack_exception_pdu(43, 3)
+    code, first = pdu[2], pdu[3]
+    if code not in (1, 2, 3, 4):
+        return pack_exception_pdu(43, 3)
+    ids = sorted(dev.identity)
+    regular = any(3 <= i <= 6 for i in ids)
+    conformity = 0x82 if regular else 0x81
+    if code == 4:
+        if first not in dev.identity:
+            return pack_exception_pdu(43, 2)
+        chosen, more, nxt = [first], 0, 0
+    else:
+        stream = [i for i in ids if i <= (2 if code == 1 else 6 if code == 2 else 255)]
+        if first not in stream:
+            first = 0   # an unknown object id restarts the stream (6.21)
+        rest = [i for i in stream if i >= first]
+        chosen = rest[:dev.ident_per_answer]
+        more = 0xFF if len(rest) > len(chosen) else 0
+        nxt = rest[len(chosen)] if more else 0
+    objects = b"".join(bytes([i, len(dev.identity[i].encode())]) + dev.identity[i].encode()
+                       for i in chosen)
+    return bytes([43, 0x0E, code, conformity, more, nxt, len(chosen)]) + objects
+
+
+def line_baud(fd):
+    """The baud rate a pty's slave side is set to (termios of the pair), None if unknown."""
+    try:
+        import termios
+        speed = termios.tcgetattr(fd)[5]
+    except Exception:   # termios.error is no OSError; not a tty: no rate to honour
+        return None
+    return _BAUDS.get(speed)
+
+
+def _baud_table():
+    try:
+        import termios
+    except ImportError:
+        return {}
+    return {getattr(termios, "B%d" % b): b for b in (1200, 2400, 4800, 9600, 19200, 38400, 57600,
+                                                      115200, 230400) if hasattr(termios, "B%d" % b)}
+
+
+_BAUDS = _baud_table()
+
+
 def _rtu_frame(unit, pdu):
     body = bytes([unit]) + pdu
     return body + get_crc(body)
@@ -702,7 +898,8 @@ def _close(s, shutdown=True):
 # --------------------------------------------------------------------------- command line
 
 def parse_units(specs, default):
-    """['meter:1', 'plc:2', 'generic:10-29:100'] -> {unit: Device}."""
+    """['meter:1', 'plc:2', 'generic:10-29:100', 'meter:5@19200'] -> {unit: Device}
+    (@BAUD: the device answers on the serial lines only at that rate)."""
     devices = {}
     for spec in specs or default:
         parts = spec.split(":")
@@ -710,7 +907,8 @@ def parse_units(specs, default):
         if kind not in DEVICE_KINDS or len(parts) < 2:
             raise ValueError("device %r: want KIND:UNIT[-LAST][:REGISTERS], KIND one of %s"
                              % (spec, ", ".join(DEVICE_KINDS)))
-        first, _, last = parts[1].partition("-")
+        units, _, baud = parts[1].partition("@")
+        first, _, last = units.partition("-")
         for unit in range(int(first), int(last or first) + 1):
             if not 1 <= unit <= 247:
                 raise ValueError("device %r: unit id %d outside 1-247" % (spec, unit))
@@ -718,6 +916,8 @@ def parse_units(specs, default):
                 devices[unit] = Generic(seed=unit, registers=int(parts[2]) if len(parts) > 2 else 100)
             else:
                 devices[unit] = DEVICE_KINDS[kind](seed=unit)
+            if baud:
+                devices[unit].baud = int(baud)
     return devices
 
 
@@ -735,7 +935,9 @@ def build_parser():
     s.add_argument("--tcp", type=int, default=5020, metavar="PORT", help="Modbus TCP port (0: any free one); -1 to disable")
     s.add_argument("--rtu", action="store_true", help="serve RTU on a new pseudo-terminal (its path is printed)")
     s.add_argument("--rtu-tcp", type=int, default=None, metavar="PORT", help="also serve RTU-over-TCP")
-    s.add_argument("--device", action="append", metavar="KIND:UNIT[-LAST][:REGS]",
+    s.add_argument("--ascii", action="store_true", help="serve Modbus ASCII on another pseudo-terminal")
+    s.add_argument("--ascii-tcp", type=int, default=None, metavar="PORT", help="also serve ASCII-over-TCP")
+    s.add_argument("--device", action="append", metavar="KIND:UNIT[-LAST][@BAUD][:REGS]",
                    help="a device (repeat); KIND meter, plc or generic; default meter:1 and plc:2")
     s.add_argument("--control", type=int, default=None, metavar="PORT", help="JSON-lines control port (0: any free one)")
     s.add_argument("--ready-file", metavar="PATH", help="write the ports and pty path here as JSON when serving")
@@ -795,7 +997,8 @@ def main(argv=None):
             print("simulator: %s" % msg, file=sys.stderr, flush=True)
 
     sim = Simulator(devices, host=args.host, tcp=None if args.tcp < 0 else args.tcp, rtu=args.rtu,
-                    rtu_tcp=args.rtu_tcp, control=args.control, log=log)
+                    rtu_tcp=args.rtu_tcp, control=args.control, log=log, ascii=args.ascii,
+                    ascii_tcp=args.ascii_tcp)
     import signal
 
     stop = threading.Event()
@@ -804,6 +1007,7 @@ def main(argv=None):
     sim.start()
     info = {"host": args.host, "tcp_port": sim.tcp_port, "rtu_path": sim.rtu_path,
             "rtu_tcp_port": sim.rtu_tcp_port, "control_port": sim.control_port,
+            "ascii_path": sim.ascii_path, "ascii_tcp_port": sim.ascii_tcp_port,
             "units": {str(u): d.kind for u, d in sorted(devices.items())}, "pid": os.getpid()}
     units = ", ".join("%d=%s" % (u, d.kind) for u, d in sorted(devices.items()))
     if sim.tcp_port is not None:
@@ -812,6 +1016,10 @@ def main(argv=None):
         print("simulator: Modbus RTU on %s (units %s)" % (sim.rtu_path, units), flush=True)
     if sim.rtu_tcp_port is not None:
         print("simulator: RTU-over-TCP on %s:%d" % (args.host, sim.rtu_tcp_port), flush=True)
+    if sim.ascii_path:
+        print("simulator: Modbus ASCII on %s (units %s)" % (sim.ascii_path, units), flush=True)
+    if sim.ascii_tcp_port is not None:
+        print("simulator: ASCII-over-TCP on %s:%d" % (args.host, sim.ascii_tcp_port), flush=True)
     if sim.control_port is not None:
         print("simulator: control on %s:%d (see --help)" % (args.host, sim.control_port), flush=True)
     if args.ready_file:

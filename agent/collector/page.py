@@ -83,6 +83,31 @@ def _age(s):
     return format_age(s, precise=False)
 
 
+def self_cell(own):
+    """The agent's own figures (its newest health record's "agent" object) as one short line."""
+    if not isinstance(own, dict):
+        return "<small>-</small>"
+
+    def num(key):
+        v = own.get(key)
+        return v if type(v) in (int, float) else None
+    parts = []
+    if num("cpu_pct") is not None:
+        parts.append("cpu %.1f%%" % num("cpu_pct"))
+    if num("cpu_ms_per_poll") is not None:
+        parts.append("%.1f ms/poll" % num("cpu_ms_per_poll"))
+    if num("rss_kb") is not None:
+        parts.append("rss %.1f MB" % (num("rss_kb") / 1024.0))
+    load = own.get("load")
+    if isinstance(load, list) and load and type(load[0]) in (int, float):
+        parts.append("load %.2f" % load[0])
+    if num("spool_free_mb") is not None:
+        parts.append("spool free %.0f MB" % num("spool_free_mb"))
+    if num("uptime_s") is not None:
+        parts.append("up %s" % _age(num("uptime_s")))
+    return escape(", ".join(parts)) if parts else "<small>-</small>"
+
+
 CSS = """body{font:14px system-ui,sans-serif;margin:1.5em;color:#222}
 table{border-collapse:collapse;width:100%}th,td{padding:4px 8px;border-bottom:1px solid #ddd;text-align:left;vertical-align:top}
 th{background:#f4f4f4}.stale{color:#a60}.err{color:#b00}.ok{color:#070}.partial{color:#b70;background:#fff3d6}.vals{font-family:monospace;font-size:12px}
@@ -97,12 +122,14 @@ def render(agents, devices, series, now, refresh=5):
            '<title>modbus-collector</title><style>%s</style></head><body>' % CSS,
            '<h1>modbus-collector</h1>']
     out.append('<h2>Agents</h2><table id="agents"><tr><th>agent</th><th>last seen</th><th>records</th>'
-               '<th>max seq</th><th>gaps (dropped)</th></tr>')
+               '<th>max seq</th><th>gaps (dropped)</th><th>agent health</th></tr>')
     for a in agents:
-        out.append('<tr class="agent"><td>%s</td><td>%s ago</td><td>%d</td><td>%s</td><td>%d (%d)</td></tr>'
-                   % (escape(a["agent"]), _age(a["age_s"]), a["records"], a["max_seq"], a["gaps"], a["dropped"]))
+        out.append('<tr class="agent"><td>%s</td><td>%s ago</td><td>%d</td><td>%s</td><td>%d (%d)</td>'
+                   '<td class="self">%s</td></tr>'
+                   % (escape(a["agent"]), _age(a["age_s"]), a["records"], a["max_seq"], a["gaps"], a["dropped"],
+                      self_cell(a.get("self"))))
     if not agents:
-        out.append('<tr><td colspan="5"><small>no agent has uploaded yet</small></td></tr>')
+        out.append('<tr><td colspan="6"><small>no agent has uploaded yet</small></td></tr>')
     out.append('</table><h2>Devices</h2><table id="devices"><tr><th>agent</th><th>device</th><th>unit</th>'
                '<th>age</th><th>status</th><th>last values</th><th>last hour</th><th>errors</th></tr>')
     for d in devices:

@@ -59,8 +59,25 @@ def device_view(app):
 
 def agent_view(app):
     now = app.clock()
+    own = agent_self(app.store.devices())
     return [dict(a, first_seen=utc_timestamp(a["first_seen"]), last_seen=utc_timestamp(a["last_seen"]),
-                 age_s=round(now - a["last_seen"], 1)) for a in app.store.agents()]
+                 age_s=round(now - a["last_seen"], 1), **own.get(a["agent"], {}))
+            for a in app.store.agents()]
+
+
+def agent_self(devices):
+    """agent -> {"self": the agent's own figures, "self_ts": when}: the "agent" object of its
+    newest health record (every device's health record carries it, agent.health.SelfMonitor)."""
+    out = {}
+    for d in devices:
+        ts = d["health_ts"]
+        if not ts or (d["agent"] in out and out[d["agent"]]["self_ts"] >= ts):
+            continue
+        health = _loads_finite(d["health"])
+        own = health.get("agent") if isinstance(health, dict) else None
+        if isinstance(own, dict):
+            out[d["agent"]] = {"self": own, "self_ts": ts}
+    return out
 
 
 def get_devices(app, environ, start_response):

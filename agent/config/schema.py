@@ -180,6 +180,10 @@ DEVICE_SCHEMA = {
     "buffer": (_between(1, 1000), 1),
     # the first poll after start (on_change mode): "always" sent, or only a baseline
     "first": (_choice("always", "on_change"), "always"),
+    # read device identification (FC 43 / MEI 14) once after the first answer, into health
+    # records; off by default (an old device may stay silent on a function it lacks: `scan`
+    # writes `identify = yes` for the devices that answered it)
+    "identify": (parse_bool, False),
 }
 
 PROFILE_SCHEMA = {

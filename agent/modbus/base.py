@@ -162,6 +162,50 @@ class Client:
         values = list(values)
         return self._request(unit, _pdu.WRITE_MULTIPLE_REGISTERS, address, values, len(values))
 
+    def read_device_identification(self, unit, read_code=_pdu.READ_BASIC, object_id=0):
+        """FC 43 / MEI 14, one answer: a pdu.Identification (objects from `object_id` on)."""
+        return self._request(unit, _pdu.ENCAPSULATED_INTERFACE, object_id, read_code, None,
+                             read_code)
+
+    def identify(self, unit, regular=True):
+        """The device's identification (FC 43 / MEI 14): {"conformity": level, "objects":
+        {name: text}}. The basic objects (vendor name, product code, revision), then the
+        regular ones when the device claims them (conformity 2 or 3; a refusal of those keeps
+        the basic ones), each stream followed through its "more follows" answers.
+        DeviceError (usually 1 ILLEGAL FUNCTION) when the device does not speak it."""
+        first = self.read_device_identification(unit, _pdu.READ_BASIC)
+        objects = {}
+        self._follow(unit, _pdu.READ_BASIC, first, objects)
+        if regular and first.conformity & 0x7F >= _pdu.READ_REGULAR:
+            try:
+                self._follow(unit, _pdu.READ_REGULAR, None, objects)
+            except DeviceError:
+                pass    # claims regular, refuses it: what the basic stream gave stands
+        names = dict(_pdu.object_text(oid, value) for oid, value in sorted(objects.items()))
+        return {"conformity": first.conformity, "objects": names}
+
+    #: answers followed per stream at most (a device whose "next object id" never ends)
+    MAX_IDENT_ANSWERS = 16
+
+    def _follow(self, unit, read_code, answer, objects):
+        object_id = 0
+        for _ in range(self.MAX_IDENT_ANSWERS):
+            if answer is None:
+                answer = self.read_device_identification(unit, read_code, object_id)
+            for oid, value in answer.objects:
+                objects.setdefault(oid, value)
+            if not answer.more:
+                return
+            if answer.next_id <= object_id:
+                raise FrameError("'more follows' without a further object id", unit=unit,
+                                 function=_pdu.ENCAPSULATED_INTERFACE,
+                                 expected=f"next object id above {object_id}",
+                                 got=f"next object id {answer.next_id}")
+            object_id, answer = answer.next_id, None
+        raise FrameError("'more follows' in every answer", unit=unit,
+                         function=_pdu.ENCAPSULATED_INTERFACE,
+                         expected=f"the last object within {self.MAX_IDENT_ANSWERS} answers")
+
     def close(self):
         self._close()
 

@@ -4,11 +4,13 @@
     RtuClient          RTU on a serial line (pyserial), with 3.5-character silence rtu_client.py
                        and RS-485 echo
     RtuOverTcpClient   RTU frames on a socket, as serial-to-Ethernet gateways speak rtu_client.py
+    AsciiClient        Modbus ASCII on a serial line (':' hex, LRC, CR LF)         ascii_client.py
+    AsciiOverTcpClient ASCII frames on a socket                                    ascii_client.py
 
 Their shared base (public read/write methods, argument checks, stats, back-off) is
 `base.Client`; the byte links under the RTU clients and `open_tcp` are in `links.py`.
 
-All three connect lazily, raise only `agent.modbus.errors` types with unit, function code,
+All of them connect lazily, raise only `agent.modbus.errors` types with unit, function code,
 address and count filled in, and keep counters in `.stats` (uploaded as device health).
 
 Robustness rules (each answers a known field problem):
@@ -37,6 +39,7 @@ Robustness rules (each answers a known field problem):
 Hot path (TCP read): one `struct` pack, one `sendall`, one `recv` that normally holds the
 whole answer, one unpack to check it; no timeout syscalls unless the answer comes in pieces.
 """
+from agent.modbus.ascii_client import AsciiClient, AsciiOverTcpClient
 from agent.modbus.base import STAT_KEYS, Client
 from agent.modbus.links import open_tcp
 from agent.modbus.rtu_client import (
@@ -50,6 +53,6 @@ from agent.modbus.rtu_client import (
 )
 from agent.modbus.tcp_client import TcpClient
 
-__all__ = ["BROADCAST_TURNAROUND", "LATE_QUIET", "LATE_WINDOW_MAX", "LATE_WINDOW_MIN",
+__all__ = ["AsciiClient", "AsciiOverTcpClient", "BROADCAST_TURNAROUND", "LATE_QUIET", "LATE_WINDOW_MAX", "LATE_WINDOW_MIN",
            "LATE_WINDOW_SHARE", "STAT_KEYS", "Client", "RtuClient", "RtuOverTcpClient",
            "TcpClient", "open_tcp"]

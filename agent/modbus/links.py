@@ -33,6 +33,19 @@ def open_tcp(host, port, connect_timeout):
     return sock
 
 
+def open_serial(path, baudrate, parity, bytesize, stopbits):
+    """An exclusive, non-blocking pyserial port; ConnectionLost naming the port when it cannot
+    be opened. pyserial is imported here so TCP-only agents never load it."""
+    try:
+        import serial
+        return serial.Serial(path, baudrate=baudrate, parity=parity, bytesize=bytesize,
+                             stopbits=stopbits, timeout=0, exclusive=True)
+    except ImportError:
+        raise ConnectionLost("pyserial is not installed") from None
+    except SERIAL_ERRORS as e:
+        raise ConnectionLost(f"open {path} failed: {e}") from None
+
+
 class FdLink:
     """Byte link on a file descriptor: select() for the timeout, then one read."""
 

@@ -10,7 +10,10 @@ answer (`read_data_length`), and the function-code / exception-response check ev
 gets (`check_function`). The framings, the clients, the planner and the config import them.
 
 Parsers return the response's data as on the wire: for reads the data bytes (registers 2*count
-bytes big-endian, bits ceil(count/8) bytes LSB first), for writes None after checking the echo.
+bytes big-endian, bits ceil(count/8) bytes LSB first), for writes None after checking the echo,
+for FC 43 / MEI 14 (read device identification, section 6.21) an `Identification` of one answer.
+Its answer is the one of variable length: `response_length` is None and the framings find its
+end from the bytes themselves (`identification_length`).
 """
 import struct
 
@@ -24,6 +27,18 @@ WRITE_SINGLE_COIL = 5
 WRITE_SINGLE_REGISTER = 6
 WRITE_MULTIPLE_COILS = 15
 WRITE_MULTIPLE_REGISTERS = 16
+#: FC 43, MEI type 14: read device identification (section 6.21)
+ENCAPSULATED_INTERFACE = 43
+MEI_DEVICE_IDENTIFICATION = 0x0E
+#: read device id codes: 1 basic, 2 regular, 3 extended (stream access), 4 one specific object
+READ_BASIC, READ_REGULAR, READ_EXTENDED, READ_SPECIFIC = 1, 2, 3, 4
+#: the objects of the basic (0-2) and regular (3-6) categories, by object id (table 6.21)
+OBJECT_NAMES = {0: "vendor_name", 1: "product_code", 2: "revision", 3: "vendor_url",
+                4: "product_name", 5: "model_name", 6: "user_application_name"}
+#: "more follows": 0xFF when the objects did not fit in one answer (ask again from next id)
+MORE_FOLLOWS = 0xFF
+#: fc, MEI type, read code, conformity level, more follows, next object id, number of objects
+IDENT_HEAD_LENGTH = 7
 
 #: the reads (FC 01-04); their answers carry a byte count and data (sections 6.1-6.4)
 READ_FUNCTIONS = frozenset((READ_COILS, READ_DISCRETE_INPUTS, READ_HOLDING_REGISTERS,
@@ -228,6 +243,85 @@ def _parse_multi(fn, pdu, address, count, value):
     return None
 
 
+# --- read device identification (43 / MEI 14) -----------------------------------------------
+
+class Identification:
+    """One FC 43 / MEI 14 answer: `read_code`, `conformity` (the level the device claims:
+    0x01 basic, 0x02 regular, 0x03 extended; +0x80 when it also answers single objects),
+    `more` (the objects continue in another answer, from `next_id`) and `objects`
+    [(object id, bytes)] in the order sent."""
+
+    __slots__ = ("conformity", "more", "next_id", "objects", "read_code")
+
+    def __init__(self, read_code, conformity, more, next_id, objects):
+        self.read_code = read_code
+        self.conformity = conformity
+        self.more = more
+        self.next_id = next_id
+        self.objects = objects
+
+    def __repr__(self):
+        return "<Identification code %d conformity %#04x more %s next %d: %r>" % (
+            self.read_code, self.conformity, self.more, self.next_id, self.objects)
+
+
+def identification_length(pdu):
+    """The length of the FC 43 / MEI 14 answer PDU that starts with `pdu`, as far as its bytes
+    tell: fewer bytes than returned means read at least that many and ask again; a value equal
+    to len(pdu) means the answer is complete. (Its objects carry their own lengths, one after
+    the other; nothing else tells where the answer ends.)"""
+    n = IDENT_HEAD_LENGTH
+    if len(pdu) < n:
+        return n
+    for _ in range(pdu[6]):
+        if len(pdu) < n + 2:
+            return n + 2
+        n += 2 + pdu[n + 1]
+    return n
+
+
+def _build_identify(fn, object_id, read_code):
+    _check_range("read device id code", read_code, 1, 4)
+    _check_range("object id", object_id, 0, 0xFF)
+    return bytes((fn.code, MEI_DEVICE_IDENTIFICATION, read_code, object_id))
+
+
+def _identify_length(count):
+    return None     # variable: identification_length()
+
+
+def _parse_identify(fn, pdu, object_id, count, read_code):
+    pdu = bytes(pdu)
+    if len(pdu) < IDENT_HEAD_LENGTH:
+        raise FrameError("short device identification answer",
+                         expected=f"at least {IDENT_HEAD_LENGTH} bytes", got=pdu)
+    if pdu[1] != MEI_DEVICE_IDENTIFICATION:
+        raise FrameError("wrong MEI type", expected="MEI type 14 (0e)", got=pdu)
+    if read_code is not None and pdu[2] != read_code:
+        raise FrameError("answer for another read device id code",
+                         expected=f"read device id code {read_code}", got=pdu)
+    if pdu[4] not in (0, MORE_FOLLOWS):
+        raise FrameError("bad 'more follows' byte", expected="00 or ff", got=pdu)
+    n = identification_length(pdu)
+    if n != len(pdu):
+        raise FrameError("device identification objects do not add up to the answer",
+                         expected=f"{n} bytes by the object lengths", got=pdu)
+    objects = []
+    at = IDENT_HEAD_LENGTH
+    for _ in range(pdu[6]):
+        size = pdu[at + 1]
+        objects.append((pdu[at], pdu[at + 2:at + 2 + size]))
+        at += 2 + size
+    return Identification(pdu[2], pdu[3], pdu[4] == MORE_FOLLOWS, pdu[5], objects)
+
+
+def object_text(object_id, value):
+    """An identification object as text: its name (OBJECT_NAMES, else "object_0x80") and its
+    bytes as ASCII (the spec's type), other bytes escaped so a log line stays one line."""
+    name = OBJECT_NAMES.get(object_id, "object_%#04x" % object_id)
+    return name, bytes(value).decode("ascii", "backslashreplace")
+
+
 FUNCTIONS = {
     f.code: f for f in (
         Function(1, "read coils", MAX_BITS, _build_read, _bits_length, _parse_read),
@@ -238,6 +332,8 @@ FUNCTIONS = {
         Function(6, "write single register", 1, _build_write_register, _echo_length, _parse_echo),
         Function(15, "write multiple coils", 1968, _build_write_coils, _echo_length, _parse_multi),
         Function(16, "write multiple registers", 123, _build_write_registers, _echo_length, _parse_multi),
+        Function(43, "read device identification", 1, _build_identify, _identify_length,
+                 _parse_identify),
     )
 }
 #: read function code -> its quantity limit (the clients' fast argument check)
@@ -261,4 +357,6 @@ def response_pdu_length(pdu):
         return EXCEPTION_PDU_LENGTH if (fc & ~EXCEPTION_BIT) in FUNCTIONS else None
     if fc in READ_FUNCTIONS:
         return 2 + pdu[1]
+    if fc == ENCAPSULATED_INTERFACE:
+        return None     # variable and longer than 2 bytes tell (identification_length)
     return WRITE_RESPONSE_LENGTH if fc in FUNCTIONS else None

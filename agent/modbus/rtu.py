@@ -49,7 +49,8 @@ read_response_length = _pdu.read_length(OVERHEAD + 2)
 
 def response_length(fn, count):
     """Length of the normal RTU response to a request of `fn` (a `pdu.Function`) for `count`."""
-    return fn.response_length(count) + OVERHEAD
+    n = fn.response_length(count)
+    return None if n is None else n + OVERHEAD   # None: variable (FC 43)
 
 
 def frame_length(head):
@@ -63,7 +64,7 @@ def _check_frame(adu, unit, function, expected_length):
     """Checks common to every response, in the fixed order: length, CRC, unit, exception bit,
     function code. Returns normally only for a normal response of the right function."""
     n = len(adu)
-    if n != expected_length and n != EXCEPTION_ADU_LENGTH:
+    if expected_length is not None and n != expected_length and n != EXCEPTION_ADU_LENGTH:
         raise FrameError("wrong response length", expected=f"{expected_length} bytes", got=bytes(adu))
     if crc16(adu):
         want = crc16(adu[:-2])

@@ -21,7 +21,7 @@ from agent.modbus.keys import (
     Key,
     timeout_key,
 )
-from agent.modbus.links import RECV_SIZE, SERIAL_ERRORS, SerialLink, SocketLink, open_tcp
+from agent.modbus.links import RECV_SIZE, SerialLink, SocketLink, open_serial, open_tcp
 
 _monotonic = time.monotonic
 
@@ -136,7 +136,8 @@ class _RtuBase(Client):
                 self._open()
                 self._link.drop_input()
             self._link.write(request)
-            deadline = _monotonic() + self.timeout + self._char_time * (expected + len(request))
+            deadline = _monotonic() + self.timeout + self._char_time * (
+                (expected or rtu.MAX_ADU_LENGTH) + len(request))
             if self.rs485_echo:
                 echo = self._read_exact(len(request), deadline, b"", what="RS-485 echo")
                 if echo != request:
@@ -165,7 +166,7 @@ class _RtuBase(Client):
         if self.late_window is not None:
             return float(self.late_window)
         share = min(max(self.timeout * LATE_WINDOW_SHARE, LATE_WINDOW_MIN), LATE_WINDOW_MAX)
-        return share + self._silence + self._char_time * expected
+        return share + self._silence + self._char_time * (expected or rtu.MAX_ADU_LENGTH)
 
     def _second_answer(self, adu, unit, function, expected):
         """The failed read asked again: a device still busy with the failed request may
@@ -264,6 +265,8 @@ class _RtuBase(Client):
                         if whole:
                             stale, buf = buf[:whole], buf[whole:]
                             continue
+                if n is None:
+                    buf, n = self._variable_length(buf, deadline)
                 if len(buf) < n:
                     buf += self._read_exact(n - len(buf), deadline, buf)
                 # ours by its header; the codec checks length, CRC and the rest
@@ -278,6 +281,18 @@ class _RtuBase(Client):
                     continue
             skipped += buf[:1]
             buf = buf[1:]
+
+    def _variable_length(self, buf, deadline):
+        """(buf, ADU length) of an answer whose PDU tells its own length as it goes (FC 43: its
+        objects one after the other, pdu.identification_length), reading as far as needed."""
+        while True:
+            n = _pdu.identification_length(buf[1:]) + rtu.OVERHEAD
+            if n > rtu.MAX_ADU_LENGTH:
+                raise FrameError("answer longer than an RTU frame by its object lengths",
+                                 expected=f"at most {rtu.MAX_ADU_LENGTH} bytes", got=buf)
+            if len(buf) >= n:
+                return buf, n
+            buf += self._read_exact(n - len(buf), deadline, buf)
 
     def _whole_frame(self, buf, n, deadline):
         """(buf, n) when the first `n` bytes of `buf` are a frame whose CRC holds, counted as
@@ -349,15 +364,7 @@ class RtuClient(_RtuBase):
         return self.port
 
     def _connect(self):
-        try:
-            import serial  # pyserial; imported here so TCP-only agents never load it
-            port = serial.Serial(self.port, baudrate=self.baudrate, parity=self.parity,
-                                 bytesize=self.bytesize, stopbits=self.stopbits, timeout=0,
-                                 exclusive=True)
-        except ImportError:
-            raise ConnectionLost("pyserial is not installed") from None
-        except SERIAL_ERRORS as e:
-            raise ConnectionLost(f"open {self.port} failed: {e}") from None
+        port = open_serial(self.port, self.baudrate, self.parity, self.bytesize, self.stopbits)
         self._link = SerialLink(port, self.port)
 
 

@@ -47,14 +47,15 @@ read_response_length = _pdu.read_length(MBAP_LENGTH + 2)
 
 def response_length(fn, count):
     """Length of the normal TCP response to a request of `fn` (a `pdu.Function`) for `count`."""
-    return fn.response_length(count) + MBAP_LENGTH
+    n = fn.response_length(count)
+    return None if n is None else n + MBAP_LENGTH   # None: variable (FC 43)
 
 
 def _check_frame(adu, tid, unit, function, expected_length):
     """Fixed order: length, transaction id, protocol id, length field, unit, exception bit,
     function code. Returns normally only for a normal response of the right function."""
     n = len(adu)
-    if n != expected_length and n != EXCEPTION_ADU_LENGTH:
+    if expected_length is not None and n != expected_length and n != EXCEPTION_ADU_LENGTH:
         raise FrameError("wrong response length", expected=f"{expected_length} bytes", got=bytes(adu))
     got_tid, pid, length, got_unit = MBAP.unpack_from(adu)
     if got_tid != tid:

@@ -13,9 +13,10 @@ A `Transport` presents what its client class declares (agent.modbus.base.Client)
     bus_time(settings, reads) -> the estimate `check` adds up per connection
 `settings` is any object with the transport's keys as attributes (agent.config's Connection).
 
-A new transport (Modbus ASCII is next) is its client module and one line in TRANSPORTS; the
+A new transport (Modbus ASCII was the last) is its client module and one line in TRANSPORTS; the
 config, `check`, the loop and the commands need no change.
 """
+from agent.modbus.ascii_client import AsciiClient, AsciiOverTcpClient
 from agent.modbus.rtu_client import RtuClient, RtuOverTcpClient
 from agent.modbus.tcp_client import TcpClient
 
@@ -49,4 +50,6 @@ TRANSPORTS = {t.name: t for t in (
     Transport(TcpClient),
     Transport(RtuClient),
     Transport(RtuOverTcpClient),
+    Transport(AsciiClient),
+    Transport(AsciiOverTcpClient),
 )}
