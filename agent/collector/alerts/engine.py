@@ -191,11 +191,9 @@ class Engine:
                     c = row[6] in r.statuses
                     obs.setdefault((r, device, ""), []).append((ts, row[6], c, not c))
             elif kind == "gap" and plan.gap:
-                dropped = json.loads(row[7]).get("dropped")
-                if type(dropped) is int:
-                    for r in plan.gap:
-                        if dropped >= r.min_dropped:
-                            gaps.append((r, row[2], dropped, json.loads(row[7])))
+                rec = json.loads(row[7])
+                if type(rec.get("dropped")) is int and rec["dropped"] > 0:
+                    gaps.append((row[2], rec["dropped"], rec))
             elif kind == "health" and plan.backlog:
                 health = json.loads(row[7]).get("health")
                 for r in plan.backlog:
@@ -218,9 +216,11 @@ class Engine:
                     self._raise(cur, ev)
             if st.dirty:
                 db.write_state(store, cur, st)
-        for r, ts, dropped, rec in gaps:
+        for (ts, dropped, rec), r in ((g, r) for g in gaps for r in plan.gap):
             key = (r.name, agent, "", "")
             st = active.get(key) or active.setdefault(key, State(r.name, agent))
+            if st.state != FIRING and dropped < r.min_dropped:
+                continue    # below the rule's bar; once it fires, every later drop counts
             total = dropped + (st.value if st.state == FIRING and type(st.value) in (int, float) else 0)
             ev = event_fired(r, st, total, ts, received, detail={
                 k: rec.get(k) for k in ("first_seq", "last_seq", "first_ts", "last_ts", "reason")})

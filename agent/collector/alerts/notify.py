@@ -55,7 +55,10 @@ def message(rule, ev):
                                  series_text(d))
     if rule.kind == "silent":
         detail = ev.detail
-        if ev.state == "firing":
+        if ev.state == "firing" and detail.get("last_ts") is None and ev.since:
+            body = " has not reported since this collector watches it (%s, for %s) (%s)" % (
+                ev.since, format_age(ev.value), rule.describe())
+        elif ev.state == "firing":
             body = " silent for %s: last reading %s, last record received %s ago (%s)" % (
                 format_age(ev.value), detail.get("last_ts") or "never", format_age(detail.get("received_age_s")),
                 rule.describe())

@@ -312,7 +312,7 @@ def _parse_rule(section, name, items, where, errors, notify_refs):
     if kind == "threshold":
         if rule.point is None:
             bad("point", "a threshold rule needs `point = NAME`")
-        if (rule.above is None) == (rule.below is None):
+        if ("above" in items) == ("below" in items):
             bad("above" if "above" in items else "below",
                 "a threshold rule needs exactly one of `above = X` or `below = X`")
     if kind == "silent" and "for" not in items:
