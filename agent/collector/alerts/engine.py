@@ -45,7 +45,7 @@ from agent.collector.alerts.evaluate import (
     observe,
     silent,
 )
-from agent.collector.alerts.extract import field, numeric, point_samples
+from agent.collector.alerts.extract import field, numeric, samples
 from agent.collector.config import redact
 from agent.common import format_duration, parse_utc
 from agent.wire import utc_timestamp
@@ -60,6 +60,20 @@ class _Conflict(Exception):
     """Another process changed the state row first: roll this change back."""
 
 
+class _Device:
+    """The rules that watch one device of one agent: `points` [(point, threshold rules)],
+    `errors` the error rules."""
+    __slots__ = ("points", "errors")
+
+    def __init__(self, rules):
+        by_point = {}
+        for r in rules:
+            if r.kind == "threshold":
+                by_point.setdefault(r.point, []).append(r)
+        self.points = sorted(by_point.items())
+        self.errors = [r for r in rules if r.kind == "error"]
+
+
 class _Plan:
     """The rules that may apply to one agent's records, resolved once per agent."""
     __slots__ = ("agent", "data_rules", "gap", "backlog", "devices")
@@ -72,17 +86,13 @@ class _Plan:
         self.devices = {}
 
     def device(self, name):
-        """([(point, [threshold rules])], [error rules]) for a device, or None."""
+        """The device's _Device, or None when no rule watches it."""
         try:
             return self.devices[name]
         except KeyError:
             pass
         mine = [r for r in self.data_rules if r.watches(self.agent, name)]
-        points = {}
-        for r in mine:
-            if r.kind == "threshold":
-                points.setdefault(r.point, []).append(r)
-        out = (sorted(points.items()), [r for r in mine if r.kind == "error"]) if mine else None
+        out = _Device(mine) if mine else None
         if len(self.devices) > _CACHE_MAX:
             self.devices.clear()
         self.devices[name] = out
@@ -167,11 +177,18 @@ class Engine:
         return plan
 
     def hook(self, cur, store, agent, fresh, received):
-        """Store ingest hook: evaluate the batch's new records, in its transaction."""
+        """Store ingest hook: evaluate the batch's new records, in its transaction.
+
+        Cheap when nothing happens: the agent's pending and firing series are read once a batch
+        (an indexed query, usually no row), and per device and point a band (_band) says which
+        values change nothing for any of its rules; a sample inside it costs two comparisons.
+        A state row is written only when its series changes state."""
         plan = self._plan(agent)
         if plan is None:
             return
-        obs = {}      # (rule, device, point) -> [(ts, value, cond, clear)]
+        active = db.active_states(store, cur, agent)
+        changed = {}
+        bands = {}
         gaps = []
         for row in fresh:
             kind = row[3]
@@ -179,17 +196,36 @@ class Engine:
                 dp = plan.device(row[4])
                 if dp is None:
                     continue
-                points, errs = dp
-                payload, ts, device = row[7], row[2], row[4]
-                for point, rules in points:
-                    found = point_samples(payload, ts, point)
-                    for r in rules:
-                        for t, v in found:
-                            c = r.crossing(v)
-                            obs.setdefault((r, device, point), []).append((t, v, c, not c and r.cleared(v)))
-                for r in errs:
-                    c = row[6] in r.statuses
-                    obs.setdefault((r, device, ""), []).append((ts, row[6], c, not c))
+                device = row[4]
+                if dp.points:
+                    bl = bands.get(device)
+                    for t, values in samples(row[7], row[2]):
+                        if bl is None:
+                            bl = bands[device] = [(p,) + _band(rules, agent, device, p, active) + (rules,)
+                                                  for p, rules in dp.points]
+                        for p, lo, hi, rules in bl:
+                            v = values.get(p)
+                            if v is None:
+                                continue
+                            if type(v) is not float and type(v) is not int:
+                                v = numeric(v)      # a coil's bool; strings give None
+                                if v is None:
+                                    continue
+                            if lo < v < hi:
+                                continue            # changes nothing (the hot path: two comparisons)
+                            v = numeric(v)
+                            if v is None:
+                                continue
+                            for r in rules:
+                                c = r.crossing(v)
+                                if self._observe(cur, r, agent, device, p, t, v, c, not c and r.cleared(v),
+                                                 received, active, changed):
+                                    bl = bands[device] = None   # a series changed: new bands from the next sample
+                if dp.errors:
+                    status = row[6]
+                    for r in dp.errors:
+                        c = status in r.statuses
+                        self._observe(cur, r, agent, device, "", row[2], status, c, not c, received, active, changed)
             elif kind == "gap" and plan.gap:
                 rec = json.loads(row[7])
                 if type(rec.get("dropped")) is int and rec["dropped"] > 0:
@@ -200,22 +236,8 @@ class Engine:
                     v = numeric(field(health, r.point))
                     if v is not None:
                         c = r.crossing(v)
-                        obs.setdefault((r, "", ""), []).append((row[2], v, c, not c and r.cleared(v)))
-        if not obs and not gaps:
-            return
-        active = db.active_states(store, cur, agent)
-        for (r, device, point), items in obs.items():
-            st = active.get((r.name, agent, device, point))
-            if st is None:
-                if not any(i[2] for i in items):
-                    continue   # nothing pending or firing, nothing crossing: nothing to write
-                st = State(r.name, agent, device, point)
-            for t, v, c, clear in items:
-                ev = observe(r, st, t, v, c, clear, received)
-                if ev is not None:
-                    self._raise(cur, ev)
-            if st.dirty:
-                db.write_state(store, cur, st)
+                        self._observe(cur, r, agent, "", "", row[2], v, c, not c and r.cleared(v), received, active,
+                                      changed)
         for (ts, dropped, rec), r in ((g, r) for g in gaps for r in plan.gap):
             key = (r.name, agent, "", "")
             st = active.get(key) or active.setdefault(key, State(r.name, agent))
@@ -226,9 +248,26 @@ class Engine:
                 k: rec.get(k) for k in ("first_seq", "last_seq", "first_ts", "last_ts", "reason")})
             if ev is not None:
                 self._raise(cur, ev)
+            changed[key] = st
+        for st in changed.values():
             db.write_state(store, cur, st)
-            if st.version is not None:   # the row is ours until the commit: keep its version current
-                st.version += 1
+
+    def _observe(self, cur, r, agent, device, point, t, v, cond, clear, received, active, changed):
+        """One sample for one rule's series; True when the series changed state."""
+        key = (r.name, agent, device, point)
+        st = active.get(key)
+        if st is None:
+            if not cond:
+                return False    # not pending, not firing, not crossing: nothing to do
+            st = active[key] = State(*key)
+        ev = observe(r, st, t, v, cond, clear, received)
+        if ev is not None:
+            self._raise(cur, ev)
+        if st.dirty:
+            st.dirty = False
+            changed[key] = st
+            return True
+        return False
 
     def _raise(self, cur, ev):
         rule = ev.rule
@@ -432,6 +471,28 @@ class Engine:
                   "notify": [n.name for n in self.cfg.notifiers_of(r)]} for r in self.rules.values()]
         return {"time": utc_timestamp(self.clock()), "current": self.current(), "history": history,
                 "rules": rules, "notifiers": notifiers}
+
+
+def _band(rules, agent, device, point, active):
+    """(lo, hi): a value v with lo < v < hi changes nothing for any of `rules` on this series in
+    its current states (inactive: it does not cross; firing: it does not clear). A pending
+    series has no such band: its `for` runs on every sample's time."""
+    lo, hi = float("-inf"), float("inf")
+    for r in rules:
+        st = active.get((r.name, agent, device, point))
+        state = st.state if st is not None else INACTIVE
+        if state == PENDING:
+            return 0.0, 0.0
+        if r.above is not None:
+            if state == FIRING:
+                lo = max(lo, r.clear)
+            else:
+                hi = min(hi, r.above)
+        elif state == FIRING:
+            hi = min(hi, r.clear)
+        else:
+            lo = max(lo, r.below)
+    return lo, hi
 
 
 def _db_errors(store):

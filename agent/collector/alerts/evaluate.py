@@ -78,24 +78,21 @@ def observe(rule, st, ts, value, cond, clear, now):
     if st.last_ts is not None and ts is not None and ts <= st.last_ts:
         return None
     state = st.state
-    st.last_ts = ts
+    st.last_ts = ts   # written with the next transition: a sample that changes nothing costs no write
     if state == FIRING:
-        st.seen = now
-        st.dirty = True
         if clear:
-            st.state, st.value, st.changed = RESOLVED, value, now
+            st.state, st.value, st.changed, st.seen, st.dirty = RESOLVED, value, now, now, True
             return Event(rule, st, RESOLVED, value, ts, now)
         return None
     if not cond:
         if state == PENDING:
             st.state, st.since, st.changed, st.dirty = INACTIVE, None, now, True
         return None
-    st.seen = now
-    st.dirty = True
     if state != PENDING:
-        st.state, st.since, st.value, st.changed = PENDING, ts, value, now
+        st.state, st.since, st.value, st.changed, st.seen, st.dirty = PENDING, ts, value, now, now, True
     if rule.for_ <= 0 or _seconds_between(st.since, ts) >= rule.for_:
-        st.state, st.fired, st.value, st.notified, st.changed = FIRING, ts, value, now, now
+        st.state, st.fired, st.value, st.notified, st.changed, st.seen = FIRING, ts, value, now, now, now
+        st.dirty = True
         return Event(rule, st, FIRING, value, ts, now)
     return None
 
