@@ -43,9 +43,7 @@ def active_states(store, cur, agent):
 
 
 def _state(r):
-    st = State(*r)
-    st.value = None if st.value is None else json.loads(st.value)
-    return st
+    return State.from_row(r)
 
 
 def states(store, cur, rules=None, active_only=False):
@@ -63,7 +61,7 @@ def write_state(store, cur, st, insert_only=False):
     other writer's state). A new series is inserted; if its row exists already, it is replaced
     (the ingest hook: it holds the agent's series, and reads only the active ones) or, with
     `insert_only` (the periodic evaluator, which read every row), False: someone was first."""
-    value = None if st.value is None else json.dumps(st.value)
+    value = st.value_json()
     row = (st.state, st.since, st.fired, value, st.last_ts, st.seen, st.notified, st.changed)
     if st.version is None:
         cur.execute(_q(store,

@@ -63,7 +63,7 @@ class _Conflict(Exception):
 class _Device:
     """The rules that watch one device of one agent: `points` [(point, threshold rules)],
     `errors` the error rules."""
-    __slots__ = ("points", "errors")
+    __slots__ = ("points", "errors", "statuses", "calm", "cache")
 
     def __init__(self, rules):
         by_point = {}
@@ -72,7 +72,9 @@ class _Device:
                 by_point.setdefault(r.point, []).append(r)
         self.points = sorted(by_point.items())
         self.errors = [r for r in rules if r.kind == "error"]
-
+        self.statuses = frozenset(s for r in self.errors for s in r.statuses)
+        self.calm = _bands(self.points, None, None, {}) if self.points else None   # no series active
+        self.cache = {}   # the states of the device's active series -> their bands
 
 class _Plan:
     """The rules that may apply to one agent's records, resolved once per agent."""
@@ -187,6 +189,8 @@ class Engine:
         if plan is None:
             return
         active = db.active_states(store, cur, agent)
+        hot = {k[2] for k in active if k[3]}   # devices with a pending/firing threshold: bands per batch
+        failing = {k[2] for k in active if not k[3]}   # ... with a pending/firing error rule
         changed = {}
         bands = {}
         gaps = []
@@ -198,11 +202,16 @@ class Engine:
                     continue
                 device = row[4]
                 if dp.points:
-                    bl = bands.get(device)
+                    bq = bands.get(device) if device in hot else dp.calm
                     for t, values in samples(row[7], row[2]):
-                        if bl is None:
-                            bl = bands[device] = [(p,) + _band(rules, agent, device, p, active) + (rules,)
-                                                  for p, rules in dp.points]
+                        if bq is None:
+                            bq = bands[device] = self._device_bands(dp, agent, device, active)
+                        bl, quiet = bq
+                        try:
+                            if quiet(values):
+                                continue            # the hot path: no value leaves its band
+                        except TypeError:           # a string among the values: look at each
+                            pass
                         for p, lo, hi, rules in bl:
                             v = values.get(p)
                             if v is None:
@@ -220,9 +229,11 @@ class Engine:
                                 c = r.crossing(v)
                                 if self._observe(cur, r, agent, device, p, t, v, c, not c and r.cleared(v),
                                                  received, active, changed):
-                                    bl = bands[device] = None   # a series changed: new bands from the next sample
-                if dp.errors:
+                                    hot.add(device)     # a series changed: new bands from the next sample
+                                    bq = bands[device] = None
+                if dp.errors and (row[6] in dp.statuses or device in failing):
                     status = row[6]
+                    failing.add(device)
                     for r in dp.errors:
                         c = status in r.statuses
                         self._observe(cur, r, agent, device, "", row[2], status, c, not c, received, active, changed)
@@ -251,6 +262,18 @@ class Engine:
             changed[key] = st
         for st in changed.values():
             db.write_state(store, cur, st)
+
+    @staticmethod
+    def _device_bands(dp, agent, device, active):
+        """_bands for a device whose series are not all inactive, kept per combination of their
+        states (a firing alert stays firing for many batches: one lookup a batch, not a rebuild)."""
+        sig = tuple(sorted((k[0], k[3], st.state) for k, st in active.items() if k[2] == device))
+        bq = dp.cache.get(sig)
+        if bq is None:
+            if len(dp.cache) > 64:
+                dp.cache.clear()
+            bq = dp.cache[sig] = _bands(dp.points, agent, device, active)
+        return bq
 
     def _observe(self, cur, r, agent, device, point, t, v, cond, clear, received, active, changed):
         """One sample for one rule's series; True when the series changed state."""
@@ -471,6 +494,38 @@ class Engine:
                   "notify": [n.name for n in self.cfg.notifiers_of(r)]} for r in self.rules.values()]
         return {"time": utc_timestamp(self.clock()), "current": self.current(), "history": history,
                 "rules": rules, "notifiers": notifiers}
+
+
+_quiet_cache = {}
+
+
+def _bands(points, agent, device, active):
+    """([(point, lo, hi, rules)], quiet) for a device's threshold rules in their states."""
+    bl = [(p,) + _band(rules, agent, device, p, active) + (rules,) for p, rules in points]
+    return bl, _quiet_check(bl)
+
+
+def _quiet_check(bl):
+    """A function values -> True when no watched value leaves its band (bl: [(point, lo, hi,
+    rules)]), generated as straight-line code and kept per set of bands (they change only when
+    a series changes state): the per-sample cost is then a dict lookup and two comparisons a
+    point, no loop."""
+    key = tuple((p, lo, hi) for p, lo, hi, _ in bl)
+    f = _quiet_cache.get(key)
+    if f is None:
+        if len(_quiet_cache) > 4096:
+            _quiet_cache.clear()
+        lines = ["def quiet(values):", "    get = values.get"]
+        env = {}
+        for i, (p, lo, hi) in enumerate(key):
+            env["p%d" % i], env["lo%d" % i], env["hi%d" % i] = p, lo, hi
+            lines += ["    v = get(p%d)" % i,
+                      "    if v is not None and not lo%d < v < hi%d:" % (i, i),
+                      "        return False"]
+        lines.append("    return True")
+        exec("\n".join(lines), env)   # our own text: point names are in env, never in the code
+        f = _quiet_cache[key] = env["quiet"]
+    return f
 
 
 def _band(rules, agent, device, point, active):

@@ -15,6 +15,8 @@ happened in the order and at the times it happened, and records already evaluate
 after the series' last one) change nothing. Time-driven rules (silent, the gap rule's clearing,
 reminders) are evaluated periodically against the collector's clock; see silent().
 """
+import json
+
 from agent.common import parse_utc
 
 INACTIVE, PENDING, FIRING, RESOLVED = "inactive", "pending", "firing", "resolved"
@@ -24,7 +26,7 @@ ACTIVE = (PENDING, FIRING)
 class State:
     """One row of alert_state. `version` counts changes (optimistic concurrency between collector
     processes: a change is written only if nobody changed the row since it was read)."""
-    __slots__ = ("rule", "agent", "device", "point", "state", "since", "fired", "value", "last_ts",
+    __slots__ = ("rule", "agent", "device", "point", "state", "since", "fired", "_value", "_text", "last_ts",
                  "seen", "notified", "changed", "version", "dirty")
     COLUMNS = ("rule", "agent", "device", "point", "state", "since", "fired", "value", "last_ts",
                "seen", "notified", "changed", "version")
@@ -32,17 +34,37 @@ class State:
     def __init__(self, rule, agent, device="", point="", state=INACTIVE, since=None, fired=None, value=None,
                  last_ts=None, seen=None, notified=None, changed=None, version=None):
         self.rule, self.agent, self.device, self.point = rule, agent, device, point
-        self.state, self.since, self.fired, self.value = state, since, fired, value
+        self.state, self.since, self.fired = state, since, fired
+        self._value, self._text = value, None
         self.last_ts, self.seen, self.notified, self.changed = last_ts, seen, notified, changed
         self.version = version      # None: no row yet
         self.dirty = False
 
     @property
+    def value(self):
+        if self._text is not None:   # read from the database, parsed when first asked for
+            self._value, self._text = json.loads(self._text), None
+        return self._value
+
+    @value.setter
+    def value(self, v):
+        self._value, self._text = v, None
+
+    def value_json(self):
+        """The value as stored (JSON text), without parsing what was read."""
+        if self._text is not None:
+            return self._text
+        return None if self._value is None else json.dumps(self._value)
+
+    @classmethod
+    def from_row(cls, r):
+        st = cls(*r[:7], None, *r[8:])
+        st._text = r[7]
+        return st
+
+    @property
     def key(self):
         return (self.rule, self.agent, self.device, self.point)
-
-    def row(self):
-        return tuple(getattr(self, c) for c in self.COLUMNS)
 
     def __repr__(self):
         return "State(%r, %s, since %s, value %r)" % (self.key, self.state, self.since, self.value)

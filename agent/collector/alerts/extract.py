@@ -4,7 +4,7 @@ of every batch, and json.loads of each one would cost ingest a good part of its 
 The answer is always what agent.collector.samples.samples() gives: a record without a
 "samples" key holds one sample, (ts, values); when its `"values":{` is the first object inside
 the record (so it is the record's own key: no string can hold that text unescaped), the C JSON
-scanner parses that object alone, in place. Anything else (buffered records, a record with an
+scanner parses that object alone, in place, and "samples" can only come after it. Anything else (buffered records, a record with an
 object before its values) is parsed whole and handed to samples(). tests/test_collector_alerts.py
 checks both ways agree.
 """
@@ -21,11 +21,14 @@ _INF = (float("inf"), float("-inf"))
 def samples(payload, ts):
     """[(ts, values dict)] of one data record's JSON text (`ts`: its ts column)."""
     i = payload.find(_VALUES)
-    if i > 0 and payload.find("{", 1) == i + _AT and '"samples"' not in payload:
+    if i > 0 and payload.find("{", 1) == i + _AT:
         try:
-            return [(ts, _scan(payload, i + _AT)[0])]
+            values, end = _scan(payload, i + _AT)
         except StopIteration:   # not JSON after all: let the full parse say so
-            pass
+            end = None
+        # "samples" (a list of objects) cannot come before: its "{" would be the first one
+        if end is not None and payload.find('"samples"', end) < 0:
+            return [(ts, values)]
     return record_samples(json.loads(payload))
 
 
