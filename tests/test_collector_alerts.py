@@ -589,13 +589,21 @@ for = 1s
 
 # --- whole collector processes --------------------------------------------------------------------
 
-def start_collector(ini, port, log, db=None):
+def spawn_collector(ini, port, log, db=None):
     argv = [sys.executable, "-m", "agent.collector.cli", "-c", ini, "--listen", "127.0.0.1:%d" % port]
     if db:
         argv += ["--db", db]
     out = open(log, "ab")  # noqa: SIM115 -- the process writes it
     p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     out.close()
+    return p
+
+
+def start_collector(ini, port, log, db=None):
+    return wait_up(spawn_collector(ini, port, log, db), port, log)
+
+
+def wait_up(p, port, log):
     deadline = time.monotonic() + 20
     import requests
 
@@ -688,8 +696,10 @@ def test_several_collector_processes_on_one_postgres_send_each_notification_once
     procs = []
     hook.delay = 0.1   # sends take a while: the other processes' senders poll meanwhile
     try:
-        for i, port in enumerate(ports):
-            procs.append(start_collector(ini, port, str(tmp_path / ("c%d.log" % i)), pg_url))
+        for i, port in enumerate(ports):   # started together: they migrate the database once between them
+            procs.append(spawn_collector(ini, port, str(tmp_path / ("c%d.log" % i)), pg_url))
+        for i, (p, port) in enumerate(zip(procs, ports)):
+            wait_up(p, port, str(tmp_path / ("c%d.log" % i)))
         t = time.time()
         agents = ["site%d" % i for i in range(6)]
         k = 0
