@@ -5,6 +5,7 @@ notifications received by a real HTTP webhook on loopback (tests/webhook.py).
 Simulated clock: the app's clock is a variable; the engine's threads are not started, the test
 runs evaluate() and deliver_once() itself. Real time: make_app starts the threads, or whole
 `modbus-collector` processes run (SIGKILL and restart; several processes on one PostgreSQL)."""
+import base64
 import io
 import json
 import logging
@@ -475,12 +476,16 @@ format = discord
 url = {base}/botTELEGRAMSECRET/sendMessage
 format = telegram
 chat_id = -100123
+[notify:basic]
+url = http://bob:BASICSECRET@127.0.0.1:{port}/basic
+format = slack
 [notify:plain]
 url = {base}/json
 header = X-Api-Key: HEADERSECRET
 token = BEARERSECRET
 """
-    sim = Sim(write_ini(tmp_path, rules, base="http://127.0.0.1:%d" % hook.port), "sqlite:///%s" % (tmp_path / "f.db"))
+    sim = Sim(write_ini(tmp_path, rules, base="http://127.0.0.1:%d" % hook.port, port=hook.port),
+              "sqlite:///%s" % (tmp_path / "f.db"))
     try:
         sim.post(reading("site7", T0, 260), at=T0)
         sim.deliver()
@@ -490,6 +495,7 @@ token = BEARERSECRET
         assert got["/api/webhooks/1/DISCORDSECRET"]["body"] == {"content": text}
         assert got["/botTELEGRAMSECRET/sendMessage"]["body"] == {"chat_id": "-100123", "text": text,
                                                                  "disable_web_page_preview": True}
+        assert got["/basic"]["headers"]["Authorization"] == "Basic " + base64.b64encode(b"bob:BASICSECRET").decode()
         plain = got["/json"]
         assert plain["headers"]["X-Api-Key"] == "HEADERSECRET"
         assert plain["headers"]["Authorization"] == "Bearer BEARERSECRET"

@@ -15,11 +15,12 @@ total timeout per request. Outcomes: "ok" (2xx), "retry" (connection refused or 
 wrong; tried 3 times, then given up, logged). Log lines name the notifier by label (host only)
 and pass through redact(), which removes the URL's path and query and every header value.
 """
+import base64
 import http.client
 import json
 import socket
 import ssl
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from agent.collector.config import redact as redact_config
 from agent.common import format_age, format_duration
@@ -121,6 +122,9 @@ def send(notifier, url, headers, body):
     parts = urlsplit(url)
     host, port = parts.hostname, parts.port
     path = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+    if parts.username is not None:   # https://user:password@host/...: HTTP basic auth
+        cred = "%s:%s" % (unquote(parts.username), unquote(parts.password or ""))
+        headers = list(headers) + [("Authorization", "Basic " + base64.b64encode(cred.encode()).decode())]
     try:
         if parts.scheme.lower() == "https":
             conn = http.client.HTTPSConnection(host, port, timeout=notifier.timeout,
