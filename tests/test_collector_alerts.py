@@ -581,10 +581,10 @@ for = 1s
         assert call(app, "POST", "/api/v1/batches", body)[0] == 200
         first = hook.wait_for(1, timeout=5)[0]
         assert (first["rule"], first["state"]) == ("hv", "firing")
-        assert hook.got[0]["t"] - t0 < 2.0
+        assert hook.got[0]["t"] - t0 < 3.0      # at once (generous: the machine is shared)
         got = hook.wait_for(2, timeout=5)
         assert (got[1]["rule"], got[1]["state"]) == ("quiet", "firing")
-        assert 1.0 <= hook.got[1]["t"] - t0 < 3.0
+        assert 1.0 <= hook.got[1]["t"] - t0 < 4.0   # not before its 1 s, soon after
         body = encode({"agent": "site7", "records": [dict(reading("site7", time.time(), 200), seq=1)]})
         assert call(app, "POST", "/api/v1/batches", body)[0] == 200
         got = hook.wait_for(4, timeout=5)
