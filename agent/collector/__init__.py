@@ -36,4 +36,8 @@ def make_app(config=None, **overrides):
     skew = min(cfg.max_future_skew, 3650 * 86400.0) if cfg.max_future_skew and cfg.max_future_skew > 0 else None
     app = CollectorApp(cfg, store or open_store(cfg.db, future_skew=skew), **kw)
     app.start_retention()
+    if cfg.alerts:
+        from agent.collector.alerts import attach
+
+        app.alerts = attach(app)
     return app

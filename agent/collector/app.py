@@ -18,6 +18,7 @@ import zlib
 from functools import partial
 
 from agent.collector import ingest, jsonbody, reads
+from agent.collector.alerts import api as alerts_api
 from agent.collector.config import redact
 from agent.collector.web import AGENT_KEY, TOKEN_AGENT_KEY, HTTPError, json_answer
 from agent.wire import utc_timestamp
@@ -92,6 +93,7 @@ class CollectorApp:
         self._db_errors = _db_errors(getattr(store, "dialect", "sqlite"))
         self._stop = threading.Event()
         self._retention_thread = None
+        self.alerts = None   # the alert engine (agent.collector.alerts.attach), when rules are configured
         self.routes = {
             "/api/v1/batches": {"POST": partial(ingest.post_batches, self)},
             "/receive-data": {"POST": partial(ingest.post_receive_data, self)},
@@ -99,6 +101,7 @@ class CollectorApp:
             "/api/v1/devices": {"GET": partial(reads.get_devices, self)},
             "/api/v1/agents": {"GET": partial(reads.get_agents, self)},
             "/api/v1/records": {"GET": partial(reads.get_records, self)},
+            "/api/v1/alerts": {"GET": partial(alerts_api.get_alerts, self)},
             "/": {"GET": partial(reads.get_page, self)},
         }
 
@@ -313,4 +316,6 @@ class CollectorApp:
         self._stop.set()
         if self._retention_thread is not None:
             self._retention_thread.join(5)
+        if self.alerts is not None:
+            self.alerts.close()
         self.store.close()

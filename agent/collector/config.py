@@ -8,6 +8,7 @@ import ipaddress
 import re
 
 from agent import common
+from agent.collector.alerts import rules as alert_rules
 from agent.common import ini_value, parse_duration
 
 DEFAULTS = {
@@ -75,6 +76,7 @@ class Config:
         self.path = None
         self.tokens = {}
         self.origins = {}   # key -> where its value came from: "file:line: [collector] key" or "--flag"
+        self.alerts = alert_rules.AlertConfig()   # [alert:*], [notify:*], [alerts] (collector/alerts/rules.py)
         for k, v in DEFAULTS.items():
             setattr(self, k, v)
         for k, v in kw.items():
@@ -269,8 +271,9 @@ def load_config(path=None, **overrides):
             return "%s:%d: [%s]%s" % (path, n, section, " " + key if key else "")
 
         for section in cp.sections():
-            if section not in ("collector", "tokens"):
+            if section not in ("collector", "tokens") and not alert_rules.owns(section):
                 errors.append("%s: unknown section" % where(section, None))
+        cfg.alerts = alert_rules.parse(cp, where, errors)
         if cp.has_section("collector"):
             for key, value in cp.items("collector"):
                 k = key.lower()

@@ -114,13 +114,36 @@ th{background:#f4f4f4}.stale{color:#a60}.err{color:#b00}.ok{color:#070}.partial{
 h2{margin-top:1.5em}small{color:#777}"""
 
 
-def render(agents, devices, series, now, refresh=5):
-    """agents/devices: the app's views; series: (agent, device) -> [(ts, record JSON), ...] of the last hour."""
+def alerts_table(alerts):
+    """The firing and pending alerts (alerts Engine.current()) as a table; '' when none is configured."""
+    if alerts is None:
+        return ""
+    out = ['<h2>Alerts</h2><table id="alerts"><tr><th>state</th><th>severity</th><th>rule</th><th>series</th>'
+           '<th>value</th><th>condition</th><th>since</th></tr>']
+    for a in alerts:
+        series = "/".join(escape(str(x)) for x in (a["agent"], a["device"]) if x)
+        if a["point"]:
+            series += " " + escape(a["point"])
+        out.append('<tr class="alert %s" data-rule="%s"><td class="%s">%s</td><td>%s</td><td>%s</td><td>%s</td>'
+                   '<td>%s</td><td>%s</td><td>%s</td></tr>'
+                   % (a["state"], escape(a["rule"]), "err" if a["state"] == "firing" else "partial",
+                      escape(a["state"]), escape(a["severity"]), escape(a["rule"]), series,
+                      "" if a["value"] is None else _fmt(a["value"]), escape(a["condition"]),
+                      escape(a["since"] or a["changed"] or "")))
+    if not alerts:
+        out.append('<tr><td colspan="7"><small>no alert is firing</small></td></tr>')
+    out.append('</table>')
+    return "".join(out)
+
+
+def render(agents, devices, series, now, refresh=5, alerts=None):
+    """agents/devices: the app's views; series: (agent, device) -> [(ts, record JSON), ...] of the last hour;
+    alerts: the firing/pending alerts, or None when no rule is configured."""
     out = ['<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
            '<meta http-equiv="refresh" content="%d">' % int(refresh),
            '<meta name="viewport" content="width=device-width, initial-scale=1">',
            '<title>modbus-collector</title><style>%s</style></head><body>' % CSS,
-           '<h1>modbus-collector</h1>']
+           '<h1>modbus-collector</h1>', alerts_table(alerts)]
     out.append('<h2>Agents</h2><table id="agents"><tr><th>agent</th><th>last seen</th><th>records</th>'
                '<th>max seq</th><th>gaps (dropped)</th><th>agent health</th></tr>')
     for a in agents:

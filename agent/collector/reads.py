@@ -97,7 +97,8 @@ def get_page(app, environ, start_response):
     devices = device_view(app)
     series = {(d["agent"], d["device"]): sample_rows(app.store.series(d["agent"], d["device"], since))
               for d in devices}
-    body = page.render(agent_view(app), devices, series, now, app.cfg.refresh).encode("utf-8")
+    alerts = app.alerts.current() if app.alerts is not None else None
+    body = page.render(agent_view(app), devices, series, now, app.cfg.refresh, alerts).encode("utf-8")
     start_response(status(200), [("Content-Type", "text/html; charset=utf-8"),
                                  ("Content-Length", str(len(body))), ("Cache-Control", "no-store")])
     return [body]

@@ -20,6 +20,8 @@ records   one row per record, identity (agent, seq)
 agents    agent, max_seq, records, gaps, dropped, first_seen, last_seen (epoch seconds)
 devices   per (agent, device): unit, last_ts/last_status (newest reading), values_ts/last_values,
           error_ts/last_error, health_ts/health, records, errors, last_seen (epoch seconds)
+alert_state, alert_events, alert_outbox, alert_leases: agent/collector/alerts/db.py says what
+          each column holds (migration 4)
 legacy /receive-data posts land in `records` too: agent = the token's agent (or receive_data_agent),
 seq = a NEGATIVE hash of the canonical reading (see legacy.legacy_row), outside the agents' seqs
 (0 and up), so agents.max_seq never counts them. (Before schema 3 it was a positive 63-bit hash;
@@ -96,6 +98,45 @@ MIGRATIONS = [
                     WHERE r.agent = agents.agent AND NOT (r.kind = 'data' AND r.unit IS NULL)), -1)
                WHERE EXISTS (SELECT 1 FROM records r WHERE r.agent = agents.agent AND r.seq = agents.max_seq
                              AND r.kind = 'data' AND r.unit IS NULL AND r.seq >= 0)""",
+        ],
+    },
+    # 4: alerts (agent/collector/alerts/): the state per rule and series, the history of
+    # notifications (events), the outbox that delivers each event to each notifier once, in order,
+    # and the leases that let one collector process at a time send for a notifier.
+    {
+        "sqlite": [
+            """CREATE TABLE alert_events (
+                id INTEGER PRIMARY KEY AUTOINCREMENT, rule TEXT NOT NULL, kind TEXT NOT NULL,
+                severity TEXT NOT NULL, state TEXT NOT NULL, reminder INTEGER NOT NULL DEFAULT 0,
+                agent TEXT NOT NULL, device TEXT, point TEXT, value TEXT, threshold DOUBLE PRECISION,
+                ts TEXT, since TEXT, at DOUBLE PRECISION NOT NULL, message TEXT NOT NULL, detail TEXT)""",
+            """CREATE TABLE alert_outbox (
+                id INTEGER PRIMARY KEY AUTOINCREMENT, event BIGINT NOT NULL, notifier TEXT NOT NULL,
+                attempts INTEGER NOT NULL DEFAULT 0, next_try DOUBLE PRECISION NOT NULL,
+                sent DOUBLE PRECISION, failed TEXT, last_error TEXT)""",
+        ],
+        "postgres": [
+            """CREATE TABLE alert_events (
+                id BIGSERIAL PRIMARY KEY, rule TEXT NOT NULL, kind TEXT NOT NULL,
+                severity TEXT NOT NULL, state TEXT NOT NULL, reminder INTEGER NOT NULL DEFAULT 0,
+                agent TEXT NOT NULL, device TEXT, point TEXT, value TEXT, threshold DOUBLE PRECISION,
+                ts TEXT, since TEXT, at DOUBLE PRECISION NOT NULL, message TEXT NOT NULL, detail TEXT)""",
+            """CREATE TABLE alert_outbox (
+                id BIGSERIAL PRIMARY KEY, event BIGINT NOT NULL, notifier TEXT NOT NULL,
+                attempts INTEGER NOT NULL DEFAULT 0, next_try DOUBLE PRECISION NOT NULL,
+                sent DOUBLE PRECISION, failed TEXT, last_error TEXT)""",
+        ],
+        "common": [
+            """CREATE TABLE alert_state (
+                rule TEXT NOT NULL, agent TEXT NOT NULL, device TEXT NOT NULL, point TEXT NOT NULL,
+                state TEXT NOT NULL, since TEXT, fired TEXT, value TEXT, last_ts TEXT,
+                seen DOUBLE PRECISION, notified DOUBLE PRECISION, changed DOUBLE PRECISION,
+                version BIGINT NOT NULL DEFAULT 0, PRIMARY KEY (rule, agent, device, point))""",
+            "CREATE INDEX alert_state_active ON alert_state (agent, state)",
+            "CREATE INDEX alert_events_at ON alert_events (at)",
+            "CREATE INDEX alert_outbox_due ON alert_outbox (notifier, id) WHERE sent IS NULL AND failed IS NULL",
+            """CREATE TABLE alert_leases (
+                name TEXT PRIMARY KEY, owner TEXT NOT NULL, until DOUBLE PRECISION NOT NULL)""",
         ],
     },
 ]
