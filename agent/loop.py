@@ -370,8 +370,9 @@ class Loop:
                 h = st.health
                 if own is None:
                     own = self._self_monitor().snapshot(self.polls_run())
+                    backlog = self._spool_backlog()
                 self.append(health_record(self.cfg.agent.id, self.wall(), h.device, h.unit,
-                                          dict(h.snapshot(utc_timestamp), agent=own)))
+                                          dict(h.snapshot(utc_timestamp), agent=own, spool=backlog)))
         if now >= self.next_summary:
             while self.next_summary <= now:
                 self.next_summary += self.summary_interval
@@ -382,6 +383,17 @@ class Loop:
             self.write_status()
 
     _monitor = None
+
+    def _spool_backlog(self):
+        """The spool's backlog for health records (the collector's `backlog` alert rule reads
+        spool.oldest_age): what is held behind the slowest output, and per output."""
+        try:
+            st = self.spool.stats()
+        except OSError:
+            return None
+        return {"records": st["records"], "bytes": st["bytes"], "oldest_age": st["oldest_age"],
+                "outputs": {name: {"records": o["records"], "oldest_age": o["oldest_age"]}
+                            for name, o in st["outputs"].items()}}
 
     def _self_monitor(self):
         if self._monitor is None or self._monitor.spool_dir != self.cfg.agent.spool_dir:

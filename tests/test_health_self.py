@@ -137,6 +137,10 @@ def test_health_records_carry_self_monitoring_and_identity(tmp_path, sim):
     assert set(own) == {"cpu_s", "cpu_pct", "cpu_ms_per_poll", "rss_kb", "load", "spool_free_mb",
                         "uptime_s", "system_uptime_s"}
     assert own["rss_kb"] > 1000 and own["spool_free_mb"] > 0 and own["cpu_s"] > 0
+    # the spool's backlog (the collector's backlog alert rule reads spool.oldest_age)
+    backlog = meter["spool"]
+    assert backlog["records"] >= 1 and backlog["bytes"] > 0 and backlog["oldest_age"] >= 0
+    assert set(backlog["outputs"]) == {"http"} and backlog["outputs"]["http"]["records"] == backlog["records"]
     # one snapshot per round: the devices' records of one round carry the same figures
     assert by_device["plc"][-1]["agent"] == own or len(health) > 3
 
