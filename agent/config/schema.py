@@ -31,7 +31,8 @@ REQUIRED = object()
 # (tests/test_config_reload.py); a key without the element counts as all of them.
 SPOOL = "spool"          # changing it closes the spool and opens it again (agent.loop.open_spool)
 UPLOADER = "uploader"    # changing it builds a new uploader (agent.loop.make_uploader)
-RELOAD_TAGS = (SPOOL, UPLOADER)
+GATEWAY = "gateway"      # changing it opens the gateway's listening socket anew (agent.gateway)
+RELOAD_TAGS = (SPOOL, UPLOADER, GATEWAY)
 LIVE = ()
 
 AGENT_SCHEMA = {
@@ -69,8 +70,32 @@ UPLOAD_SCHEMA = {
     "linger": (_not_negative(parse_duration), 0.0, LIVE),
 }
 
+
+
+def parse_listen(text):
+    """`host:port`, `[v6 address]:port` or `:port` (every interface) -> (host, port); port 0
+    takes any free port (tests)."""
+    t = text.strip()
+    if t.startswith("["):
+        host, sep, port = t[1:].partition("]:")
+    else:
+        host, sep, port = t.rpartition(":")
+    if not sep or ":" in host and not t.startswith("["):
+        raise ValueError("%r is not host:port (an IPv6 address goes in brackets: [::]:502)" % text)
+    port = _between(0, 65535)(port)
+    return (host or "0.0.0.0", port)
+
+
+# [gateway]: the Modbus TCP server of the cached readings (agent.gateway)
+GATEWAY_SCHEMA = {
+    "listen": (parse_listen, REQUIRED, (GATEWAY,)),
+    "max_clients": (_between(1, 1000), 16, LIVE),
+    "idle_timeout": (_positive(parse_duration), 60.0, LIVE),
+    "max_age": (_positive(parse_duration), None, LIVE),   # None: 3 x each device's interval
+}
+
 # (Config attribute, its schema): the sections whose keys carry reload tags
-RELOAD_SECTIONS = (("agent", AGENT_SCHEMA), ("upload", UPLOAD_SCHEMA))
+RELOAD_SECTIONS = (("agent", AGENT_SCHEMA), ("upload", UPLOAD_SCHEMA), ("gateway", GATEWAY_SCHEMA))
 
 
 def reload_tags(spec):
@@ -160,6 +185,13 @@ CONNECTION_SCHEMA = connection_schema()
 CONNECTION_TIMEOUT = {name: t.keys["timeout"].default for name, t in TRANSPORTS.items()}
 _CONNECTION_SCHEMAS = {name: connection_schema(name) for name in TRANSPORTS}
 
+def _gateway_unit(text):
+    """[device] gateway_unit: the unit id the gateway serves the device under, or off."""
+    if text.strip().lower() in ("off", "no", "none"):
+        return False
+    return _between(1, 255)(text)
+
+
 DEVICE_SCHEMA = {
     "connection": (_text, REQUIRED),
     "unit": (_between(0, 255), 1),
@@ -173,6 +205,7 @@ DEVICE_SCHEMA = {
     "mode": (_choice("on_schedule", "on_change"), "on_schedule"),
     "heartbeat": (_positive(parse_duration), 900.0),
     "enabled": (parse_bool, True),
+    "gateway_unit": (_gateway_unit, None),               # None: its own unit; False: not served
 }
 
 PROFILE_SCHEMA = {
@@ -240,6 +273,12 @@ class UploadSettings(Settings):
         return self.batch_max_kb << 10
 
 
+class GatewaySettings(Settings):
+    """[gateway]: where the Modbus TCP server of the cached readings listens, its limits."""
+
+    SCHEMA = GATEWAY_SCHEMA
+
+
 class Connection:
     """[connection:NAME]: one TCP link or serial bus shared by its devices.
 
@@ -272,8 +311,9 @@ class Connection:
 class Config:
     """The whole file: cfg.agent, cfg.upload, cfg.connections, cfg.devices (enabled ones)."""
 
-    def __init__(self, path, agent, upload, connections, devices, disabled=(), warnings=()):
+    def __init__(self, path, agent, upload, connections, devices, disabled=(), warnings=(), gateway=None):
         self.path = path
+        self.gateway = gateway        # GatewaySettings, None without a [gateway] section
         self.agent = agent
         self.upload = upload
         self.connections = connections
