@@ -72,6 +72,13 @@ UPLOAD_SCHEMA = {
 
 
 
+def _or_empty(parse):
+    """An empty value is the default (None)."""
+    def check(text):
+        return parse(text) if text.strip() else None
+    return check
+
+
 def parse_listen(text):
     """`host:port`, `[v6 address]:port` or `:port` (every interface) -> (host, port); port 0
     takes any free port (tests)."""
@@ -91,7 +98,7 @@ GATEWAY_SCHEMA = {
     "listen": (parse_listen, REQUIRED, (GATEWAY,)),
     "max_clients": (_between(1, 1000), 16, LIVE),
     "idle_timeout": (_positive(parse_duration), 60.0, LIVE),
-    "max_age": (_positive(parse_duration), None, LIVE),   # None: 3 x each device's interval
+    "max_age": (_or_empty(_positive(parse_duration)), None, LIVE),   # None: 3 x each device's interval
 }
 
 # (Config attribute, its schema): the sections whose keys carry reload tags
@@ -187,7 +194,10 @@ _CONNECTION_SCHEMAS = {name: connection_schema(name) for name in TRANSPORTS}
 
 def _gateway_unit(text):
     """[device] gateway_unit: the unit id the gateway serves the device under, or off."""
-    if text.strip().lower() in ("off", "no", "none"):
+    t = text.strip().lower()
+    if not t:
+        return None
+    if t in ("off", "no", "none"):
         return False
     return _between(1, 255)(text)
 
