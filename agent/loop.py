@@ -243,9 +243,10 @@ class Loop:
             if timeout <= 0 or self.stop_requested or self.reload_requested:
                 return
             readers, writers = [], []
-            for svc in self.services:
-                readers.extend(svc.fds())
-                writers.extend(svc.write_fds())
+            if timeout > SERVICE_MARGIN:    # closer to the poll, ready sockets wait for it
+                for svc in self.services:
+                    readers.extend(svc.fds())
+                    writers.extend(svc.write_fds())
             if self._wake_r is not None:
                 readers.append(self._wake_r)
             if not readers and not writers:

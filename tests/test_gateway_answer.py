@@ -302,3 +302,23 @@ def test_check_says_what_is_served_under_which_unit(tmp_path, capsys):
     assert "gateway: Modbus TCP on 127.0.0.1:1502, read-only" in out
     assert "  unit 1: device m1 (unit 1 on a), max_age 30s: fc 03 0+1" in out
     assert "  unit 12: device m2 (unit 1 on b), max_age 30s: fc 03 0+1" in out
+
+
+def test_a_reload_keeps_the_cached_blocks_of_a_device_whose_plan_is_the_same(tmp_path):
+    from agent.config import GatewaySettings
+    from agent.gateway.server import Gateway
+
+    old, same, changed = device(tmp_path), device(tmp_path), device(tmp_path, extra="h = holding 30 uint16\n")
+    fill(old, time.monotonic())
+    gw = Gateway(GatewaySettings(listen=("127.0.0.1", 0)))
+    try:
+        st = SimpleNamespace(schedule=SimpleNamespace(dead=False))
+        gw.watch([SimpleNamespace(device=old, schedule=st.schedule)])
+        assert gw.state()["units"] == {"4": ["d"]} and gw.state()["listening"]
+        gw.watch([SimpleNamespace(device=same, schedule=st.schedule)])
+        assert same.blocks == old.blocks
+        gw.watch([SimpleNamespace(device=changed, schedule=st.schedule)])
+        assert not any(changed.blocks)       # another plan: its own polls fill it
+    finally:
+        gw.close()
+    assert gw.listener is None
