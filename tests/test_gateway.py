@@ -137,7 +137,8 @@ class Recorder:
 class Agent:
     def __init__(self, tmp, sim):
         self.tmp = tmp
-        gen = "\n".join("r%d = holding %d uint16" % (a, a) for a in range(20))
+        # r50: the simulated device has no register 50 and refuses that block (exception 2)
+        gen = "\n".join("r%d = holding %d uint16" % (a, a) for a in range(20)) + "\nr50 = holding 50 uint16"
         self.ini = tmp / "agent.ini"
         self.ini.write_text(CONFIG % {"tmp": tmp, "pty": sim.rtu_path, "port": sim.tcp_port, "gen": gen,
                                       "max_clients": MAX_CLIENTS})
@@ -339,6 +340,8 @@ def test_exceptions_for_writes_uncovered_unknown_and_dead(site):
         r = c.read_input_registers(26, count=1, device_id=1)     # just past the meter's block
         assert r.isError() and r.exception_code == 2, r
         r = c.read_holding_registers(0, count=1, device_id=1)    # a table the meter is not read in
+        assert r.isError() and r.exception_code == 2, r
+        r = c.read_holding_registers(50, count=1, device_id=3)   # planned, refused by the device
         assert r.isError() and r.exception_code == 2, r
         r = c.read_holding_registers(0, count=1, device_id=42)   # no device under unit 42
         assert r.isError() and r.exception_code == 11, r
@@ -543,21 +546,23 @@ def test_more_than_max_clients_are_refused_and_idle_ones_dropped(site):
 
 
 def test_answers_while_the_bus_is_saturated(site):
-    """Every RTU unit answers 250 ms late: three of them take 750 ms per 500 ms interval, so the
-    next poll is always due. The services are still served after each poll, within one poll."""
+    """Every RTU unit answers 250 ms late: their four reads take a second per 500 ms interval,
+    so the next poll is always due. The services are still served after each poll, within one
+    poll (without that, a request would wait until the bus has a gap: never)."""
     sim, rec, agent = site
     c = client_for(agent, timeout=3.0)
     try:
         for unit in (1, 2, 3):
             sim.set_fault(unit, "delay", duration=4, seconds=0.25)
         time.sleep(1.0)
-        worst = 0.0
+        worst, ok = 0.0, 0
         for _ in range(5):
             t = time.monotonic()
-            r = c.read_input_registers(0, count=2, device_id=11)
+            r = c.read_input_registers(0, count=2, device_id=11)    # answered: data, or 0B if stale
             worst = max(worst, time.monotonic() - t)
-            assert not r.isError(), r
-        assert worst < 1.5, worst
+            assert not r.isError() or r.exception_code == 11, r
+            ok += not r.isError()
+        assert worst < 1.5 and ok, (worst, ok)
     finally:
         for unit in (1, 2, 3):
             sim.clear_fault(unit)
@@ -589,9 +594,9 @@ def test_status_counts_clients_requests_exceptions_and_drops(site):
     assert gw["listening"] and gw["units"] == {"1": ["meter"], "2": ["plc"], "3": ["gen"],
                                                 "9": ["ghost"], "11": ["meter_tcp"]}
     assert gw["requests"] > 500 and gw["answered"] > 500
-    assert gw["exceptions"]["01"] >= 6 and gw["exceptions"]["02"] >= 3 and gw["exceptions"]["0B"] >= 3
+    assert gw["exceptions"]["01"] >= 6 and gw["exceptions"]["02"] >= 4 and gw["exceptions"]["0B"] >= 3
     assert gw["dropped"]["bad_frame"] >= 1 and gw["dropped"]["slow_reader"] >= 1
-    assert gw["refused_clients"] >= 1
+    assert gw["refused_clients"] >= 1 and gw["clients"] == len(gw["peers"])
     from agent.status import format_status
 
     text = format_status(st)

@@ -322,3 +322,18 @@ def test_a_reload_keeps_the_cached_blocks_of_a_device_whose_plan_is_the_same(tmp
     finally:
         gw.close()
     assert gw.listener is None
+
+
+def test_a_block_the_device_refuses_gets_the_devices_own_exception(tmp_path):
+    d = device(tmp_path)
+    now = time.monotonic()
+    fill(d, now)
+    d.blocks[3] = None                          # holding 20+1: refused since the start
+    st = SimpleNamespace(schedule=SimpleNamespace(dead=False), refused={(3, 20, 1): 2})
+    units = {4: [Target(d, st)]}
+    assert ask(units, 3, 20, 1, now=now)[1] == 2
+    assert ask(units, 3, 0, 4, now=now)[1] == "ok"
+    fill(d, now - 10)                           # all old; the refused one answers 0B no more
+    st.refused = {(3, 0, 4): 4}
+    assert ask(units, 3, 0, 4, now=now)[1] == 4
+    assert ask(units, 3, 4, 2, now=now)[1] == 11

@@ -17,7 +17,9 @@ Exceptions (Modbus Application Protocol v1.1b3, section 7), checked in this orde
   past address 65535, or an address no planned read covers, or blocks from different polls
                                        02  ILLEGAL DATA ADDRESS
   device dead, not answered yet, or its block older than max_age
-                                       0B  GATEWAY TARGET DEVICE FAILED TO RESPOND
+                                       0B  GATEWAY TARGET DEVICE FAILED TO RESPOND, or the
+                                           device's own exception code when it refuses that
+                                           block (the poll's partial record says so too)
 0B for an unknown unit is what pymodbus' server answers by default (GATEWAY_NO_RESPONSE) and
 what a pass-through gateway such as mbusd ends up saying when nobody on the bus answers: a
 SCADA scanning unit ids sees the same as behind a real gateway.
@@ -124,12 +126,13 @@ def _data(target, idx, fc, address, count, end, now):
     blocks = target.device.blocks
     got = [blocks[i] if i < len(blocks) else None for i in idx]
     if None in got:
-        return None, EXC_TARGET_FAILED      # not answered since the agent started
+        # not answered since the agent started: the device's own refusal if it refuses it
+        return None, _refusal(target, idx) or EXC_TARGET_FAILED
     t = got[0][4]
     if any(b[4] != t for b in got):
         return None, EXC_ILLEGAL_ADDRESS    # blocks of different polls: not one reading
     if now - t > target.max_age:
-        return None, EXC_TARGET_FAILED
+        return None, _refusal(target, idx) or EXC_TARGET_FAILED
     if len(got) == 1:
         _f, a, c, data, _t = got[0]
         if a == address and c == count:
@@ -152,6 +155,22 @@ def _data(target, idx, fc, address, count, end, now):
                 out[j >> 3] |= 1 << (j & 7)
         pos = stop
     return bytes(out), OK
+
+
+def _refusal(target, idx):
+    """The exception code the device answers one of these blocks with (the loop's
+    DeviceState.refused, kept while the device refuses it), or None: a block a device
+    refuses gets the device's own word for it, not "no answer"."""
+    refused = getattr(target.state, "refused", None)
+    if not refused:
+        return None
+    reqs = target.device.requests
+    for i in idx:
+        r = reqs[i]
+        code = refused.get((r.function, r.address, r.count))
+        if code is not None:
+            return code
+    return None
 
 
 def split_requests(buf):

@@ -294,6 +294,7 @@ class Gateway(Service):
             "listening": self.listener is not None,
             "listen_error": self.listen_error,
             "clients": len(self.clients),
+            "peers": sorted(_peer_text(c.peer) for c in self.clients.values()),
             "clients_total": self.accepted,
             "refused_clients": self.refused,
             "requests": self.requests,
