@@ -337,3 +337,32 @@ def test_a_block_the_device_refuses_gets_the_devices_own_exception(tmp_path):
     st.refused = {(3, 0, 4): 4}
     assert ask(units, 3, 0, 4, now=now)[1] == 4
     assert ask(units, 3, 4, 2, now=now)[1] == 11
+
+
+def test_a_port_that_cannot_be_bound_is_logged_and_tried_again(caplog):
+    import logging
+    import socket
+
+    from agent.config import GatewaySettings
+    from agent.gateway.server import Gateway
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(1)
+    port = holder.getsockname()[1]
+    caplog.set_level(logging.INFO, logger="agent")
+    gw = Gateway(GatewaySettings(listen=("127.0.0.1", port)))
+    try:
+        st = gw.state()
+        assert not st["listening"] and "cannot listen on 127.0.0.1:%d" % port in st["listen_error"]
+        assert any("cannot listen" in r.getMessage() and "tried again every" in r.getMessage()
+                   for r in caplog.records)
+        gw.serve(time.monotonic() + 0.01)          # not yet time to retry: still down, no error
+        assert not gw.state()["listening"]
+        holder.close()
+        gw._retry_at = 0.0                          # the retry is due
+        gw.serve(time.monotonic() + 0.01)
+        assert gw.state()["listening"] and gw.state()["listen_error"] is None
+    finally:
+        holder.close()
+        gw.close()

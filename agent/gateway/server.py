@@ -36,6 +36,7 @@ ACCEPT_BURST = 16
 BIND_RETRY = 30.0
 LOG_EVERY = 60.0
 BACKLOG = 16
+ACCEPT_PAUSE = 1.0
 
 log = agentlog.get("gateway")
 
@@ -82,8 +83,9 @@ class Gateway(Service):
         self.last_error = None
         self._logged = {}          # what -> monotonic time last logged (rate limit)
         self._suppressed = {}
-        self._open()
+        self._accept_pause_until = 0.0
         self.watch(states)
+        self._open()
 
     # -- the listening socket ----------------------------------------------------------------
     def _open(self):
@@ -147,7 +149,7 @@ class Gateway(Service):
     # -- the loop's side (agent.service) -------------------------------------------------------
     def fds(self):
         out = list(self.clients)
-        if self.listener is not None:
+        if self.listener is not None and self.clock() >= self._accept_pause_until:
             out.append(self.listener)
         return out
 
@@ -187,8 +189,9 @@ class Gateway(Service):
                 sock, peer = self.listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as e:      # EMFILE and the like: say so, try again next round
-                self._log("accept", "accept failed: %s", e)
+            except OSError as e:      # EMFILE and the like: say so, and do not spin on it
+                self._log("accept", "accept failed: %s (not accepting for %gs)", e, ACCEPT_PAUSE)
+                self._accept_pause_until = self.clock() + ACCEPT_PAUSE
                 return
             if len(self.clients) >= self.settings.max_clients:
                 self.refused += 1
