@@ -366,3 +366,41 @@ def test_a_port_that_cannot_be_bound_is_logged_and_tried_again(caplog):
     finally:
         holder.close()
         gw.close()
+
+
+def test_sighup_rebinds_a_new_listen_address_and_takes_the_rest_in_place(tmp_path):
+    import socket
+
+    from agent.loop import Loop
+
+    def free_port():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    ini = tmp_path / "agent.ini"
+    base = (DEVICE % {"port": 9}).replace("id = gw-unit", "id = gw-unit\nspool_dir = %s/spool\nstatus_file = %s/st.json"
+                                          % (tmp_path, tmp_path))
+    p1, p2 = free_port(), free_port()
+    ini.write_text(base + "\n[gateway]\nlisten = 127.0.0.1:%d\n" % p1)
+    loop = Loop(load_config(str(ini)))
+    try:
+        gw = loop.services[0]
+        assert gw.address == ("127.0.0.1", p1)
+        ini.write_text(base + "\n[gateway]\nlisten = 127.0.0.1:%d\nmax_clients = 3\n" % p1)
+        loop.reload()
+        assert loop.services == [gw] and gw.settings.max_clients == 3
+        assert gw.units[4][0].device is loop.states[0].device     # the new device objects
+        ini.write_text(base + "\n[gateway]\nlisten = 127.0.0.1:%d\n" % p2)
+        loop.reload()
+        new = loop.services[0]
+        assert new is not gw and new.address == ("127.0.0.1", p2) and gw.listener is None
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", p1), timeout=1).close()
+        socket.create_connection(("127.0.0.1", p2), timeout=1).close()
+        ini.write_text(base)
+        loop.reload()
+        assert loop.services == [] and new.listener is None
+        assert "services" not in loop.status()
+    finally:
+        loop.shutdown()
