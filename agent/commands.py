@@ -105,6 +105,9 @@ def gateway_lines(cfg):
     lines = ["gateway: Modbus TCP on %s, read-only (FC 01-04 from the last poll's bytes), at most %d "
              "client(s), idle_timeout %s" % (("[%s]:%d" if ":" in host else "%s:%d") % (host, port),
                                              gw.max_clients, format_duration(gw.idle_timeout))]
+    if 0 < port < 1024 and hasattr(os, "geteuid") and os.geteuid() != 0:
+        lines.append("  note: port %d is below 1024: the agent needs root (procd) or CAP_NET_BIND_SERVICE "
+                     "(systemd AmbientCapabilities=); `check` runs as uid %d" % (port, os.geteuid()))
     served = sorted(((gateway_unit(d), d) for d in cfg.devices if gateway_unit(d) is not None),
                     key=lambda x: x[0])
     for gu, d in served:

@@ -404,3 +404,16 @@ def test_sighup_rebinds_a_new_listen_address_and_takes_the_rest_in_place(tmp_pat
         assert "services" not in loop.status()
     finally:
         loop.shutdown()
+
+
+def test_check_notes_that_a_low_port_needs_root(tmp_path, capsys, monkeypatch):
+    import agent.commands as commands
+
+    p = tmp_path / "gw.ini"
+    p.write_text(GW % {"gateway": "[gateway]\nlisten = :502\n", "m1": "", "m2": "gateway_unit = 2"})
+    monkeypatch.setattr(commands.os, "geteuid", lambda: 1000, raising=False)
+    assert commands.cmd_check(SimpleNamespace(config=str(p))) == 0
+    assert "port 502 is below 1024: the agent needs root" in capsys.readouterr().out
+    monkeypatch.setattr(commands.os, "geteuid", lambda: 0, raising=False)
+    assert commands.cmd_check(SimpleNamespace(config=str(p))) == 0
+    assert "below 1024" not in capsys.readouterr().out
