@@ -4,6 +4,7 @@ and the healthy devices' poll start jitter without the gateway, with it idle, an
 (target: jitter p99 within 5 ms of the no-gateway figure).
 
     .venv/bin/python tools/bench/gateway.py [--seconds 10] [--interval 100ms] [--clients 1,20] [--paced 0.01]
+                                            [--rounds 1]
 
 Real processes: the agent (`python -m agent run`) polls the simulator's energy meter and PLC
 (tools/simulator.py, a thread of this process) over RTU on a pty at 19200 baud, and serves them
@@ -227,22 +228,27 @@ def main():
     ap.add_argument("--interval", default="100ms")
     ap.add_argument("--clients", default="1,20")
     ap.add_argument("--paced", type=float, default=0.01, help="the last row's clients read every PACED s")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every row this many times, interleaved, and print each figure's median "
+                         "(a noisy machine: 3 or more)")
     args = ap.parse_args()
+    counts = [int(x) for x in args.clients.split(",")]
+    plan = [("no [gateway]", False, 0, 0.0), ("gateway, idle", True, 0, 0.0)]
+    plan += [("%d client%s, flat out" % (n, "s" if n > 1 else ""), True, n, 0.0) for n in counts]
+    plan.append(("%d x %g/s (SCADA)" % (max(counts), 1.0 / args.paced), True, max(counts), args.paced))
     sim = Simulator({1: EnergyMeter(seed=1), 2: Plc(seed=2)}, tcp=None, rtu=True).start()
-    rows = []
+    runs = {name: [] for name, _g, _n, _p in plan}
     try:
-        rows.append(("no [gateway]", run(sim, args.seconds, args.interval, False, 0)))
-        rows.append(("gateway, idle", run(sim, args.seconds, args.interval, True, 0)))
-        for n in [int(x) for x in args.clients.split(",")]:
-            rows.append(("%d client%s, flat out" % (n, "s" if n > 1 else ""),
-                         run(sim, args.seconds, args.interval, True, n)))
-        n = max(int(x) for x in args.clients.split(","))
-        rows.append(("%d x %g/s (SCADA)" % (n, 1.0 / args.paced),
-                     run(sim, args.seconds, args.interval, True, n, args.paced)))
+        for _ in range(args.rounds):
+            for name, gateway, n, period in plan:
+                runs[name].append(run(sim, args.seconds, args.interval, gateway, n, period))
     finally:
         sim.stop()
-    print("gateway bench: meter + plc on RTU 19200 baud (pty), interval %s, %gs per row; "
-          "clients: closed-loop FC 04 x 26 registers" % (args.interval, args.seconds))
+    rows = [(name, {k: percentile([r[k] for r in runs[name]], 50) for k in runs[name][0]})
+            for name, _g, _n, _p in plan]
+    print("gateway bench: meter + plc on RTU 19200 baud (pty), interval %s, %gs per row%s; "
+          "clients: closed-loop FC 04 x 26 registers" % (
+              args.interval, args.seconds, ", median of %d rounds" % args.rounds if args.rounds > 1 else ""))
     head = ("", "answers/s", "lat p50 ms", "lat p99 ms", "exc", "polls", "jitter p50 ms", "jitter p99 ms",
             "jitter max ms", "p99 vs no gateway", "RSS MB")
     print("%-20s %10s %10s %10s %5s %6s %13s %13s %13s %17s %7s" % head)
