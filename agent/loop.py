@@ -427,11 +427,17 @@ class Loop:
 
     def upload_until(self, until):
         """Let each output work in the gap before `until` (the next poll), in order, each in what
-        the ones before it left (agent.gaps)."""
+        the ones before it left (agent.gaps). Between an output's slices the services get
+        SERVICE_SLICE too, so a catch-up does not hold a request for the whole gap."""
+        between = self.periodic
+        if self.services:
+            def between(now):
+                self.periodic(now)
+                self.serve_services(min(until - SERVICE_MARGIN, self.mono() + SERVICE_SLICE))
         for out in self.outputs:
             if self._stopping():
                 return
-            self.gaps.fill(out, self.spool, until, self.periodic, self._stopping, self._holding_back(out))
+            self.gaps.fill(out, self.spool, until, between, self._stopping, self._holding_back(out))
 
     def _stopping(self):
         """No output starts a further request once this is true (SIGTERM, SIGHUP)."""

@@ -417,3 +417,57 @@ def test_check_notes_that_a_low_port_needs_root(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(commands.os, "geteuid", lambda: 0, raising=False)
     assert commands.cmd_check(SimpleNamespace(config=str(p))) == 0
     assert "below 1024" not in capsys.readouterr().out
+
+
+def test_a_long_upload_gap_still_answers_requests_between_its_slices(tmp_path):
+    """An output busy for the whole gap, in slices of 250 ms: the gateway is served between
+    slices, not only after the gap (3 s here)."""
+    import socket
+    import threading
+
+    from agent import output
+    from agent.loop import Loop
+
+    class Busy(output.Output):
+        name = "busy"
+
+        def fill_gap(self, spool, until, slice_end=None, stop=None):
+            if until - time.monotonic() < 0.3:
+                return {"status": output.DEADLINE, "batches": 0}
+            time.sleep(0.25)
+            return {"status": output.SLICE, "batches": 1}
+
+        def request_time(self):
+            return 0.01
+
+    ini = tmp_path / "agent.ini"
+    ini.write_text((DEVICE % {"port": 9}).replace(
+        "id = gw-unit", "id = gw-unit\nspool_dir = %s/spool\nstatus_file = %s/st.json" % (tmp_path, tmp_path)
+    ).replace("interval = 1s", "interval = 3s") + "\n[gateway]\nlisten = 127.0.0.1:0\n")
+    loop = Loop(load_config(str(ini)), outputs=[Busy()])
+    stop = threading.Event()
+
+    def run():
+        while not stop.is_set():
+            loop.step()
+
+    t = threading.Thread(target=run)
+    try:
+        loop.step()                        # the first poll (connection refused at once)
+        t.start()
+        time.sleep(0.4)                    # well inside the busy gap
+        port = loop.services[0].address[1]
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            t0 = time.monotonic()
+            s.sendall(struct.pack(">HHHBBHH", 5, 0, 6, 4, 3, 0, 4))
+            ans = s.recv(100)
+            waited = time.monotonic() - t0
+        assert ans[:2] == b"\x00\x05" and ans[7] == 0x83     # 0B: nothing read yet, but answered
+        assert waited < 1.0, waited
+    finally:
+        stop.set()
+        loop.stop_requested = True
+        if loop.services and loop.services[0].address:   # a connection wakes the loop's sleep
+            socket.create_connection(("127.0.0.1", loop.services[0].address[1]), timeout=2).close()
+        t.join(10)
+        loop.shutdown()
