@@ -16,6 +16,11 @@ One thread, synchronous, no asyncio. Each turn of the loop does one step:
      (less SAFETY_MARGIN) covers one, `spool.tick`, and sleep until the next due time (or the
      end of an output's back-off, when that comes first).
 
+Services (agent.service; agent.gateway's Modbus TCP server of the cached readings) read no
+spool: the sleep selects on their sockets too and serves them without ending, and each poll is
+followed by one round of what is ready (SERVICE_SLICE when the next poll is already due), so a
+request waits at most one poll and never makes one late.
+
 Why this shape: a reading is appended to the spool before anything is uploaded, so a crash or a
 dead collector never loses it; uploads only use time the bus does not need, so a day of backlog
 drains without moving a single poll (complaint: catch-up that disturbs polling).
@@ -530,9 +535,9 @@ class Loop:
         log.info("reloaded: %d device(s) on %d connection(s)", len(self.states), len(new.connections))
 
     def _reload_services(self, old, new):
-        """[gateway]: a new listen address opens a new socket (when it cannot, the old one keeps
-        serving and the error is logged); anything else is taken in place, and every service
-        gets the new device states."""
+        """[gateway]: a new listen address opens a new socket (when the old one holds the port,
+        it is closed first; an address that cannot be bound is logged and retried by the
+        service); anything else is taken in place, and every service gets the new device states."""
         from agent.config import GATEWAY, changed
 
         gw = next((svc for svc in self.services if svc.name == "gateway"), None)
