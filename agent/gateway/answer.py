@@ -139,15 +139,15 @@ def _data(target, idx, fc, address, count, end, now):
             return data, OK                 # the device's own bytes, padding bits included
     if fc >= _pdu.READ_HOLDING_REGISTERS:
         parts, pos = [], address
-        for _f, a, _c, data, _t in got:
-            stop = min(end, a + _c)
+        for _f, a, c, data, _t in got:
+            stop = min(end, a + c)
             parts.append(data[(pos - a) << 1:(stop - a) << 1])
             pos = stop
         return b"".join(parts), OK
     out = bytearray(_pdu.bit_bytes(count))
     pos = address
-    for _f, a, _c, data, _t in got:
-        stop = min(end, a + _c)
+    for _f, a, c, data, _t in got:
+        stop = min(end, a + c)
         for n in range(pos, stop):
             k = n - a
             if data[k >> 3] >> (k & 7) & 1:
