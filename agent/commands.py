@@ -97,7 +97,41 @@ def cmd_check(args):
         cfg.agent.spool_dir, cfg.agent.spool_max_mb, format_duration(cfg.agent.spool_max_age), cfg.agent.fsync))
     for line in plan_lines(cfg):
         _out(line)
+    for line in gateway_lines(cfg):
+        _out(line)
     return 0
+
+
+def gateway_lines(cfg):
+    """[gateway]: where it listens and which device answers under which unit id."""
+    gw = getattr(cfg, "gateway", None)
+    if gw is None:
+        return ["gateway: off (no [gateway] section)"]
+    from agent.config.load import gateway_unit
+    from agent.gateway.answer import default_max_age
+
+    host, port = gw.listen
+    lines = ["gateway: Modbus TCP on %s, read-only (FC 01-04 from the last poll's bytes), at most %d "
+             "client(s), idle_timeout %s" % (("[%s]:%d" if ":" in host else "%s:%d") % (host, port),
+                                             gw.max_clients, format_duration(gw.idle_timeout))]
+    if 0 < port < 1024 and hasattr(os, "geteuid") and os.geteuid() != 0:
+        lines.append("  note: port %d is below 1024: the agent needs root (procd) or CAP_NET_BIND_SERVICE "
+                     "(systemd AmbientCapabilities=); `check` runs as uid %d" % (port, os.geteuid()))
+    served = sorted(((gateway_unit(d), d) for d in cfg.devices if gateway_unit(d) is not None),
+                    key=lambda x: x[0])
+    for gu, d in served:
+        reads = ", ".join("fc %02d %d+%d" % (r.function, r.address, r.count) for r in d.requests[:6])
+        if len(d.requests) > 6:
+            reads += ", ... %d more" % (len(d.requests) - 6)
+        lines.append("  unit %d: device %s (unit %d on %s), max_age %s: %s" % (
+            gu, d.name, d.unit, d.connection.name,
+            format_duration(gw.max_age if gw.max_age is not None else default_max_age(d)), reads))
+    hidden = [d.name for d in cfg.devices if gateway_unit(d) is None]
+    if hidden:
+        lines.append("  not served (gateway_unit = off): %s" % ", ".join(hidden))
+    if not served:
+        lines.append("  no device served")
+    return lines
 
 
 def ram_filesystem(path, mounts="/proc/mounts"):

@@ -12,6 +12,8 @@ client keeps the connection's `pause` before it). A failure that means nobody an
 CRC, frame, connection, and a gateway's 10/11 "target did not respond") ends the poll at once
 as before: the next requests would only wait out the same silence.
 """
+import time
+
 from agent.modbus.errors import DeviceError, FrameError, ModbusError
 from agent.modbus.pdu import MAX_BITS, MAX_REGISTERS, read_data_length
 from agent.plan import Span, bus_estimate, plan_spans
@@ -54,6 +56,9 @@ class Request:
 class Device:
     """[device:NAME] with its points and planned requests."""
 
+    #: [device] gateway_unit (agent.gateway): None = its own unit, False = not served
+    gateway_unit = None
+
     def __init__(self, name, connection, unit=1, interval=10.0, base=0, byte_order="ABCD",
                  max_registers=MAX_REGISTERS, max_bits=MAX_BITS, max_gap=10, profile=None,
                  mode="on_schedule", heartbeat=900.0, enabled=True, points=None, writable=False,
@@ -77,6 +82,7 @@ class Device:
         self.identify = identify      # FC 43 once after the first answer (agent.polling)
         self.points = list(points or ())
         self.requests = []
+        self.blocks = []        # per planned request: its last good answer (see poll)
         self.path = None
         self.line = None
         self.interval_line = None
@@ -95,6 +101,7 @@ class Device:
             for planned in plan_spans([Span(p.address, p.count, p) for p in pts], limit, gap):
                 self.requests.append(Request(table, planned.address, planned.count,
                                              [s.key for s in planned.spans]))
+        self.blocks = [None] * len(self.requests)
         return self.requests
 
     def poll(self, client):
@@ -102,11 +109,20 @@ class Device:
 
         Raises `Refused` when the device answered some requests with an exception response
         (its `values` hold the points of the other blocks), and the first other ModbusError
-        (which ends the poll), with unit, function, address and count filled in."""
+        (which ends the poll), with unit, function, address and count filled in.
+
+        `blocks[i]`: (function, address, count, data bytes, t) of planned request i's last good
+        answer, the bytes as the device sent them, t the monotonic start of that poll (one t per
+        poll: the gateway, agent.gateway, serves a read spanning blocks only from one poll);
+        None until it first answers."""
         out = {}
         unit = self.unit
         refused = None
-        for r in self.requests:
+        blocks = self.blocks
+        if len(blocks) != len(self.requests):   # requests replaced without plan()
+            blocks = self.blocks = [None] * len(self.requests)
+        t = time.monotonic()
+        for i, r in enumerate(self.requests):
             try:
                 data = client.read(unit, r.function, r.address, r.count)
             except DeviceError as e:
@@ -124,6 +140,7 @@ class Device:
                                  address=r.address, count=r.count,
                                  expected="%d data bytes" % r.nbytes, got=bytes(data))
             r.decoder.decode(data, out)
+            blocks[i] = (r.function, r.address, r.count, bytes(data), t)
         if refused is not None:
             raise Refused(self, out, refused)
         return out

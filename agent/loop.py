@@ -16,6 +16,11 @@ One thread, synchronous, no asyncio. Each turn of the loop does one step:
      (less SAFETY_MARGIN) covers one, `spool.tick`, and sleep until the next due time (or the
      end of an output's back-off, when that comes first).
 
+Services (agent.service; agent.gateway's Modbus TCP server of the cached readings) read no
+spool: the sleep selects on their sockets too and serves them without ending, and each poll is
+followed by one round of what is ready (SERVICE_SLICE when the next poll is already due), so a
+request waits at most one poll and never makes one late.
+
 Why this shape: a reading is appended to the spool before anything is uploaded, so a crash or a
 dead collector never loses it; uploads only use time the bus does not need, so a day of backlog
 drains without moving a single poll (complaint: catch-up that disturbs polling).
@@ -70,6 +75,10 @@ LINK_DOWN_HOLD_SHARE = 0.5
 STATUS_PERIOD = 5.0
 # With no device configured, wake up this often to upload and write status.
 IDLE_PERIOD = 1.0
+# Services (agent.service): they start no work this close to the next poll, and when the bus is
+# saturated (the next poll already due) they get this long after each poll.
+SERVICE_MARGIN = 0.002
+SERVICE_SLICE = 0.002
 
 log = agentlog.get("loop")
 
@@ -122,14 +131,24 @@ def make_uploader(cfg):
                     quarantine=Quarantine(u.quarantine_file))
 
 
+def make_services(cfg, states=()):
+    """The services the config asks for (agent.service): [gateway]'s, when there is one."""
+    from agent.gateway import make_gateway
+
+    gw = make_gateway(cfg, states)
+    return [gw] if gw is not None else []
+
+
 class Loop:
-    """`uploader`: [upload]'s output (default: built from cfg); `outputs`: any others."""
+    """`uploader`: [upload]'s output (default: built from cfg); `outputs`: any others;
+    `services`: agent.service.Service list (default: built from cfg, make_services)."""
 
     #: systemd notify / procd watchdog (agent.notify): READY from run, WATCHDOG from periodic,
     #: STOPPING at shutdown
     notifier = notify.NULL
 
-    def __init__(self, cfg, spool=None, uploader=None, mono=time.monotonic, wall=time.time, outputs=()):
+    def __init__(self, cfg, spool=None, uploader=None, mono=time.monotonic, wall=time.time, outputs=(),
+                 services=None):
         self.mono = mono
         self.wall = wall
         self.cfg = cfg
@@ -151,6 +170,12 @@ class Loop:
         self.states = [DeviceState(d, now, cfg.agent) for d in cfg.devices]
         self.poller = Poller(cfg.agent.id, self.states, self.append, self.client_for, mono, wall)
         self._set_timers(now)
+        if services is None:
+            services = make_services(cfg, self.states) if getattr(cfg, "gateway", None) is not None else []
+        else:
+            for svc in services:
+                svc.watch(self.states)
+        self.services = list(services)
 
     @property
     def uploader(self):
@@ -221,19 +246,55 @@ class Loop:
         self.reload_requested = True
 
     def _sleep_until(self, until):
-        timeout = until - self.mono()
-        if timeout <= 0 or self.stop_requested or self.reload_requested:
-            return
-        if self._wake_r is None:
-            time.sleep(timeout)
-            return
-        ready, _, _ = select.select([self._wake_r], [], [], timeout)
-        if ready:
+        """Sleep until `until` (loop clock), or a signal; the services' sockets wake it too,
+        and are served (up to SERVICE_MARGIN before `until`) without ending the sleep."""
+        while True:
+            timeout = until - self.mono()
+            if timeout <= 0 or self.stop_requested or self.reload_requested:
+                return
+            readers, writers = [], []
+            if timeout > SERVICE_MARGIN:    # closer to the poll, ready sockets wait for it
+                for svc in self.services:
+                    readers.extend(svc.fds())
+                    writers.extend(svc.write_fds())
+            if self._wake_r is not None:
+                readers.append(self._wake_r)
+            if not readers and not writers:
+                time.sleep(timeout)
+                return
             try:
-                while os.read(self._wake_r, 64):
+                ready, ready_w, _ = select.select(readers, writers, [], timeout)
+            except (OSError, ValueError):   # a service's socket went bad: it sorts that out
+                ready, ready_w = [], [True]
+            if self._wake_r is not None and self._wake_r in ready:
+                try:
+                    while os.read(self._wake_r, 64):
+                        pass
+                except (BlockingIOError, InterruptedError):
                     pass
-            except (BlockingIOError, InterruptedError):
-                pass
+                return
+            if not ready and not ready_w:
+                return
+            self.serve_services(until - SERVICE_MARGIN)
+
+    def serve_services(self, until):
+        """Each service handles its ready I/O before `until` (loop clock); never raises."""
+        for svc in self.services:
+            end = time.monotonic() + (until - self.mono())   # services keep time.monotonic()
+            try:
+                svc.serve(end)
+            except Exception:
+                log.exception("%s failed", svc.name)
+
+    def _serve_after_poll(self):
+        """A request waits at most one poll: after each poll the services handle what is ready,
+        up to the next poll, or for SERVICE_SLICE when it is already due (a saturated bus)."""
+        if not self.services:
+            return
+        now = self.mono()
+        st = self.next_state(now)
+        due = st.schedule.due - SERVICE_MARGIN if st is not None else now + SERVICE_SLICE
+        self.serve_services(due if due > now else now + SERVICE_SLICE)
 
     # -- the loop ------------------------------------------------------------------------
     def run(self):
@@ -312,6 +373,7 @@ class Loop:
                 now = self.mono()
             self.poller.poll(st, now, self.summary_interval)
             self._tick()
+            self._serve_after_poll()
             return
         due = st.schedule.due if st is not None else now + IDLE_PERIOD
         # The outputs work up to the next poll (the status/summary timers run between slices and
@@ -408,11 +470,17 @@ class Loop:
 
     def upload_until(self, until):
         """Let each output work in the gap before `until` (the next poll), in order, each in what
-        the ones before it left (agent.gaps)."""
+        the ones before it left (agent.gaps). Between an output's slices the services get
+        SERVICE_SLICE too, so a catch-up does not hold a request for the whole gap."""
+        between = self.periodic
+        if self.services:
+            def between(now):
+                self.periodic(now)
+                self.serve_services(min(until - SERVICE_MARGIN, self.mono() + SERVICE_SLICE))
         for out in self.outputs:
             if self._stopping():
                 return
-            self.gaps.fill(out, self.spool, until, self.periodic, self._stopping, self._holding_back(out))
+            self.gaps.fill(out, self.spool, until, between, self._stopping, self._holding_back(out))
 
     def _stopping(self):
         """No output starts a further request once this is true (SIGTERM, SIGHUP)."""
@@ -441,10 +509,13 @@ class Loop:
         log.info("%s", text)
 
     def status(self):
-        """The status file's content (agent.summary.status_doc)."""
-        return status_doc(self.cfg, self.states, self._spool_stats(), self._uploader, self.mono(), self.wall(),
-                          self.started_wall, self.stopped, self.clock_unsynced, STATUS_PERIOD,
-                          self.appended, self.append_errors, self.last_summary)
+        """The status file's content (agent.summary.status_doc), with each service's state."""
+        doc = status_doc(self.cfg, self.states, self._spool_stats(), self._uploader, self.mono(), self.wall(),
+                         self.started_wall, self.stopped, self.clock_unsynced, STATUS_PERIOD,
+                         self.appended, self.append_errors, self.last_summary)
+        if self.services:
+            doc["services"] = {svc.name: _state(svc) for svc in self.services}
+        return doc
 
     def write_status(self):
         path = self.cfg.agent.status_file
@@ -499,7 +570,31 @@ class Loop:
         self.poller = Poller(new.agent.id, self.states, self.append, self.client_for, self.mono, self.wall)
         self.appender.agent_id = new.agent.id
         self._set_timers(now)
+        self._reload_services(old, new)
         log.info("reloaded: %d device(s) on %d connection(s)", len(self.states), len(new.connections))
+
+    def _reload_services(self, old, new):
+        """[gateway]: a new listen address opens a new socket (when the old one holds the port,
+        it is closed first; an address that cannot be bound is logged and retried by the
+        service); anything else is taken in place, and every service gets the new device states."""
+        from agent.config import GATEWAY, changed
+
+        gw = next((svc for svc in self.services if svc.name == "gateway"), None)
+        if changed(old, new, GATEWAY) and (gw is None or new.gateway is None
+                                           or new.gateway.listen != old.gateway.listen):
+            fresh = make_services(new, self.states) if new.gateway is not None else []
+            if fresh and gw is not None and not fresh[0].state().get("listening"):
+                # the old socket may hold the port (0.0.0.0:502 -> 192.168.1.1:502): free it first
+                _close(fresh[0])
+                _close(gw)
+                gw = None
+                fresh = make_services(new, self.states)
+            _close(gw)
+            self.services = [svc for svc in self.services if svc is not gw and svc.name != "gateway"] + fresh
+        elif gw is not None:
+            gw.update(new)
+        for svc in self.services:
+            svc.watch(self.states)
 
     def _output_names(self, cfg):
         """The spool cursors `cfg` asks for: [upload]'s output by `cfg`, the others as they are."""
@@ -530,6 +625,8 @@ class Loop:
         self.clients = {}
         for out in self.outputs:
             _close(out)
+        for svc in self.services:
+            _close(svc)
         self.stopped = True
         self.write_status()   # the last figures, while the spool can still report them
         try:
@@ -549,6 +646,13 @@ def _close(obj):
         obj.close()
     except Exception as e:
         log.debug("close %s: %s", type(obj).__name__, e)
+
+
+def _state(obj):
+    try:
+        return obj.state()
+    except Exception as e:
+        return {"error": str(e)}
 
 
 def setup_logging(cfg, level=None):

@@ -132,7 +132,28 @@ def format_status(st, now=None):
         if up.get("backoff_until") and (_parse_utc(up["backoff_until"]) or 0) > now:
             text += "\n  backing off until %s" % up["backoff_until"]
         lines.append(text)
+    gw = (st.get("services") or {}).get("gateway")
+    if gw:
+        lines.append(gateway_text(gw))
     return "\n".join(lines)
+
+
+def gateway_text(gw):
+    """The gateway's line(s) in `modbus-agent status` (agent.gateway.server state())."""
+    exc = gw.get("exceptions") or {}
+    dropped = {k: v for k, v in (gw.get("dropped") or {}).items() if v}
+    text = "gateway: %s %s; %s client(s) connected (%s since start, %s refused: max_clients); " \
+           "%s request(s), %s answered, exceptions %s; dropped %s" % (
+               "listening on" if gw.get("listening") else "NOT listening on", gw.get("listen"),
+               gw.get("clients", 0), gw.get("clients_total", 0), gw.get("refused_clients", 0),
+               gw.get("requests", 0), gw.get("answered", 0),
+               ",".join("%s:%s" % kv for kv in sorted(exc.items())) or "-",
+               ",".join("%s:%s" % kv for kv in sorted(dropped.items())) or "-")
+    if gw.get("listen_error"):
+        text += "\n  %s" % gw["listen_error"]
+    if gw.get("last_error"):
+        text += "\n  last error: %s" % gw["last_error"]
+    return text
 
 
 def is_stale(st, now=None):

@@ -36,6 +36,8 @@ from agent.config.schema import (
     CONNECTION_TIMEOUT,
     CONNECTION_TYPES,
     DEVICE_SCHEMA,
+    GATEWAY,
+    GATEWAY_SCHEMA,
     LIVE,
     POINT_OPTIONS,
     PROFILE_SCHEMA,
@@ -48,6 +50,7 @@ from agent.config.schema import (
     AgentSettings,
     Config,
     Connection,
+    GatewaySettings,
     Settings,
     UploadSettings,
     changed,
@@ -58,7 +61,7 @@ from agent.config.values import MAX_NAME, name_problem, parse_bool, parse_int, p
 
 __all__ = [
     "AGENT_SCHEMA", "BUS_WARN", "CONNECTION_SCHEMA", "CONNECTION_TIMEOUT", "CONNECTION_TYPES",
-    "DEVICE_SCHEMA", "LIVE", "MAX_NAME", "POINT_OPTIONS", "PROFILE_DIRS", "PROFILE_SCHEMA", "RELOAD_SECTIONS",
+    "DEVICE_SCHEMA", "GATEWAY", "GATEWAY_SCHEMA", "GatewaySettings", "LIVE", "MAX_NAME", "POINT_OPTIONS", "PROFILE_DIRS", "PROFILE_SCHEMA", "RELOAD_SECTIONS",
     "RELOAD_TAGS", "REQUIRED", "SECTION_KINDS", "SPOOL", "UPLOADER", "UPLOAD_SCHEMA", "AgentSettings", "Config", "ConfigError", "Connection",
     "Point", "Problems", "Section", "Settings", "UploadSettings", "changed", "check_config",
     "default_seq_file", "find_profile", "load_config", "load_or_report", "load_profile",

@@ -15,10 +15,12 @@ from agent.config.schema import (
     AGENT_SCHEMA,
     CONNECTION_SCHEMA,
     DEVICE_SCHEMA,
+    GATEWAY_SCHEMA,
     UPLOAD_SCHEMA,
     AgentSettings,
     Config,
     Connection,
+    GatewaySettings,
     UploadSettings,
     _apply_schema,
 )
@@ -67,7 +69,9 @@ def check_config(path, text=None):
     return (None if problems.errors else cfg), problems.errors, problems.warnings
 
 
-SECTION_KINDS = ("agent", "upload", "connection:NAME", "device:NAME", "points:NAME")
+SECTION_KINDS = ("agent", "upload", "gateway", "connection:NAME", "device:NAME", "points:NAME")
+#: the sections that appear at most once
+SINGLE_SECTIONS = ("agent", "upload", "gateway")
 
 
 def default_seq_file(config_path, agent_id):
@@ -99,6 +103,9 @@ def _load(path, text):
     upload = None
     if by_kind["upload"] is not None:
         upload = _load_upload(by_kind["upload"], agent, problems)
+    gateway = None
+    if by_kind["gateway"] is not None:
+        gateway = GatewaySettings(**_good(_apply_schema(by_kind["gateway"], GATEWAY_SCHEMA, problems)))
 
     connections = {}
     for name, s in by_kind["connection"].items():
@@ -129,7 +136,9 @@ def _load(path, text):
             problems.warn(path, s.line, s.name, None, "no device uses this connection")
     _check_bus_time(connections, problems)
     _check_units(devices, problems)
-    return Config(path, agent, upload, connections, devices, disabled, problems.warnings), problems
+    _check_gateway_units(devices, gateway, problems)
+    return Config(path, agent, upload, connections, devices, disabled, problems.warnings,
+                  gateway=gateway), problems
 
 
 def _good(values):
@@ -139,11 +148,11 @@ def _good(values):
 
 def _sort_sections(path, sections, problems):
     """{'agent': Section|None, 'upload': Section|None, 'connection'|'device'|'points': {name: Section}}"""
-    out = {"agent": None, "upload": None, "connection": {}, "device": {}, "points": {}}
+    out = {"agent": None, "upload": None, "gateway": None, "connection": {}, "device": {}, "points": {}}
     for s in sections:
         head, sep, name = s.name.partition(":")
         head, name = head.strip().lower(), name.strip()
-        if s.name in ("agent", "upload"):
+        if s.name in SINGLE_SECTIONS:
             out[s.name] = s
         elif sep and name and head in ("device", "points") and name_problem(name):
             problems.error(path, s.line, s.name, None, name_problem(name))
@@ -151,7 +160,7 @@ def _sort_sections(path, sections, problems):
             out[head][name] = s
         else:
             problems.error(path, s.line, s.name, None, "unknown section%s; sections are %s" % (
-                _suggest(head, ("agent", "upload", "connection", "device", "points")),
+                _suggest(head, ("agent", "upload", "gateway", "connection", "device", "points")),
                 ", ".join("[%s]" % k for k in SECTION_KINDS)))
     return out
 
@@ -231,8 +240,11 @@ def _load_device(name, s, psec, agent, connections, conn_sections, problems):
     if values["interval"] is None:
         values["interval"] = agent.interval or AGENT_SCHEMA["interval"][1]
     values["connection"] = conn
+    gateway_unit = values.pop("gateway_unit")
     dev = Device(name, points=points, **values)
+    dev.gateway_unit = gateway_unit
     dev.path, dev.line = path, s.line
+    dev.gateway_lines = {k: _line_of(s, k) for k in ("unit", "gateway_unit")}
     dev.interval_line = _line_of(s, "interval")
     return dev
 
@@ -302,6 +314,48 @@ def _check_units(devices, problems):
             problems.warn(d.path, d.line, "device:" + d.name, "unit",
                           "unit %d on %s is also device %s" % (d.unit, d.connection.name, seen[key]))
         seen[key] = d.name
+
+
+def gateway_unit(d):
+    """The unit id the gateway serves device `d` under (None: not served)."""
+    if d.gateway_unit is False:
+        return None
+    return d.unit if d.gateway_unit is None else d.gateway_unit
+
+
+def _check_gateway_units(devices, gateway, problems):
+    """One gateway unit id, one device: two devices that would be served under the same unit id
+    are an error naming both, unless they are the same unit on the same connection (two
+    sections polling one device: both sections' blocks are served). Without [gateway],
+    gateway_unit only earns a warning (it does nothing)."""
+    if gateway is None:
+        for d in devices:
+            if d.gateway_unit is not None:
+                problems.warn(d.path, _line_of_device(d, "gateway_unit"), "device:" + d.name, "gateway_unit",
+                              "has no effect without a [gateway] section")
+        return
+    seen = {}
+    for d in devices:
+        gu = gateway_unit(d)
+        if gu is None:
+            continue
+        other = seen.get(gu)
+        if other is None:
+            seen[gu] = d
+            continue
+        if (other.connection.name, other.unit) == (d.connection.name, d.unit):
+            continue
+        key = "gateway_unit" if d.gateway_unit is not None else "unit"
+        problems.error(d.path, _line_of_device(d, key), "device:" + d.name, key,
+                       "the gateway would serve both this device (unit %d on %s) and device %s "
+                       "(%s:%s, unit %d on %s) under unit %d: set gateway_unit = N (a free unit "
+                       "id) in one of them" % (d.unit, d.connection.name, other.name, other.path,
+                                               other.line, other.unit, other.connection.name, gu))
+
+
+def _line_of_device(d, key):
+    """The line of `key` in device `d`'s section (its section line when not set there)."""
+    return (getattr(d, "gateway_lines", None) or {}).get(key) or d.line
 
 
 def _check_overlaps(points, problems):

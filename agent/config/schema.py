@@ -32,7 +32,8 @@ REQUIRED = object()
 # (tests/test_config_reload.py); a key without the element counts as all of them.
 SPOOL = "spool"          # changing it closes the spool and opens it again (agent.loop.open_spool)
 UPLOADER = "uploader"    # changing it builds a new uploader (agent.loop.make_uploader)
-RELOAD_TAGS = (SPOOL, UPLOADER)
+GATEWAY = "gateway"      # changing it opens the gateway's listening socket anew (agent.gateway)
+RELOAD_TAGS = (SPOOL, UPLOADER, GATEWAY)
 LIVE = ()
 
 AGENT_SCHEMA = {
@@ -70,8 +71,39 @@ UPLOAD_SCHEMA = {
     "linger": (_not_negative(parse_duration), 0.0, LIVE),
 }
 
+
+
+def _or_empty(parse):
+    """An empty value is the default (None)."""
+    def check(text):
+        return parse(text) if text.strip() else None
+    return check
+
+
+def parse_listen(text):
+    """`host:port`, `[v6 address]:port` or `:port` (every interface) -> (host, port); port 0
+    takes any free port (tests)."""
+    t = text.strip()
+    if t.startswith("["):
+        host, sep, port = t[1:].partition("]:")
+    else:
+        host, sep, port = t.rpartition(":")
+    if not sep or ":" in host and not t.startswith("["):
+        raise ValueError("%r is not host:port (an IPv6 address goes in brackets: [::]:502)" % text)
+    port = _between(0, 65535)(port)
+    return (host or "0.0.0.0", port)
+
+
+# [gateway]: the Modbus TCP server of the cached readings (agent.gateway)
+GATEWAY_SCHEMA = {
+    "listen": (parse_listen, REQUIRED, (GATEWAY,)),
+    "max_clients": (_between(1, 1000), 16, LIVE),
+    "idle_timeout": (_positive(parse_duration), 60.0, LIVE),
+    "max_age": (_or_empty(_positive(parse_duration)), None, LIVE),   # None: 3 x each device's interval
+}
+
 # (Config attribute, its schema): the sections whose keys carry reload tags
-RELOAD_SECTIONS = (("agent", AGENT_SCHEMA), ("upload", UPLOAD_SCHEMA))
+RELOAD_SECTIONS = (("agent", AGENT_SCHEMA), ("upload", UPLOAD_SCHEMA), ("gateway", GATEWAY_SCHEMA))
 
 
 def reload_tags(spec):
@@ -161,6 +193,16 @@ CONNECTION_SCHEMA = connection_schema()
 CONNECTION_TIMEOUT = {name: t.keys["timeout"].default for name, t in TRANSPORTS.items()}
 _CONNECTION_SCHEMAS = {name: connection_schema(name) for name in TRANSPORTS}
 
+def _gateway_unit(text):
+    """[device] gateway_unit: the unit id the gateway serves the device under, or off."""
+    t = text.strip().lower()
+    if not t:
+        return None
+    if t in ("off", "no", "none"):
+        return False
+    return _between(1, 255)(text)
+
+
 DEVICE_SCHEMA = {
     "connection": (_text, REQUIRED),
     "unit": (_between(0, 255), 1),
@@ -184,6 +226,7 @@ DEVICE_SCHEMA = {
     # records; off by default (an old device may stay silent on a function it lacks: `scan`
     # writes `identify = yes` for the devices that answered it)
     "identify": (parse_bool, False),
+    "gateway_unit": (_gateway_unit, None),               # None: its own unit; False: not served
 }
 
 PROFILE_SCHEMA = {
@@ -252,6 +295,12 @@ class UploadSettings(Settings):
         return self.batch_max_kb << 10
 
 
+class GatewaySettings(Settings):
+    """[gateway]: where the Modbus TCP server of the cached readings listens, its limits."""
+
+    SCHEMA = GATEWAY_SCHEMA
+
+
 class Connection:
     """[connection:NAME]: one TCP link or serial bus shared by its devices.
 
@@ -284,8 +333,9 @@ class Connection:
 class Config:
     """The whole file: cfg.agent, cfg.upload, cfg.connections, cfg.devices (enabled ones)."""
 
-    def __init__(self, path, agent, upload, connections, devices, disabled=(), warnings=()):
+    def __init__(self, path, agent, upload, connections, devices, disabled=(), warnings=(), gateway=None):
         self.path = path
+        self.gateway = gateway        # GatewaySettings, None without a [gateway] section
         self.agent = agent
         self.upload = upload
         self.connections = connections
