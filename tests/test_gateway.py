@@ -127,8 +127,8 @@ class Recorder:
         self._answer = sim.answer
         sim.answer = self.answer
 
-    def answer(self, unit, pdu):
-        resp, fault = self._answer(unit, pdu)
+    def answer(self, unit, pdu, baud=None):
+        resp, fault = self._answer(unit, pdu, baud)
         if resp is not None:
             with self.lock:
                 lst = self.answers.setdefault((unit, bytes(pdu)), [])
