@@ -17,7 +17,7 @@ import traceback
 import zlib
 from functools import partial
 
-from agent.collector import ingest, jsonbody, reads
+from agent.collector import device_page, ingest, jsonbody, metrics, reads
 from agent.collector.config import redact
 from agent.collector.web import AGENT_KEY, TOKEN_AGENT_KEY, HTTPError, json_answer
 from agent.wire import utc_timestamp
@@ -92,6 +92,7 @@ class CollectorApp:
         self._db_errors = _db_errors(getattr(store, "dialect", "sqlite"))
         self._stop = threading.Event()
         self._retention_thread = None
+        self.counters = metrics.Counters()  # this process's ingest counters, for /metrics
         self.routes = {
             "/api/v1/batches": {"POST": partial(ingest.post_batches, self)},
             "/receive-data": {"POST": partial(ingest.post_receive_data, self)},
@@ -100,6 +101,8 @@ class CollectorApp:
             "/api/v1/agents": {"GET": partial(reads.get_agents, self)},
             "/api/v1/records": {"GET": partial(reads.get_records, self)},
             "/": {"GET": partial(reads.get_page, self)},
+            "/device": {"GET": partial(device_page.get_device_page, self)},
+            "/metrics": {"GET": partial(metrics.get_metrics, self)},
         }
 
     # --- WSGI entry ---------------------------------------------------------------------------
@@ -107,6 +110,8 @@ class CollectorApp:
     def __call__(self, environ, start_response):
         path = environ.get("PATH_INFO") or "/"
         methods = self.routes.get(path)
+        if methods is None and path.startswith("/device/"):
+            methods = self.routes["/device"]  # /device/AGENT/DEVICE
         try:
             if methods is None:
                 raise HTTPError(404, "no such endpoint", path)
@@ -115,6 +120,7 @@ class CollectorApp:
                 raise HTTPError(405, "method not allowed", path, [("Allow", ", ".join(sorted(methods)))])
             return handler(environ, start_response)
         except HTTPError as e:
+            self.counters.refuse(metrics.route_label(path), e.status)
             if e.status >= 500:
                 log.warning("%s %s: %d %s", environ.get("REQUEST_METHOD"), path, e.status, e.error)
             else:
@@ -125,6 +131,8 @@ class CollectorApp:
                          e.where)
             return json_answer(start_response, e.status, {"error": e.error, "where": e.where}, e.headers)
         except self._db_errors as e:
+            self.counters.db_error()
+            self.counters.refuse(metrics.route_label(path), 503)
             log.error("%s %s from %s%s: database error: %s", environ.get("REQUEST_METHOD"), path,
                       environ.get("REMOTE_ADDR", "?"), _agent_note(environ), redact(e))
             return json_answer(start_response, 503, {"error": "database unavailable", "where": "storage"},

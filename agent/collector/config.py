@@ -30,6 +30,7 @@ DEFAULTS = {
     "retention_chunk": 1000,
     "stale_after": 300.0,
     "refresh": 5,
+    "metrics_values": False,       # /metrics also gives the last value of every numeric point
     "log_level": "INFO",
     "workers": 1,                  # built-in server: processes sharing the listening socket
     "max_connections": 200,        # built-in server: open connections per process
@@ -217,7 +218,7 @@ def convert(key, value):
         if key in ("head_timeout", "body_timeout") and v <= 0:
             raise ValueError("must be more than 0")
         return v
-    if key in ("require_tokens", "open_reads", "open_writes"):
+    if key in ("require_tokens", "open_reads", "open_writes", "metrics_values"):
         return _bool(value) if isinstance(value, str) else bool(value)
     if key == "read_token":
         if not value:   # `read_token =`: unset, as an empty agent token is

@@ -1,0 +1,325 @@
+"""GET /device/AGENT/DEVICE: one device's page. Server-rendered HTML with inline SVG
+(agent/collector/svg.py), no JavaScript, one column that fits a phone.
+
+What it shows, and where each part comes from:
+- last values (devices.last_values); records carry no engineering units (a point's `unit =` in
+  the agent's INI stays on the router), so a value is shown with its point name only;
+- per numeric point, the last hour, day and week as a min-max band and an average line, from
+  the rollups (series.query_series picks the level for the step);
+- per non-numeric point (enum labels, strings, bools), a state strip of the last hour and day
+  from the raw records, read through samples() (buffered records give every sample);
+- the last health record's counters, the device's recent failed readings (error, partial), and
+  its alerts when the collector has an alerts module that reads them (`device_alerts`).
+"""
+import json
+import math
+from html import escape
+from urllib.parse import parse_qs, quote, urlencode
+
+from agent.collector import svg
+from agent.collector.samples import samples
+from agent.collector.web import HTTPError, status
+from agent.common import format_age, parse_utc
+from agent.wire import utc_timestamp
+
+# (label, seconds, step): the step gives about 60-170 buckets per chart
+WINDOWS = (("last hour", 3600, 60), ("last day", 86400, 900), ("last week", 7 * 86400, 3600))
+STATE_WINDOWS = (("last hour", 3600), ("last day", 86400))
+STATE_ROWS = 5000       # raw records read for one state strip (the newest ones)
+RECENT_ERRORS = 20
+
+
+def device_url(agent, device):
+    """The page's path for (agent, device): each name one percent-encoded path segment (the
+    query form when the agent's name holds '/', which the path form cannot tell apart)."""
+    if "/" in agent:
+        return "/device?" + urlencode({"agent": agent, "device": device})
+    return "/device/%s/%s" % (quote(agent, safe=""), quote(device, safe=""))
+
+
+def is_number(v):
+    return type(v) in (int, float) and (type(v) is int or math.isfinite(v))
+
+
+def split_points(values):
+    """Last values -> (numeric point names, other point names), each in record order."""
+    nums, others = [], []
+    for k, v in (values or {}).items():
+        (nums if is_number(v) else others).append(k)
+    return nums, others
+
+
+def _series_fn():
+    """series.query_series when the rollups are there, else the raw fallback below."""
+    try:
+        from agent.collector.series import query_series
+    except ImportError:  # pragma: no cover - before the rollups branch is merged
+        return raw_series
+    return query_series
+
+
+def raw_series(store, agent, device, point, since, until, step, agg=None):
+    """query_series' answer computed from raw records (used only without the rollup tables)."""
+    buckets = {}
+    for _ts, payload in store.series(agent, device, since, limit=20000):
+        rec = json.loads(payload) if isinstance(payload, str) else payload
+        for sts, values in samples(rec):
+            v = values.get(point)
+            t = parse_utc(sts)
+            if t is None or not is_number(v) or sts >= until or sts < since:
+                continue
+            k = int(t // step * step)
+            b = buckets.get(k)
+            if b is None:
+                buckets[k] = [1, v, v, float(v), v]
+            else:
+                b[0] += 1
+                b[1] = min(b[1], v)
+                b[2] = max(b[2], v)
+                b[3] += v
+                b[4] = v
+    return {"level": "raw", "step": step,
+            "buckets": [{"t": utc_timestamp(k), "count": b[0], "min": b[1], "max": b[2], "avg": b[3] / b[0],
+                         "last": b[4]} for k, b in sorted(buckets.items())]}
+
+
+def state_samples(store, agent, device, point, since):
+    """[(epoch, value)] of a point over time from raw records (samples(): buffered ones too)."""
+    out = []
+    for _ts, payload in store.series(agent, device, since, limit=STATE_ROWS):
+        rec = json.loads(payload) if isinstance(payload, str) else payload
+        for sts, values in samples(rec):
+            if point in values and sts is not None and sts >= since:
+                t = parse_utc(sts)
+                if t is not None:
+                    out.append((t, values[point]))
+    out.sort(key=lambda p: p[0])
+    return out
+
+
+def recent_errors(store, agent, device, n=RECENT_ERRORS):
+    """The device's newest failed readings (status error or partial), newest first:
+    [(ts, status, message)]."""
+    with store._read() as cur:
+        cur.execute(store._sql(
+            "SELECT ts, status, %s FROM records WHERE agent = ? AND device = ? AND kind = 'data' "
+            "AND status IN ('error', 'partial') ORDER BY ts DESC LIMIT ?" % store._payload_text),
+            (agent, device, n))
+        rows = cur.fetchall()
+    out = []
+    for ts, st, payload in rows:
+        rec = json.loads(payload) if isinstance(payload, str) else payload
+        if st == "partial":
+            msgs = [e.get("message") for e in rec.get("errors") or () if type(e) is dict]
+            msg = "; ".join(m for m in msgs if isinstance(m, str)) or "some points failed"
+        else:
+            err = rec.get("error")
+            msg = err.get("message") if type(err) is dict else None
+            msg = msg if isinstance(msg, str) else json.dumps(err)
+        out.append((ts, st, msg))
+    return out
+
+
+def device_alerts(store, agent, device):
+    """Alerts of the device when an alerts module offers `device_alerts(store, agent, device)`
+    -> [{"name", "state", "since", "message"}...]; None when there is no such module (the page
+    then has no alerts section)."""
+    try:
+        from agent.collector import alerts
+    except ImportError:
+        return None
+    fn = getattr(alerts, "device_alerts", None)
+    if fn is None:
+        return None
+    return list(fn(store, agent, device))
+
+
+def collect(app, agent, device, now):
+    """Everything the page shows, as plain data (None when the device is unknown)."""
+    d = None
+    for row in app.store.devices():
+        if row["agent"] == agent and row["device"] == device:
+            d = row
+            break
+    if d is None:
+        return None
+    values = _loads(d["last_values"]) or {}
+    nums, others = split_points(values)
+    query = _series_fn()
+    until = utc_timestamp(now)
+    charts = []
+    for name in nums:
+        per = []
+        for label, secs, step in WINDOWS:
+            since = now - secs
+            res = query(app.store, agent, device, name, utc_timestamp(since), until, step)
+            per.append((label, since, res.get("step", step), res.get("buckets") or [], res.get("level")))
+        charts.append((name, per))
+    states = []
+    for name in others:
+        longest = max(s for _l, s in STATE_WINDOWS)
+        pts = state_samples(app.store, agent, device, name, utc_timestamp(now - longest))
+        states.append((name, pts))
+    return {"device": d, "values": values, "charts": charts, "states": states,
+            "health": _loads(d["health"]), "last_error": _loads(d["last_error"]),
+            "errors": recent_errors(app.store, agent, device),
+            "alerts": device_alerts(app.store, agent, device),
+            "stale_after": app.cfg.stale_after}
+
+
+def _loads(text):
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def _value_text(v):
+    if type(v) is float:
+        return svg.fmt_number(v) if abs(v) < 1e15 else repr(v)
+    if isinstance(v, str):
+        return v
+    return json.dumps(v)
+
+
+CSS = """body{font:15px system-ui,sans-serif;margin:0 auto;padding:0.8em;max-width:680px;color:#222;overflow-wrap:anywhere}
+h1{font-size:1.3em;margin:0.2em 0}h2{font-size:1.1em;margin:1.2em 0 0.4em;border-bottom:1px solid #ddd}
+h3{font-size:1em;margin:0.8em 0 0.2em}table{border-collapse:collapse;width:100%}
+td,th{padding:3px 6px;border-bottom:1px solid #eee;text-align:left;vertical-align:top}
+td.num{font-family:monospace;text-align:right;white-space:nowrap}svg{display:block;width:100%;height:auto}
+.stale{color:#a60}.ok{color:#070}.err{color:#b00}.partial{color:#b70}small{color:#777}
+.point{margin-bottom:1em}nav a{margin-right:1em}td.st{white-space:nowrap}#errors td.num{font-size:12px;white-space:normal}"""
+
+
+def render(data, now, agent, device):
+    d = data["device"]
+    age = now - d["last_seen"]
+    fresh = age <= data["stale_after"]
+    status = d["last_status"] or "-"
+    cls = {"ok": "ok", "partial": "partial"}.get(status, "err")
+    title = "%s / %s" % (agent, device)
+    out = ['<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
+           '<meta name="viewport" content="width=device-width, initial-scale=1">',
+           '<title>%s - modbus-collector</title><style>%s</style></head><body>' % (escape(title), CSS),
+           '<nav><a href="/">&larr; all devices</a></nav>',
+           '<h1 id="title">%s <small>/</small> %s</h1>' % (escape(agent), escape(device)),
+           '<p id="summary">unit %s &middot; <span class="%s">last seen %s ago</span> &middot; '
+           'last reading <span class="%s">%s</span> &middot; %d records, %d failed</p>'
+           % ("-" if d["unit"] is None else int(d["unit"]), "ok" if fresh else "stale",
+              escape(format_age(age, precise=False)), cls, escape(status), d["records"], d["errors"])]
+    # last values
+    values = data["values"]
+    out.append('<h2>Last values</h2>')
+    if values:
+        out.append('<p><small>at %s (units are not sent by the agent)</small></p><table id="values">'
+                   % escape(d["values_ts"] or "?"))
+        for k, v in values.items():
+            out.append('<tr><td>%s</td><td class="num">%s</td></tr>' % (escape(k), escape(_value_text(v))))
+        out.append('</table>')
+    else:
+        out.append('<p><small>no values yet</small></p>')
+    # alerts (only when the collector has them)
+    if data["alerts"] is not None:
+        out.append('<h2>Alerts</h2>')
+        if data["alerts"]:
+            out.append('<table id="alerts">')
+            for a in data["alerts"]:
+                out.append('<tr><td>%s</td><td class="%s">%s</td><td>%s</td><td>%s</td></tr>'
+                           % (escape(str(a.get("name", ""))),
+                              "err" if a.get("state") == "firing" else "ok", escape(str(a.get("state", ""))),
+                              escape(str(a.get("since", "") or "")), escape(str(a.get("message", "") or ""))))
+            out.append('</table>')
+        else:
+            out.append('<p><small>no alerts</small></p>')
+    # charts
+    if data["charts"]:
+        out.append('<h2>Charts</h2><p><small>band: min to max of each interval; line: average</small></p>')
+    for name, per in data["charts"]:
+        out.append('<div class="point" data-point="%s"><h3>%s</h3>' % (escape(name), escape(name)))
+        for label, since, step, buckets, _level in per:
+            out.append(svg.chart(buckets, since, now, step, label="%s \u2014 %s" % (name, label)))
+        out.append('</div>')
+    if data["states"]:
+        out.append('<h2>States</h2>')
+    for name, pts in data["states"]:
+        out.append('<div class="point" data-point="%s"><h3>%s</h3>' % (escape(name), escape(name)))
+        for label, secs in STATE_WINDOWS:
+            since = now - secs
+            sel = [p for p in pts if p[0] >= since]
+            spans = svg.state_spans(sel, now, stale=data["stale_after"])
+            out.append(svg.state_strip(spans, since, now, label="%s \u2014 %s" % (name, label)))
+        out.append('</div>')
+    # health
+    out.append('<h2>Health</h2>')
+    health = data["health"]
+    if health:
+        out.append('<p><small>from the agent, at %s</small></p><table id="health">' % escape(d["health_ts"] or "?"))
+        for k, v in _flat(health):
+            out.append('<tr><td>%s</td><td class="num">%s</td></tr>' % (escape(k), escape(_value_text(v))))
+        out.append('</table>')
+    else:
+        out.append('<p><small>no health record yet</small></p>')
+    # errors
+    out.append('<h2>Recent errors</h2>')
+    if data["errors"]:
+        out.append('<table id="errors">')
+        for ts, st, msg in data["errors"]:
+            out.append('<tr><td class="num">%s</td><td class="st %s">%s</td><td>%s</td></tr>'
+                       % (escape(ts), "partial" if st == "partial" else "err", escape(st), escape(msg[:300])))
+        out.append('</table>')
+    else:
+        out.append('<p><small>none</small></p>')
+    out.append('<p><small>generated %s</small></p></body></html>' % utc_timestamp(now))
+    return "".join(out)
+
+
+def _flat(obj, prefix=""):
+    """A health dict as (dotted key, scalar) rows: exceptions {"2": 3} -> exceptions.2 = 3."""
+    for k, v in obj.items():
+        key = "%s%s" % (prefix, k)
+        if type(v) is dict:
+            yield from _flat(v, key + ".")
+        else:
+            yield key, v
+
+
+def parse_target(environ):
+    """(agent, device) of a request: /device/AGENT/DEVICE (PATH_INFO, percent-decoded by the
+    server as Latin-1 per PEP 3333: re-read as UTF-8; the device is everything after the agent's
+    segment, so a device name may hold '/'), or /device?agent=A&device=D (any names)."""
+    from agent.collector.reads import parse_name
+
+    path = environ.get("PATH_INFO") or ""
+    if path == "/device":
+        q = parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
+        for k in q:
+            if k not in ("agent", "device"):
+                raise HTTPError(400, "unknown parameter (known: agent, device)", k)
+        agent, device = (q.get("agent") or [""])[-1], (q.get("device") or [""])[-1]
+        if not agent or not device:
+            raise HTTPError(400, "expected /device/AGENT/DEVICE or /device?agent=A&device=D", "path")
+    else:
+        rest = path[len("/device/"):]
+        try:
+            rest = rest.encode("latin-1").decode("utf-8")
+        except (UnicodeEncodeError, UnicodeDecodeError):
+            raise HTTPError(400, "device path is not UTF-8", "path") from None
+        agent, sep, device = rest.partition("/")
+        if not agent or not sep or not device:
+            raise HTTPError(404, "expected /device/AGENT/DEVICE", "path")
+    return parse_name(agent, "agent"), parse_name(device, "device")
+
+
+def get_device_page(app, environ, start_response):
+    app.check_read_access(environ)
+    agent, device = parse_target(environ)
+    now = app.clock()
+    data = collect(app, agent, device, now)
+    if data is None:
+        raise HTTPError(404, "no such device (agent %r, device %r)" % (agent[:64], device[:64]), "path")
+    body = render(data, now, agent, device).encode("utf-8")
+    start_response(status(200), [("Content-Type", "text/html; charset=utf-8"),
+                                 ("Content-Length", str(len(body))), ("Cache-Control", "no-store")])
+    return [body]
