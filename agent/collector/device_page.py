@@ -83,18 +83,31 @@ def raw_series(store, agent, device, point, since, until, step, agg=None):
                          "last": b[4]} for k, b in sorted(buckets.items())]}
 
 
-def state_samples(store, agent, device, point, since):
-    """[(epoch, value)] of a point over time from raw records (samples(): buffered ones too)."""
-    out = []
+def recent_samples(store, agent, device, since):
+    """{point: [(epoch, value)]} from the device's raw records since `since` (the newest
+    STATE_ROWS records; samples(): buffered ones give every sample), oldest first."""
+    out = {}
     for _ts, payload in store.series(agent, device, since, limit=STATE_ROWS):
         rec = json.loads(payload) if isinstance(payload, str) else payload
         for sts, values in samples(rec):
-            if point in values and sts is not None and sts >= since:
-                t = parse_utc(sts)
-                if t is not None:
-                    out.append((t, values[point]))
-    out.sort(key=lambda p: p[0])
+            t = parse_utc(sts) if isinstance(sts, str) and sts >= since else None
+            if t is None:
+                continue
+            for k, v in values.items():
+                out.setdefault(k, []).append((t, v))
+    for pts in out.values():
+        pts.sort(key=lambda p: p[0])
     return out
+
+
+def _rollup_points(store, agent, device):
+    """Point names the rollups hold for the device, when the rollups module offers points()."""
+    try:
+        from agent.collector import series
+    except ImportError:
+        return []
+    fn = getattr(series, "points", None)
+    return list(fn(store, agent, device)) if fn is not None else []
 
 
 def recent_errors(store, agent, device, n=RECENT_ERRORS):
@@ -144,7 +157,15 @@ def collect(app, agent, device, now):
     if d is None:
         return None
     values = _loads(d["last_values"]) or {}
-    nums, others = split_points(values)
+    # Which points: the last values', those seen in the last day's raw records (a partial
+    # reading's last values lack the refused ones) and those the rollups hold; numeric or not
+    # by the newest value seen.
+    recent = recent_samples(app.store, agent, device, utc_timestamp(now - max(s for _l, s in STATE_WINDOWS)))
+    newest = {k: pts[-1][1] for k, pts in recent.items()}
+    newest.update(values)
+    for name in _rollup_points(app.store, agent, device):
+        newest.setdefault(name, 0)
+    nums, others = split_points(newest)
     query = _series_fn()
     until = utc_timestamp(now)
     charts = []
@@ -155,11 +176,7 @@ def collect(app, agent, device, now):
             res = query(app.store, agent, device, name, utc_timestamp(since), until, step)
             per.append((label, since, res.get("step", step), res.get("buckets") or [], res.get("level")))
         charts.append((name, per))
-    states = []
-    for name in others:
-        longest = max(s for _l, s in STATE_WINDOWS)
-        pts = state_samples(app.store, agent, device, name, utc_timestamp(now - longest))
-        states.append((name, pts))
+    states = [(name, recent.get(name, [])) for name in others]
     return {"device": d, "values": values, "charts": charts, "states": states,
             "health": _loads(d["health"]), "last_error": _loads(d["last_error"]),
             "errors": recent_errors(app.store, agent, device),
