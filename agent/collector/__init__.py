@@ -36,4 +36,7 @@ def make_app(config=None, **overrides):
     skew = min(cfg.max_future_skew, 3650 * 86400.0) if cfg.max_future_skew and cfg.max_future_skew > 0 else None
     app = CollectorApp(cfg, store or open_store(cfg.db, future_skew=skew), **kw)
     app.start_retention()
+    from agent.collector import rollup
+
+    app._rollup_thread = rollup.start(app)  # the rollups' ingest hook; backfill, their retention
     return app

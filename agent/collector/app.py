@@ -17,7 +17,7 @@ import traceback
 import zlib
 from functools import partial
 
-from agent.collector import device_page, ingest, jsonbody, metrics, reads
+from agent.collector import device_page, ingest, jsonbody, metrics, reads, series
 from agent.collector.config import redact
 from agent.collector.web import AGENT_KEY, TOKEN_AGENT_KEY, HTTPError, json_answer
 from agent.wire import utc_timestamp
@@ -92,6 +92,7 @@ class CollectorApp:
         self._db_errors = _db_errors(getattr(store, "dialect", "sqlite"))
         self._stop = threading.Event()
         self._retention_thread = None
+        self._rollup_thread = None  # agent/collector/rollup.start: backfill, rollup retention
         self.counters = metrics.Counters()  # this process's ingest counters, for /metrics
         self.routes = {
             "/api/v1/batches": {"POST": partial(ingest.post_batches, self)},
@@ -100,6 +101,7 @@ class CollectorApp:
             "/api/v1/devices": {"GET": partial(reads.get_devices, self)},
             "/api/v1/agents": {"GET": partial(reads.get_agents, self)},
             "/api/v1/records": {"GET": partial(reads.get_records, self)},
+            "/api/v1/series": {"GET": partial(series.get_series, self)},
             "/": {"GET": partial(reads.get_page, self)},
             "/device": {"GET": partial(device_page.get_device_page, self)},
             "/metrics": {"GET": partial(metrics.get_metrics, self)},
@@ -319,6 +321,7 @@ class CollectorApp:
 
     def close(self):
         self._stop.set()
-        if self._retention_thread is not None:
-            self._retention_thread.join(5)
+        for th in (self._retention_thread, self._rollup_thread):
+            if th is not None:
+                th.join(5)
         self.store.close()

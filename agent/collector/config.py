@@ -26,6 +26,8 @@ DEFAULTS = {
     "max_depth": 8,
     "max_future_skew": 86400.0,    # a record's ts may be this far ahead of the collector's clock; 0: no check
     "retention_days": 0.0,         # 0: keep forever
+    "retention_1m_days": 0.0,      # 1-minute rollups (agent/collector/rollup.py); 0: keep forever
+    "retention_1h_days": 0.0,      # 1-hour rollups; 0: keep forever
     "retention_interval": 300.0,
     "retention_chunk": 1000,
     "stale_after": 300.0,
@@ -41,7 +43,7 @@ DEFAULTS = {
 
 _INT_KEYS = ("max_body_bytes", "max_decompressed_bytes", "max_records", "max_depth",
              "retention_chunk", "refresh", "workers", "max_connections", "max_connections_per_address")
-_FLOAT_KEYS = ("retention_days", "retention_interval", "stale_after", "max_future_skew", "head_timeout",
+_FLOAT_KEYS = ("retention_days", "retention_1m_days", "retention_1h_days", "retention_interval", "stale_after", "max_future_skew", "head_timeout",
                "body_timeout")
 _SIZE = re.compile(r"^\s*(\d+)\s*([kKmMgG]?)[bB]?\s*$")
 MIN_TOKEN = 16
@@ -208,7 +210,7 @@ def convert(key, value):
         if v < 1:
             raise ValueError("must be at least 1")
         return v
-    if key == "retention_days":
+    if key in ("retention_days", "retention_1m_days", "retention_1h_days"):
         v = float(value)
         if v < 0:
             raise ValueError("must be 0 (keep forever) or more")
