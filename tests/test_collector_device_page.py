@@ -182,6 +182,8 @@ def test_device_page_has_every_part_and_escapes_names(client):
     charts = [d for d in docs if d.get("class") == "chart"]
     strips = [d for d in docs if d.get("class") == "strip"]
     assert len(charts) == 3                # voltage: hour, day, week
+    # from the rollups: 1-minute rows for the hour and the day, 1-hour rows for the week
+    assert re.findall(r'class="chartbox" data-level="(\w+)"', html) == ["1m", "1m", "1h"]
     assert len(strips) == 4                # mode and alarm: hour, day
     ns = "{http://www.w3.org/2000/svg}"
     hour = charts[0]

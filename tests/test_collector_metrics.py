@@ -311,3 +311,26 @@ def test_number_text_is_what_prometheus_reads():
     assert [number(v) for v in (True, 3, 0.1, math.inf, -math.inf)] == ["1", "3", "0.1", "+Inf", "-Inf"]
     assert number(math.nan) == "NaN"
     assert escape_label('a\\b"c\nd') == 'a\\\\b\\"c\\nd'
+
+
+def test_influx_format_on_the_series_route(client):
+    lpp = pytest.importorskip("line_protocol_parser", reason="pip install line-protocol-parser")
+    qs = "agent=%s&device=%s&point=voltage&since=%s&until=%s&step=60" % (
+        requests.utils.quote(AGENT), requests.utils.quote(DEVICE), utc_timestamp(T0 - 3600), utc_timestamp(T0))
+    st, _, body = client.call("GET", "/api/v1/series", qs=qs)
+    assert st == 200, body
+    buckets = json.loads(body)["buckets"]
+    assert buckets and buckets[0]["count"] == 5     # 3 readings and the buffered record's 2 samples
+    text = _influx_series(client, qs + "&format=influx")
+    got = [lpp.parse_line(line) for line in text.splitlines()]
+    assert [p["time"] for p in got] == [influx.ts_ns(b["t"]) for b in buckets]
+    assert [p["fields"] for p in got] == [{k: b[k] for k in ("count", "min", "max", "avg", "last")} for b in buckets]
+    assert got[0]["tags"] == {"agent": AGENT, "device": DEVICE.replace("\n", " "), "point": "voltage", "level": "1m"}
+    one = [lpp.parse_line(line) for line in _influx_series(client, qs + "&format=influx&agg=max").splitlines()]
+    assert [p["fields"] for p in one] == [{"max": b["max"]} for b in buckets]
+
+
+def _influx_series(client, qs):
+    st, headers, body = client.call("GET", "/api/v1/series", qs=qs)
+    assert st == 200 and headers["Content-Type"] == "text/plain; charset=utf-8", body
+    return body.decode("utf-8")

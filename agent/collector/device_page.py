@@ -16,7 +16,7 @@ import math
 from html import escape
 from urllib.parse import parse_qs, quote, urlencode
 
-from agent.collector import svg
+from agent.collector import series, svg
 from agent.collector.samples import samples
 from agent.collector.web import HTTPError, status
 from agent.common import format_age, parse_utc
@@ -49,40 +49,6 @@ def split_points(values):
     return nums, others
 
 
-def _series_fn():
-    """series.query_series when the rollups are there, else the raw fallback below."""
-    try:
-        from agent.collector.series import query_series
-    except ImportError:  # pragma: no cover - before the rollups branch is merged
-        return raw_series
-    return query_series
-
-
-def raw_series(store, agent, device, point, since, until, step, agg=None):
-    """query_series' answer computed from raw records (used only without the rollup tables)."""
-    buckets = {}
-    for _ts, payload in store.series(agent, device, since, limit=20000):
-        rec = json.loads(payload) if isinstance(payload, str) else payload
-        for sts, values in samples(rec):
-            v = values.get(point)
-            t = parse_utc(sts)
-            if t is None or not is_number(v) or sts >= until or sts < since:
-                continue
-            k = int(t // step * step)
-            b = buckets.get(k)
-            if b is None:
-                buckets[k] = [1, v, v, float(v), v]
-            else:
-                b[0] += 1
-                b[1] = min(b[1], v)
-                b[2] = max(b[2], v)
-                b[3] += v
-                b[4] = v
-    return {"level": "raw", "step": step,
-            "buckets": [{"t": utc_timestamp(k), "count": b[0], "min": b[1], "max": b[2], "avg": b[3] / b[0],
-                         "last": b[4]} for k, b in sorted(buckets.items())]}
-
-
 def recent_samples(store, agent, device, since):
     """{point: [(epoch, value)]} from the device's raw records since `since` (the newest
     STATE_ROWS records; samples(): buffered ones give every sample), oldest first."""
@@ -98,16 +64,6 @@ def recent_samples(store, agent, device, since):
     for pts in out.values():
         pts.sort(key=lambda p: p[0])
     return out
-
-
-def _rollup_points(store, agent, device):
-    """Point names the rollups hold for the device, when the rollups module offers points()."""
-    try:
-        from agent.collector import series
-    except ImportError:
-        return []
-    fn = getattr(series, "points", None)
-    return list(fn(store, agent, device)) if fn is not None else []
 
 
 def recent_errors(store, agent, device, n=RECENT_ERRORS):
@@ -163,17 +119,16 @@ def collect(app, agent, device, now):
     recent = recent_samples(app.store, agent, device, utc_timestamp(now - max(s for _l, s in STATE_WINDOWS)))
     newest = {k: pts[-1][1] for k, pts in recent.items()}
     newest.update(values)
-    for name in _rollup_points(app.store, agent, device):
+    for name in series.points(app.store, agent, device):
         newest.setdefault(name, 0)
     nums, others = split_points(newest)
-    query = _series_fn()
     until = utc_timestamp(now)
     charts = []
     for name in nums:
         per = []
         for label, secs, step in WINDOWS:
             since = now - secs
-            res = query(app.store, agent, device, name, utc_timestamp(since), until, step)
+            res = series.query_series(app.store, agent, device, name, utc_timestamp(since), until, step)
             per.append((label, since, res.get("step", step), res.get("buckets") or [], res.get("level")))
         charts.append((name, per))
     states = [(name, recent.get(name, [])) for name in others]
@@ -255,8 +210,9 @@ def render(data, now, agent, device):
         out.append('<h2>Charts</h2><p><small>band: min to max of each interval; line: average</small></p>')
     for name, per in data["charts"]:
         out.append('<div class="point" data-point="%s"><h3>%s</h3>' % (escape(name), escape(name)))
-        for label, since, step, buckets, _level in per:
-            out.append(svg.chart(buckets, since, now, step, label="%s \u2014 %s" % (name, label)))
+        for label, since, step, buckets, level in per:
+            out.append('<div class="chartbox" data-level="%s">%s</div>'
+                       % (escape(str(level)), svg.chart(buckets, since, now, step, label="%s \u2014 %s" % (name, label))))
         out.append('</div>')
     if data["states"]:
         out.append('<h2>States</h2>')

@@ -20,7 +20,9 @@ import json
 import math
 import re
 
+from agent.collector import series
 from agent.collector.samples import samples
+from agent.collector.web import status
 from agent.common import parse_utc
 
 _INT64 = (-(1 << 63), (1 << 63) - 1)
@@ -151,3 +153,16 @@ def stream(lines, size=65536):
             buf, n = [], 0
     if buf:
         yield ("\n".join(buf) + "\n").encode("utf-8")
+
+
+def answer_series(start_response, result, agg):
+    """GET /api/v1/series?format=influx: the query's buckets as modbus_series lines."""
+    lines = influx_lines(series_points(result["agent"], result["device"], result["point"], result["buckets"],
+                                       level=result.get("level")))
+    body = b"".join(stream(lines))
+    start_response(status(200), [("Content-Type", "text/plain; charset=utf-8"),
+                                 ("Content-Length", str(len(body))), ("Cache-Control", "no-store")])
+    return [body]
+
+
+series.FORMATS["influx"] = answer_series  # the series route's formats (agent/collector/series.py)
