@@ -356,3 +356,34 @@ def test_device_page_in_headless_chromium_at_phone_width(served, tmp_path):
                for row in rows[::4] for p in row[::2] for c in svg.PALETTE[:3])
     if os.environ.get("KEEP_SCREENSHOT"):
         shutil.copy(str(shot), os.environ["KEEP_SCREENSHOT"])
+
+
+# --- the same on PostgreSQL ----------------------------------------------------------------------
+
+from tests.test_collector_store import pg_server, pg_url  # noqa: E402,F401 -- the real server fixture
+
+
+@pytest.mark.postgres
+def test_device_page_metrics_and_influx_on_postgresql(pg_url):  # noqa: F811 -- the fixture
+    from tests.test_collector_metrics import strict_parse
+
+    app = make_app(None, db=pg_url, clock=lambda: T0)
+    try:
+        c = _Client(app)
+        st, _, body = c.call("POST", "/api/v1/batches", encode({"agent": AGENT, "records": _records()}).rstrip(b"\n"))
+        assert st == 200 and json.loads(body)["stored"] == len(_records()), body
+        html = _page(c)
+        assert re.findall(r'class="chartbox" data-level="(\w+)"', html) == ["1m", "1m", "1h"]
+        assert html.count('class="strip"') == 4 and "ILLEGAL DATA ADDRESS" in html and "exceptions.2" in html
+        assert "<script" not in html and "<b>" not in html
+        st, _, body = c.call("GET", "/metrics")
+        fams = strict_parse(body.decode("utf-8"))
+        [(labels, seq)] = fams["modbus_agent_max_seq"]["samples"]
+        assert labels == {"agent": AGENT} and seq == len(_records()) - 1
+        st, _, body = c.call("GET", "/api/v1/records", qs="format=influx&kind=data&status=ok")
+        lines = body.decode("utf-8").splitlines()
+        assert len(lines) == 120 + 3        # 120 readings, the buffered record's 3 samples
+        lpp = pytest.importorskip("line_protocol_parser")
+        assert lpp.parse_line(lines[-1])["fields"] == {"voltage": 252.0, "mode": "run", "alarm": False}
+    finally:
+        app.close()
