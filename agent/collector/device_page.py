@@ -9,7 +9,7 @@ What it shows, and where each part comes from:
 - per non-numeric point (enum labels, strings, bools), a state strip of the last hour and day
   from the raw records, read through samples() (buffered records give every sample);
 - the last health record's counters, the device's recent failed readings (error, partial), and
-  its alerts when the collector has an alerts module that reads them (`device_alerts`).
+  its alerts (firing, pending, recent events) when the collector evaluates alert rules.
 """
 import json
 import math
@@ -89,18 +89,23 @@ def recent_errors(store, agent, device, n=RECENT_ERRORS):
     return out
 
 
-def device_alerts(store, agent, device):
-    """Alerts of the device when an alerts module offers `device_alerts(store, agent, device)`
-    -> [{"name", "state", "since", "message"}...]; None when there is no such module (the page
-    then has no alerts section)."""
-    try:
-        from agent.collector import alerts
-    except ImportError:
+ALERT_HISTORY = 200  # newest alert events looked through for the device's own
+
+
+def device_alerts(app, agent, device):
+    """The device's alerts when the collector evaluates any (app.alerts: the alerts engine,
+    agent/collector/alerts): (current, history) as GET /api/v1/alerts gives them, only this
+    device's (and its agent's agent-wide ones: gap, backlog); None without an engine."""
+    engine = getattr(app, "alerts", None)
+    if engine is None:
         return None
-    fn = getattr(alerts, "device_alerts", None)
-    if fn is None:
-        return None
-    return list(fn(store, agent, device))
+    view = engine.view(ALERT_HISTORY, None)
+
+    def mine(a):
+        return a.get("agent") == agent and a.get("device") in (device, "", None)
+
+    return ([a for a in view.get("current") or () if mine(a)],
+            [e for e in view.get("history") or () if mine(e)][:10])
 
 
 def collect(app, agent, device, now):
@@ -135,7 +140,7 @@ def collect(app, agent, device, now):
     return {"device": d, "values": values, "charts": charts, "states": states,
             "health": _loads(d["health"]), "last_error": _loads(d["last_error"]),
             "errors": recent_errors(app.store, agent, device),
-            "alerts": device_alerts(app.store, agent, device),
+            "alerts": device_alerts(app, agent, device),
             "stale_after": app.cfg.stale_after}
 
 
@@ -192,19 +197,29 @@ def render(data, now, agent, device):
         out.append('</table>')
     else:
         out.append('<p><small>no values yet</small></p>')
-    # alerts (only when the collector has them)
+    # alerts (only when the collector evaluates any)
     if data["alerts"] is not None:
+        current, history = data["alerts"]
         out.append('<h2>Alerts</h2>')
-        if data["alerts"]:
+        if current:
             out.append('<table id="alerts">')
-            for a in data["alerts"]:
-                out.append('<tr><td>%s</td><td class="%s">%s</td><td>%s</td><td>%s</td></tr>'
-                           % (escape(str(a.get("name", ""))),
-                              "err" if a.get("state") == "firing" else "ok", escape(str(a.get("state", ""))),
-                              escape(str(a.get("since", "") or "")), escape(str(a.get("message", "") or ""))))
+            for a in current:
+                what = " ".join(str(x) for x in (a.get("point"), a.get("condition")) if x)
+                out.append('<tr><td>%s</td><td class="st %s">%s</td><td>%s</td><td>%s</td><td class="num">%s</td></tr>'
+                           % (escape(str(a.get("rule", ""))), "err" if a.get("state") == "firing" else "partial",
+                              escape("%s %s" % (a.get("state", ""), a.get("severity") or "")),
+                              escape(what), escape(_value_text(a.get("value"))),
+                              escape(str(a.get("since") or ""))))
             out.append('</table>')
         else:
-            out.append('<p><small>no alerts</small></p>')
+            out.append('<p><small>none firing or pending</small></p>')
+        if history:
+            out.append('<table id="alert-history">')
+            for e in history:
+                out.append('<tr><td class="num">%s</td><td>%s</td><td>%s</td></tr>'
+                           % (escape(str(e.get("ts") or e.get("at") or "")), escape(str(e.get("kind") or "")),
+                              escape(str(e.get("message") or "")[:300])))
+            out.append('</table>')
     # charts
     if data["charts"]:
         out.append('<h2>Charts</h2><p><small>band: min to max of each interval; line: average</small></p>')

@@ -8,7 +8,7 @@ Two kinds of figures:
   the counters carry a `pid` label so two processes never look like one counter going back.
 - the database's view, the same from every process: per agent last seen, max seq, records, gaps
   and dropped records; per device last seen, age, freshness, records and failed readings, the
-  last reading's status; alert states when the alerts module offers `alert_states(store)`; and,
+  last reading's status; the alert series firing or pending (when rules are configured); and,
   with `[collector] metrics_values = yes`, the last value of every numeric point (bools as 0/1).
 
 A database that cannot be read still gives an answer (200): the counters plus
@@ -112,13 +112,10 @@ class Exposition:
         return "\n".join(self.lines) + "\n"
 
 
-def _alert_states(store):
-    try:
-        from agent.collector import alerts
-    except ImportError:
-        return None
-    fn = getattr(alerts, "alert_states", None)
-    return None if fn is None else list(fn(store))
+def _alert_states(app):
+    """The alerts engine's current (firing, pending) series, or None without an engine."""
+    engine = getattr(app, "alerts", None)
+    return None if engine is None else list(engine.current())
 
 
 def render(app, now):
@@ -141,7 +138,7 @@ def render(app, now):
     try:
         agents = app.store.agents()
         devices = app.store.devices()
-        alert_states = _alert_states(app.store)
+        alert_states = _alert_states(app)
     except app._db_errors:
         app.counters.db_error()
         db_errors += 1
@@ -175,10 +172,11 @@ def render(app, now):
     out.family("modbus_device_last_status", "gauge", "1 for the status of the device's newest reading.",
                [(dict(lab, status=d["last_status"]), 1) for lab, d in dev if d["last_status"]])
     if alert_states is not None:
-        out.family("modbus_alert_firing", "gauge", "1 while an alert fires, 0 when it is resolved or pending.",
-                   [({"alert": a.get("alert", ""), "agent": a.get("agent", ""), "device": a.get("device", ""),
-                      "state": a.get("state", "")}, 1 if a.get("state") == "firing" else 0)
-                    for a in alert_states])
+        out.family("modbus_alert_firing", "gauge",
+                   "Alert series now firing (1) or pending (0); resolved ones are not listed.",
+                   [({"rule": a.get("rule") or "", "severity": a.get("severity") or "", "agent": a.get("agent") or "",
+                      "device": a.get("device") or "", "point": a.get("point") or ""},
+                     1 if a.get("state") == "firing" else 0) for a in alert_states])
     if app.cfg.metrics_values:
         samples = []
         for lab, d in dev:
