@@ -387,3 +387,34 @@ def test_device_page_metrics_and_influx_on_postgresql(pg_url):  # noqa: F811 -- 
         assert lpp.parse_line(lines[-1])["fields"] == {"voltage": 252.0, "mode": "run", "alarm": False}
     finally:
         app.close()
+
+
+# --- alerts, when the collector has them (the alerts branch) -------------------------------------
+
+def test_device_page_and_metrics_show_the_devices_alerts(tmp_path):
+    pytest.importorskip("agent.collector.alerts", reason="no alerts module in this tree")
+    from tests.test_collector_metrics import strict_parse
+
+    ini = tmp_path / "c.ini"
+    ini.write_text("[collector]\ndb = sqlite:///%s\n\n[alert:high-voltage]\nkind = threshold\ndevice = *\n"
+                   "point = voltage\nabove = 235\nfor = 0s\nseverity = critical\n" % (tmp_path / "a.db"))
+    app = make_app(str(ini), clock=lambda: T0)
+    try:
+        c = _Client(app)
+        st, _, body = c.call("POST", "/api/v1/batches", encode({"agent": AGENT, "records": _records()}).rstrip(b"\n"))
+        assert st == 200, body
+        html = _page(c)
+        assert 'id="alerts"' in html and "high-voltage" in html and "firing critical" in html
+        assert 'id="alert-history"' in html and "[FIRING critical] high-voltage: site&lt;7&gt;" in html
+        fams = strict_parse(c.call("GET", "/metrics")[2].decode("utf-8"))
+        assert [(lab["rule"], lab["device"], lab["point"], v) for lab, v in fams["modbus_alert_firing"]["samples"]] \
+            == [("high-voltage", DEVICE, "voltage", 1)]
+    finally:
+        app.close()
+    # without rules: no alerts section, no alert family
+    app = make_app(None, db="sqlite:///%s" % (tmp_path / "a.db"), clock=lambda: T0)
+    try:
+        c = _Client(app)
+        assert "Alerts" not in _page(c) and "modbus_alert_firing" not in c.call("GET", "/metrics")[2].decode()
+    finally:
+        app.close()

@@ -217,7 +217,7 @@ def render(data, now, agent, device):
             out.append('<table id="alert-history">')
             for e in history:
                 out.append('<tr><td class="num">%s</td><td>%s</td><td>%s</td></tr>'
-                           % (escape(str(e.get("ts") or e.get("at") or "")), escape(str(e.get("kind") or "")),
+                           % (escape(str(e.get("ts") or e.get("at") or "")), escape(str(e.get("state") or "")),
                               escape(str(e.get("message") or "")[:300])))
             out.append('</table>')
     # charts
