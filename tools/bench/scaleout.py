@@ -14,10 +14,11 @@ record and per rollup row in both databases; what retention by time costs.
 - Load: --agents concurrent agents (threads in 4 client processes), each on its own keep-alive
   connection posting --batches batches of --batch records in a row, as agents with a backlog do.
   Latency is each POST's, from sending to the answer read; records/s over the whole run.
-- Direct: the same rows, already built, from one process on one connection, one transaction
-  per batch: (a) `INSERT ... ON CONFLICT DO NOTHING` into records only (the floor: what the
-  database itself costs), (b) PostgresStore.ingest with the rollup hook, the collector's whole
-  transaction without HTTP, JSON or validation.
+- Direct: the same rows, already built, from one process, one transaction per batch:
+  (a) `INSERT ... ON CONFLICT DO NOTHING` into records only (what the database itself costs),
+  on one connection and on 16 (the app threads of one collector process), (b) PostgresStore.ingest
+  with the rollup hook on one connection: the collector's whole transaction without HTTP, JSON
+  or validation.
 - Bytes on disk: pg_total_relation_size (table + indexes + TOAST) per row for records and each
   rollup table; SQLite: the same rows through SQLiteStore, the dbstat table's bytes per table
   with its indexes.
@@ -228,8 +229,9 @@ def collector_rows(agent_lines, received):
     return out
 
 
-def direct_insert(url, batches_per_agent):
-    """records only: one transaction per batch, one connection."""
+def direct_insert(url, batches_per_agent, connections=1):
+    """records only: one transaction per batch; `connections` threads of one process, each on
+    its own connection, taking agents in turn (1: strictly one after the other)."""
     import psycopg
 
     from agent.collector.store import open_store
@@ -238,19 +240,36 @@ def direct_insert(url, batches_per_agent):
     sql = ("INSERT INTO records (agent, seq, ts, kind, device, unit, status, payload, clock, received) "
            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s, %s) ON CONFLICT (agent, seq) DO NOTHING")
     lat = []
-    n = 0
-    with psycopg.connect(url) as conn:
-        t0 = time.monotonic()
-        for batches in batches_per_agent:
-            for b in batches:
-                t = time.monotonic()
-                with conn.transaction(), conn.cursor() as cur:
-                    cur.executemany(sql, b)
-                lat.append(time.monotonic() - t)
-                n += len(b)
-        elapsed = time.monotonic() - t0
+    lock = threading.Lock()
+    todo = list(batches_per_agent)
+
+    def run():
+        mine = []
+        with psycopg.connect(url) as conn:
+            while True:
+                with lock:
+                    if not todo:
+                        break
+                    batches = todo.pop(0)
+                for b in batches:
+                    t = time.monotonic()
+                    with conn.transaction(), conn.cursor() as cur:
+                        cur.executemany(sql, b)
+                    mine.append(time.monotonic() - t)
+        with lock:
+            lat.extend(mine)
+
+    n = sum(len(b) for batches in batches_per_agent for b in batches)
+    threads = [threading.Thread(target=run) for _ in range(connections)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - t0
     lat.sort()
-    return {"name": "direct INSERT, 1 process", "rate": n / elapsed, "p50": pct(lat, 50), "p99": pct(lat, 99)}
+    name = "direct INSERT, 1 process" + (", %d connections" % connections if connections > 1 else "")
+    return {"name": name, "rate": n / elapsed, "p50": pct(lat, 50), "p99": pct(lat, 99)}
 
 
 def direct_store(url, batches_per_agent, received):
@@ -455,14 +474,15 @@ def main():
         received = time.time()
         batches = collector_rows(agent_lines, received)
         for r in (direct_insert(pg.fresh("scale_direct"), batches),
+                  direct_insert(pg.fresh("scale_direct16"), batches, connections=16),
                   direct_store(pg.fresh("scale_store"), batches, received)):
             results.append(r)
             _row(r, n)
         base = results[0]["rate"]
-        direct = [r for r in results if r["name"].startswith("direct INSERT")][0]["rate"]
-        print("ratios: " + ", ".join("%s %.2fx of x1, %.2fx of direct INSERT" % (r["name"], r["rate"] / base,
-                                                                              r["rate"] / direct)
-                                     for r in results[:-2]))
+        direct = [r["rate"] for r in results if r["name"].startswith("direct INSERT")]
+        print("ratios: " + "; ".join("%s %.2fx of x1, %.2fx of direct INSERT (1 connection), %.2fx of 16"
+                                     % (r["name"], r["rate"] / base, r["rate"] / direct[0], r["rate"] / direct[1])
+                                     for r in results[:-3]))
         # bytes on disk
         print("\nbytes on disk per row (table + indexes (+ TOAST))")
         pg_s = pg_sizes(first_url)
