@@ -418,3 +418,15 @@ def test_device_page_and_metrics_show_the_devices_alerts(tmp_path):
         assert "Alerts" not in _page(c) and "modbus_alert_firing" not in c.call("GET", "/metrics")[2].decode()
     finally:
         app.close()
+
+
+def test_state_strips_say_where_they_start_when_more_readings_than_one_page_reads(client, monkeypatch):
+    from agent.collector import device_page
+
+    pts, cut = device_page.recent_samples(client.app.store, AGENT, DEVICE, utc_timestamp(T0 - 86400), limit=10)
+    assert cut is not None and cut > T0 - 7200 and min(p[0] for p in pts["mode"]) >= cut
+    assert device_page.recent_samples(client.app.store, AGENT, DEVICE, utc_timestamp(T0 - 86400))[1] is None
+    monkeypatch.setattr(device_page, "STATE_ROWS", 10)
+    html = _page(client)
+    labels = re.findall(r'<svg class="strip"[^>]* aria-label="([^"]*)"', html)
+    assert len(labels) == 4 and all(lab.endswith(": the newest 10 readings)") for lab in labels), labels

@@ -25,7 +25,7 @@ from agent.wire import utc_timestamp
 # (label, seconds, step): the step gives about 60-170 buckets per chart
 WINDOWS = (("last hour", 3600, 60), ("last day", 86400, 900), ("last week", 7 * 86400, 3600))
 STATE_WINDOWS = (("last hour", 3600), ("last day", 86400))
-STATE_ROWS = 5000       # raw records read for one state strip (the newest ones)
+STATE_ROWS = 10000      # raw records read for the state strips (the newest): a day at 10 s
 RECENT_ERRORS = 20
 
 
@@ -49,11 +49,14 @@ def split_points(values):
     return nums, others
 
 
-def recent_samples(store, agent, device, since):
-    """{point: [(epoch, value)]} from the device's raw records since `since` (the newest
-    STATE_ROWS records; samples(): buffered ones give every sample), oldest first."""
+def recent_samples(store, agent, device, since, limit=None):
+    """({point: [(epoch, value)]} oldest first, cut) from the device's raw records since `since`
+    (samples(): buffered ones give every sample). Only the newest `limit` records are read: `cut`
+    is then the epoch the read ones begin at (older ones left out), else None."""
     out = {}
-    for _ts, payload in store.series(agent, device, since, limit=STATE_ROWS):
+    limit = STATE_ROWS if limit is None else limit
+    rows = store.series(agent, device, since, limit=limit)
+    for _ts, payload in rows:
         rec = json.loads(payload) if isinstance(payload, str) else payload
         for sts, values in samples(rec):
             t = parse_utc(sts) if isinstance(sts, str) and sts >= since else None
@@ -63,7 +66,8 @@ def recent_samples(store, agent, device, since):
                 out.setdefault(k, []).append((t, v))
     for pts in out.values():
         pts.sort(key=lambda p: p[0])
-    return out
+    cut = parse_utc(rows[0][0]) if len(rows) >= limit else None
+    return out, cut
 
 
 def recent_errors(store, agent, device, n=RECENT_ERRORS):
@@ -121,7 +125,7 @@ def collect(app, agent, device, now):
     # Which points: the last values', those seen in the last day's raw records (a partial
     # reading's last values lack the refused ones) and those the rollups hold; numeric or not
     # by the newest value seen.
-    recent = recent_samples(app.store, agent, device, utc_timestamp(now - max(s for _l, s in STATE_WINDOWS)))
+    recent, cut = recent_samples(app.store, agent, device, utc_timestamp(now - max(s for _l, s in STATE_WINDOWS)))
     newest = {k: pts[-1][1] for k, pts in recent.items()}
     newest.update(values)
     for name in series.points(app.store, agent, device):
@@ -137,7 +141,7 @@ def collect(app, agent, device, now):
             per.append((label, since, res.get("step", step), res.get("buckets") or [], res.get("level")))
         charts.append((name, per))
     states = [(name, recent.get(name, [])) for name in others]
-    return {"device": d, "values": values, "charts": charts, "states": states,
+    return {"device": d, "values": values, "charts": charts, "states": states, "states_cut": cut,
             "health": _loads(d["health"]), "last_error": _loads(d["last_error"]),
             "errors": recent_errors(app.store, agent, device),
             "alerts": device_alerts(app, agent, device),
@@ -237,6 +241,9 @@ def render(data, now, agent, device):
             since = now - secs
             sel = [p for p in pts if p[0] >= since]
             spans = svg.state_spans(sel, now, stale=data["stale_after"])
+            cut = data["states_cut"]
+            if cut is not None and cut > since:  # more readings than one page reads: say where it starts
+                label += " (from %s: the newest %d readings)" % (utc_timestamp(cut)[11:16], STATE_ROWS)
             out.append(svg.state_strip(spans, since, now, label="%s \u2014 %s" % (name, label)))
         out.append('</div>')
     # health
