@@ -454,6 +454,8 @@ def main():
     ap.add_argument("--month-rows", type=int, default=100000, help="rows per month in the retention scratch table")
     ap.add_argument("--rounds", type=int, default=1,
                     help="rounds, contenders interleaved; each one's best counts (the machine may be shared)")
+    ap.add_argument("--only", default="ingest,retention",
+                    help="parts to run: ingest (with the bytes on disk), retention")
     ap.add_argument("--quick", action="store_true", help="a smoke run: 20 agents, 2 batches, 10000 rows a month")
     args = ap.parse_args()
     if args.quick:
@@ -462,70 +464,74 @@ def main():
     os.chmod(tmp, 0o755)
     pg = Postgres(tmp)
     try:
-        per_agent = args.batch * args.batches
-        agent_lines = [(make_records("agent%03d" % k, per_agent), args.batch) for k in range(args.agents)]
-        agent_bodies = [bodies("agent%03d" % k, lines, size) for k, (lines, size) in enumerate(agent_lines)]
-        n = args.agents * per_agent
-        print("PostgreSQL %s; %d agents at once, each %d batches of %d records (%d records); rollups on"
-              % (_pg_version(pg), args.agents, args.batches, args.batch, n), flush=True)
-        received = time.time()
-        batches = collector_rows(agent_lines, received)
-        contenders = [("collector x%d" % w, lambda w=w: collector_run(pg, w, agent_bodies, n, tmp))
-                      for w in [int(x) for x in args.workers.split(",")]]
-        contenders += [
-            ("direct 1", lambda: direct_insert(pg.fresh("scale_direct"), batches)),
-            ("direct 16", lambda: direct_insert(pg.fresh("scale_direct16"), batches, connections=16)),
-            ("store", lambda: direct_store(pg.fresh("scale_store0"), batches, received, rollups=False)),
-            ("store+rollups", lambda: direct_store(pg.fresh("scale_store"), batches, received)),
-        ]
-        best = {}
-        for _round in range(args.rounds):  # interleaved: each contender's best round counts
-            for key, fn in contenders:
-                r = fn()
-                if r.get("errors") or r.get("stored", n) != n:
-                    print("   !! %s: %d errors (%s), %d of %d stored"
-                          % (r["name"], len(r["errors"]), r["errors"][:2], r["stored"], n))
-                if key not in best or r["rate"] > best[key]["rate"]:
-                    best[key] = r
-        results = [best[key] for key, _ in contenders]
-        first_url = results[0]["url"]
-        for i, r in enumerate(results):
-            _row(r, n, header=i == 0)
-        base = results[0]["rate"]
-        direct = [r["rate"] for r in results if r["name"].startswith("direct INSERT")]
-        print("ratios: " + "; ".join("%s %.2fx of x1, %.2fx of direct INSERT (1 connection), %.2fx of 16"
-                                     % (r["name"], r["rate"] / base, r["rate"] / direct[0], r["rate"] / direct[1])
-                                     for r in results[:-4]))
-        store = [r["rate"] for r in results[-2:]]
-        print("rollups in the batch's transaction: Store.ingest %.0f -> %.0f records/s (%.0f%% lower)"
-              % (store[0], store[1], 100.0 * (1 - store[1] / store[0])))
-        # bytes on disk
-        print("\nbytes on disk per row (table + indexes (+ TOAST))")
-        pg_s = pg_sizes(first_url)
-        sq_path = os.path.join(tmp, "sizes.db")
-        sq_s, sq_file = sqlite_sizes(sq_path, batches, received)
-        print("%-14s %12s %14s %12s %14s" % ("table", "pg rows", "pg bytes/row", "sqlite rows", "sqlite bytes/row"))
-        for t in TABLES:
-            a, b = pg_s.get(t), sq_s.get(t)
-            print("%-14s %12s %14s %12s %14s" % (t, a[0] if a else "-", "%.0f" % (a[1] / a[0]) if a and a[0] else "-",
-                                                b[0] if b else "-", "%.0f" % (b[1] / b[0]) if b and b[0] else "-"))
-        print("(SQLite file %.1f MB for %d records; the rows: 8 values a record, 4 devices an agent, "
-              "one reading a second)" % (sq_file / 1e6, n))
-        # retention
-        print("\nretention: removing the oldest month of three (%d rows a month)" % args.month_rows)
-        ret = pg_retention(pg, args.month_rows)
-        d, p = ret["delete"], ret["partition"]
-        print("PostgreSQL chunked DELETE (1000 a transaction): %d rows in %.2f s (%.0f rows/s), then VACUUM %.2f s; "
-              "size %.1f -> %.1f MB (after VACUUM %.1f MB: space kept for reuse, not returned)"
-              % (d["rows"], d["seconds"], d["rows"] / d["seconds"], d["vacuum"], d["before"] / 1e6,
-                 d["after_delete"] / 1e6, d["after_vacuum"] / 1e6))
-        print("PostgreSQL partition by month, DETACH + DROP: %d rows in %.3f s; size %.1f -> %.1f MB (returned)"
-              % (p["rows"], p["seconds"], p["before"] / 1e6, p["after"] / 1e6))
-        print("  -> dropping a partition is %.0fx faster than chunked deletes (+VACUUM)"
-              % ((d["seconds"] + d["vacuum"]) / max(p["seconds"], 1e-6)))
-        s = sqlite_retention(sq_path)
-        print("SQLite chunked delete (Store.delete_older, 1000 a transaction): %d rows in %.2f s (%.0f rows/s)"
-              % (s["rows"], s["seconds"], s["rows"] / max(s["seconds"], 1e-9)))
+        parts = args.only.split(",")
+        if "ingest" in parts:
+            per_agent = args.batch * args.batches
+            agent_lines = [(make_records("agent%03d" % k, per_agent), args.batch) for k in range(args.agents)]
+            agent_bodies = [bodies("agent%03d" % k, lines, size) for k, (lines, size) in enumerate(agent_lines)]
+            n = args.agents * per_agent
+            print("PostgreSQL %s; %d agents at once, each %d batches of %d records (%d records); rollups on"
+                  % (_pg_version(pg), args.agents, args.batches, args.batch, n), flush=True)
+            received = time.time()
+            batches = collector_rows(agent_lines, received)
+            contenders = [("collector x%d" % w, lambda w=w: collector_run(pg, w, agent_bodies, n, tmp))
+                          for w in [int(x) for x in args.workers.split(",")]]
+            contenders += [
+                ("direct 1", lambda: direct_insert(pg.fresh("scale_direct"), batches)),
+                ("direct 16", lambda: direct_insert(pg.fresh("scale_direct16"), batches, connections=16)),
+                ("store", lambda: direct_store(pg.fresh("scale_store0"), batches, received, rollups=False)),
+                ("store+rollups", lambda: direct_store(pg.fresh("scale_store"), batches, received)),
+            ]
+            best = {}
+            for _round in range(args.rounds):  # interleaved: each contender's best round counts
+                for key, fn in contenders:
+                    r = fn()
+                    if r.get("errors") or r.get("stored", n) != n:
+                        print("   !! %s: %d errors (%s), %d of %d stored"
+                              % (r["name"], len(r["errors"]), r["errors"][:2], r["stored"], n))
+                    if key not in best or r["rate"] > best[key]["rate"]:
+                        best[key] = r
+            results = [best[key] for key, _ in contenders]
+            first_url = results[0]["url"]
+            for i, r in enumerate(results):
+                _row(r, n, header=i == 0)
+            base = results[0]["rate"]
+            direct = [r["rate"] for r in results if r["name"].startswith("direct INSERT")]
+            print("ratios: " + "; ".join("%s %.2fx of x1, %.2fx of direct INSERT (1 connection), %.2fx of 16"
+                                         % (r["name"], r["rate"] / base, r["rate"] / direct[0], r["rate"] / direct[1])
+                                         for r in results[:-4]))
+            store = [r["rate"] for r in results[-2:]]
+            print("rollups in the batch's transaction: Store.ingest %.0f -> %.0f records/s (%.0f%% lower)"
+                  % (store[0], store[1], 100.0 * (1 - store[1] / store[0])))
+            # bytes on disk
+            print("\nbytes on disk per row (table + indexes (+ TOAST))")
+            pg_s = pg_sizes(first_url)
+            sq_path = os.path.join(tmp, "sizes.db")
+            sq_s, sq_file = sqlite_sizes(sq_path, batches, received)
+            print("%-14s %12s %14s %12s %14s" % ("table", "pg rows", "pg bytes/row", "sqlite rows", "sqlite bytes/row"))
+            for t in TABLES:
+                a, b = pg_s.get(t), sq_s.get(t)
+                print("%-14s %12s %14s %12s %14s" % (t, a[0] if a else "-", "%.0f" % (a[1] / a[0]) if a and a[0] else "-",
+                                                    b[0] if b else "-", "%.0f" % (b[1] / b[0]) if b and b[0] else "-"))
+            print("(SQLite file %.1f MB for %d records; the rows: 8 values a record, 4 devices an agent, "
+                  "one reading a second)" % (sq_file / 1e6, n))
+        if "retention" in parts:
+            # retention
+            print("\nretention: removing the oldest month of three (%d rows a month)" % args.month_rows)
+            ret = pg_retention(pg, args.month_rows)
+            d, p = ret["delete"], ret["partition"]
+            print("PostgreSQL chunked DELETE (1000 a transaction): %d rows in %.2f s (%.0f rows/s), then VACUUM %.2f s; "
+                  "size %.1f -> %.1f MB (after VACUUM %.1f MB: space kept for reuse, not returned)"
+                  % (d["rows"], d["seconds"], d["rows"] / d["seconds"], d["vacuum"], d["before"] / 1e6,
+                     d["after_delete"] / 1e6, d["after_vacuum"] / 1e6))
+            print("PostgreSQL partition by month, DETACH + DROP: %d rows in %.3f s; size %.1f -> %.1f MB (returned)"
+                  % (p["rows"], p["seconds"], p["before"] / 1e6, p["after"] / 1e6))
+            print("  -> dropping a partition is %.0fx faster than chunked deletes (+VACUUM)"
+                  % ((d["seconds"] + d["vacuum"]) / max(p["seconds"], 1e-6)))
+            if "ingest" in parts:  # on the SQLite copy the ingest part made
+                s = sqlite_retention(sq_path)
+                print("SQLite chunked delete (Store.delete_older, 1000 a transaction): %d rows in %.2f s (%.0f rows/s)"
+                      % (s["rows"], s["seconds"], s["rows"] / max(s["seconds"], 1e-9)))
     finally:
         pg.close()
         shutil.rmtree(tmp, ignore_errors=True)
