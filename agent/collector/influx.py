@@ -21,6 +21,7 @@ import math
 import re
 
 from agent.collector import series
+from agent.collector.export import _closing
 from agent.collector.samples import samples
 from agent.collector.web import status
 from agent.common import parse_utc
@@ -153,6 +154,12 @@ def stream(lines, size=65536):
             buf, n = [], 0
     if buf:
         yield ("\n".join(buf) + "\n").encode("utf-8")
+
+
+def stream_records(rows):
+    """GET /api/v1/records?format=influx: the WSGI iterable of the export's rows as lines (it
+    closes the database pages when the client hangs up, as the other export formats do)."""
+    return _closing(stream(influx_lines(record_points(rows))), rows)
 
 
 def answer_series(start_response, result, agg):

@@ -12,7 +12,7 @@ from urllib.parse import parse_qs
 
 from agent.collector import influx, page, validate
 from agent.collector.config import redact
-from agent.collector.export import _closing, primed, stream_csv, stream_json, stream_jsonl
+from agent.collector.export import primed, stream_csv, stream_json, stream_jsonl
 from agent.collector.store import finite
 from agent.collector.web import HTTPError, json_answer, status
 from agent.wire import utc_timestamp
@@ -115,7 +115,7 @@ def get_records(app, environ, start_response):
              "csv": "text/csv; charset=utf-8", "influx": "text/plain; charset=utf-8"}[fmt]
     start_response(status(200), [("Content-Type", ctype), ("Cache-Control", "no-store")])
     if fmt == "influx":  # InfluxDB line protocol (agent/collector/influx.py)
-        return _closing(influx.stream(influx.influx_lines(influx.record_points(rows))), rows)
+        return influx.stream_records(rows)
     return {"json": stream_json, "jsonl": stream_jsonl, "csv": stream_csv}[fmt](rows)
 
 
