@@ -165,6 +165,7 @@ def _page(client, agent=AGENT, device=DEVICE):
     st, headers, body = client.get_url(device_url(agent, device))
     assert st == 200, body
     assert headers["Content-Type"] == "text/html; charset=utf-8"
+    assert "default-src 'none'" in headers["Content-Security-Policy"]
     return body.decode("utf-8")
 
 
