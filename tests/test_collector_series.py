@@ -383,3 +383,45 @@ def test_series_needs_the_read_token_and_unknown_points_are_empty(api):
     assert r.status == 200 and json.loads(r.body)["buckets"] == []
     r = api.get("/api/v1/series", "agent=nobody&device=m1&point=v&step=60", headers=AUTH)
     assert r.status == 200 and json.loads(r.body)["buckets"] == []
+
+
+@pytest.mark.postgres
+def test_a_record_another_process_stores_first_is_not_rolled_up_twice(url_factory):
+    """PostgreSQL: batch B's check for existing seqs runs before batch A (another collector
+    process, uncommitted) stores seq 2; B's insert then waits for A and skips seq 2. The rollups
+    and the device counters must count only what B stored (A's hook counted seq 2)."""
+    if url_factory.dialect != "postgres":
+        pytest.skip("one writer in SQLite: no concurrent insert to race with")
+    import threading
+
+    import psycopg
+
+    url = url_factory()
+    a, b = rollup.attach(open_store(url)), rollup.attach(open_store(url))
+    try:
+        agent = new_agent()
+        recs = [reading(agent, i, T0 + i, {"v": 10 * i}) for i in (1, 2, 3)]
+        rows_a = rows_of(agent, recs[1:2])
+        rows_b = rows_of(agent, recs)
+        blocked = threading.Event()
+        done = []
+        with a._write() as cur:  # A: stores seq 2 and rolls it up, not committed yet
+            a._ingest_tx(cur, agent, rows_a, T0 + 5000)
+            th = threading.Thread(target=lambda: done.append(b.ingest(agent, rows_b, T0 + 5000)))
+            th.start()
+            with psycopg.connect(url, autocommit=True) as watch:
+                for _ in range(500):  # until B waits on A's row lock
+                    if watch.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                     "AND application_name = 'modbus-collector'").fetchone()[0]:
+                        blocked.set()
+                        break
+                    time.sleep(0.01)
+            assert blocked.is_set()
+        th.join(10)
+        assert done == [(2, 1, 3)]
+        assert_same(stored(a, agent), brute(recs))
+        (dev,) = [d for d in a.devices() if d["agent"] == agent]
+        assert dev["records"] == 3
+    finally:
+        a.close()
+        b.close()
