@@ -57,10 +57,11 @@ def url_factory(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def shared(url_factory):
-    """One store with the rollup hook for the module's tests (each test uses its own agents)."""
-    s = rollup.attach(open_store(url_factory()))
-    yield s
-    s.close()
+    """{mode: store with that rollup hook} for the module's tests (each test its own agents)."""
+    stores = {m: rollup.attach(open_store(url_factory()), m) for m in ("sync", "async")}
+    yield stores
+    for s in stores.values():
+        s.close()
 
 
 # --- records and the brute force ----------------------------------------------------------------
@@ -172,12 +173,22 @@ def histories(draw):
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                  HealthCheck.too_slow])
 @given(h=histories())
-def test_buckets_equal_brute_force_for_any_arrival_order_and_repeats(shared, h):
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_buckets_equal_brute_force_for_any_arrival_order_and_repeats(shared, mode, h):
     recs, parts = h
     agent = new_agent()
     for r in recs:
         r["agent"] = agent
-    ingest_all(shared, agent, parts)
+    shared = shared[mode]
+    if mode == "async":  # the job runs now and then: between some batches, and at the end
+        for i, part in enumerate(parts):
+            ingest_all(shared, agent, [part])
+            if i % 2:
+                rollup.drain(shared)
+        rollup.drain(shared)
+        assert rollup.queued(shared) == (0, 0)
+    else:
+        ingest_all(shared, agent, parts)
     assert_same(stored(shared, agent), brute(recs))
     # the 1-minute buckets read through the API's rollup path equal the raw path's (step 60 vs
     # a raw step would differ in size, so compare 60 s from rollups with 60 s forced raw)
@@ -220,6 +231,7 @@ def test_a_day_old_backlog_merges_into_its_buckets_and_a_repost_counts_once(url_
         for _ in range(3):  # posted again and again: stored once, counted once
             assert c.post(late_body).status == 200
         assert c.post(body).status == 200
+        rollup.drain(app.store)  # alongside the app's own job: each batch is rolled up once
         got = query_series(app.store, agent, "m1", "v", utc_timestamp(minute), utc_timestamp(minute + 60), 60)
         assert got["buckets"] == [{"t": utc_timestamp(minute), "count": 3, "min": 1.0, "max": 9.0,
                                    "avg": 5.0, "last": 1.0}]
@@ -233,7 +245,8 @@ def test_a_day_old_backlog_merges_into_its_buckets_and_a_repost_counts_once(url_
 
 # --- backfill -----------------------------------------------------------------------------------
 
-def test_backfill_of_an_old_database_resumes_where_it_stopped(url_factory, monkeypatch):
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_backfill_of_an_old_database_resumes_where_it_stopped(url_factory, monkeypatch, mode):
     url = url_factory()
     monkeypatch.setattr(store_mod, "VERSION", 4)  # a database from before the rollups
     old = open_store(url)
@@ -246,7 +259,7 @@ def test_backfill_of_an_old_database_resumes_where_it_stopped(url_factory, monke
     old.close()
     monkeypatch.undo()
 
-    s = rollup.attach(open_store(url))  # migration 5: tables, backfill pending
+    s = rollup.attach(open_store(url), mode)  # migration 5: tables, backfill pending
     try:
         assert not rollup.backfill_done(s)
         assert rollup.backfill(s, chunk=70, limit=3) == 210  # stopped part-way through old-a
@@ -258,7 +271,10 @@ def test_backfill_of_an_old_database_resumes_where_it_stopped(url_factory, monke
             ingest_all(s, a, [more, below, recs[a][:40]])
             recs[a] += more + below
         s.close()
-        s = rollup.attach(open_store(url))  # a restart: the cursor is where it was
+        s = rollup.attach(open_store(url), mode)  # a restart: the cursor and the queue are kept
+        if mode == "async":
+            assert rollup.queued(s) == (4, 6)  # per agent 2 batches with new records (the re-post: none)
+            rollup.drain(s)  # the job before the backfill has finished
         # what is left: old-a's 90 old seqs past 418 plus 501 and 1001, old-b's 303 (101 included)
         assert rollup.backfill(s, chunk=70) == 90 + 2 + 303
         assert rollup.backfill_done(s)
@@ -270,6 +286,7 @@ def test_backfill_of_an_old_database_resumes_where_it_stopped(url_factory, monke
         # after it: the hook alone, no marks
         ingest_all(s, "old-a", [[reading("old-a", 2000, T0, {"v": 1})]])
         recs["old-a"].append(reading("old-a", 2000, T0, {"v": 1}))
+        rollup.drain(s)
         assert_same(stored(s, "old-a"), brute(recs["old-a"]))
         with s._read() as cur:
             cur.execute("SELECT COUNT(*) FROM rollup_pending")
@@ -279,8 +296,44 @@ def test_backfill_of_an_old_database_resumes_where_it_stopped(url_factory, monke
 
 
 def test_a_new_database_needs_no_backfill(shared):
-    assert rollup.backfill_done(shared)
-    assert rollup.backfill_step(shared) == 0
+    assert rollup.backfill_done(shared["sync"])
+    assert rollup.backfill_step(shared["sync"]) == 0
+
+
+def test_the_rollup_job_resumes_after_a_stop_and_two_jobs_count_each_batch_once(url_factory):
+    """async: queued batches survive a restart; two collector processes' jobs (two stores here)
+    draining the same queue at once roll each batch up exactly once."""
+    import threading
+
+    url = url_factory()
+    s = rollup.attach(open_store(url), "async")
+    agent = new_agent()
+    recs = [reading(agent, i, T0 + 7 * i, {"v": i % 13, "w": float(i)}, device="m%d" % (i % 3))
+            for i in range(1200)]
+    ingest_all(s, agent, [recs[i:i + 40] for i in range(0, 1200, 40)])
+    assert rollup.queued(s) == (30, 1200)
+    assert rollup.drain_step(s, max_records=100) == (80, 2)  # then stopped
+    s.close()
+    a, b = rollup.attach(open_store(url), "async"), rollup.attach(open_store(url), "async")
+    try:
+        assert rollup.queued(a) == (28, 1120)
+        ths = [threading.Thread(target=rollup.drain, args=(x,), kwargs={"max_records": 120}) for x in (a, b)]
+        for th in ths:
+            th.start()
+        for th in ths:
+            th.join(60)
+        assert rollup.queued(a) == (0, 0)
+        assert_same(stored(a, agent), brute(recs))
+    finally:
+        a.close()
+        b.close()
+
+
+def test_seq_ranges_round_trip():
+    for seqs in ([], [5], [1, 2, 3, 7, 9, 10], [-9, -8, -3, 0, 1]):
+        text = rollup.seq_ranges(seqs)
+        assert [x for lo, hi in rollup.parse_ranges(text) for x in range(lo, hi + 1)] == seqs
+    assert rollup.seq_ranges(range(100, 600)) == "100:599"
 
 
 # --- retention per level ------------------------------------------------------------------------
@@ -322,6 +375,7 @@ def api(url_factory):
     app = make_app(None, db=url_factory(), clock=lambda: T0 + 7200, read_token="r" * 20)
     recs = [reading("s1", i, T0 + 10 * i, {"v": i, "on": i % 2 == 0}) for i in range(400)]
     ingest_all(app.store, "s1", [recs])
+    rollup.drain(app.store)
     yield Client(app)
     app.close()
 
