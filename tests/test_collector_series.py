@@ -482,3 +482,31 @@ def test_a_record_another_process_stores_first_is_not_rolled_up_twice(url_factor
     finally:
         a.close()
         b.close()
+
+
+def test_the_documented_grafana_queries_run_and_agree_with_the_api(url_factory):
+    """series.GRAFANA_* (README, schema.py) with Grafana's macros expanded as Grafana does."""
+    from agent.collector import series
+
+    s = rollup.attach(open_store(url_factory()))
+    try:
+        hour = int(T0 - T0 % 3600)
+        recs = [reading("site7", i, hour + 30 * i, {"voltage_l1": 230 + i % 5}, device="meter1")
+                for i in range(240)]  # 2 hours
+        ingest_all(s, "site7", [recs])
+        frm, to = hour * 1000, (hour + 7200) * 1000
+        if url_factory.dialect == "sqlite":
+            sql = series.GRAFANA_SQLITE.replace("$__from", str(frm)).replace("$__to", str(to))
+            step = 3600
+        else:
+            sql = (series.GRAFANA_POSTGRES.replace("$__interval_ms", "600000")
+                   .replace("$__unixEpochFilter(r.t)", "r.t >= %d AND r.t <= %d" % (frm // 1000, to // 1000)))
+            step = 600
+        with s._read() as cur:
+            cur.execute(sql)
+            got = [(int(t), float(avg), mn, mx) for t, avg, mn, mx in cur.fetchall()]
+        want = query_series(s, "site7", "meter1", "voltage_l1", utc_timestamp(hour), utc_timestamp(hour + 7200), step)
+        assert len(got) == 7200 // step
+        assert got == [(int(series.epoch(b["t"])), b["avg"], b["min"], b["max"]) for b in want["buckets"]]
+    finally:
+        s.close()

@@ -25,7 +25,25 @@ seq = a NEGATIVE hash of the canonical reading (see legacy.legacy_row), outside 
 (0 and up), so agents.max_seq never counts them. (Before schema 3 it was a positive 63-bit hash;
 such rows are kind 'data' with unit NULL, and migration 3 takes them out of max_seq.)
 
-Grafana, SQLite data source (frser-sqlite-datasource), one point over time:
+rollup_series  id, agent, device, point: one row per numeric point ever rolled up
+rollup_1m, rollup_1h  per series (sid = rollup_series.id) and bucket (t: its start, epoch seconds,
+          a multiple of 60 / 3600): n, sum, min, max, last (the value of the newest sample),
+          last_ms (that sample's time, epoch milliseconds); avg = sum / n. Kept by
+          agent/collector/rollup.py, read by series.py (GET /api/v1/series).
+rollup_queue, rollup_state, rollup_pending  the rollup job's queue and the backfill's cursor.
+
+Grafana on the rollups (fast at any range; series.GRAFANA_SQLITE / GRAFANA_POSTGRES):
+    SELECT r.t AS time, r.sum / r.n AS avg, r.min AS min, r.max AS max
+    FROM rollup_1h r JOIN rollup_series s ON s.id = r.sid
+    WHERE s.agent = 'site7' AND s.device = 'meter1' AND s.point = 'voltage_l1'
+      AND r.t >= $__from / 1000 AND r.t < $__to / 1000 ORDER BY r.t          (SQLite, hourly)
+    SELECT r.t / g.step * g.step AS time, SUM(r.sum) / SUM(r.n) AS avg, MIN(r.min) AS min, MAX(r.max) AS max
+    FROM rollup_1m r JOIN rollup_series s ON s.id = r.sid,
+         (SELECT GREATEST(60, $__interval_ms / 60000 * 60) AS step) g
+    WHERE s.agent = 'site7' AND s.device = 'meter1' AND s.point = 'voltage_l1'
+      AND $__unixEpochFilter(r.t) GROUP BY 1 ORDER BY 1                       (PostgreSQL, panel step)
+
+Grafana on the raw records, SQLite data source (frser-sqlite-datasource), one point over time:
     SELECT ts AS time, json_extract(payload, '$.values.voltage_l1') AS voltage_l1 FROM records
     WHERE agent = 'site7' AND device = 'meter1' AND kind = 'data' AND status IN ('ok', 'partial')
       AND ts >= strftime('%Y-%m-%dT%H:%M:%fZ', $__from / 1000, 'unixepoch') ORDER BY ts
