@@ -510,3 +510,17 @@ def test_the_documented_grafana_queries_run_and_agree_with_the_api(url_factory):
         assert got == [(int(series.epoch(b["t"])), b["avg"], b["min"], b["max"]) for b in want["buckets"]]
     finally:
         s.close()
+
+
+def test_with_rollups_off_series_come_from_the_raw_records(tmp_path):
+    app = make_app(None, db="sqlite:///%s" % (tmp_path / "off.db"), rollups="off")
+    try:
+        ingest_all(app.store, "s1", [[reading("s1", i, T0 + 10 * i, {"v": i}) for i in range(30)]])
+        assert stored(app.store, "s1") == {} and rollup.queued(app.store) == (0, 0)
+        got = query_series(app.store, "s1", "m1", "v", utc_timestamp(T0 - 3600), utc_timestamp(T0 + 3600), 3600)
+        assert got["level"] == "raw" and [b["count"] for b in got["buckets"]] == [30]
+    finally:
+        app.close()
+    with pytest.raises(ConfigError) as e:
+        load_config(None, rollups="later")
+    assert "rollups: expected async, sync or off" in str(e.value)

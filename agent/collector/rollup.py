@@ -484,9 +484,10 @@ def start(app):
     retention every retention_interval. Returns the thread (or None)."""
     cfg = app.cfg
     mode = getattr(cfg, "rollups", "async")
-    if mode == "off":
-        return None
     store = app.store
+    if mode == "off":
+        store._rollups_off = True  # series.query_series then reads the raw records
+        return None
     attach(store, mode)
     days = {"1m": getattr(cfg, "retention_1m_days", 0.0), "1h": getattr(cfg, "retention_1h_days", 0.0)}
     stop = app._stop

@@ -153,7 +153,7 @@ def query_series(store, agent, device, point, since, until, step, agg=None):
     hi_f = epoch(until)
     hi = int(hi_f) if hi_f == int(hi_f) else int(hi_f) + 1
     hi = -(-hi // step) * step  # the end of the bucket holding until's last moment: whole buckets
-    level = level_for(step)
+    level = "raw" if store.__dict__.get("_rollups_off") else level_for(step)
     if level == "raw":
         acc = _from_raw(store, agent, device, point, lo, hi, step)
     else:
