@@ -21,7 +21,7 @@ from agent.collector.series import level_for, points, query_series
 from agent.collector.store import open_store
 from agent.wire import utc_timestamp
 from tests.test_collector_api import Client
-from tests.test_collector_store import pg_server, rows_of  # noqa: F401 -- fixture
+from tests.test_collector_store import pg_server, pg_url, rows_of  # noqa: F401 -- fixtures
 
 T0 = 1_795_000_000.0  # 2026-11-18T11:06:40Z
 _agents = iter(range(10 ** 9))
@@ -442,43 +442,59 @@ def test_series_needs_the_read_token_and_unknown_points_are_empty(api):
     assert r.status == 200 and json.loads(r.body)["buckets"] == []
 
 
-@pytest.mark.postgres
-def test_a_record_another_process_stores_first_is_not_rolled_up_twice(url_factory):
-    """PostgreSQL: batch B's check for existing seqs runs before batch A (another collector
-    process, uncommitted) stores seq 2; B's insert then waits for A and skips seq 2. The rollups
-    and the device counters must count only what B stored (A's hook counted seq 2)."""
-    if url_factory.dialect != "postgres":
-        pytest.skip("one writer in SQLite: no concurrent insert to race with")
+def _race_on_one_seq(url, a, b, agent, recs):
+    """Store A (another collector process) stores recs[1] and holds its transaction open while
+    store B's batch of all recs checks for existing seqs, inserts and waits on A's row lock;
+    then A commits. Returns B's answer."""
     import threading
 
     import psycopg
 
+    rows_a = rows_of(agent, recs[1:2])
+    rows_b = rows_of(agent, recs)
+    done = []
+    with a._write() as cur:
+        a._ingest_tx(cur, agent, rows_a, T0 + 5000)
+        th = threading.Thread(target=lambda: done.append(b.ingest(agent, rows_b, T0 + 5000)))
+        th.start()
+        with psycopg.connect(url, autocommit=True) as watch:
+            deadline = time.monotonic() + 10
+            while not watch.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                    "AND application_name = 'modbus-collector'").fetchone()[0]:
+                assert time.monotonic() < deadline, "B never waited on A's row"
+                time.sleep(0.01)
+    th.join(10)
+    return done
+
+
+@pytest.mark.postgres
+def test_a_record_another_process_stores_first_counts_once_in_the_device_summary(pg_url):  # noqa: F811
+    """PostgreSQL, two collector processes, overlapping batches of one agent: the device's
+    record counter counted the record the other process stored first a second time (fails on
+    main: 4 records for 3)."""
+    a, b = open_store(pg_url), open_store(pg_url)
+    try:
+        recs = [reading("race", i, T0 + i, {"v": 10 * i}) for i in (1, 2, 3)]
+        assert _race_on_one_seq(pg_url, a, b, "race", recs) == [(2, 1, 3)]
+        (dev,) = [d for d in a.devices() if d["agent"] == "race"]
+        assert dev["records"] == 3
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.postgres
+def test_a_record_another_process_stores_first_is_not_rolled_up_twice(url_factory):
+    """The same race: the rollups count only what each batch stored (A's hook counted seq 2)."""
+    if url_factory.dialect != "postgres":
+        pytest.skip("one writer in SQLite: no concurrent insert to race with")
     url = url_factory()
     a, b = rollup.attach(open_store(url)), rollup.attach(open_store(url))
     try:
         agent = new_agent()
         recs = [reading(agent, i, T0 + i, {"v": 10 * i}) for i in (1, 2, 3)]
-        rows_a = rows_of(agent, recs[1:2])
-        rows_b = rows_of(agent, recs)
-        blocked = threading.Event()
-        done = []
-        with a._write() as cur:  # A: stores seq 2 and rolls it up, not committed yet
-            a._ingest_tx(cur, agent, rows_a, T0 + 5000)
-            th = threading.Thread(target=lambda: done.append(b.ingest(agent, rows_b, T0 + 5000)))
-            th.start()
-            with psycopg.connect(url, autocommit=True) as watch:
-                for _ in range(500):  # until B waits on A's row lock
-                    if watch.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                                     "AND application_name = 'modbus-collector'").fetchone()[0]:
-                        blocked.set()
-                        break
-                    time.sleep(0.01)
-            assert blocked.is_set()
-        th.join(10)
-        assert done == [(2, 1, 3)]
+        assert _race_on_one_seq(url, a, b, agent, recs) == [(2, 1, 3)]
         assert_same(stored(a, agent), brute(recs))
-        (dev,) = [d for d in a.devices() if d["agent"] == agent]
-        assert dev["records"] == 3
     finally:
         a.close()
         b.close()
