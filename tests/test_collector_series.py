@@ -170,7 +170,7 @@ def histories(draw):
     return recs, parts
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                  HealthCheck.too_slow])
 @given(h=histories())
 @pytest.mark.parametrize("mode", ["sync", "async"])
