@@ -28,6 +28,7 @@ DEFAULTS = {
     "retention_days": 0.0,         # 0: keep forever
     "retention_1m_days": 0.0,      # 1-minute rollups (agent/collector/rollup.py); 0: keep forever
     "retention_1h_days": 0.0,      # 1-hour rollups; 0: keep forever
+    "rollups": "async",            # async (a job right after each batch) | sync (in its transaction) | off
     "retention_interval": 300.0,
     "retention_chunk": 1000,
     "stale_after": 300.0,
@@ -228,6 +229,10 @@ def convert(key, value):
         if len(value) < MIN_TOKEN:
             raise ValueError("too short: %d characters, at least %d (e.g. `openssl rand -hex 24`): a "
                              "short token can be guessed over the network" % (len(value), MIN_TOKEN))
+        return value
+    if key == "rollups":
+        if value not in ("async", "sync", "off"):
+            raise ValueError("expected async, sync or off, got %r" % value)
         return value
     if key == "receive_data":
         if value not in ("open", "token", "closed"):

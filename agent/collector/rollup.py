@@ -1,12 +1,20 @@
 """Rollups: per (agent, device, point) count/min/max/sum/last over 1-minute and 1-hour buckets.
 
-Maintained in the batch's own write transaction (Store.add_ingest_hook): a batch's records and
-its buckets commit together or not at all, so a bucket counts exactly the stored records, a
-re-posted batch (its records are not `fresh`) adds nothing, and there is no job whose position
-could drift from the records. Records may arrive late and in any order (an agent's day-old
-backlog): every bucket is a merge of partial aggregates (count and sum add, min/max take the
-extreme, `last` is the value of the newest sample by its own ts; of equal ts, the larger value,
-so the result does not depend on arrival order). avg = sum / count, computed when read.
+Two ways to keep them, `[collector] rollups`:
+- async (the default): the batch's transaction adds one row to rollup_queue naming its new
+  records (seq runs of one agent); the rollup job (a thread of the app, woken by the batch)
+  reads them, computes outside any write lock, then in ONE transaction deletes those queue
+  rows and merges the buckets (it gives way to a stream of batches: job_due). The queue is the job's whole state: a stop anywhere resumes
+  exactly there, and a queue row another process already took (its delete finds fewer rows)
+  rolls the step back, so nothing counts twice. Ingest pays one small insert per batch;
+  the series lag the records by the job's turn (about a second, more under overload).
+- sync: the batch's own transaction merges its buckets (read-your-writes, at the price of
+  the whole rollup work on the ingest path: tools/bench/history.py measures both).
+Either way a bucket counts exactly the stored records: a re-posted batch (its records are not
+`fresh`) adds nothing. Records may arrive late and in any order (an agent's day-old backlog):
+every bucket is a merge of partial aggregates (count and sum add, min/max take the extreme,
+`last` is the value of the newest sample by its own ts; of equal ts, the larger value, so the
+result does not depend on arrival order). avg = sum / count, computed when read.
 
 What rolls up: data records with values ("ok", "partial"), each sample of a buffered record
 (agent/collector/samples.py), and of those only numbers: JSON integers and finite floats.
@@ -17,8 +25,8 @@ strip from the raw records); records taken while the agent's clock was unset
 
 Tables (schema.py migration 5): rollup_series (id, agent, device, point), rollup_1m and rollup_1h
 (sid, t = bucket start in epoch seconds, n, sum, min, max, last, last_ms = epoch ms of the `last`
-sample), rollup_state (the backfill's cursor) and rollup_pending (records the hook rolled up ahead
-of a running backfill, which skips them).
+sample), rollup_queue (async: batches not rolled up yet), rollup_state (the backfill's cursor)
+and rollup_pending (records that went through the hook while a backfill ran: it skips them).
 
 Existing records (a database from before migration 5) are rolled up by `backfill_step`, in
 chunks of records in (agent, seq) order, each chunk and the cursor past it in one transaction:
@@ -206,29 +214,152 @@ def write_buckets(cur, store, agent, acc):
     return written
 
 
-# --- the ingest hook --------------------------------------------------------------------------
+# --- the ingest hooks ---------------------------------------------------------------------------
 
-def ingest_hook(cur, store, agent, fresh, received):
-    """Store ingest hook (CONTRACTS §9): the batch's new records into the buckets, in its
-    transaction. While a backfill runs, the records are also marked in rollup_pending."""
-    if not store.__dict__.get("_rollup_backfilled"):
-        cur.execute("SELECT done FROM rollup_state WHERE name = 'backfill'")
-        row = cur.fetchone()
-        if row is None or row[0]:
-            store._rollup_backfilled = True
-        else:
-            marks = [(agent, r[1]) for r in fresh if r[3] == "data"]
-            if marks:
-                cur.executemany(store._sql("INSERT INTO rollup_pending (agent, seq) VALUES (?, ?) "
-                                           "ON CONFLICT (agent, seq) DO NOTHING"), marks)
+MODES = ("async", "sync", "off")
+
+
+def _mark_for_backfill(cur, store, agent, fresh):
+    """While a backfill runs, mark the batch's records (the backfill skips them: they are
+    rolled up through the hook)."""
+    if store.__dict__.get("_rollup_backfilled"):
+        return
+    cur.execute("SELECT done FROM rollup_state WHERE name = 'backfill'")
+    row = cur.fetchone()
+    if row is None or row[0]:
+        store._rollup_backfilled = True
+        return
+    marks = [(agent, r[1]) for r in fresh if r[3] == "data"]
+    if marks:
+        cur.executemany(store._sql("INSERT INTO rollup_pending (agent, seq) VALUES (?, ?) "
+                                   "ON CONFLICT (agent, seq) DO NOTHING"), marks)
+
+
+def sync_hook(cur, store, agent, fresh, received):
+    """Ingest hook (CONTRACTS §9), rollups = sync: the batch's new records into the buckets,
+    in its own transaction."""
+    _mark_for_backfill(cur, store, agent, fresh)
     write_buckets(cur, store, agent, accumulate(fresh))
 
 
-def attach(store):
-    """Register the hook on `store` (once)."""
-    if ingest_hook not in tuple(store.ingest_hooks):
-        store.add_ingest_hook(ingest_hook)
+def seq_ranges(seqs):
+    """Sorted seqs -> 'lo:hi,lo:hi' (an agent's batch is one or a few runs)."""
+    out = []
+    lo = prev = None
+    for s in seqs:
+        if prev is not None and s == prev + 1:
+            prev = s
+            continue
+        if lo is not None:
+            out.append("%d:%d" % (lo, prev))
+        lo = prev = s
+    if lo is not None:
+        out.append("%d:%d" % (lo, prev))
+    return ",".join(out)
+
+
+def parse_ranges(text):
+    return [tuple(int(x) for x in part.split(":", 1)) for part in text.split(",") if part]
+
+
+def async_hook(cur, store, agent, fresh, received):
+    """Ingest hook, rollups = async (the default): one row in rollup_queue naming the batch's
+    new data records (seq runs), in the batch's transaction; the rollup job (drain_step) rolls
+    them up and deletes the row in one transaction of its own."""
+    _mark_for_backfill(cur, store, agent, fresh)
+    seqs = [r[1] for r in fresh if r[3] == "data"]  # fresh is in seq order (store._ingest_tx)
+    if seqs:
+        cur.execute(store._sql("INSERT INTO rollup_queue (agent, seqs, n) VALUES (?, ?, ?)"),
+                    (agent, seq_ranges(seqs), len(seqs)))
+        now = time.monotonic()
+        store._rollup_last_batch = now
+        if store.__dict__.get("_rollup_first_queued") is None:
+            store._rollup_first_queued = now
+
+
+ingest_hook = sync_hook  # the name CONTRACTS §9 readers look for
+
+
+def attach(store, mode="sync"):
+    """Register the hook of `mode` ("sync", "async"; "off": none) on `store`, once."""
+    if mode not in MODES:
+        raise ValueError("rollups must be one of %s, got %r" % (", ".join(MODES), mode))
+    hooks = tuple(store.ingest_hooks)
+    if mode != "off" and sync_hook not in hooks and async_hook not in hooks:
+        store.add_ingest_hook(sync_hook if mode == "sync" else async_hook)
     return store
+
+
+class _Raced(Exception):
+    """Another collector process rolled up some of these queue rows first."""
+
+
+def drain_step(store, max_records=5000):
+    """Roll up the oldest queued batches (up to about max_records records): read them and
+    compute outside any write transaction (SQLite's write lock is held only for the writes),
+    then in one transaction delete their queue rows and merge their buckets. If another
+    process deleted some of those rows first, the transaction is rolled back (nothing counted
+    twice) and the step answers 0 processed; returns (records rolled up, batches)."""
+    q = store._sql
+    payload = "payload::text" if store.dialect == "postgres" else "payload"
+    cols = "agent, seq, ts, kind, device, unit, status, %s, clock, received" % payload
+    with store._read() as cur:
+        cur.execute(q("SELECT id, agent, seqs, n FROM rollup_queue ORDER BY id LIMIT ?"), (max(1, max_records),))
+        queued = []
+        total = 0
+        for qid, agent, seqs, n in cur.fetchall():
+            if queued and total + n > max_records:
+                break
+            queued.append((qid, agent, seqs))
+            total += n
+        if not queued:
+            return 0, 0
+        by_agent = {}
+        for _qid, agent, seqs in queued:
+            rows = by_agent.setdefault(agent, [])
+            for lo, hi in parse_ranges(seqs):
+                cur.execute(q("SELECT %s FROM records WHERE agent = ? AND seq >= ? AND seq <= ?" % cols),
+                            (agent, lo, hi))
+                rows.extend(cur.fetchall())
+    accs = {agent: accumulate(rows) for agent, rows in by_agent.items()}
+    ids = [qid for qid, _a, _s in queued]
+    try:
+        with store._write() as cur:
+            deleted = 0
+            for i in range(0, len(ids), 500):
+                part = ids[i:i + 500]
+                cur.execute(q("DELETE FROM rollup_queue WHERE id IN (%s)" % ", ".join(["?"] * len(part))), part)
+                deleted += cur.rowcount
+            if deleted != len(ids):
+                raise _Raced()
+            for agent in sorted(accs):
+                write_buckets(cur, store, agent, accs[agent])
+    except _Raced:
+        return 0, 0
+    return sum(len(r) for r in by_agent.values()), len(ids)
+
+
+def drain(store, stop=None, max_records=5000, pause=0.0):
+    """drain_step until the queue is empty (or `stop`); returns records rolled up."""
+    total = 0
+    while stop is None or not stop.is_set():
+        n, batches = drain_step(store, max_records)
+        total += n
+        if batches == 0:
+            if queued(store)[0] == 0:
+                break
+            time.sleep(0.01)  # another process is rolling those up
+        if pause and stop is not None:
+            stop.wait(pause)
+    return total
+
+
+def queued(store):
+    """(batches, records) waiting in rollup_queue."""
+    with store._read() as cur:
+        cur.execute("SELECT COUNT(*), COALESCE(SUM(n), 0) FROM rollup_queue")
+        n, r = cur.fetchone()
+    return int(n), int(r)
 
 
 # --- backfill -------------------------------------------------------------------------------
@@ -331,32 +462,60 @@ def retention_once(store, days, now, chunk, stop=None, pause=0.0):
 
 # --- the app's maintenance thread ---------------------------------------------------------------
 
+# The job gives way to ingest: it rolls up once no batch came for JOB_IDLE seconds, or once the
+# oldest batch it knows of has waited JOB_MAX_LAG (so under steady load from many agents, which
+# is never idle, the series are at most that far behind, and a burst of batches is stored at the
+# rate without rollups; the work is only moved, tools/bench/history.py shows both rates).
+JOB_IDLE = 0.1
+JOB_MAX_LAG = 10.0
+
+
+def job_due(store, now):
+    first = store.__dict__.get("_rollup_first_queued")
+    if first is None:
+        return False
+    last = store.__dict__.get("_rollup_last_batch") or 0.0
+    return now - last >= JOB_IDLE or now - first >= JOB_MAX_LAG
+
+
 def start(app):
-    """Attach the hook to app.store and start the thread that runs the backfill (if one is left)
-    and the rollups' retention every retention_interval. Returns the thread (or None)."""
-    attach(app.store)
+    """Attach the hook of cfg.rollups to app.store and start the thread that runs the rollup job
+    (async: drains rollup_queue, see job_due), the backfill (if one is left) and the rollups'
+    retention every retention_interval. Returns the thread (or None)."""
     cfg = app.cfg
-    days = {"1m": getattr(cfg, "retention_1m_days", 0.0), "1h": getattr(cfg, "retention_1h_days", 0.0)}
-    need_backfill = not backfill_done(app.store)
-    if not need_backfill and not any(days.values()):
+    mode = getattr(cfg, "rollups", "async")
+    store = app.store
+    if mode == "off":
+        store._rollups_off = True  # series.query_series then reads the raw records
         return None
+    attach(store, mode)
+    days = {"1m": getattr(cfg, "retention_1m_days", 0.0), "1h": getattr(cfg, "retention_1h_days", 0.0)}
     stop = app._stop
+    state = {"backfill": not backfill_done(store), "next_retention": 0.0}
+    if mode == "async" and queued(store)[0]:  # left by a stop: at once
+        store._rollup_first_queued = time.monotonic() - JOB_MAX_LAG
 
     def loop():
-        nonlocal need_backfill
         while not stop.is_set():
             try:
-                if need_backfill:
+                if mode == "async" and job_due(store, time.monotonic()):
+                    store._rollup_first_queued = None  # a batch stored from now on sets it again
+                    drain(store, stop=stop)
+                if state["backfill"]:
                     t = time.monotonic()
-                    n = backfill(app.store, stop=stop, pause=0.01)
-                    need_backfill = not backfill_done(app.store)
-                    if not need_backfill:
-                        log.info("rollups: backfill done (%d records in %.0f s)", n, time.monotonic() - t)
-                if any(days.values()):
-                    retention_once(app.store, days, app.clock(), cfg.retention_chunk, stop, 0.05)
+                    n = backfill(store, stop=stop, pause=0.01, limit=10)
+                    state["backfill"] = not backfill_done(store)
+                    if not state["backfill"]:
+                        log.info("rollups: backfill done (last %d records in %.0f s)", n, time.monotonic() - t)
+                if any(days.values()) and time.monotonic() >= state["next_retention"]:
+                    retention_once(store, days, app.clock(), cfg.retention_chunk, stop, 0.05)
+                    state["next_retention"] = time.monotonic() + cfg.retention_interval
             except Exception:
-                log.error("rollup maintenance failed; will retry:\n%s", traceback.format_exc().rstrip())
-            stop.wait(cfg.retention_interval)
+                log.error("rollup job failed; will retry:\n%s", traceback.format_exc().rstrip())
+                stop.wait(min(5.0, cfg.retention_interval))
+                if mode == "async":
+                    store._rollup_first_queued = time.monotonic() - JOB_MAX_LAG  # try again now
+            stop.wait(0.05)  # job_due is a look at two numbers: polling it costs nothing
 
     th = threading.Thread(target=loop, name="rollups", daemon=True)
     th.start()
