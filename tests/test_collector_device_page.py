@@ -18,7 +18,7 @@ from urllib.parse import unquote
 
 import pytest
 
-from agent.collector import make_app, svg
+from agent.collector import make_app, rollup, svg
 from agent.collector.cli import make_server
 from agent.collector.device_page import device_url
 from agent.record import encode, utc_timestamp
@@ -101,6 +101,7 @@ def client(tmp_path_factory):
     other = {"agent": SLASH_AGENT, "seq": 0, "ts": utc_timestamp(T0 - 5), "device": "m1", "unit": 1,
              "values": {"v": 1}, "status": "ok"}
     assert c.call("POST", "/api/v1/batches", encode({"agent": SLASH_AGENT, "records": [other]}).rstrip(b"\n"))[0] == 200
+    rollup.drain(app.store)  # rollups = async (the default): the job's work, done now
     yield c
     app.close()
 
@@ -373,6 +374,7 @@ def test_device_page_metrics_and_influx_on_postgresql(pg_url):  # noqa: F811 -- 
         c = _Client(app)
         st, _, body = c.call("POST", "/api/v1/batches", encode({"agent": AGENT, "records": _records()}).rstrip(b"\n"))
         assert st == 200 and json.loads(body)["stored"] == len(_records()), body
+        rollup.drain(app.store)
         html = _page(c)
         assert re.findall(r'class="chartbox" data-level="(\w+)"', html) == ["1m", "1m", "1h"]
         assert html.count('class="strip"') == 4 and "ILLEGAL DATA ADDRESS" in html and "exceptions.2" in html

@@ -13,7 +13,7 @@ import threading
 import pytest
 import requests
 
-from agent.collector import influx, make_app
+from agent.collector import influx, make_app, rollup
 from agent.collector.cli import make_server
 from agent.record import encode, utc_timestamp
 
@@ -87,6 +87,7 @@ def client(tmp_path_factory):
     app.clock = lambda: T0 - 900                      # a device last heard of 15 minutes ago
     assert c.call("POST", "/api/v1/batches", _body([old], "old"))[0] == 200
     app.clock = lambda: T0
+    rollup.drain(app.store)  # rollups = async (the default): the job's work, done now
     yield c
     app.close()
 

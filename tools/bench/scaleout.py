@@ -10,16 +10,18 @@ record and per rollup row in both databases; what retention by time costs.
 - PostgreSQL: a throw-away cluster (initdb in a temporary directory, fsync on: the collector
   answers 200 only once a batch is committed), one fresh database per contender.
 - Collector: `modbus-collector --workers N` (N forked processes accepting on one listening
-  socket; each has its app threads and database connections), rollups on (they are kept in
-  each batch's transaction).
+  socket; each has its app threads and database connections), rollups as by default (async: a
+  job rolls up queued batches in the gaps; the output says how long after the last answer it
+  was done, and the bytes on disk are counted after that).
 - Load: --agents concurrent agents (threads in 4 client processes), each on its own keep-alive
   connection posting --batches batches of --batch records in a row, as agents with a backlog do.
   Latency is each POST's, from sending to the answer read; records/s over the whole run.
 - Direct: the same rows, already built, from one process, one transaction per batch:
   (a) `INSERT ... ON CONFLICT DO NOTHING` into records only (what the database itself costs),
   on one connection and on 16 (the app threads of one collector process), (b) PostgresStore.ingest
-  with the rollup hook on one connection: the collector's whole transaction without HTTP, JSON
-  or validation.
+  on one connection without rollups, with them in the batch's transaction (rollups = sync), and
+  queued then drained (rollups = async, the default: the drain's time counted): the collector's
+  whole transaction without HTTP, JSON or validation.
 - Bytes on disk: pg_total_relation_size (table + indexes + TOAST) per row for records and each
   rollup table; SQLite: the same rows through SQLiteStore, the dbstat table's bytes per table
   with its indexes.
@@ -202,6 +204,7 @@ def collector_run(pg, workers, agent_bodies, n_records, tmp):
         wait_up(port, proc, 60)
         time.sleep(0.5 * workers)  # every worker up and connected
         elapsed, lat, errors, cpu = run_load(port, agent_bodies, proc.pid)
+        lag = rollups_caught_up(url, proc)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -212,7 +215,28 @@ def collector_run(pg, workers, agent_bodies, n_records, tmp):
     stored = count_records(url)
     return {"name": "collector x%d" % workers, "rate": n_records / elapsed, "p50": pct(lat, 50),
             "p99": pct(lat, 99), "cpu_per_rec": cpu / n_records, "errors": errors, "stored": stored,
-            "url": url}
+            "url": url, "lag": lag}
+
+
+def rollups_caught_up(url, proc, timeout=300.0):
+    """Seconds after the last answer until the collector's rollup job (rollups = async, the
+    default) has emptied rollup_queue; None if it has no queue (sync) or did not finish."""
+    from agent.collector import rollup
+    from agent.collector.store import open_store
+
+    store = open_store(url, migrate=False)
+    t = time.monotonic()
+    try:
+        while time.monotonic() - t < timeout and proc.poll() is None:
+            try:
+                if rollup.queued(store)[0] == 0:
+                    return time.monotonic() - t
+            except Exception:  # no rollup_queue table: rollups in the batch's transaction
+                return None
+            time.sleep(0.05)
+        return None
+    finally:
+        store.close()
 
 
 # --- direct inserts from one process ------------------------------------------------------------------
@@ -273,14 +297,13 @@ def direct_insert(url, batches_per_agent, connections=1):
     return {"name": name, "rate": n / elapsed, "p50": pct(lat, 50), "p99": pct(lat, 99)}
 
 
-def direct_store(url, batches_per_agent, received, rollups=True):
-    """The collector's transaction (records, devices, agents, rollups) without HTTP/JSON/validation."""
+def direct_store(url, batches_per_agent, received, rollups="off"):
+    """The collector's transaction (records, devices, agents; rollups "sync" in it, or "async":
+    queued, then drained after the last batch, that time counted) without HTTP/JSON/validation."""
     from agent.collector import rollup
     from agent.collector.store import open_store
 
-    store = open_store(url)
-    if rollups:
-        rollup.attach(store)
+    store = rollup.attach(open_store(url), rollups)
     lat = []
     n = 0
     t0 = time.monotonic()
@@ -290,12 +313,13 @@ def direct_store(url, batches_per_agent, received, rollups=True):
             store.ingest(b[0][0], b, received)
             lat.append(time.monotonic() - t)
             n += len(b)
+    if rollups == "async":
+        rollup.drain(store)
     elapsed = time.monotonic() - t0
     store.close()
     lat.sort()
-    return {"name": "direct Store.ingest%s, 1 process" % ("+rollups" if rollups else ""),
-            "rate": n / elapsed, "p50": pct(lat, 50),
-            "p99": pct(lat, 99)}
+    return {"name": "direct Store.ingest%s, 1 process" % ("" if rollups == "off" else ", rollups " + rollups),
+            "rate": n / elapsed, "p50": pct(lat, 50), "p99": pct(lat, 99)}
 
 
 # --- bytes on disk ----------------------------------------------------------------------------------------
@@ -470,7 +494,7 @@ def main():
             agent_lines = [(make_records("agent%03d" % k, per_agent), args.batch) for k in range(args.agents)]
             agent_bodies = [bodies("agent%03d" % k, lines, size) for k, (lines, size) in enumerate(agent_lines)]
             n = args.agents * per_agent
-            print("PostgreSQL %s; %d agents at once, each %d batches of %d records (%d records); rollups on"
+            print("PostgreSQL %s; %d agents at once, each %d batches of %d records (%d records); collector rollups = async (the default)"
                   % (_pg_version(pg), args.agents, args.batches, args.batch, n), flush=True)
             received = time.time()
             batches = collector_rows(agent_lines, received)
@@ -479,8 +503,9 @@ def main():
             contenders += [
                 ("direct 1", lambda: direct_insert(pg.fresh("scale_direct"), batches)),
                 ("direct 16", lambda: direct_insert(pg.fresh("scale_direct16"), batches, connections=16)),
-                ("store", lambda: direct_store(pg.fresh("scale_store0"), batches, received, rollups=False)),
-                ("store+rollups", lambda: direct_store(pg.fresh("scale_store"), batches, received)),
+                ("store", lambda: direct_store(pg.fresh("scale_store0"), batches, received)),
+                ("store+sync", lambda: direct_store(pg.fresh("scale_store"), batches, received, "sync")),
+                ("store+async", lambda: direct_store(pg.fresh("scale_store2"), batches, received, "async")),
             ]
             best = {}
             for _round in range(args.rounds):  # interleaved: each contender's best round counts
@@ -499,10 +524,15 @@ def main():
             direct = [r["rate"] for r in results if r["name"].startswith("direct INSERT")]
             print("ratios: " + "; ".join("%s %.2fx of x1, %.2fx of direct INSERT (1 connection), %.2fx of 16"
                                          % (r["name"], r["rate"] / base, r["rate"] / direct[0], r["rate"] / direct[1])
-                                         for r in results[:-4]))
-            store = [r["rate"] for r in results[-2:]]
-            print("rollups in the batch's transaction: Store.ingest %.0f -> %.0f records/s (%.0f%% lower)"
-                  % (store[0], store[1], 100.0 * (1 - store[1] / store[0])))
+                                         for r in results[:-5]))
+            store = [r["rate"] for r in results[-3:]]
+            print("rollups: Store.ingest %.0f records/s without; in the batch's transaction (sync) %.0f (%.0f%% "
+                  "lower); queued and drained after (async, drain time included) %.0f (%.0f%% lower)"
+                  % (store[0], store[1], 100.0 * (1 - store[1] / store[0]), store[2],
+                     100.0 * (1 - store[2] / store[0])))
+            print("collector (rollups = async): rollup job done %s after the last answer"
+                  % ", ".join("%s %s" % (r["name"], "-" if r.get("lag") is None else "%.1f s" % r["lag"])
+                              for r in results[:-5]))
             # bytes on disk
             print("\nbytes on disk per row (table + indexes (+ TOAST))")
             pg_s = pg_sizes(first_url)
@@ -547,9 +577,9 @@ def _pg_version(pg):
 
 def _row(r, n, header=False):
     if header:
-        print("%-40s %10s %9s %9s %14s" % ("contender", "records/s", "p50 ms", "p99 ms", "CPU us/record"))
+        print("%-46s %10s %9s %9s %14s" % ("contender", "records/s", "p50 ms", "p99 ms", "CPU us/record"))
     cpu = "%.0f" % (r["cpu_per_rec"] * 1e6) if "cpu_per_rec" in r else "-"
-    print("%-40s %10.0f %9.1f %9.1f %14s" % (r["name"], r["rate"], r["p50"] * 1e3, r["p99"] * 1e3, cpu), flush=True)
+    print("%-46s %10.0f %9.1f %9.1f %14s" % (r["name"], r["rate"], r["p50"] * 1e3, r["p99"] * 1e3, cpu), flush=True)
 
 
 if __name__ == "__main__":
