@@ -433,3 +433,20 @@ def test_state_strips_say_where_they_start_when_more_readings_than_one_page_read
     html = _page(client)
     labels = re.findall(r'<svg class="strip"[^>]* aria-label="([^"]*)"', html)
     assert len(labels) == 4 and all(lab.endswith(": the newest 10 readings)") for lab in labels), labels
+
+
+def test_with_rollups_off_the_charts_come_from_raw_records_and_a_too_long_range_says_so(tmp_path, monkeypatch):
+    from agent.collector import series
+
+    app = make_app(None, db="sqlite:///%s" % (tmp_path / "off.db"), clock=lambda: T0, rollups="off")
+    try:
+        c = _Client(app)
+        assert c.call("POST", "/api/v1/batches", encode({"agent": AGENT, "records": _records()}).rstrip(b"\n"))[0] == 200
+        html = _page(c)
+        assert re.findall(r'class="chartbox" data-level="(\w+)"', html) == ["raw", "raw", "raw"]
+        assert html.count("<polyline") >= 3
+        monkeypatch.setattr(series, "MAX_RAW_RECORDS", 50)   # a week of readings beyond what a query may read
+        html = _page(c)
+        assert html.count('class="note"') == 3 and "more than 50 records" in html
+    finally:
+        app.close()

@@ -140,8 +140,12 @@ def collect(app, agent, device, now):
         per = []
         for label, secs, step in WINDOWS:
             since = now - secs
-            res = series.query_series(app.store, agent, device, name, utc_timestamp(since), until, step)
-            per.append((label, since, res.get("step", step), res.get("buckets") or [], res.get("level")))
+            try:
+                res = series.query_series(app.store, agent, device, name, utc_timestamp(since), until, step)
+            except HTTPError as e:  # rollups = off and more raw records than a query may read
+                res = {"level": "raw", "buckets": [], "note": e.error}
+            per.append((label, since, res.get("step", step), res.get("buckets") or [], res.get("level"),
+                        res.get("note")))
         charts.append((name, per))
     states = [(name, recent.get(name, [])) for name in others]
     return {"device": d, "values": values, "charts": charts, "states": states, "states_cut": cut,
@@ -232,9 +236,10 @@ def render(data, now, agent, device):
         out.append('<h2>Charts</h2><p><small>band: min to max of each interval; line: average</small></p>')
     for name, per in data["charts"]:
         out.append('<div class="point" data-point="%s"><h3>%s</h3>' % (escape(name), escape(name)))
-        for label, since, step, buckets, level in per:
-            out.append('<div class="chartbox" data-level="%s">%s</div>'
-                       % (escape(str(level)), svg.chart(buckets, since, now, step, label="%s \u2014 %s" % (name, label))))
+        for label, since, step, buckets, level, note in per:
+            out.append('<div class="chartbox" data-level="%s">%s%s</div>'
+                       % (escape(str(level)), svg.chart(buckets, since, now, step, label="%s \u2014 %s" % (name, label)),
+                          '<p class="note"><small>%s</small></p>' % escape(note) if note else ""))
         out.append('</div>')
     if data["states"]:
         out.append('<h2>States</h2>')
