@@ -40,4 +40,7 @@ def make_app(config=None, **overrides):
         from agent.collector.alerts import attach
 
         app.alerts = attach(app)
+    from agent.collector import rollup
+
+    app._rollup_thread = rollup.start(app)  # the rollups' ingest hook; backfill, their retention
     return app

@@ -17,7 +17,7 @@ import traceback
 import zlib
 from functools import partial
 
-from agent.collector import ingest, jsonbody, reads
+from agent.collector import device_page, ingest, jsonbody, metrics, reads, series
 from agent.collector.alerts import api as alerts_api
 from agent.collector.config import redact
 from agent.collector.web import AGENT_KEY, TOKEN_AGENT_KEY, HTTPError, json_answer
@@ -94,6 +94,8 @@ class CollectorApp:
         self._stop = threading.Event()
         self._retention_thread = None
         self.alerts = None   # the alert engine (agent.collector.alerts.attach), when rules are configured
+        self._rollup_thread = None  # agent/collector/rollup.start: backfill, rollup retention
+        self.counters = metrics.Counters()  # this process's ingest counters, for /metrics
         self.routes = {
             "/api/v1/batches": {"POST": partial(ingest.post_batches, self)},
             "/receive-data": {"POST": partial(ingest.post_receive_data, self)},
@@ -102,7 +104,10 @@ class CollectorApp:
             "/api/v1/agents": {"GET": partial(reads.get_agents, self)},
             "/api/v1/records": {"GET": partial(reads.get_records, self)},
             "/api/v1/alerts": {"GET": partial(alerts_api.get_alerts, self)},
+            "/api/v1/series": {"GET": partial(series.get_series, self)},
             "/": {"GET": partial(reads.get_page, self)},
+            "/device": {"GET": partial(device_page.get_device_page, self)},
+            "/metrics": {"GET": partial(metrics.get_metrics, self)},
         }
 
     # --- WSGI entry ---------------------------------------------------------------------------
@@ -110,6 +115,8 @@ class CollectorApp:
     def __call__(self, environ, start_response):
         path = environ.get("PATH_INFO") or "/"
         methods = self.routes.get(path)
+        if methods is None and path.startswith("/device/"):
+            methods = self.routes["/device"]  # /device/AGENT/DEVICE
         try:
             if methods is None:
                 raise HTTPError(404, "no such endpoint", path)
@@ -118,6 +125,7 @@ class CollectorApp:
                 raise HTTPError(405, "method not allowed", path, [("Allow", ", ".join(sorted(methods)))])
             return handler(environ, start_response)
         except HTTPError as e:
+            self.counters.refuse(metrics.route_label(path), e.status)
             if e.status >= 500:
                 log.warning("%s %s: %d %s", environ.get("REQUEST_METHOD"), path, e.status, e.error)
             else:
@@ -128,6 +136,8 @@ class CollectorApp:
                          e.where)
             return json_answer(start_response, e.status, {"error": e.error, "where": e.where}, e.headers)
         except self._db_errors as e:
+            self.counters.db_error()
+            self.counters.refuse(metrics.route_label(path), 503)
             log.error("%s %s from %s%s: database error: %s", environ.get("REQUEST_METHOD"), path,
                       environ.get("REMOTE_ADDR", "?"), _agent_note(environ), redact(e))
             return json_answer(start_response, 503, {"error": "database unavailable", "where": "storage"},
@@ -314,8 +324,9 @@ class CollectorApp:
 
     def close(self):
         self._stop.set()
-        if self._retention_thread is not None:
-            self._retention_thread.join(5)
+        for th in (self._retention_thread, self._rollup_thread):
+            if th is not None:
+                th.join(5)
         if self.alerts is not None:
             self.alerts.close()
         self.store.close()

@@ -27,10 +27,14 @@ DEFAULTS = {
     "max_depth": 8,
     "max_future_skew": 86400.0,    # a record's ts may be this far ahead of the collector's clock; 0: no check
     "retention_days": 0.0,         # 0: keep forever
+    "retention_1m_days": 0.0,      # 1-minute rollups (agent/collector/rollup.py); 0: keep forever
+    "retention_1h_days": 0.0,      # 1-hour rollups; 0: keep forever
+    "rollups": "async",            # async (a job right after each batch) | sync (in its transaction) | off
     "retention_interval": 300.0,
     "retention_chunk": 1000,
     "stale_after": 300.0,
     "refresh": 5,
+    "metrics_values": False,       # /metrics also gives the last value of every numeric point
     "log_level": "INFO",
     "workers": 1,                  # built-in server: processes sharing the listening socket
     "max_connections": 200,        # built-in server: open connections per process
@@ -41,7 +45,7 @@ DEFAULTS = {
 
 _INT_KEYS = ("max_body_bytes", "max_decompressed_bytes", "max_records", "max_depth",
              "retention_chunk", "refresh", "workers", "max_connections", "max_connections_per_address")
-_FLOAT_KEYS = ("retention_days", "retention_interval", "stale_after", "max_future_skew", "head_timeout",
+_FLOAT_KEYS = ("retention_days", "retention_1m_days", "retention_1h_days", "retention_interval", "stale_after", "max_future_skew", "head_timeout",
                "body_timeout")
 _SIZE = re.compile(r"^\s*(\d+)\s*([kKmMgG]?)[bB]?\s*$")
 MIN_TOKEN = 16
@@ -209,7 +213,7 @@ def convert(key, value):
         if v < 1:
             raise ValueError("must be at least 1")
         return v
-    if key == "retention_days":
+    if key in ("retention_days", "retention_1m_days", "retention_1h_days"):
         v = float(value)
         if v < 0:
             raise ValueError("must be 0 (keep forever) or more")
@@ -219,7 +223,7 @@ def convert(key, value):
         if key in ("head_timeout", "body_timeout") and v <= 0:
             raise ValueError("must be more than 0")
         return v
-    if key in ("require_tokens", "open_reads", "open_writes"):
+    if key in ("require_tokens", "open_reads", "open_writes", "metrics_values"):
         return _bool(value) if isinstance(value, str) else bool(value)
     if key == "read_token":
         if not value:   # `read_token =`: unset, as an empty agent token is
@@ -227,6 +231,10 @@ def convert(key, value):
         if len(value) < MIN_TOKEN:
             raise ValueError("too short: %d characters, at least %d (e.g. `openssl rand -hex 24`): a "
                              "short token can be guessed over the network" % (len(value), MIN_TOKEN))
+        return value
+    if key == "rollups":
+        if value not in ("async", "sync", "off"):
+            raise ValueError("expected async, sync or off, got %r" % value)
         return value
     if key == "receive_data":
         if value not in ("open", "token", "closed"):

@@ -62,6 +62,7 @@ def post_batches(app, environ, start_response):
         doc = None
     text = None  # the rows hold each record's text: the body and what was parsed go before storing
     stored, dups, max_seq = app.store.ingest(agent, rows, received)
+    app.counters.batch("/api/v1/batches", stored, dups)
     log.debug("batch from %s: %d stored, %d duplicates, max_seq %s, %.1f ms",
               agent, stored, dups, max_seq, (time.monotonic() - t0) * 1000)
     return json_answer(start_response, 200, {"stored": stored, "duplicates": dups, "max_seq": max_seq})
@@ -88,4 +89,5 @@ def post_receive_data(app, environ, start_response):
         raise HTTPError(422, e.reason, e.path) from None
     # Content-hash seqs, negative: outside the agents' seqs, they never move max_seq.
     stored, dups, _ = app.store.ingest(agent, rows, received)
+    app.counters.batch("/receive-data", stored, dups)
     return json_answer(start_response, 200, {"stored": stored, "duplicates": dups})

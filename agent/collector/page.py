@@ -3,6 +3,7 @@ import json
 import math
 from html import escape
 
+from agent.collector.device_page import device_url
 from agent.common import format_age
 
 SPARK_W, SPARK_H = 160, 28
@@ -171,10 +172,11 @@ def render(agents, devices, series, now, refresh=5, alerts=None):
         if len(values) > 8:
             vals += ", &hellip;"
         out.append(
-            '<tr class="device" data-agent="%s" data-device="%s"><td>%s</td><td>%s</td><td>%s</td>'
+            '<tr class="device" data-agent="%s" data-device="%s"><td>%s</td><td><a href="%s">%s</a></td><td>%s</td>'
             '<td class="%s">%s</td><td class="%s">%s%s</td><td class="vals">%s</td><td>%s%s</td>'
             '<td title="%s">%d</td></tr>'
-            % (escape(d["agent"]), escape(d["device"]), escape(d["agent"]), escape(d["device"]),
+            % (escape(d["agent"]), escape(d["device"]), escape(d["agent"]),
+               escape(device_url(d["agent"], d["device"])), escape(d["device"]),
                "" if d["unit"] is None else d["unit"], "ok" if d["fresh"] else "stale", _age(d["age_s"]),
                _STATUS_CLASS.get(status, "err"), escape(status), note,
                vals, spark, ' <small>%s</small>' % escape(name) if spark else "",

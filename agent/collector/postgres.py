@@ -133,6 +133,14 @@ class PostgresStore(Store):
         cur.executemany(self.sql_insert, rows)
         return cur.rowcount
 
+    def _stored_here(self, cur, agent, rows):
+        """Rows whose record was inserted by this transaction (xmin), not by a concurrent one
+        that got its (agent, seq) in first."""
+        cur.execute("SELECT seq FROM records WHERE agent = %s AND seq = ANY(%s) "
+                    "AND xmin = pg_current_xact_id()::xid", (agent, [r[1] for r in rows]))
+        mine = {r[0] for r in cur.fetchall()}
+        return [r for r in rows if r[1] in mine]
+
     def close(self):
         with self._all_lock:
             conns, self._all = self._all, []

@@ -10,7 +10,7 @@ import json
 import re
 from urllib.parse import parse_qs
 
-from agent.collector import page, validate
+from agent.collector import influx, page, validate
 from agent.collector.config import redact
 from agent.collector.export import primed, stream_csv, stream_json, stream_jsonl
 from agent.collector.samples import samples
@@ -129,8 +129,8 @@ def get_records(app, environ, start_response):
             raise HTTPError(400, "unknown parameter (known: %s)" % ", ".join(allowed), k)
     arg = {k: v[-1] for k, v in q.items() if v and v[-1] != ""}
     fmt = arg.pop("format", "json")
-    if fmt not in ("json", "jsonl", "csv"):
-        raise HTTPError(400, "format must be json, jsonl or csv", "format")
+    if fmt not in ("json", "jsonl", "csv", "influx"):
+        raise HTTPError(400, "format must be json, jsonl, csv or influx", "format")
     for k in ("agent", "device"):
         if k in arg:
             arg[k] = parse_name(arg[k], k)
@@ -147,8 +147,10 @@ def get_records(app, environ, start_response):
     rows = app.store.records(received_before=app.clock(), **arg)
     rows = primed(rows)  # the first page now: a database error is a 503, not a cut-off 200
     ctype = {"json": "application/json", "jsonl": "application/x-ndjson",
-             "csv": "text/csv; charset=utf-8"}[fmt]
+             "csv": "text/csv; charset=utf-8", "influx": "text/plain; charset=utf-8"}[fmt]
     start_response(status(200), [("Content-Type", ctype), ("Cache-Control", "no-store")])
+    if fmt == "influx":  # InfluxDB line protocol (agent/collector/influx.py)
+        return influx.stream_records(rows)
     return {"json": stream_json, "jsonl": stream_jsonl, "csv": stream_csv}[fmt](rows)
 
 

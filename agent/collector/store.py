@@ -263,8 +263,11 @@ class Store:
         # row last. aggregate() then sees rows in seq order: of two equal ts, the higher seq wins.
         fresh = sorted(fresh, key=_seq_of)
         stored = self._insert(cur, fresh) if fresh else 0
-        # `stored` < len(fresh) only if another process stored some of them in between: the
-        # device counters may then count those twice, the records themselves never.
+        # `stored` < len(fresh) only if another process stored some of them in between: then
+        # `fresh` becomes what this transaction stored, so neither the device counters nor an
+        # ingest hook (rollups) count those twice.
+        if stored < len(fresh):
+            fresh = self._stored_here(cur, agent, fresh)
         devices, gaps, dropped = aggregate(fresh)
         if devices:
             devices.sort(key=_device_key)
@@ -280,6 +283,11 @@ class Store:
     def _insert(self, cur, rows):
         cur.executemany(self.sql_insert, rows)
         return cur.rowcount
+
+    def _stored_here(self, cur, agent, rows):
+        """The rows this transaction inserted (others were inserted meanwhile by another
+        transaction; SQLite has one writer, so only PostgreSQL has to tell them apart)."""
+        return rows
 
     # --- queries ----------------------------------------------------------------------------
 
