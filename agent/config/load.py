@@ -15,10 +15,12 @@ from agent.config.schema import (
     AGENT_SCHEMA,
     CONNECTION_SCHEMA,
     DEVICE_SCHEMA,
+    MQTT_SCHEMA,
     UPLOAD_SCHEMA,
     AgentSettings,
     Config,
     Connection,
+    MqttSettings,
     UploadSettings,
     _apply_schema,
 )
@@ -67,7 +69,7 @@ def check_config(path, text=None):
     return (None if problems.errors else cfg), problems.errors, problems.warnings
 
 
-SECTION_KINDS = ("agent", "upload", "connection:NAME", "device:NAME", "points:NAME")
+SECTION_KINDS = ("agent", "upload", "mqtt", "connection:NAME", "device:NAME", "points:NAME")
 
 
 def default_seq_file(config_path, agent_id):
@@ -129,7 +131,10 @@ def _load(path, text):
             problems.warn(path, s.line, s.name, None, "no device uses this connection")
     _check_bus_time(connections, problems)
     _check_units(devices, problems)
-    return Config(path, agent, upload, connections, devices, disabled, problems.warnings), problems
+    mqtt = None
+    if by_kind["mqtt"] is not None:
+        mqtt = _load_mqtt(by_kind["mqtt"], agent, devices, problems)
+    return Config(path, agent, upload, connections, devices, disabled, problems.warnings, mqtt=mqtt), problems
 
 
 def _good(values):
@@ -139,11 +144,11 @@ def _good(values):
 
 def _sort_sections(path, sections, problems):
     """{'agent': Section|None, 'upload': Section|None, 'connection'|'device'|'points': {name: Section}}"""
-    out = {"agent": None, "upload": None, "connection": {}, "device": {}, "points": {}}
+    out = {"agent": None, "upload": None, "mqtt": None, "connection": {}, "device": {}, "points": {}}
     for s in sections:
         head, sep, name = s.name.partition(":")
         head, name = head.strip().lower(), name.strip()
-        if s.name in ("agent", "upload"):
+        if s.name in ("agent", "upload", "mqtt"):
             out[s.name] = s
         elif sep and name and head in ("device", "points") and name_problem(name):
             problems.error(path, s.line, s.name, None, name_problem(name))
@@ -151,7 +156,7 @@ def _sort_sections(path, sections, problems):
             out[head][name] = s
         else:
             problems.error(path, s.line, s.name, None, "unknown section%s; sections are %s" % (
-                _suggest(head, ("agent", "upload", "connection", "device", "points")),
+                _suggest(head, ("agent", "upload", "mqtt", "connection", "device", "points")),
                 ", ".join("[%s]" % k for k in SECTION_KINDS)))
     return out
 
@@ -172,6 +177,47 @@ def _load_upload(s, agent, problems):
         problems.warn(s.path, _line_of(s, "url"), s.name, "url",
                       "plain http without an [upload] token, so anyone on the path can read and forge uploads")
     return upload
+
+
+def _load_mqtt(s, agent, devices, problems):
+    """[mqtt] -> MqttSettings (agent.mqtt), with the checks that need more than one key."""
+    from agent.mqtt.topic import Template, topic_problem
+    from agent.mqtt.url import parse_url
+
+    m = MqttSettings(**_good(_apply_schema(s, MQTT_SCHEMA, problems)))
+    if m.quarantine_file is None and agent.spool_dir:
+        m.quarantine_file = os.path.join(agent.spool_dir, "mqtt-quarantine.jsonl")
+    if not m.url:
+        return m
+    tls, host, _port = parse_url(m.url)
+    for key in ("ca_file", "cert_file", "key_file"):
+        f = getattr(m, key)
+        if f is not None and not os.access(f, os.R_OK):
+            problems.error(s.path, _line_of(s, key), s.name, key, "%s: cannot read it (%s)" % (
+                f, "no such file" if not os.path.exists(f) else "permission denied"))
+        elif f is not None and not tls:
+            problems.warn(s.path, _line_of(s, key), s.name, key, "is only used with an mqtts:// url")
+    if m.key_file and not m.cert_file:
+        problems.error(s.path, _line_of(s, "key_file"), s.name, "key_file", "needs cert_file (the client certificate)")
+    if m.insecure and tls:
+        problems.warn(s.path, _line_of(s, "insecure"), s.name, "insecure",
+                      "yes: the broker's certificate is not checked, anyone on the path can pose as the broker")
+    local = re.match(r"^(127\.|localhost$|::1$)", host)
+    if m.password is not None and not tls and not local:
+        problems.warn(s.path, _line_of(s, "password"), s.name, "password",
+                      "is sent in clear text over mqtt://: use mqtts:// so that nobody on the path reads it")
+    if m.password is not None and m.username is None:
+        problems.error(s.path, _line_of(s, "password"), s.name, "password", "needs username")
+    if m.topic and agent.id:
+        tmpl = Template(m.topic)
+        if "device" in tmpl.fields:
+            for d in devices:
+                bad = topic_problem(d.name)
+                if bad and "wildcard" in bad:
+                    problems.error(d.path, d.line, "device:" + d.name, None,
+                                   "the name %s, and [mqtt] topic %r puts it in the topic: rename the device "
+                                   "or leave {device} out of the topic" % (bad, m.topic))
+    return m
 
 
 def _load_connection(name, s, problems):
