@@ -153,7 +153,8 @@ class Auditor:
         self.topic = topic
         self.counts = {}
         self.redelivered = 0        # deliveries the broker flagged dup (its own resend to us)
-        self.messages = []          # (topic, payload) of the first few, for the tests to look at
+        self.messages = []          # (topic, payload) of the first few per topic, for the tests to look at
+        self._per_topic = {}
         self.status = []            # payloads seen on status topics
         self.lock = threading.Lock()
         c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False,
@@ -177,7 +178,9 @@ class Auditor:
             if msg.topic.endswith("/status"):
                 self.status.append((msg.topic, msg.payload, msg.retain))
                 return
-            if len(self.messages) < 50:
+            n = self._per_topic.get(msg.topic, 0)
+            if n < 60:
+                self._per_topic[msg.topic] = n + 1
                 self.messages.append((msg.topic, msg.payload))
             if msg.dup:
                 self.redelivered += 1
@@ -194,5 +197,5 @@ class Auditor:
             return {s: n for (a, s), n in self.counts.items() if a == agent and n > 1}
 
     def stop(self):
-        self.client.loop_stop()
         self.client.disconnect()
+        self.client.loop_stop()

@@ -187,27 +187,25 @@ def _load_mqtt(s, agent, devices, problems):
     m = MqttSettings(**_good(_apply_schema(s, MQTT_SCHEMA, problems)))
     if m.quarantine_file is None and agent.spool_dir:
         m.quarantine_file = os.path.join(agent.spool_dir, "mqtt-quarantine.jsonl")
-    if not m.url:
-        return m
-    tls, host, _port = parse_url(m.url)
+    if m.password is not None and m.username is None:
+        problems.error(s.path, _line_of(s, "password"), s.name, "password", "needs username")
+    if m.key_file and not m.cert_file:
+        problems.error(s.path, _line_of(s, "key_file"), s.name, "key_file", "needs cert_file (the client certificate)")
+    tls, host = parse_url(m.url)[:2] if m.url else (None, "")
     for key in ("ca_file", "cert_file", "key_file"):
         f = getattr(m, key)
         if f is not None and not os.access(f, os.R_OK):
             problems.error(s.path, _line_of(s, key), s.name, key, "%s: cannot read it (%s)" % (
                 f, "no such file" if not os.path.exists(f) else "permission denied"))
-        elif f is not None and not tls:
+        elif f is not None and tls is False:
             problems.warn(s.path, _line_of(s, key), s.name, key, "is only used with an mqtts:// url")
-    if m.key_file and not m.cert_file:
-        problems.error(s.path, _line_of(s, "key_file"), s.name, "key_file", "needs cert_file (the client certificate)")
     if m.insecure and tls:
         problems.warn(s.path, _line_of(s, "insecure"), s.name, "insecure",
                       "yes: the broker's certificate is not checked, anyone on the path can pose as the broker")
     local = re.match(r"^(127\.|localhost$|::1$)", host)
-    if m.password is not None and not tls and not local:
+    if m.password is not None and tls is False and not local:
         problems.warn(s.path, _line_of(s, "password"), s.name, "password",
                       "is sent in clear text over mqtt://: use mqtts:// so that nobody on the path reads it")
-    if m.password is not None and m.username is None:
-        problems.error(s.path, _line_of(s, "password"), s.name, "password", "needs username")
     if m.topic and agent.id:
         tmpl = Template(m.topic)
         if "device" in tmpl.fields:

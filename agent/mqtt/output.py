@@ -17,7 +17,9 @@ Time: no call blocks past the loop's `until`: the TCP connect and TLS handshake 
 (agent.mqtt.session), waiting for PUBACKs is a select bounded by `until`; a batch whose PUBACKs
 have not all come by then stays in flight and is finished in the next gap (nothing is cut short:
 the connection carries it). A new batch is started only when the time left covers what a batch
-has been taking (agent.upload.timing.RequestTimes, shared with the HTTP output).
+has been taking the CPU: handing a batch to paho (topics, packets, socket writes) measured by
+agent.upload.timing.RequestTimes (shared with the HTTP output); the round trip to the broker is
+not part of it, since a batch in flight never holds the loop.
 
 Failures, each one WARNING (an outage) or ERROR (the operator must act: a wrong password, a
 certificate, a refused client id) per attempt, i.e. once per back-off step, never once per gap;
@@ -53,6 +55,9 @@ from agent.wire import utc_timestamp
 log = logging.getLogger("agent.mqtt")
 
 BACKOFF_BASE = 1.0
+# A connect attempt starts in any gap at least this long: its steps never block (but for the
+# name lookup, see agent.mqtt.session), it goes on in the next gaps.
+CONNECT_GAP = 0.005
 # PUBACK reasons that are the message's own fault (sending it again cannot help)
 MESSAGE_FAULT = {0x90: "topic name invalid", 0x95: "packet too large", 0x99: "payload format invalid"}
 # the broker's own refusal (mosquitto says this for a message above its message_size_limit)
@@ -77,7 +82,7 @@ class MqttOutput(Output):
         self.qos = s.qos
         self.max_bytes = int(s.max_message_kb * 1024)
         self._limit_bytes = self.max_bytes      # lowered after a batch message was refused as too big
-        self.quarantine = quarantine if quarantine is not None else Quarantine(s.quarantine_file)
+        self.quarantine = quarantine if quarantine is not None else Quarantine(s.quarantine_file, label="mqtt")
         self._tls = None
         if self.tls_on:
             self._tls = tls_context(s.ca_file, s.cert_file, s.key_file, s.insecure)
@@ -87,8 +92,6 @@ class MqttOutput(Output):
         self._mids = {}             # mid -> index in _msgs
         self._acked = []            # per message: None (waiting), True (PUBACK ok), reason (refused)
         self._waiting = 0
-        self._sent_at = 0.0
-        self._cold = True
         self._resend = None         # (first, last) seq not acknowledged when the last connection went
         self._times = RequestTimes()
         self._failures = 0
@@ -178,7 +181,7 @@ class MqttOutput(Output):
         """Start or advance a connect attempt. -> None when UP; DEADLINE: time's up (an attempt
         goes on in the next gap); BACKOFF: it failed."""
         if self._session is None:
-            if until - self.mono() < self.request_time():
+            if until - self.mono() < CONNECT_GAP:
                 return DEADLINE
             will = (self.status_topic, b"offline") if self.status_topic else None
             try:
@@ -196,7 +199,7 @@ class MqttOutput(Output):
         if state != UP:
             return DEADLINE
         sess = self._session
-        self._cold = True
+        self._times.alive = True
         took = self.mono() - sess.started
         mp = sess.max_packet
         self._st["broker_max_packet"] = mp
@@ -272,10 +275,13 @@ class MqttOutput(Output):
         self._acked = [None] * len(self._msgs)
         self._mids = {}
         self._waiting = len(self._msgs)
-        self._sent_at = self.mono()
+        t0 = self.mono()
         try:
             for i, m in enumerate(self._msgs):
                 self._mids[self._session.publish(m.topic, m.payload, self.qos, self.s.retain)] = i
+            # what handing a batch over takes (the CPU's time: the PUBACKs are waited for in
+            # select, bounded by the gap, and a batch in flight goes on in the next gap)
+            self._times.answered(False, self.mono() - t0)
         except ConnectFailed as e:
             log.warning("mqtt: %s", e.reason)
             self._session.close()
@@ -299,8 +305,6 @@ class MqttOutput(Output):
         refused = next(((i, a) for i, a in enumerate(self._acked) if a is not None and a is not True), None)
         if refused is None:
             b = self._batch
-            self._times.answered(self._cold, self.mono() - self._sent_at)
-            self._cold = False
             spool.ack(b)
             self._count(b.count, len(self._msgs), res)
             self._clear()
@@ -354,6 +358,7 @@ class MqttOutput(Output):
     def _lost(self, spool, res):
         """The connection went while a batch was in flight (or before one)."""
         sess, self._session = self._session, None
+        self._times.alive = False
         reason = sess.reason if sess is not None else "connection lost"
         if self._batch is not None:
             rest = self._ack_prefix(spool, res)
@@ -362,7 +367,6 @@ class MqttOutput(Output):
                 reason += "; %d record(s) seq %d..%d not acknowledged: sent again on the next connection" % (
                     rest.count, rest.first_seq, rest.last_seq)
             self._clear()
-        self._times.unanswered(0.0)
         self._fail(reason)
 
     def _count(self, records, messages, res):

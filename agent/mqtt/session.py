@@ -163,7 +163,7 @@ class Session:
                 self._want = "w"
                 return
             except ssl.SSLCertVerificationError as e:
-                raise ConnectFailed("TLS: %s" % (e.verify_message or e),
+                raise ConnectFailed("TLS: certificate verify failed: %s" % (e.verify_message or e),
                                     "check [mqtt] ca_file (the CA that signed the broker's certificate) and "
                                     "that the url's host is the name in the certificate") from None
             except (ssl.SSLError, OSError) as e:
