@@ -5,6 +5,7 @@ auditing subscriber with a persistent session.
     broker = Mosquitto(tmp_dir).start()      # broker.port (plain), broker.tls_port, broker.ca
     broker.restart(); broker.kill9(); broker.stop()
     sub = Auditor(broker).start()            # sub.counts[(agent, seq)] -> deliveries
+    relay = Relay(broker.port)               # agent -> relay.port -> broker; relay.reset() RSTs all
 
 `Mosquitto.skip_reason()` says why a broker cannot run here (pytest.skip with it).
 """
@@ -14,6 +15,7 @@ import pwd
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -199,3 +201,69 @@ class Auditor:
     def stop(self):
         self.client.disconnect()
         self.client.loop_stop()
+
+
+class Relay:
+    """A TCP relay agent <-> broker that can reset every connection it carries (mid-publish)."""
+
+    def __init__(self, port):
+        self.target = ("127.0.0.1", port)
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.conns = []
+        self.resets = 0
+        self.stopped = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self.stopped:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                u = socket.create_connection(self.target, 2)
+                u.settimeout(None)
+            except OSError:
+                c.close()
+                continue
+            self.conns.append((c, u))
+            for a, b in ((c, u), (u, c)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a, b):
+        try:
+            while True:
+                data = a.recv(65536)
+                if not data:
+                    break
+                b.sendall(data)
+        except OSError:
+            pass
+        for s in (a, b):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def reset(self):
+        """RST both sides of every connection (SO_LINGER 0), as a NAT or a radio link does."""
+        for c, u in self.conns:
+            for s in (c, u):
+                try:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    s.shutdown(socket.SHUT_RDWR)    # wakes the pipe threads blocked in recv
+                except OSError:
+                    pass
+                s.close()
+        self.resets += 1
+        self.conns = []
+
+    def close(self):
+        self.stopped = True
+        self.reset()
+        self.sock.close()

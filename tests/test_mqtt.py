@@ -5,7 +5,6 @@ import json
 import logging
 import os
 import socket
-import threading
 import time
 
 import pytest
@@ -14,7 +13,7 @@ from agent.config.schema import MqttSettings
 from agent.mqtt.output import MqttOutput
 from agent.record import data_record
 from agent.spool import Spool
-from tests.brokers import PASSWORD, USER, Auditor, Mosquitto
+from tests.brokers import PASSWORD, USER, Auditor, Mosquitto, Relay
 
 pytestmark = pytest.mark.skipif(Mosquitto.skip_reason() is not None, reason=str(Mosquitto.skip_reason()))
 
@@ -250,74 +249,6 @@ def test_the_window_is_bounded(broker, tmp_path):
     finally:
         out.close()
         sp.close()
-
-
-class Relay:
-    """A TCP relay agent <-> broker that can reset every connection it carries (mid-publish)."""
-
-    def __init__(self, port):
-        self.target = ("127.0.0.1", port)
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(8)
-        self.port = self.sock.getsockname()[1]
-        self.conns = []
-        self.resets = 0
-        self.stopped = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while not self.stopped:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            try:
-                u = socket.create_connection(self.target, 2)
-                u.settimeout(None)
-            except OSError:
-                c.close()
-                continue
-            self.conns.append((c, u))
-            for a, b in ((c, u), (u, c)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(a, b):
-        try:
-            while True:
-                data = a.recv(65536)
-                if not data:
-                    break
-                b.sendall(data)
-        except OSError:
-            pass
-        for s in (a, b):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def reset(self):
-        """RST both sides of every connection (SO_LINGER 0), as a NAT or a radio link does."""
-        import struct
-
-        for c, u in self.conns:
-            for s in (c, u):
-                try:
-                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                    s.shutdown(socket.SHUT_RDWR)    # wakes the pipe threads blocked in recv
-                except OSError:
-                    pass
-                s.close()
-        self.resets += 1
-        self.conns = []
-
-    def close(self):
-        self.stopped = True
-        self.reset()
-        self.sock.close()
 
 
 def test_a_reset_mid_publish_resends_only_what_was_not_acknowledged(broker, auditor, tmp_path, caplog):

@@ -93,6 +93,7 @@ class MqttOutput(Output):
         self._acked = []            # per message: None (waiting), True (PUBACK ok), reason (refused)
         self._waiting = 0
         self._resend = None         # (first, last) seq not acknowledged when the last connection went
+        self._batch_first = None    # the first seq this process published
         self._times = RequestTimes()
         self._failures = 0
         self._backoff_until = 0.0
@@ -112,7 +113,15 @@ class MqttOutput(Output):
         return self._times.need()
 
     def retry_at(self):
-        return self._backoff_until if self._backoff_until > self.mono() else None
+        """The end of a back-off; while connected, when the next keepalive ping is due (a poll
+        interval longer than `keepalive` must not let the broker drop the connection)."""
+        now = self.mono()
+        if self._backoff_until > now:
+            return self._backoff_until
+        sess = self._session
+        if sess is not None and sess.state == UP:
+            return max(now + 1.0, sess.ping_due())     # (keepalive >= 5s: never a busy wake-up)
+        return None
 
     def state(self):
         st = dict(self._st)
@@ -262,6 +271,11 @@ class MqttOutput(Output):
                 res["quarantined"] += bad.count
                 return
             batch = batch.split(i)[0]   # what comes before it goes now, then it is first
+        if not self._st["batches_total"] and self._batch_first is None:
+            # what this process starts from: after a kill, the batch in flight then goes again
+            self._batch_first = batch.first_seq
+            log.info("mqtt: publishing from seq %d (the first record the broker has not acknowledged)",
+                     batch.first_seq)
         if self._resend is not None:
             lo, hi = self._resend
             if batch.first_seq <= hi:

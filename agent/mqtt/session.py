@@ -274,6 +274,14 @@ class Session:
             raise ConnectFailed("publish: %s" % paho.error_string(info.rc))
         return info.mid
 
+    def ping_due(self):
+        """time.monotonic() when paho will send its next PINGREQ (keepalive without traffic)."""
+        c = self.client
+        try:
+            return min(c._last_msg_out, c._last_bytes_received) + c._keepalive
+        except (AttributeError, TypeError):     # another paho: every keepalive/2 is safe
+            return self.mono() + self.s.keepalive / 2.0
+
     def inflight(self):
         c = self.client
         return len(c._out_messages) if c is not None else 0
