@@ -191,7 +191,11 @@ def test_messages_are_the_spool_lines_as_they_are():
     tmpl = Template("t/{device}")
     per = message.plan(lines, lambda x: tmpl.for_line(x, "a1"), False, 1 << 20)
     assert [m.payload for m in per.messages] == lines and per.too_big is None
-    assert [(m.first, m.end) for m in per.messages] == [(i, i + 1) for i in range(6)]
+    assert [(m.first, m.count) for m in per.messages] == [(i, 1) for i in range(6)]
+    # batch = yes with interleaved devices: one array per topic, each in seq order
+    grouped = message.plan(lines, lambda x: tmpl.for_line(x, "a1"), True, 1 << 20)
+    assert [(m.topic, m.first, m.count) for m in grouped.messages] == [("t/m0", 0, 3), ("t/m1", 1, 3)]
+    assert grouped.messages[1].payload == b"[" + b",".join(lines[1::2]) + b"]"
     # batch = yes: consecutive records of one topic become one JSON array of the same bytes
     same = Template("t/{agent}")
     arr = message.plan(lines, lambda x: same.for_line(x, "a1"), True, 1 << 20)

@@ -1,14 +1,16 @@
 """From a spool batch to MQTT messages, the spool's bytes as they are (never re-encoded).
 
 One message per record (`[mqtt] batch = no`): the payload is the record's line. One message per
-batch (`batch = yes`, for brokers that bill per message): consecutive records that go to the same
-topic are joined into a JSON array `[LINE,LINE,...]`, cut so that no message is bigger than
-`max_bytes`. A record whose message alone would be bigger than `max_bytes` (the configured
+batch (`batch = yes`, for brokers that bill per message): the batch's records that go to one
+topic are joined into a JSON array `[LINE,LINE,...]` (seq order), cut so that no message is
+bigger than `max_bytes`. A record whose message alone would be bigger than `max_bytes` (the configured
 `max_message_kb`, or less when the broker's CONNACK announces a smaller Maximum Packet Size)
 can never be published: the plan stops before it (`Plan.too_big`: its index and size), the output
 publishes what comes before it and then quarantines it, so the spool's cursor only moves forward.
 
-A message is `(topic, payload, first, end)`: lines first..end-1 of the batch (seq order kept).
+The lines before the first line of the earliest message not yet acknowledged are all in
+acknowledged messages: that prefix of the batch may be acknowledged in the spool
+(agent.mqtt.output, when a connection is lost).
 """
 
 # MQTT PUBLISH overhead besides topic and payload: fixed header (1 + up to 4 length bytes), topic
@@ -18,22 +20,21 @@ PACKET_OVERHEAD = 16
 
 
 class Message:
-    __slots__ = ("topic", "payload", "first", "end")
+    """`first`: the batch index of its first line; `count`: its lines (a batch message's lines
+    are not always next to each other: records of other topics come between)."""
 
-    def __init__(self, topic, payload, first, end):
-        self.topic, self.payload, self.first, self.end = topic, payload, first, end
+    __slots__ = ("topic", "payload", "first", "count")
 
-    @property
-    def count(self):
-        return self.end - self.first
+    def __init__(self, topic, payload, first, count):
+        self.topic, self.payload, self.first, self.count = topic, payload, first, count
 
     def __repr__(self):
-        return "Message(%r, %d bytes, lines %d..%d)" % (self.topic, len(self.payload), self.first, self.end - 1)
+        return "Message(%r, %d bytes, %d line(s) from %d)" % (self.topic, len(self.payload), self.count, self.first)
 
 
 class Plan:
-    """What one batch becomes: `messages` in seq order, and `too_big`: (index, size) of the line the
-    plan stopped at, or None."""
+    """What one batch becomes: `messages` (ordered by their first line), and `too_big`: (index,
+    size) of the line the plan stopped at, or None."""
 
     __slots__ = ("messages", "too_big")
 
@@ -43,33 +44,35 @@ class Plan:
 
 
 def plan(lines, topic_of, per_batch, max_bytes):
-    """`lines`: the batch's lines (bytes); `topic_of(line)` -> topic; `max_bytes`: the biggest
-    PUBLISH packet allowed (payload + topic + PACKET_OVERHEAD)."""
+    """`lines`: the batch's lines (bytes); `topic_of(line)` -> topic; `per_batch`: one JSON array
+    per topic (the batch's records of that topic, in seq order, cut at the size limit);
+    `max_bytes`: the biggest PUBLISH packet allowed (payload + topic + PACKET_OVERHEAD)."""
     out = Plan()
-    run, run_topic, run_first, run_size = [], None, 0, 0
-    room = 0
+    open_runs = {}      # topic -> [lines, first index, payload size]
 
-    def flush(end):
-        if run:
-            payload = run[0] if not per_batch else b"[" + b",".join(run) + b"]"
-            out.messages.append(Message(run_topic, payload, run_first, end))
+    def flush(topic):
+        run = open_runs.pop(topic)
+        out.messages.append(Message(topic, b"[" + b",".join(run[0]) + b"]", run[1], len(run[0])))
 
     for i, line in enumerate(lines):
         topic = topic_of(line)
         room = max_bytes - PACKET_OVERHEAD - len(topic.encode("utf-8"))
-        size = len(line) + (2 if per_batch else 0)
-        if size > room:
-            flush(i)
+        if len(line) + (2 if per_batch else 0) > room:
             out.too_big = (i, len(line))
-            return out
-        if per_batch and run and topic == run_topic and run_size + len(line) + 1 <= room:
-            run.append(line)
-            run_size += len(line) + 1
-            continue
-        flush(i)
-        run, run_topic, run_first, run_size = [line], topic, i, len(line) + 2
+            break
         if not per_batch:
-            flush(i + 1)
-            run = []
-    flush(len(lines))
+            out.messages.append(Message(topic, line, i, 1))
+            continue
+        run = open_runs.get(topic)
+        if run is not None and run[2] + len(line) + 1 > room:
+            flush(topic)
+            run = None
+        if run is None:
+            open_runs[topic] = [[line], i, len(line) + 2]
+        else:
+            run[0].append(line)
+            run[2] += len(line) + 1
+    for topic in list(open_runs):
+        flush(topic)
+    out.messages.sort(key=lambda m: m.first)
     return out

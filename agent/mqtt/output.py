@@ -94,6 +94,7 @@ class MqttOutput(Output):
         self._waiting = 0
         self._resend = None         # (first, last) seq not acknowledged when the last connection went
         self._batch_first = None    # the first seq this process published
+        self._early = self._early_reason = None
         self._times = RequestTimes()
         self._failures = 0
         self._backoff_until = 0.0
@@ -292,7 +293,12 @@ class MqttOutput(Output):
         t0 = self.mono()
         try:
             for i, m in enumerate(self._msgs):
-                self._mids[self._session.publish(m.topic, m.payload, self.qos, self.s.retain)] = i
+                self._early = None
+                mid = self._session.publish(m.topic, m.payload, self.qos, self.s.retain)
+                self._mids[mid] = i
+                if self._early == mid:      # QoS 0: written (and "published") inside publish()
+                    self._on_publish(mid, self._early_reason)
+            self._early = None
             # what handing a batch over takes (the CPU's time: the PUBACKs are waited for in
             # select, bounded by the gap, and a batch in flight goes on in the next gap)
             self._times.answered(False, self.mono() - t0)
@@ -304,7 +310,9 @@ class MqttOutput(Output):
     def _on_publish(self, mid, reason):
         i = self._mids.pop(mid, None)
         if i is None:
-            return      # the status topic's, or a batch given up on
+            # the status topic's, a batch given up on, or QoS 0 inside publish() (see _start)
+            self._early, self._early_reason = mid, reason
+            return
         code = getattr(reason, "value", 0) or 0
         self._acked[i] = True if code < 0x80 else (code, str(reason))
         self._waiting -= 1
@@ -354,19 +362,18 @@ class MqttOutput(Output):
     def _ack_prefix(self, spool, res):
         """Acknowledge the lines of the leading messages that all had their PUBACK."""
         b = self._batch
-        j = 0
-        while j < len(self._msgs) and self._acked[j] is True:
-            j += 1
-        if j == 0:
+        waiting = [m.first for m, a in zip(self._msgs, self._acked) if a is not True]
+        end = min(waiting) if waiting else b.count
+        done = sum(1 for m, a in zip(self._msgs, self._acked) if a is True and m.first < end)
+        if end == 0:
             return b
-        end = self._msgs[j - 1].end
         if end >= b.count:
             spool.ack(b)
-            self._count(b.count, j, res)
+            self._count(b.count, done, res)
             return None
         head, rest = b.split(end)
         spool.ack(head)
-        self._count(head.count, j, res)
+        self._count(head.count, done, res)
         return rest
 
     def _lost(self, spool, res):

@@ -98,6 +98,8 @@ class Session:
         family, kind, proto, _name, addr = infos[0]
         sock = socket.socket(family, kind, proto)
         sock.setblocking(False)
+        # small PUBLISH packets as they come: Nagle + the broker's delayed ACK stall the window
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         err = sock.connect_ex(addr)
         if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
             sock.close()
