@@ -447,14 +447,15 @@ class Loop:
             return
         # what to rebuild: the keys the config schema tags SPOOL / UPLOADER / MQTT (agent.config.schema);
         # the spool is opened again too when the set of outputs (its cursors) changes
-        if (changed(old, new, SPOOL) or output_names(new, self._extra) != tuple(self.spool.outputs)) \
-                and not self._reopen_spool(old, new):
+        reopen = changed(old, new, SPOOL) or output_names(new, self._extra) != tuple(self.spool.outputs)
+        if reopen and not self._reopen_spool(old, new):
             setup_logging(old, self.log_level)
             return
         if changed(old, new, UPLOADER):
             _close(self.uploader)
             self.uploader = make_uploader(new)
-        self._rebuild_outputs(old, new)
+        # a new spool: an output holding a batch of the old one in flight (MQTT) starts anew
+        self._rebuild_outputs(old, new, everything=reopen)
         for client in self.clients.values():
             _close(client)
         self.clients = {}
@@ -471,14 +472,15 @@ class Loop:
         """The spool cursors `cfg` asks for: the configured outputs by `cfg`, the others as they are."""
         return output_names(cfg, self._extra)
 
-    def _rebuild_outputs(self, old, new):
+    def _rebuild_outputs(self, old, new, everything=False):
         """The configured outputs besides [upload]'s (agent.outputs): one whose section's keys
-        changed (its reload tag), or that was added or removed, is closed and built anew."""
+        changed (its reload tag), or that was added or removed, is closed and built anew (all
+        of them with `everything`)."""
         from agent.config import changed
         from agent.outputs import BY_NAME, configured_names
 
-        for name in [n for n in configured_names(old) + configured_names(new) if n != "http"]:
-            if not changed(old, new, BY_NAME[name].tag) and name in self._configured:
+        for name in dict.fromkeys(n for n in configured_names(old) + configured_names(new) if n != "http"):
+            if not everything and not changed(old, new, BY_NAME[name].tag) and name in self._configured:
                 continue
             prev = self._configured.pop(name, None)
             _close(prev)
