@@ -54,7 +54,8 @@ def make_ca(d):
 
 
 class Mosquitto:
-    def __init__(self, directory, extra=""):
+    def __init__(self, directory, extra="", acl=None):
+        self.acl = acl      # acl_file text (None: every user may publish and subscribe anywhere)
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.extra = extra
@@ -84,6 +85,10 @@ class Mosquitto:
         os.chmod(pw, 0o600)
         (d / "data").mkdir(exist_ok=True)
         c = self.certs
+        extra = self.extra
+        if self.acl is not None:
+            (d / "acl").write_text(self.acl)
+            extra += "\nacl_file %s\n" % (d / "acl")
         (d / "mosquitto.conf").write_text(
             "user %s\n"
             "per_listener_settings false\nallow_anonymous false\npassword_file %s\n"

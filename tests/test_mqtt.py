@@ -233,6 +233,43 @@ def test_records_too_big_to_publish_are_quarantined_and_the_rest_goes(broker, au
         sp.close()
 
 
+def test_a_broker_that_drops_the_connection_over_a_big_message_gets_a_hint(tmp_path, caplog):
+    """mosquitto closes the connection for a message above its message_size_limit (no PUBACK,
+    no reason the client can read): after LOST_STREAK losses over the same records the ERROR says
+    what to do (and the back-off grows: reconnecting is not progress); nothing is lost, and max_message_kb below the limit quarantines only that one."""
+    b = Mosquitto(tmp_path / "small-broker", extra="message_size_limit 1500")
+    try:
+        b.start()
+    except (RuntimeError, OSError) as e:
+        pytest.skip("mosquitto cannot start here: %s" % e)
+    sp = Spool(str(tmp_path / "spool"), "limit", outputs=("mqtt",))
+    for pad in (10, 3000, 10):
+        sp.append(data_record("limit", time.time(), "meter1", 1, {"pad": "x" * pad}))
+    caplog.set_level(logging.INFO, "agent.mqtt")
+    out = MqttOutput(settings(b, tmp_path, backoff_max=0.1), "limit")
+    out2 = None
+    try:
+        end = time.monotonic() + 8
+        while time.monotonic() < end and "message_size_limit" not in (out.state()["last_error"] or ""):
+            out.fill_gap(sp, time.monotonic() + 0.1)
+            time.sleep(0.02)
+        st = out.state()
+        assert st["consecutive_failures"] >= 3 and "message_size_limit" in (st["last_error"] or "") and "max_message_kb" in st["last_error"], st
+        assert any(r.levelno == logging.ERROR and "message_size_limit" in r.getMessage() for r in caplog.records)
+        assert sp.stats()["outputs"]["mqtt"]["records"] == 2      # seq 1 went before the big one
+        out.close()
+        out2 = MqttOutput(settings(b, tmp_path, max_message_kb=1), "limit")
+        assert drive(out2, sp)["status"] == "empty"
+        q = [json.loads(x) for x in (tmp_path / "mqtt-quarantine.jsonl").read_text().splitlines()]
+        assert [r["record"]["seq"] for r in q] == [2] and out2.state()["sent_total"] == 1
+    finally:
+        out.close()
+        if out2 is not None:
+            out2.close()
+        sp.close()
+        b.stop()
+
+
 def test_the_window_is_bounded(broker, tmp_path):
     class Spy(MqttOutput):
         seen = []

@@ -30,6 +30,8 @@ the back-off doubles up to `backoff_max` with jitter; `state()` has last_error f
       0x90 topic invalid, 0x95 packet too large, 0x99 payload format invalid: the message's own
           fault: a single record is quarantined; a batch message makes messages smaller
       anything else (not authorized, quota, the broker's own error): back off, records stay
+  connections lost again and again over the same records, none acknowledged (what mosquitto
+      does for a message above its message_size_limit): back off, ERROR with that hint
   a record too big to ever publish (its message alone above max_message_kb, or above the
   broker's Maximum Packet Size from CONNACK): quarantined (agent.upload.quarantine, its own
   file `[mqtt] quarantine_file`, default <spool_dir>/mqtt-quarantine.jsonl), the queue moves on.
@@ -58,6 +60,9 @@ BACKOFF_BASE = 1.0
 # A connect attempt starts in any gap at least this long: its steps never block (but for the
 # name lookup, see agent.mqtt.session), it goes on in the next gaps.
 CONNECT_GAP = 0.005
+# Connections lost in a row with the same records in flight and none acknowledged before the
+# log says what that usually means (a message above the broker's size limit)
+LOST_STREAK = 3
 # PUBACK reasons that are the message's own fault (sending it again cannot help)
 MESSAGE_FAULT = {0x90: "topic name invalid", 0x95: "packet too large", 0x99: "payload format invalid"}
 # the broker's own refusal (mosquitto says this for a message above its message_size_limit)
@@ -95,6 +100,7 @@ class MqttOutput(Output):
         self._resend = None         # (first, last) seq not acknowledged when the last connection went
         self._batch_first = None    # the first seq this process published
         self._early = self._early_reason = None
+        self._lost_streak = (None, 0)   # (first seq not acknowledged, connections lost over it)
         self._times = RequestTimes()
         self._failures = 0
         self._backoff_until = 0.0
@@ -220,8 +226,9 @@ class MqttOutput(Output):
         else:
             log.info("mqtt: connected to %s (%.0f ms, qos %d%s)", self.url_shown, 1000 * took, self.qos,
                      ", broker's maximum packet %d bytes" % mp if mp else "")
-        self._failures = 0
-        self._st["consecutive_failures"] = 0
+        # the failure count (the back-off's doubling) goes back to 0 with the first record
+        # acknowledged (_count), not here: a broker that takes the connection and drops it
+        # over the same message again must meet a growing back-off, not a reconnect a second
         self._st["backoff_until"] = None
         if self.status_topic:
             try:
@@ -381,17 +388,31 @@ class MqttOutput(Output):
         sess, self._session = self._session, None
         self._times.alive = False
         reason = sess.reason if sess is not None else "connection lost"
+        hint = None
         if self._batch is not None:
             rest = self._ack_prefix(spool, res)
             if rest is not None:
                 self._resend = (rest.first_seq, rest.last_seq)
                 reason += "; %d record(s) seq %d..%d not acknowledged: sent again on the next connection" % (
                     rest.count, rest.first_seq, rest.last_seq)
+                # the same records, again nothing acknowledged: the broker drops the connection
+                # over them (mosquitto does so for a message above its message_size_limit)
+                streak = self._lost_streak
+                self._lost_streak = (rest.first_seq, streak[1] + 1 if streak[0] == rest.first_seq else 1)
+                if self._lost_streak[1] >= LOST_STREAK:
+                    biggest = max((len(m.payload) for m in self._msgs), default=0)
+                    hint = ("the connection was lost %d times in a row while publishing the same records "
+                            "(biggest message %d bytes): a broker closes it so for a message above its own "
+                            "size limit (mosquitto: message_size_limit); set [mqtt] max_message_kb below "
+                            "that limit (records above it are then quarantined)" % (self._lost_streak[1], biggest))
             self._clear()
-        self._fail(reason)
+        self._fail(reason, hint)
 
     def _count(self, records, messages, res):
+        self._lost_streak = (None, 0)
+        self._failures = 0
         st = self._st
+        st["consecutive_failures"] = 0
         st["sent_total"] += records
         st["messages_total"] += messages
         st["batches_total"] += 1
