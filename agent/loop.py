@@ -447,7 +447,9 @@ class Loop:
             return
         # what to rebuild: the keys the config schema tags SPOOL / UPLOADER / MQTT (agent.config.schema);
         # the spool is opened again too when the set of outputs (its cursors) changes
-        reopen = changed(old, new, SPOOL) or output_names(new, self._extra) != tuple(self.spool.outputs)
+        # (no output at all: the spool keeps its default cursor, see open_spool)
+        cursors = output_names(new, self._extra) or ("http",)
+        reopen = changed(old, new, SPOOL) or cursors != tuple(self.spool.outputs)
         if reopen and not self._reopen_spool(old, new):
             setup_logging(old, self.log_level)
             return

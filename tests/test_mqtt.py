@@ -366,6 +366,11 @@ def test_status_file_and_reload_add_the_mqtt_output_with_the_backlog(broker, aud
 
         text = format_status(json.loads((tmp_path / "st.json").read_text()))
         assert "output mqtt: NOT connected; backlog 1 records" in text and "Not authorized" in text
+        # adding [upload] to the MQTT-only agent: the spool gets the "http" cursor too
+        ini.write_text(ini.read_text() + "[upload]\nurl = http://127.0.0.1:9/api/v1/batches\n")
+        loop.reload()
+        assert [o.name for o in loop.outputs] == ["http", "mqtt"] and loop.spool.outputs == ("http", "mqtt")
+        assert loop.spool.stats()["outputs"]["http"]["records"] >= 1
     finally:
         loop.shutdown()
     assert os.path.exists(tmp_path / "spool")
