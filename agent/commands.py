@@ -93,6 +93,8 @@ def cmd_check(args):
         args.config, cfg.agent.id, len(cfg.connections), len(cfg.devices), npoints,
         ", disabled: " + ", ".join(cfg.disabled) if cfg.disabled else ""))
     _out("upload: %s" % (redact(cfg.upload.url) if cfg.upload else "off (no [upload] section)"))
+    for line in mqtt_check_lines(cfg):
+        _out(line)
     _out("spool: %s, at most %g MB and %s, fsync %s" % (
         cfg.agent.spool_dir, cfg.agent.spool_max_mb, format_duration(cfg.agent.spool_max_age), cfg.agent.fsync))
     for line in plan_lines(cfg):
@@ -132,6 +134,11 @@ def gateway_lines(cfg):
     if not served:
         lines.append("  no device served")
     return lines
+def mqtt_check_lines(cfg):
+    """What [mqtt] publishes where (agent.mqtt.check; pure, paho is not imported)."""
+    from agent.mqtt.check import check_lines
+
+    return check_lines(cfg)
 
 
 def ram_filesystem(path, mounts="/proc/mounts"):

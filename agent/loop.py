@@ -63,6 +63,7 @@ from agent import notify
 from agent.appender import Appender
 from agent.config import redact
 from agent.gaps import Gaps, lingering
+from agent.outputs import build as build_outputs
 from agent.polling import DeviceState, Poller
 from agent.record import CLOCK_SANE, health_record, utc_timestamp
 from agent.status import write_status
@@ -93,14 +94,12 @@ def clock_seq(wall=time.time):
 
 
 def output_names(cfg, others=()):
-    """The enabled outputs' names, one spool cursor each: [upload]'s output when there is one,
-    then `others`' (agent.output)."""
-    names = tuple(out.name for out in others)
-    if cfg.upload is not None:
-        from agent.upload import Uploader
+    """The enabled outputs' names, one spool cursor each: those the config enables
+    (agent.outputs: [upload]'s "http", [mqtt]'s "mqtt"), then `others`' (agent.output)."""
+    from agent.outputs import configured_names
 
-        names = (Uploader.name,) + names
-    return names
+    names = configured_names(cfg)
+    return names + tuple(out.name for out in others if out.name not in names)
 
 
 def open_spool(cfg, outputs=None):
@@ -152,7 +151,10 @@ class Loop:
         self.mono = mono
         self.wall = wall
         self.cfg = cfg
-        self.gaps = Gaps(outputs, mono)   # the outputs, asked in order in every gap (agent.gaps)
+        # the outputs the config enables besides [upload]'s (agent.outputs: [mqtt]), by name
+        self._configured = build_outputs(cfg, skip=("http",))
+        self._extra = list(outputs)         # given by the caller, not rebuilt on reload
+        self.gaps = Gaps(self._extra + list(self._configured.values()), mono)   # asked in order (agent.gaps)
         self._uploader = None
         self.uploader = uploader if uploader is not None else make_uploader(cfg)
         self.spool = spool if spool is not None else open_spool(cfg, output_names(cfg, outputs))
@@ -512,7 +514,7 @@ class Loop:
         """The status file's content (agent.summary.status_doc), with each service's state."""
         doc = status_doc(self.cfg, self.states, self._spool_stats(), self._uploader, self.mono(), self.wall(),
                          self.started_wall, self.stopped, self.clock_unsynced, STATUS_PERIOD,
-                         self.appended, self.append_errors, self.last_summary)
+                         self.appended, self.append_errors, self.last_summary, outputs=self.outputs)
         if self.services:
             doc["services"] = {svc.name: _state(svc) for svc in self.services}
         return doc
@@ -553,13 +555,19 @@ class Loop:
             log.error("reload: %s: [agent] log: %s: still running the previous config", path, e)
             return
         self.poller.flush_all()   # [device] buffer: polls not yet in a record, before states go
-        # what to rebuild: the keys the config schema tags SPOOL / UPLOADER (agent.config.schema)
-        if changed(old, new, SPOOL) and not self._reopen_spool(old, new):
+        # what to rebuild: the keys the config schema tags SPOOL / UPLOADER / MQTT (agent.config.schema);
+        # the spool is opened again too when the set of outputs (its cursors) changes
+        # (no output at all: the spool keeps its default cursor, see open_spool)
+        cursors = output_names(new, self._extra) or ("http",)
+        reopen = changed(old, new, SPOOL) or cursors != tuple(self.spool.outputs)
+        if reopen and not self._reopen_spool(old, new):
             setup_logging(old, self.log_level)
             return
         if changed(old, new, UPLOADER):
             _close(self.uploader)
             self.uploader = make_uploader(new)
+        # a new spool: an output holding a batch of the old one in flight (MQTT) starts anew
+        self._rebuild_outputs(old, new, everything=reopen)
         for client in self.clients.values():
             _close(client)
         self.clients = {}
@@ -597,8 +605,31 @@ class Loop:
             svc.watch(self.states)
 
     def _output_names(self, cfg):
-        """The spool cursors `cfg` asks for: [upload]'s output by `cfg`, the others as they are."""
-        return output_names(cfg, [out for out in self.outputs if out is not self._uploader])
+        """The spool cursors `cfg` asks for: the configured outputs by `cfg`, the others as they are."""
+        return output_names(cfg, self._extra)
+
+    def _rebuild_outputs(self, old, new, everything=False):
+        """The configured outputs besides [upload]'s (agent.outputs): one whose section's keys
+        changed (its reload tag), or that was added or removed, is closed and built anew (all
+        of them with `everything`)."""
+        from agent.config import changed
+        from agent.outputs import BY_NAME, configured_names
+
+        for name in dict.fromkeys(n for n in configured_names(old) + configured_names(new) if n != "http"):
+            if not everything and not changed(old, new, BY_NAME[name].tag) and name in self._configured:
+                continue
+            prev = self._configured.pop(name, None)
+            _close(prev)
+            out = build_outputs(new, skip=[n for n in BY_NAME if n != name]).get(name)
+            if out is not None:
+                self._configured[name] = out
+            if prev is not None:
+                self.gaps.replace(prev, out)
+            elif out is not None:
+                self.gaps.replace(None, out)        # puts it first; asked after the others instead
+                self.gaps.outputs.remove(out)
+                self.gaps.outputs.append(out)
+            log.info("reload: %s output %s", name, "rebuilt" if prev and out else "started" if out else "stopped")
 
     def _reopen_spool(self, old, new):
         """Switch to the spool `new` describes. A spool that cannot be opened (directory not

@@ -8,7 +8,9 @@ the bus is busy and costs the router nothing.
 Content (all times wall clock, UTC):
     {"agent": id, "pid": n, "started": ts, "written": ts, "written_at": seconds, "period": seconds,
      "config": path, "devices": {name: {unit, interval, mode, connection, dead, next_due_in, ...health}},
-     "spool": Spool.stats(), "upload": Uploader.state() or null, "last_summary": "..."}
+     "spool": Spool.stats(), "upload": Uploader.state() or null, "last_summary": "...",
+     "outputs": {name: {"connected": bool, "backlog": {records, bytes, oldest_age, acked_seq} (this
+                 output's spool cursor), "last_error": text or null, ...the output's state()}}}
 """
 import json
 import os
@@ -135,6 +137,7 @@ def format_status(st, now=None):
     gw = (st.get("services") or {}).get("gateway")
     if gw:
         lines.append(gateway_text(gw))
+    lines.extend(output_lines(st.get("outputs") or {}, now))
     return "\n".join(lines)
 
 
@@ -154,6 +157,29 @@ def gateway_text(gw):
     if gw.get("last_error"):
         text += "\n  last error: %s" % gw["last_error"]
     return text
+
+
+def output_lines(outputs, now):
+    """Per output (the status file's "outputs"): connected or not, its backlog, its last error;
+    the HTTP one's details are the "upload" lines above."""
+    lines = []
+    for name in sorted(outputs):
+        o = outputs[name] or {}
+        b = o.get("backlog") or {}
+        text = "output %s: %s; backlog %s records%s" % (
+            name, "connected" if o.get("connected") else "NOT connected", b.get("records", "-"),
+            ", oldest %s" % format_age(b["oldest_age"]) if b.get("oldest_age") is not None else "")
+        if name != "http":
+            text += "; sent %s records in %s messages, %s sent again" % (
+                o.get("sent_total", 0), o.get("messages_total", 0), o.get("resent_total", 0))
+            if o.get("quarantined_total"):
+                text += "; %s quarantined" % o["quarantined_total"]
+            if o.get("broker"):
+                text += "; broker %s" % o["broker"]
+        if o.get("last_error") and name != "http":
+            text += "\n  last error %s: %s" % (_ago(o.get("last_error_at"), now), o["last_error"])
+        lines.append(text)
+    return lines
 
 
 def is_stale(st, now=None):

@@ -67,9 +67,30 @@ def device_status(st, now):
     return d
 
 
+def outputs_status(outputs, sp):
+    """The status file's "outputs": {name: {"connected", "backlog": {records, bytes, oldest_age,
+    acked_seq} (the spool's, for this output's cursor), "last_error", "last_ok", ... and the rest
+    of the output's state()}}. "connected" is the output's own word when it has one (MQTT),
+    else whether its last attempt succeeded (HTTP: no error since the last success)."""
+    per = sp.get("outputs") or {}
+    out = {}
+    for o in outputs:
+        try:
+            st = dict(o.state())
+        except Exception as e:
+            st = {"last_error": "state unavailable (%s)" % e}
+        if "connected" not in st:
+            st["connected"] = bool(st.get("last_ok")) and not st.get("consecutive_failures")
+        st.setdefault("last_error", None)
+        st["backlog"] = per.get(o.name)
+        out[o.name] = st
+    return out
+
+
 def status_doc(cfg, states, sp, uploader, now, wall, started_wall, stopped, clock_unsynced, period,
-               appended, append_errors, last_summary):
-    """The status file's content (agent.status documents it); `uploader`: [upload]'s output."""
+               appended, append_errors, last_summary, outputs=()):
+    """The status file's content (agent.status documents it); `uploader`: [upload]'s output,
+    `outputs`: every output (outputs_status)."""
     if isinstance(sp.get("oldest_ts"), (int, float)):
         sp = dict(sp, oldest_ts=utc_timestamp(sp["oldest_ts"]))
     return {
@@ -87,5 +108,6 @@ def status_doc(cfg, states, sp, uploader, now, wall, started_wall, stopped, cloc
         "appended": appended,
         "append_errors": append_errors,
         "upload": uploader.state() if uploader is not None else None,
+        "outputs": outputs_status(outputs, sp),
         "last_summary": last_summary,
     }

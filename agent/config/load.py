@@ -16,11 +16,13 @@ from agent.config.schema import (
     CONNECTION_SCHEMA,
     DEVICE_SCHEMA,
     GATEWAY_SCHEMA,
+    MQTT_SCHEMA,
     UPLOAD_SCHEMA,
     AgentSettings,
     Config,
     Connection,
     GatewaySettings,
+    MqttSettings,
     UploadSettings,
     _apply_schema,
 )
@@ -69,9 +71,9 @@ def check_config(path, text=None):
     return (None if problems.errors else cfg), problems.errors, problems.warnings
 
 
-SECTION_KINDS = ("agent", "upload", "gateway", "connection:NAME", "device:NAME", "points:NAME")
+SECTION_KINDS = ("agent", "upload", "gateway", "mqtt", "connection:NAME", "device:NAME", "points:NAME")
 #: the sections that appear at most once
-SINGLE_SECTIONS = ("agent", "upload", "gateway")
+SINGLE_SECTIONS = ("agent", "upload", "gateway", "mqtt")
 
 
 def default_seq_file(config_path, agent_id):
@@ -137,8 +139,11 @@ def _load(path, text):
     _check_bus_time(connections, problems)
     _check_units(devices, problems)
     _check_gateway_units(devices, gateway, problems)
+    mqtt = None
+    if by_kind["mqtt"] is not None:
+        mqtt = _load_mqtt(by_kind["mqtt"], agent, devices, problems)
     return Config(path, agent, upload, connections, devices, disabled, problems.warnings,
-                  gateway=gateway), problems
+                  gateway=gateway, mqtt=mqtt), problems
 
 
 def _good(values):
@@ -148,7 +153,7 @@ def _good(values):
 
 def _sort_sections(path, sections, problems):
     """{'agent': Section|None, 'upload': Section|None, 'connection'|'device'|'points': {name: Section}}"""
-    out = {"agent": None, "upload": None, "gateway": None, "connection": {}, "device": {}, "points": {}}
+    out = {"agent": None, "upload": None, "gateway": None, "mqtt": None, "connection": {}, "device": {}, "points": {}}
     for s in sections:
         head, sep, name = s.name.partition(":")
         head, name = head.strip().lower(), name.strip()
@@ -160,7 +165,7 @@ def _sort_sections(path, sections, problems):
             out[head][name] = s
         else:
             problems.error(path, s.line, s.name, None, "unknown section%s; sections are %s" % (
-                _suggest(head, ("agent", "upload", "gateway", "connection", "device", "points")),
+                _suggest(head, ("agent", "upload", "gateway", "mqtt", "connection", "device", "points")),
                 ", ".join("[%s]" % k for k in SECTION_KINDS)))
     return out
 
@@ -181,6 +186,45 @@ def _load_upload(s, agent, problems):
         problems.warn(s.path, _line_of(s, "url"), s.name, "url",
                       "plain http without an [upload] token, so anyone on the path can read and forge uploads")
     return upload
+
+
+def _load_mqtt(s, agent, devices, problems):
+    """[mqtt] -> MqttSettings (agent.mqtt), with the checks that need more than one key."""
+    from agent.mqtt.topic import Template, topic_problem
+    from agent.mqtt.url import parse_url
+
+    m = MqttSettings(**_good(_apply_schema(s, MQTT_SCHEMA, problems)))
+    if m.quarantine_file is None and agent.spool_dir:
+        m.quarantine_file = os.path.join(agent.spool_dir, "mqtt-quarantine.jsonl")
+    if m.password is not None and m.username is None:
+        problems.error(s.path, _line_of(s, "password"), s.name, "password", "needs username")
+    if m.key_file and not m.cert_file:
+        problems.error(s.path, _line_of(s, "key_file"), s.name, "key_file", "needs cert_file (the client certificate)")
+    tls, host = parse_url(m.url)[:2] if m.url else (None, "")
+    for key in ("ca_file", "cert_file", "key_file"):
+        f = getattr(m, key)
+        if f is not None and not os.access(f, os.R_OK):
+            problems.error(s.path, _line_of(s, key), s.name, key, "%s: cannot read it (%s)" % (
+                f, "no such file" if not os.path.exists(f) else "permission denied"))
+        elif f is not None and tls is False:
+            problems.warn(s.path, _line_of(s, key), s.name, key, "is only used with an mqtts:// url")
+    if m.insecure and tls:
+        problems.warn(s.path, _line_of(s, "insecure"), s.name, "insecure",
+                      "yes: the broker's certificate is not checked, anyone on the path can pose as the broker")
+    local = re.match(r"^(127\.|localhost$|::1$)", host)
+    if m.password is not None and tls is False and not local:
+        problems.warn(s.path, _line_of(s, "password"), s.name, "password",
+                      "is sent in clear text over mqtt://: use mqtts:// so that nobody on the path reads it")
+    if m.topic and agent.id:
+        tmpl = Template(m.topic)
+        if "device" in tmpl.fields:
+            for d in devices:
+                bad = topic_problem(d.name)
+                if bad and "wildcard" in bad:
+                    problems.error(d.path, d.line, "device:" + d.name, None,
+                                   "the name %s, and [mqtt] topic %r puts it in the topic: rename the device "
+                                   "or leave {device} out of the topic" % (bad, m.topic))
+    return m
 
 
 def _load_connection(name, s, problems):

@@ -33,11 +33,12 @@ REQUIRED = object()
 SPOOL = "spool"          # changing it closes the spool and opens it again (agent.loop.open_spool)
 UPLOADER = "uploader"    # changing it builds a new uploader (agent.loop.make_uploader)
 GATEWAY = "gateway"      # changing it opens the gateway's listening socket anew (agent.gateway)
-RELOAD_TAGS = (SPOOL, UPLOADER, GATEWAY)
+MQTT = "mqtt"            # changing it builds a new MQTT output (agent.outputs)
+RELOAD_TAGS = (SPOOL, UPLOADER, GATEWAY, MQTT)
 LIVE = ()
 
 AGENT_SCHEMA = {
-    "id": (_agent_id, REQUIRED, (SPOOL, UPLOADER)),
+    "id": (_agent_id, REQUIRED, (SPOOL, UPLOADER, MQTT)),
     "interval": (_positive(parse_duration), 10.0, LIVE),
     "spool_dir": (_text, "/var/lib/modbus-agent/spool", (SPOOL,)),
     "seq_file": (_text, None, (SPOOL,)),      # None: <directory of the config file>/<id>.seq
@@ -102,8 +103,62 @@ GATEWAY_SCHEMA = {
     "max_age": (_or_empty(_positive(parse_duration)), None, LIVE),   # None: 3 x each device's interval
 }
 
+
+def _mqtt_url(text):
+    from agent.mqtt.url import parse_url  # pure: no paho
+
+    parse_url(text)
+    return text.strip()
+
+
+def _topic(text):
+    from agent.mqtt.topic import Template  # pure: no paho
+
+    t = text.strip()
+    Template(t)
+    return t
+
+
+def _status_topic(text):
+    t = text.strip()
+    if t.lower() in ("", "off", "none", "no"):
+        return ""
+    t = _topic(t)
+    from agent.mqtt.topic import Template
+
+    if set(Template(t).fields) - {"agent"}:
+        raise ValueError("%r: the status topic takes only {agent} (it is the agent's, not a device's)" % t)
+    return t
+
+
+MQTT_SCHEMA = {
+    "url": (_mqtt_url, REQUIRED, (MQTT,)),
+    "client_id": (_text, None, (MQTT,)),             # None: the agent id
+    "username": (_text, None, (MQTT,)),
+    "password": (_text, None, (MQTT,)),
+    "topic": (_topic, "modbus/{agent}/{device}", (MQTT,)),
+    "status_topic": (_status_topic, "modbus/{agent}/status", (MQTT,)),
+    "qos": (_between(0, 1), 1, (MQTT,)),
+    "retain": (parse_bool, False, (MQTT,)),
+    "keepalive": (_between(5, 65535, parse_duration), 60.0, (MQTT,)),
+    "batch": (parse_bool, False, (MQTT,)),
+    "batch_max_records": (_between(1, 10000), 100, (MQTT,)),
+    "batch_max_kb": (_positive(parse_int), 256, (MQTT,)),
+    "max_message_kb": (_between(1, 256 * 1024), 256, (MQTT,)),
+    "inflight": (_between(1, 65535), 20, (MQTT,)),
+    "protocol": (_choice("5", "3.1.1"), "5", (MQTT,)),
+    "connect_timeout": (_positive(parse_duration), 10.0, (MQTT,)),
+    "backoff_max": (_positive(parse_duration), 300.0, (MQTT,)),
+    "ca_file": (_text, None, (MQTT,)),
+    "cert_file": (_text, None, (MQTT,)),
+    "key_file": (_text, None, (MQTT,)),
+    "insecure": (parse_bool, False, (MQTT,)),
+    "quarantine_file": (_text, None, (MQTT,)),      # None: <spool_dir>/mqtt-quarantine.jsonl
+}
+
 # (Config attribute, its schema): the sections whose keys carry reload tags
-RELOAD_SECTIONS = (("agent", AGENT_SCHEMA), ("upload", UPLOAD_SCHEMA), ("gateway", GATEWAY_SCHEMA))
+RELOAD_SECTIONS = (("agent", AGENT_SCHEMA), ("upload", UPLOAD_SCHEMA), ("gateway", GATEWAY_SCHEMA),
+                   ("mqtt", MQTT_SCHEMA))
 
 
 def reload_tags(spec):
@@ -124,7 +179,7 @@ def changed(old, new, tag, sections=RELOAD_SECTIONS):
     change of all its tagged keys."""
     out = []
     for name, key in reopen_keys(tag, sections):
-        a, b = getattr(old, name), getattr(new, name)
+        a, b = getattr(old, name, None), getattr(new, name, None)
         if (a is None) != (b is None) or (a is not None and
                                           repr(getattr(a, key, None)) != repr(getattr(b, key, None))):
             out.append("%s.%s" % (name, key))
@@ -301,6 +356,16 @@ class GatewaySettings(Settings):
     SCHEMA = GATEWAY_SCHEMA
 
 
+class MqttSettings(Settings):
+    """[mqtt]: the broker the spool is also published to (agent.mqtt)."""
+
+    SCHEMA = MQTT_SCHEMA
+
+    def __repr__(self):     # the password never shows, wherever a Config is printed
+        return "%s(%s)" % (type(self).__name__, ", ".join(
+            "%s=%r" % (k, "***" if k == "password" and self.password else getattr(self, k)) for k in self.SCHEMA))
+
+
 class Connection:
     """[connection:NAME]: one TCP link or serial bus shared by its devices.
 
@@ -333,11 +398,13 @@ class Connection:
 class Config:
     """The whole file: cfg.agent, cfg.upload, cfg.connections, cfg.devices (enabled ones)."""
 
-    def __init__(self, path, agent, upload, connections, devices, disabled=(), warnings=(), gateway=None):
+    def __init__(self, path, agent, upload, connections, devices, disabled=(), warnings=(), gateway=None,
+                 mqtt=None):
         self.path = path
         self.gateway = gateway        # GatewaySettings, None without a [gateway] section
         self.agent = agent
         self.upload = upload
+        self.mqtt = mqtt        # MqttSettings or None
         self.connections = connections
         self.devices = devices
         self.disabled = list(disabled)

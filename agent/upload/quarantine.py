@@ -27,8 +27,9 @@ class Quarantine:
     records come from); `fsync`: make each write durable before the batch is acknowledged
     (None: as the spool does, unless its fsync is "never")."""
 
-    def __init__(self, path=None, max_bytes=MAX_BYTES, fsync=None, clock=time.time):
+    def __init__(self, path=None, max_bytes=MAX_BYTES, fsync=None, clock=time.time, label="upload"):
         self.path = None if path is None else str(path)
+        self.label = label      # the output whose records these are, in the log lines
         self.max_bytes = int(max_bytes)
         self.fsync = fsync
         self._clock = clock
@@ -42,18 +43,19 @@ class Quarantine:
         head = ('{"quarantined":"%s","reason":%s,"record":' % (
             utc_timestamp(self._clock()), json.dumps(str(reason)[:500]))).encode("utf-8")
         data = b"".join(head + line + b"}\n" for line in batch.lines)
-        fallback = os.path.join(str(spool.directory), FALLBACK)
+        fallback = os.path.join(str(spool.directory), FALLBACK if self.label == "upload" else
+                                self.label + "-" + FALLBACK)
         durable = spool.fsync != "never" if self.fsync is None else bool(self.fsync)
         q = self._write(self.path or fallback, data, durable)
         if q is None and (self.path or fallback) != fallback:
             q = self._write(fallback, data, durable)
         if q is None:
             # Nowhere to keep them (disk full): the queue must still move on; say exactly what went.
-            log.error("upload: quarantine impossible, %d rejected records seq %d..%d discarded: %s",
-                      batch.count, batch.first_seq, batch.last_seq, str(reason)[:200])
+            log.error("%s: quarantine impossible, %d rejected records seq %d..%d discarded: %s",
+                      self.label, batch.count, batch.first_seq, batch.last_seq, str(reason)[:200])
         self.total += batch.count
-        log.warning("upload: quarantined %d records seq %d..%d in %s: %s",
-                    batch.count, batch.first_seq, batch.last_seq, q, str(reason)[:200])
+        log.warning("%s: quarantined %d records seq %d..%d in %s: %s",
+                    self.label, batch.count, batch.first_seq, batch.last_seq, q, str(reason)[:200])
         spool.ack(batch)
         return q
 
@@ -62,7 +64,7 @@ class Quarantine:
         try:
             if os.path.getsize(q) + len(data) > self.max_bytes:
                 os.replace(q, q + ".1")
-                log.warning("upload: quarantine file %s full: moved to %s.1, replacing the older one", q, q)
+                log.warning("%s: quarantine file %s full: moved to %s.1, replacing the older one", self.label, q, q)
         except OSError:
             pass
         try:
@@ -76,5 +78,5 @@ class Quarantine:
                     os.fsync(f.fileno())
             return q
         except OSError as e:
-            log.error("upload: cannot write quarantine file %s: %s", q, e.strerror)
+            log.error("%s: cannot write quarantine file %s: %s", self.label, q, e.strerror)
             return None
