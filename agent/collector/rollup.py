@@ -2,12 +2,12 @@
 
 Two ways to keep them, `[collector] rollups`:
 - async (the default): the batch's transaction adds one row to rollup_queue naming its new
-  records (seq runs of one agent); the rollup job (a thread of the app, woken by the batch)
-  reads them, computes outside any write lock, then in ONE transaction deletes those queue
-  rows and merges the buckets (it gives way to a stream of batches: job_due). The queue is the job's whole state: a stop anywhere resumes
-  exactly there, and a queue row another process already took (its delete finds fewer rows)
-  rolls the step back, so nothing counts twice. Ingest pays one small insert per batch;
-  the series lag the records by the job's turn (about a second, more under overload).
+  records (seq runs of one agent); the rollup job (the app's rollup thread, see start) reads
+  them, computes outside any write lock, then in ONE transaction deletes those queue rows and
+  merges the buckets. The queue is the job's whole state: a stop anywhere resumes exactly
+  there, and a queue row another process already took (its delete finds fewer rows) rolls the
+  step back, so nothing counts twice. Ingest pays one small insert per batch; the job gives
+  way to a stream of batches (job_due), so the series lag the records by up to JOB_MAX_LAG.
 - sync: the batch's own transaction merges its buckets (read-your-writes, at the price of
   the whole rollup work on the ingest path: tools/bench/history.py measures both).
 Either way a bucket counts exactly the stored records: a re-posted batch (its records are not
