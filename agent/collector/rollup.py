@@ -372,6 +372,15 @@ def drain(store, stop=None, max_records=5000, pause=0.0):
     return total
 
 
+def up_to_date(store):
+    """False while the backfill runs or batches wait in rollup_queue (the rollups miss them)."""
+    if not store.__dict__.get("_rollup_backfilled"):
+        if not backfill_done(store):
+            return False
+        store._rollup_backfilled = True
+    return queued(store)[0] == 0
+
+
 def queued(store):
     """(batches, records) waiting in rollup_queue."""
     with store._read() as cur:
