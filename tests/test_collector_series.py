@@ -264,7 +264,7 @@ def test_backfill_of_an_old_database_resumes_where_it_stopped(url_factory, monke
 
     s = rollup.attach(open_store(url), mode)  # migration 5: tables, backfill pending
     try:
-        assert not rollup.backfill_done(s)
+        assert not rollup.backfill_done(s) and not rollup.up_to_date(s)
         assert rollup.backfill(s, chunk=70, limit=3) == 210  # stopped part-way through old-a
         # meanwhile batches arrive: new records above and below the cursor, and a re-post
         for a in agents:
@@ -280,7 +280,7 @@ def test_backfill_of_an_old_database_resumes_where_it_stopped(url_factory, monke
             rollup.drain(s)  # the job before the backfill has finished
         # what is left: old-a's 90 old seqs past 418 plus 501 and 1001, old-b's 303 (101 included)
         assert rollup.backfill(s, chunk=70) == 90 + 2 + 303
-        assert rollup.backfill_done(s)
+        assert rollup.backfill_done(s) and rollup.up_to_date(s)
         for a in agents:
             assert_same(stored(s, a), brute(recs[a]))
         with s._read() as cur:
@@ -397,6 +397,7 @@ def test_series_json_chooses_the_coarsest_table_for_the_step(api):
         assert (doc["level"], len(doc["buckets"])) == (level, n), (step, doc["level"], len(doc["buckets"]))
         assert sum(b["count"] for b in doc["buckets"]) == 400
         assert doc["buckets"][-1]["last"] == 399
+        assert doc.get("complete") is (None if level == "raw" else True)
     r = api.get("/api/v1/series", base + "&step=1h&agg=max", headers=AUTH)
     assert json.loads(r.body)["buckets"][0] == {"t": utc_timestamp(T0 - T0 % 3600), "max": 319.0}
     assert level_for(86400) == "1h" and level_for(300) == "1m" and level_for(59) == "raw"

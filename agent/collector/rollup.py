@@ -2,12 +2,12 @@
 
 Two ways to keep them, `[collector] rollups`:
 - async (the default): the batch's transaction adds one row to rollup_queue naming its new
-  records (seq runs of one agent); the rollup job (a thread of the app, woken by the batch)
-  reads them, computes outside any write lock, then in ONE transaction deletes those queue
-  rows and merges the buckets (it gives way to a stream of batches: job_due). The queue is the job's whole state: a stop anywhere resumes
-  exactly there, and a queue row another process already took (its delete finds fewer rows)
-  rolls the step back, so nothing counts twice. Ingest pays one small insert per batch;
-  the series lag the records by the job's turn (about a second, more under overload).
+  records (seq runs of one agent); the rollup job (the app's rollup thread, see start) reads
+  them, computes outside any write lock, then in ONE transaction deletes those queue rows and
+  merges the buckets. The queue is the job's whole state: a stop anywhere resumes exactly
+  there, and a queue row another process already took (its delete finds fewer rows) rolls the
+  step back, so nothing counts twice. Ingest pays one small insert per batch; the job gives
+  way to a stream of batches (job_due), so the series lag the records by up to JOB_MAX_LAG.
 - sync: the batch's own transaction merges its buckets (read-your-writes, at the price of
   the whole rollup work on the ingest path: tools/bench/history.py measures both).
 Either way a bucket counts exactly the stored records: a re-posted batch (its records are not
@@ -78,16 +78,19 @@ def newer(ms, value, last_ms, last):
 
 def accumulate(rows, acc=None):
     """Stored rows (ROW_COLUMNS tuples, payload = JSON text) of one agent -> acc, a dict
-    {(device, point, minute prefix 'YYYY-MM-DDTHH:MM'): [n, sum, min, max, last, last ts text]}.
-    Pure; the hook and the backfill both use it, and the tests check it against brute force."""
+    {(device, minute prefix 'YYYY-MM-DDTHH:MM'): {point: [n, sum, min, max, last, last ts text]}}.
+    Pure; the hooks, the job and the backfill use it; the tests check the buckets it leads to
+    against a brute force. (Two levels: the (device, minute) key is built once per sample, not
+    once per value; this loop is most of the rollups' CPU.)"""
     if acc is None:
         acc = {}
     isfinite = math.isfinite
+    loads = json.loads
     for row in rows:
         if row[3] != "data" or row[6] not in _ROLLABLE or row[8] == "unsynced" or row[4] is None:
             continue
         payload = row[7]
-        rec = json.loads(payload) if type(payload) is str else payload
+        rec = loads(payload) if type(payload) is str else payload
         if type(rec) is not dict:
             continue
         device = row[4]
@@ -96,26 +99,30 @@ def accumulate(rows, acc=None):
                 ts = normalize_ts(ts)
                 if ts is None:
                     continue
-            mk = ts[:16]
+            g = acc.get((device, ts[:16]))
+            if g is None:
+                g = acc[(device, ts[:16])] = {}
             for point, v in values.items():
                 tv = type(v)
-                if tv is int:
+                if tv is float:
+                    if not isfinite(v):
+                        continue
+                elif tv is int:
                     try:
                         v = float(v)
                     except OverflowError:
                         continue
-                elif tv is not float or not isfinite(v):
+                else:
                     continue
-                key = (device, point, mk)
-                a = acc.get(key)
+                a = g.get(point)
                 if a is None:
-                    acc[key] = [1, v, v, v, v, ts]
+                    g[point] = [1, v, v, v, v, ts]
                     continue
                 a[0] += 1
                 a[1] += v
                 if v < a[2]:
                     a[2] = v
-                if v > a[3]:
+                elif v > a[3]:
                     a[3] = v
                 if ts > a[5] or (ts == a[5] and v > a[4]):
                     a[4] = v
@@ -126,19 +133,30 @@ def accumulate(rows, acc=None):
 def buckets(acc):
     """acc (accumulate) -> {"1m": {(device, point, t): [n, sum, min, max, last, last_ms]},
     "1h": {...}}: the 1-hour buckets merged from the 1-minute ones."""
-    out = {"1m": {}, "1h": {}}
-    m1, h1 = out["1m"], out["1h"]
-    for (device, point, mk), (n, s, lo, hi, last, last_ts) in acc.items():
+    m1, h1 = {}, {}
+    ms_of = {}
+    for (device, mk), points in acc.items():
         t = minute_epoch(mk)
-        ms = ts_ms(last_ts)
-        m1[(device, point, t)] = [n, s, lo, hi, last, ms]
-        hk = (device, point, t - t % 3600)
-        h = h1.get(hk)
-        if h is None:
-            h1[hk] = [n, s, lo, hi, last, ms]
-        else:
-            merge(h, n, s, lo, hi, last, ms)
-    return out
+        th = t - t % 3600
+        base = t * 1000
+        for point, (n, s, lo, hi, last, last_ts) in points.items():
+            ms = ms_of.get(last_ts)
+            if ms is None:
+                ms = ms_of[last_ts] = base + int(last_ts[17:19]) * 1000 + int(last_ts[20:23])
+            m1[(device, point, t)] = [n, s, lo, hi, last, ms]
+            h = h1.get((device, point, th))
+            if h is None:
+                h1[(device, point, th)] = [n, s, lo, hi, last, ms]
+                continue
+            h[0] += n
+            h[1] += s
+            if lo < h[2]:
+                h[2] = lo
+            if hi > h[3]:
+                h[3] = hi
+            if ms > h[5] or (ms == h[5] and last > h[4]):
+                h[4], h[5] = last, ms
+    return {"1m": m1, "1h": h1}
 
 
 def merge(a, n, s, lo, hi, last, ms):
@@ -352,6 +370,15 @@ def drain(store, stop=None, max_records=5000, pause=0.0):
         if pause and stop is not None:
             stop.wait(pause)
     return total
+
+
+def up_to_date(store):
+    """False while the backfill runs or batches wait in rollup_queue (the rollups miss them)."""
+    if not store.__dict__.get("_rollup_backfilled"):
+        if not backfill_done(store):
+            return False
+        store._rollup_backfilled = True
+    return queued(store)[0] == 0
 
 
 def queued(store):

@@ -248,6 +248,8 @@ def get_series(app, environ, start_response):
     result = query_series(app.store, arg["agent"], arg["device"], arg["point"], since, until, step, agg)
     result = dict({"agent": arg["agent"], "device": arg["device"], "point": arg["point"],
                    "since": since, "until": until}, **result)
+    if result["level"] != "raw":
+        result["complete"] = rollup.up_to_date(app.store)
     return FORMATS[fmt](start_response, result, agg)
 
 

@@ -301,7 +301,8 @@ def run_dialect(dialect, args, pg):
         end = utc_timestamp(T_END)
         results = {}
         for label, span, step, raw_rounds in (("%gd @ 1h" % args.days, args.days * 86400, 3600, args.raw_rounds),
-                                              ("1d @ 1m", 86400, 60, args.raw_rounds * 2)):
+                                              ("%gd @ 1m" % min(1, args.days), min(1, args.days) * 86400, 60,
+                                               args.raw_rounds * 2)):
             since = utc_timestamp(T_END - span)
 
             def pick(i):
