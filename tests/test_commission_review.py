@@ -1,0 +1,117 @@
+"""Review of issue 15 (commissioning) from the installer's side: defects found by trying
+`write`, `check` and `scan` as a site would, each pinned here against real peers (the
+simulator's PLC over a real pty, RTU and ASCII)."""
+import io
+import struct
+import sys
+
+import pytest
+from pymodbus.framer import FramerAscii
+from umodbus.client.serial.redundancy_check import add_crc
+
+from agent import cli
+from tests.conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "tools"))
+import simulator as S
+
+
+@pytest.fixture(scope="module")
+def sim():
+    s = S.Simulator({2: S.Plc(seed=2)}, tcp=None, rtu=True, ascii=True)
+    s.start()
+    yield s
+    s.stop()
+
+
+def write_ini(tmp_path, conn, points, extra=""):
+    ini = tmp_path / "agent.ini"
+    ini.write_text("""[agent]
+id = rev15
+spool_dir = %s/spool
+
+%s
+
+[device:plc]
+connection = link
+unit = 2
+writable = yes
+
+[points:plc]
+%s
+%s""" % (tmp_path, conn, points, extra))
+    return str(ini)
+
+
+def run(monkeypatch, capsys, argv, answer="y\n"):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(answer))
+    rc = cli.main(argv)
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def rtu_conn(sim):
+    return "[connection:link]\ntype = rtu\nport = %s\ntimeout = 500ms" % sim.rtu_path
+
+
+# --- write: more values than one request carries -------------------------------------------
+
+def test_raw_write_of_more_registers_than_fc16_carries_is_refused_before_anything_is_shown(
+        tmp_path, sim, monkeypatch, capsys):
+    """Was a traceback (InvalidRequest from the codec) after the plan line was printed."""
+    ini = write_ini(tmp_path, rtu_conn(sim), "sp = holding 1 int16")
+    before = sim.devices[2].holding[5]
+    rc, out, err = run(monkeypatch, capsys, ["write", "-c", ini, "plc", "--raw", "holding", "5"]
+                       + [str(v) for v in range(1, 125)] + ["--yes"])
+    assert rc == 2
+    assert out == ""
+    assert "at most 123" in err and "not 124" in err and "fc 16" in err
+    assert sim.devices[2].holding[5] == before      # nothing sent
+
+
+def test_raw_write_of_more_coils_than_fc15_carries_is_refused(tmp_path, sim, monkeypatch, capsys):
+    ini = write_ini(tmp_path, rtu_conn(sim), "sp = holding 1 int16")
+    rc, out, err = run(monkeypatch, capsys, ["write", "-c", ini, "plc", "--raw", "coil", "0"]
+                       + ["1"] * 1969 + ["--yes"])
+    assert rc == 2 and out == ""
+    assert "at most 1968" in err and "not 1969" in err
+
+
+def test_a_string_point_longer_than_one_fc16_write_is_refused_not_a_traceback(
+        tmp_path, sim, monkeypatch, capsys):
+    ini = write_ini(tmp_path, rtu_conn(sim), "label = holding 0 string 124")
+    rc, out, err = run(monkeypatch, capsys, ["write", "-c", ini, "plc", "label", "abc", "--yes"])
+    assert rc == 2 and out == ""
+    assert "label is 124 registers" in err and "at most 123" in err
+
+
+def test_raw_write_of_123_registers_still_goes_out_as_one_fc16(tmp_path, sim, monkeypatch, capsys):
+    ini = write_ini(tmp_path, "[connection:link]\ntype = rtu\nport = %s\ntimeout = 1s" % sim.rtu_path,
+                    "sp = holding 1 int16")
+    rc, out, err = run(monkeypatch, capsys, ["write", "-c", ini, "plc", "--raw", "holding", "0"]
+                       + ["7"] * 123 + ["--yes"])
+    # the simulated PLC holds 20 registers: it refuses with exception 2, after the frame went out
+    assert "fc 16 holding 0" in out and "RTU frame 02 10 00 00 00 7b f6" in out
+    assert rc == 1 and "exception code 2" in err
+
+
+# --- write over ASCII shows the ASCII frame -------------------------------------------------
+
+def test_write_over_ascii_shows_the_ascii_frame_with_its_lrc(tmp_path, sim, monkeypatch, capsys):
+    """Was only the PDU ("framed by the ascii transport"): the issue asks for the frame."""
+    conn = ("[connection:link]\ntype = ascii\nport = %s\nbaud = 9600\nparity = N\nbytesize = 8\n"
+            "timeout = 500ms" % sim.ascii_path)
+    ini = write_ini(tmp_path, conn, "setpoint = holding 1 int16 scale=0.1")
+    rc, out, err = run(monkeypatch, capsys, ["write", "-c", ini, "plc", "setpoint", "23.5", "--yes"])
+    assert rc == 0, err
+    body = bytes.fromhex("02 06 00 01 00 eb")
+    expected = ":%s%02X" % (body.hex().upper(), FramerAscii.compute_LRC(body))   # pymodbus' LRC
+    assert "ASCII frame %s CR LF" % expected in out
+    assert "read back: setpoint = 23.5" in out
+    assert sim.devices[2].holding[1] == 235
+    # RTU framing unchanged (the CRC by umodbus)
+    ini = write_ini(tmp_path, rtu_conn(sim), "setpoint = holding 1 int16 scale=0.1")
+    rc, out, err = run(monkeypatch, capsys, ["write", "-c", ini, "plc", "setpoint", "22.0", "--yes"])
+    assert rc == 0, err
+    assert "RTU frame %s" % add_crc(bytes.fromhex("02 06 00 01 00 dc")).hex(" ") in out
+    assert struct.pack(">h", sim.devices[2].holding[1]) == b"\x00\xdc"
