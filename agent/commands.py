@@ -787,8 +787,9 @@ def scan_sections(conn, hits):
             name = "%s_%d%s" % (conn.name, hit.line[0], hit.line[1].lower())
             conn_names[hit.line] = name
             lines += ["; the same port at %d %s: devices at different rates cannot share a bus; set them "
-                      "to one rate (then drop this section), or keep it if only these devices are on it"
-                      % hit.line,
+                      "to one rate (then drop this section), or use it instead of [connection:%s] "
+                      "if only these devices are on the port (one port, one connection)"
+                      % (hit.line + (conn.name,)),
                       "[connection:%s]" % name, "type = %s" % conn.type, "port = %s" % conn.port,
                       "baud = %d" % hit.line[0], "parity = %s" % hit.line[1],
                       "bytesize = %d" % conn.bytesize, "stopbits = %d" % conn.stopbits, ""]

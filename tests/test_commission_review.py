@@ -115,3 +115,68 @@ def test_write_over_ascii_shows_the_ascii_frame_with_its_lrc(tmp_path, sim, monk
     assert rc == 0, err
     assert "RTU frame %s" % add_crc(bytes.fromhex("02 06 00 01 00 dc")).hex(" ") in out
     assert struct.pack(">h", sim.devices[2].holding[1]) == b"\x00\xdc"
+
+
+# --- check: two connections on one serial port ----------------------------------------------
+
+def _two_port_ini(tmp_path, port_a, port_b, second_used=True):
+    ini = tmp_path / "ports.ini"
+    ini.write_text("""[agent]
+id = rev15
+spool_dir = %s/spool
+
+[connection:bus]
+type = rtu
+port = %s
+baud = 9600
+
+[connection:bus_19200n]
+type = rtu
+port = %s
+baud = 19200
+
+[device:meter]
+connection = bus
+unit = 3
+
+[points:meter]
+reg0 = input 0 uint16
+
+[device:plc]
+connection = %s
+unit = 7
+
+[points:plc]
+reg0 = holding 0 uint16
+""" % (tmp_path, port_a, port_b, "bus_19200n" if second_used else "bus"))
+    return ini
+
+
+def test_check_refuses_two_used_connections_on_one_serial_port(tmp_path, sim, capsys):
+    """What `scan` pastes for a device found at another rate: check said OK, then every poll of
+    the second connection failed ("Could not exclusively lock port")."""
+    from agent.config import check_config
+
+    link = tmp_path / "ttyUSB0"
+    link.symlink_to(sim.rtu_path)           # /dev/serial/by-id/... names the same port
+    ini = _two_port_ini(tmp_path, sim.rtu_path, link)
+    _cfg, errors, _ = check_config(str(ini))
+    assert [str(e) for e in errors] == [
+        "%s:12: [connection:bus_19200n] port: %s is also the port of [connection:bus] (line 7): "
+        "one serial port is one bus, opened once, so one of them could never be polled; put the "
+        "devices of that port in one connection, at one line setting" % (ini, link)]
+    # the same through the command line
+    rc = cli.main(["check", "-c", str(ini)])
+    assert rc == 2 and "[connection:bus_19200n] port:" in capsys.readouterr().err
+
+
+def test_check_accepts_one_port_per_connection_and_an_unused_duplicate(tmp_path, sim):
+    from agent.config import check_config
+
+    _cfg, errors, _ = check_config(str(_two_port_ini(tmp_path, sim.rtu_path, sim.ascii_path)))
+    assert not errors, errors
+    # the pasted connection kept but unused (devices moved to one rate): a warning only
+    _cfg, errors, warnings = check_config(str(_two_port_ini(tmp_path, sim.rtu_path, sim.rtu_path,
+                                                            second_used=False)))
+    assert not errors, errors
+    assert any("no device uses this connection" in str(w) for w in warnings)

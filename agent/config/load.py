@@ -129,6 +129,7 @@ def _load(path, text):
             problems.warn(path, s.line, s.name, None, "no device uses this connection")
     _check_bus_time(connections, problems)
     _check_units(devices, problems)
+    _check_serial_ports(connections, by_kind["connection"], problems)
     return Config(path, agent, upload, connections, devices, disabled, problems.warnings), problems
 
 
@@ -302,6 +303,28 @@ def _check_units(devices, problems):
             problems.warn(d.path, d.line, "device:" + d.name, "unit",
                           "unit %d on %s is also device %s" % (d.unit, d.connection.name, seen[key]))
         seen[key] = d.name
+
+
+def _check_serial_ports(connections, sections, problems):
+    """Two connections in use on one serial port: the agent opens a port once, exclusively,
+    so the second one's devices would fail every poll (`scan` suggests a second connection
+    for devices found at another rate; both cannot be used at once)."""
+    seen = {}
+    for name, conn in connections.items():
+        key = conn.transport.keys.get("port")
+        if not conn.devices or key is None or key.kind != "path" or not conn.port:
+            continue
+        real = os.path.realpath(conn.port)
+        if real in seen:
+            other = sections[seen[real]]
+            s = sections[name]
+            problems.error(s.path, _line_of(s, "port"), s.name, "port",
+                           "%s is also the port of [connection:%s] (line %d): one serial port is "
+                           "one bus, opened once, so one of them could never be polled; put the "
+                           "devices of that port in one connection, at one line setting"
+                           % (conn.port, seen[real], _line_of(other, "port")))
+        else:
+            seen[real] = name
 
 
 def _check_overlaps(points, problems):
