@@ -180,3 +180,51 @@ def test_check_accepts_one_port_per_connection_and_an_unused_duplicate(tmp_path,
                                                             second_used=False)))
     assert not errors, errors
     assert any("no device uses this connection" in str(w) for w in warnings)
+
+
+# --- write: numbers no register holds --------------------------------------------------------
+
+HUGE_POINTS = """setpoint = holding 1 int16 scale=0.1
+counter = holding 3 uint16
+f32 = holding 11 float32
+"""
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("point, text, says", [
+    # was minutes of CPU (Fraction(Decimal("1e999999999")) is a billion-digit integer)
+    ("setpoint", "1e999999999", "'1e999999999' is not a number a register can hold"),
+    ("setpoint", "1e-999999999", "is not a number a register can hold"),
+    # were tracebacks: OverflowError from float() of the exact value, for the message
+    ("setpoint", "1" * 60 + ".5", "1.11111e+60 in the register's units: scale=0.1) does not fit"),
+    ("counter", "1" * 60 + ".5", "1.11111e+59 is not a whole number"),
+    ("f32", "1" * 60 + ".5", "1.11111e+59"),
+    # was a 301-digit number in the message
+    ("f32", "1e300", "1e+300 does not fit a float32"),
+    ("counter", "1.5e40", "1.5e+40 does not fit: a uint16 holds 0..65535"),
+    ("counter", "9" * 101, "(101 characters)"),
+])
+def test_write_refuses_numbers_beyond_any_register_quickly_and_says_so(
+        tmp_path, sim, monkeypatch, capsys, point, text, says):
+    ini = write_ini(tmp_path, rtu_conn(sim), HUGE_POINTS)
+    rc, out, err = run(monkeypatch, capsys, ["write", "-c", ini, "plc", point, text, "--yes"])
+    assert rc == 2 and out == ""
+    assert err.startswith("plc.%s: refused: " % point) and says in err, err
+    assert len(err) < 300, err
+    assert "Traceback" not in err
+
+
+# --- check: one reason per problem -----------------------------------------------------------
+
+def test_append_with_decimals_out_of_range_is_one_error_not_also_missing(tmp_path):
+    from agent.config import check_config
+
+    ini = write_ini(tmp_path, "[connection:link]\ntype = tcp\nhost = 127.0.0.1",
+                    "a = holding 3 append decimals=6\nb = holding 5 append")
+    _cfg, errors, _ = check_config(ini)
+    msgs = [str(e) for e in errors]
+    assert msgs == [
+        "%s:15: [points:plc] a: decimals: must be 1..5 for append (the fraction register holds "
+        "0..65535)" % ini,
+        "%s:16: [points:plc] b: append needs decimals=N (the digits of the fraction register, 1..5)"
+        % ini], msgs
