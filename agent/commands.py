@@ -505,10 +505,12 @@ _WRITE_FC = {"coil": (5, 15), "holding": (6, 16)}
 
 def _frame_text(conn_type, unit, pdu_bytes):
     """The request as it goes on the wire (hex), for the confirmation."""
-    from agent.modbus import rtu, tcp
+    from agent.modbus import ascii, rtu, tcp
 
     if conn_type in ("rtu", "rtu-over-tcp"):
         return "RTU frame %s" % rtu.build_adu(unit, pdu_bytes).hex(" ")
+    if conn_type in ("ascii", "ascii-over-tcp"):
+        return "ASCII frame %s CR LF" % ascii.build_adu(unit, pdu_bytes)[:-2].decode("ascii")
     if conn_type == "tcp":
         return "TCP frame %s (transaction id 0000 here: the client numbers it)" % (
             tcp.build_adu(0, unit, pdu_bytes).hex(" "))
@@ -550,6 +552,17 @@ def _parse_raw_values(table, texts):
     return out
 
 
+def _check_count(fc, n, what):
+    """ValueError when one request of `fc` cannot carry `n` values (FC 15: 1968 coils, FC 16:
+    123 registers), rather than the codec's InvalidRequest after the plan was shown."""
+    from agent.modbus.pdu import FUNCTIONS
+
+    limit = FUNCTIONS[fc].max_count
+    if n > limit:
+        raise ValueError("%s at most %d value(s) (fc %02d %s), not %d: write them in several "
+                         "steps" % (what, limit, fc, FUNCTIONS[fc].name, n))
+
+
 def write_plan(dev, args):
     """What `write` sends: (table, address, function, payload, read-back count, point or None,
     note), or raises ValueError (usage) / Unwritable (the value)."""
@@ -571,6 +584,7 @@ def write_plan(dev, args):
             raise ValueError("address %d + %d is outside 0..65535" % (address, len(values)))
         single, multi = _WRITE_FC[table]
         fc = single if len(values) == 1 else multi
+        _check_count(fc, len(values), "--raw %s takes" % table)
         return table, address, fc, values[0] if len(values) == 1 else values, len(values), None, ""
     if len(args.what) != 2:
         raise ValueError("write takes DEVICE POINT VALUE (or --raw TABLE ADDRESS VALUE...)")
@@ -594,6 +608,7 @@ def write_plan(dev, args):
             "change" % point.address)
     regs = wv.registers
     fc = single if len(regs) == 1 else multi
+    _check_count(fc, len(regs), "point %s is %d registers: one write takes" % (name, len(regs)))
     return point.table, point.address, fc, regs[0] if len(regs) == 1 else regs, len(regs), point, ""
 
 
@@ -813,8 +828,9 @@ def scan_sections(conn, hits):
             name = "%s_%d%s" % (conn.name, hit.line[0], hit.line[1].lower())
             conn_names[hit.line] = name
             lines += ["; the same port at %d %s: devices at different rates cannot share a bus; set them "
-                      "to one rate (then drop this section), or keep it if only these devices are on it"
-                      % hit.line,
+                      "to one rate (then drop this section), or use it instead of [connection:%s] "
+                      "if only these devices are on the port (one port, one connection)"
+                      % (hit.line + (conn.name,)),
                       "[connection:%s]" % name, "type = %s" % conn.type, "port = %s" % conn.port,
                       "baud = %d" % hit.line[0], "parity = %s" % hit.line[1],
                       "bytesize = %d" % conn.bytesize, "stopbits = %d" % conn.stopbits, ""]

@@ -658,14 +658,28 @@ def _number(text):
     from fractions import Fraction
 
     t = text.strip()
+    if len(t) > _MAX_NUMBER_TEXT:
+        raise Unwritable("%r... is not a number a register can hold (%d characters)"
+                         % (t[:20], len(t)))
     try:
         return Fraction(int(t, 0))
     except ValueError:
         pass
     try:
-        return Fraction(Decimal(t))
-    except (InvalidOperation, ValueError, OverflowError):
+        d = Decimal(t)
+    except (InvalidOperation, ValueError):
         raise Unwritable("%r is not a number" % text) from None
+    # Fraction(Decimal("1e999999999")) builds a billion-digit integer (minutes of CPU): no
+    # register type comes near these magnitudes (float64 ends at about 1.8e308, 4.9e-324)
+    if not d.is_finite() or (d and not -_MAX_EXPONENT <= d.adjusted() <= _MAX_EXPONENT):
+        raise Unwritable("%r is not a number a register can hold (beyond 1e+-%d)"
+                         % (text, _MAX_EXPONENT))
+    return Fraction(d)
+
+
+#: the longest value text `write` takes, and the largest decimal exponent (either sign)
+_MAX_NUMBER_TEXT = 100
+_MAX_EXPONENT = 330
 
 
 def _unscale(p, value, what):
@@ -687,10 +701,16 @@ def _scaling_text(p):
 
 
 def _show(x):
+    """An exact number for a message: as written where short, else 6 significant digits
+    (float() would overflow to a traceback or underflow to a misleading 0.0)."""
     if hasattr(x, "denominator") and not isinstance(x, int):
-        if x.denominator == 1:
+        if x.denominator == 1 and abs(x.numerator) < 10 ** 17:
             return str(x.numerator)
-        return repr(float(x))
+        if x and 1e-9 <= abs(x) < 1e17:
+            return repr(float(x))
+        from decimal import Decimal
+
+        return format((Decimal(x.numerator) / Decimal(x.denominator)).normalize(), ".6g")
     return str(x)
 
 

@@ -139,6 +139,7 @@ def _load(path, text):
     _check_bus_time(connections, problems)
     _check_units(devices, problems)
     _check_gateway_units(devices, gateway, problems)
+    _check_serial_ports(connections, by_kind["connection"], problems)
     mqtt = None
     if by_kind["mqtt"] is not None:
         mqtt = _load_mqtt(by_kind["mqtt"], agent, devices, problems)
@@ -400,6 +401,28 @@ def _check_gateway_units(devices, gateway, problems):
 def _line_of_device(d, key):
     """The line of `key` in device `d`'s section (its section line when not set there)."""
     return (getattr(d, "gateway_lines", None) or {}).get(key) or d.line
+
+
+def _check_serial_ports(connections, sections, problems):
+    """Two connections in use on one serial port: the agent opens a port once, exclusively,
+    so the second one's devices would fail every poll (`scan` suggests a second connection
+    for devices found at another rate; both cannot be used at once)."""
+    seen = {}
+    for name, conn in connections.items():
+        key = conn.transport.keys.get("port")
+        if not conn.devices or key is None or key.kind != "path" or not conn.port:
+            continue
+        real = os.path.realpath(conn.port)
+        if real in seen:
+            other = sections[seen[real]]
+            s = sections[name]
+            problems.error(s.path, _line_of(s, "port"), s.name, "port",
+                           "%s is also the port of [connection:%s] (line %d): one serial port is "
+                           "one bus, opened once, so one of them could never be polled; put the "
+                           "devices of that port in one connection, at one line setting"
+                           % (conn.port, seen[real], _line_of(other, "port")))
+        else:
+            seen[real] = name
 
 
 def _check_overlaps(points, problems):

@@ -288,9 +288,11 @@ def _point_options(words, tname, reasons, bit_lo=0, bit_hi=15):
     Which options a type takes is its TYPES entry's `options`."""
     t = TYPES[tname]
     opts = {}
+    given = set()     # options written, valid or not (a bad one is not also "missing")
     for w in words:
         k, _, v = w.partition("=")
         k = k.lower()
+        given.add(k)
         if k not in POINT_OPTIONS:
             reasons.append("unknown option %r%s" % (k, _suggest(k, POINT_OPTIONS)))
         elif k in opts:
@@ -308,7 +310,7 @@ def _point_options(words, tname, reasons, bit_lo=0, bit_hi=15):
         if clash:
             reasons.append("enum cannot be combined with %s" % ", ".join(clash))
     for k in t.requires:
-        if k not in opts:
+        if k not in given:
             reasons.append("%s needs %s=N (the digits of the fraction register, 1..5)" % (tname, k))
     return opts
 
