@@ -119,6 +119,7 @@ class Engine:
         self._threads = []
         self._last_cleanup = None
         self._db_errors = _db_errors(store)
+        self.started = clock()   # silence by receive time counts from here (evaluate.silent)
 
     # --- wiring -------------------------------------------------------------------------------
 
@@ -274,7 +275,7 @@ class Engine:
             elif kind == "health" and plan.backlog:
                 health = json.loads(row[7]).get("health")
                 for r in plan.backlog:
-                    v = numeric(field(health, r.point))
+                    v = numeric(_backlog(health, r.point))
                     if v is not None:
                         c = r.crossing(v)
                         self._observe(cur, r, agent, "", "", row[2], v, c, not c and r.cleared(v), received, active,
@@ -387,8 +388,12 @@ class Engine:
                     continue
                 key = (rule.name, d["agent"], d["device"], "")
                 seen.add(key)
-                quiet, secs, detail = silent(rule, d, agent_ts.get(d["agent"]), now)
-                out += self._time_change(rule, rows.get(key) or State(*key), quiet, secs, detail, d["last_ts"], now)
+                st = rows.get(key) or State(*key)
+                # a series firing before a restart keeps its true age (it must not resolve because
+                # the collector restarted); any other starts counting no earlier than the start
+                quiet, secs, detail = silent(rule, d, agent_ts.get(d["agent"]), now,
+                                             None if st.state == FIRING else self.started)
+                out += self._time_change(rule, st, quiet, secs, detail, d["last_ts"], now)
             if rule.literal:  # named without wildcards: silent from the start if it never reported
                 key = (rule.name, rule.agent, rule.device, "")
                 if key not in seen:
@@ -602,6 +607,16 @@ def _band(rules, agent, device, point, active):
         else:
             lo = max(lo, r.below)
     return lo, hi
+
+
+def _backlog(health, path):
+    """A health record's backlog at `path`; an empty spool reports its oldest_age as null (no
+    oldest record): that is no backlog, 0 (or a firing backlog alert would never resolve). A
+    record without the field's parent object (an older agent) says nothing: None."""
+    v = field(health, path)
+    if v is None and "." in path and type(field(health, path.rsplit(".", 1)[0])) is dict:
+        return 0.0
+    return v
 
 
 def _db_errors(store):
