@@ -75,3 +75,23 @@ def test_a_collector_restart_raises_no_device_silent_and_keeps_a_silent_alert_fi
         assert [(e.agent, e.state) for e in sim.engine.evaluate(T0 + 4310 + 601)] == [("a", "firing")]
     finally:
         sim.close()
+
+
+def test_a_key_ending_in_an_escaped_quote_and_values_is_not_taken_for_the_values(tmp_path):
+    import json
+
+    from agent.collector.alerts.extract import samples as fast_samples
+    from agent.collector.samples import samples
+    from tests.test_collector_alerts import call
+
+    text = ('{"agent":"a","seq":0,"ts":"2026-11-18T09:46:40.000Z","device":"m1","unit":1,'
+            '"x\\"values":{"v":999},"values":{"v":1},"status":"ok"}')
+    assert fast_samples(text, "2026-11-18T09:46:40.000Z") == samples(json.loads(text))
+    sim = Sim(write_ini(tmp_path, "[alert:hv]\npoint = v\nabove = 100\n[notify:n]\nurl = http://127.0.0.1:9/x\n"),
+              "sqlite:///%s" % (tmp_path / "c.db"))
+    try:
+        status, body = call(sim.app, "POST", "/api/v1/batches", ('{"agent":"a","records":[%s]}' % text).encode())
+        assert status == 200, body
+        assert sim.states() == []      # v is 1: no alert on the 999 of another key
+    finally:
+        sim.close()
