@@ -14,6 +14,9 @@ webhook.
                each, none crossed), an error rule, a silent rule, a gap rule, a backlog rule
      firing    the same 100 with 4 of the thresholds crossed on every device: 64 series
                firing, their state rows rewritten at every batch
+   Each collector first gets one warm-up batch per agent (earlier ts): in the firing config its
+   series fire and their messages are sent before the measured part, which is then ingest
+   with alerts firing, not the one-off sending of 64 webhooks.
    Target: quiet and firing at most 10% below none.
 2. Latency from a crossing to the webhook: one-record batches, alternately crossing and
    clearing a `for = 0` threshold, posted to a collector (SQLite, fsync on) whose notifier is a
@@ -80,6 +83,30 @@ def start(port, db, ini, log):
     return proc
 
 
+def warm_up(port, clients, hook, firing):
+    """One batch per agent just before the measured records (earlier ts, seqs after theirs): in
+    the firing config its 64 series fire and their 16 messages go out now, so the measured part
+    is ingest with alerts firing (the steady state), not the one-off sending of 16 webhooks."""
+    n = len(hook.got)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    for k in range(clients):
+        agent = "bench%d" % k
+        recs = []
+        for i in range(60):
+            rec = data_record(agent, 1_795_000_000.0 - 100 + i, "meter%d" % (i % 4), 1 + i % 4,
+                              {p: 230.0 for p in POINTS})
+            rec["seq"] = 10 ** 9 + i
+            recs.append(rec)
+        conn.request("POST", "/api/v1/batches", body=encode({"agent": agent, "records": recs}),
+                     headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status == 200, resp.status
+    conn.close()
+    if firing:
+        hook.wait_for(n + 16 * clients, timeout=60)   # 4 thresholds x 4 meters x agent
+
+
 def ingest_rates(args, tmp, hook):
     configs = {"none": None}
     for name, firing, agents in (("elsewhere", False, "site*"), ("quiet", False, "bench*"), ("firing", True, "bench*")):
@@ -104,6 +131,7 @@ def ingest_rates(args, tmp, hook):
                 with open(os.path.join(d, "server.log"), "w") as log:
                     proc = start(port, os.path.join(d, "bench.db"), ini, log)
                     try:
+                        warm_up(port, args.clients, hook, name == "firing")
                         rate, per_cpu = http_rate(port, lines, size, proc.pid)
                     finally:
                         stop(proc)

@@ -32,7 +32,7 @@ import threading
 import time
 import traceback
 
-from agent.collector.alerts import db, notify
+from agent.collector.alerts import db, notify, textband
 from agent.collector.alerts.evaluate import (
     ACTIVE,
     FIRING,
@@ -63,7 +63,7 @@ class _Conflict(Exception):
 class _Device:
     """The rules that watch one device of one agent: `points` [(point, threshold rules)],
     `errors` the error rules."""
-    __slots__ = ("points", "errors", "statuses", "calm", "cache")
+    __slots__ = ("points", "errors", "statuses", "calm", "cache", "keys")
 
     def __init__(self, rules):
         by_point = {}
@@ -75,6 +75,7 @@ class _Device:
         self.statuses = frozenset(s for r in self.errors for s in r.statuses)
         self.calm = _bands(self.points, None, None, {}) if self.points else None   # no series active
         self.cache = {}   # the states of the device's active series -> their bands
+        self.keys = None  # the value keys of its last parsed record, in order (textband)
 
 class _Plan:
     """The rules that may apply to one agent's records, resolved once per agent."""
@@ -118,6 +119,7 @@ class Engine:
         self._threads = []
         self._last_cleanup = None
         self._db_errors = _db_errors(store)
+        self.started = clock()   # silence by receive time counts from here (evaluate.silent)
 
     # --- wiring -------------------------------------------------------------------------------
 
@@ -193,20 +195,40 @@ class Engine:
         failing = {k[2] for k in active if not k[3]}   # ... with a pending/firing error rule
         changed = {}
         bands = {}
+        texts = {}      # device -> its text check (textband.matcher) in this batch, or None
+        budget = [_COMPILES_PER_BATCH]
         gaps = []
+        # device -> (check, statuses): a data record whose status is not among `statuses` and
+        # whose text passes `check` changes nothing (set after the device's first record of the
+        # batch, dropped whenever its bands, layout or error series change)
+        quick = {}
         for row in fresh:
             kind = row[3]
             if kind == "data":
-                dp = plan.device(row[4])
-                if dp is None:
-                    continue
+                q = quick.get(row[4])
+                if q is not None and row[6] not in q[1] and q[0](row[7]) is not None:
+                    continue                        # the hot path: one regex match, no parse
                 device = row[4]
+                dp = plan.device(device)
+                if dp is None:
+                    quick[device] = _UNWATCHED
+                    continue
+                quick.pop(device, None)
                 if dp.points:
                     bq = bands.get(device) if device in hot else dp.calm
-                    for t, values in samples(row[7], row[2]):
+                    if bq is None:
+                        bq = bands[device] = self._device_bands(dp, agent, device, active)
+                    fm = None
+                    if dp.keys is not None:
+                        fm = texts.get(device, texts)
+                        if fm is texts:
+                            fm = texts[device] = _text_matcher(dp.keys, bq[2], budget)
+                    values = None
+                    # every watched value surely in its band: nothing to parse
+                    for t, values in (() if fm is not None and fm(row[7]) is not None else samples(row[7], row[2])):
                         if bq is None:
                             bq = bands[device] = self._device_bands(dp, agent, device, active)
-                        bl, quiet = bq
+                        bl, quiet, _ = bq
                         try:
                             if quiet(values):
                                 continue            # the hot path: no value leaves its band
@@ -231,9 +253,18 @@ class Engine:
                                                  received, active, changed):
                                     hot.add(device)     # a series changed: new bands from the next sample
                                     bq = bands[device] = None
+                                    texts.pop(device, None)
+                    if values is not None and dp.keys != tuple(values):
+                        dp.keys = tuple(values)     # the device's layout, for the text check
+                        texts.pop(device, None)
+                    if texts.get(device) is not None and device not in failing:
+                        quick[device] = (texts[device], dp.statuses)
+                elif device not in failing:
+                    quick[device] = (len, dp.statuses)
                 if dp.errors and (row[6] in dp.statuses or device in failing):
                     status = row[6]
                     failing.add(device)
+                    quick.pop(device, None)
                     for r in dp.errors:
                         c = status in r.statuses
                         self._observe(cur, r, agent, device, "", row[2], status, c, not c, received, active, changed)
@@ -244,7 +275,7 @@ class Engine:
             elif kind == "health" and plan.backlog:
                 health = json.loads(row[7]).get("health")
                 for r in plan.backlog:
-                    v = numeric(field(health, r.point))
+                    v = numeric(_backlog(health, r.point))
                     if v is not None:
                         c = r.crossing(v)
                         self._observe(cur, r, agent, "", "", row[2], v, c, not c and r.cleared(v), received, active,
@@ -357,8 +388,12 @@ class Engine:
                     continue
                 key = (rule.name, d["agent"], d["device"], "")
                 seen.add(key)
-                quiet, secs, detail = silent(rule, d, agent_ts.get(d["agent"]), now)
-                out += self._time_change(rule, rows.get(key) or State(*key), quiet, secs, detail, d["last_ts"], now)
+                st = rows.get(key) or State(*key)
+                # a series firing before a restart keeps its true age (it must not resolve because
+                # the collector restarted); any other starts counting no earlier than the start
+                quiet, secs, detail = silent(rule, d, agent_ts.get(d["agent"]), now,
+                                             None if st.state == FIRING else self.started)
+                out += self._time_change(rule, st, quiet, secs, detail, d["last_ts"], now)
             if rule.literal:  # named without wildcards: silent from the start if it never reported
                 key = (rule.name, rule.agent, rule.device, "")
                 if key not in seen:
@@ -500,9 +535,33 @@ _quiet_cache = {}
 
 
 def _bands(points, agent, device, active):
-    """([(point, lo, hi, rules)], quiet) for a device's threshold rules in their states."""
+    """([(point, lo, hi, rules)], quiet, ((point, lo, hi), ...)) for a device's threshold rules
+    in their states."""
     bl = [(p,) + _band(rules, agent, device, p, active) + (rules,) for p, rules in points]
-    return bl, _quiet_check(bl)
+    return bl, _quiet_check(bl), tuple((p, lo, hi) for p, lo, hi, _ in bl)
+
+
+_text_cache = {}
+_UNWATCHED = (len, frozenset())   # a device no rule watches: every record passes
+_COMPILES_PER_BATCH = 2   # a compile costs about a millisecond: a device changing layout at every
+                          # record (or a hostile client) gets the parse path, not a compile a record
+
+
+def _text_matcher(keys, band_key, budget):
+    """textband.matcher for a layout and a set of bands, compiled at most budget[0] times a
+    batch and kept (bounded); None: parse."""
+    key = (keys, band_key)
+    try:
+        return _text_cache[key]
+    except KeyError:
+        pass
+    if budget[0] <= 0 or len(keys) > 256:
+        return None
+    budget[0] -= 1
+    if len(_text_cache) > 1024:
+        _text_cache.clear()
+    f = _text_cache[key] = textband.matcher(keys, band_key)
+    return f
 
 
 def _quiet_check(bl):
@@ -548,6 +607,16 @@ def _band(rules, agent, device, point, active):
         else:
             lo = max(lo, r.below)
     return lo, hi
+
+
+def _backlog(health, path):
+    """A health record's backlog at `path`; an empty spool reports its oldest_age as null (no
+    oldest record): that is no backlog, 0 (or a firing backlog alert would never resolve). A
+    record without the field's parent object (an older agent) says nothing: None."""
+    v = field(health, path)
+    if v is None and "." in path and type(field(health, path.rsplit(".", 1)[0])) is dict:
+        return 0.0
+    return v
 
 
 def _db_errors(store):

@@ -129,7 +129,7 @@ def event_fired(rule, st, value, ts, now, detail=None):
     return Event(rule, st, FIRING, value, ts, now, detail=detail)
 
 
-def silent(rule, device, agent_ts, now):
+def silent(rule, device, agent_ts, now, up_since=None):
     """Is a device silent: (silent?, seconds, detail). `device`: its row of the devices table
     (last_ts = newest reading's ts, last_seen = server time its last record arrived), agent_ts:
     the newest ts of anything from its agent (readings and health records of any device).
@@ -141,9 +141,11 @@ def silent(rule, device, agent_ts, now):
       live agent falls behind the agent's health records and other devices: silent, whatever
       the backlog.
     - receive time: nothing at all arrived for the device for `for` (agent, router or link
-      down): silent. Records of a backlog arriving count as arrivals."""
+      down): silent. Records of a backlog arriving count as arrivals. `up_since`: when this
+      collector started; the time it was down itself does not count (its agents held their
+      records meanwhile: a restart must not raise every device silent)."""
     last_ts = parse_utc(device.get("last_ts"))
-    received_age = now - device["last_seen"]
+    received_age = now - max(device["last_seen"], up_since if up_since is not None else float("-inf"))
     lag = None if agent_ts is None else (agent_ts - last_ts if last_ts is not None else float("inf"))
     detail = {"last_ts": device.get("last_ts"), "received_age_s": round(received_age, 1),
               "data_lag_s": None if lag is None or lag == float("inf") else round(lag, 1)}

@@ -3,7 +3,8 @@ of every batch, and json.loads of each one would cost ingest a good part of its 
 
 The answer is always what agent.collector.samples.samples() gives: a record without a
 "samples" key holds one sample, (ts, values); when its `"values":{` is the first object inside
-the record (so it is the record's own key: no string can hold that text unescaped), the C JSON
+the record and no backslash comes before it (so it is the record's own key: no string can hold
+that text with its quote unescaped), the C JSON
 scanner parses that object alone, in place, and "samples" can only come after it. Anything else (buffered records, a record with an
 object before its values) is parsed whole and handed to samples(). tests/test_collector_alerts.py
 checks both ways agree.
@@ -21,7 +22,8 @@ _INF = (float("inf"), float("-inf"))
 def samples(payload, ts):
     """[(ts, values dict)] of one data record's JSON text (`ts`: its ts column)."""
     i = payload.find(_VALUES)
-    if i > 0 and payload.find("{", 1) == i + _AT:
+    # no backslash before it either: in `"x\"values":{` the quote is escaped, the key is x"values
+    if i > 0 and payload.find("{", 1) == i + _AT and payload.find("\\", 0, i) < 0:
         try:
             values, end = _scan(payload, i + _AT)
         except StopIteration:   # not JSON after all: let the full parse say so
