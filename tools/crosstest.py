@@ -36,6 +36,16 @@ FULL_TESTS = SHORT_TESTS + [
     "tests/test_spool_seq.py", "tests/test_spool_outputs.py", "tests/test_spool_failures.py",
     "tests/test_upload.py", "tests/test_upload_quarantine.py", "tests/test_upload_deadline.py",
 ]
+# Tests whose assertion reads the process's RSS (VmHWM): under qemu-user that is the emulator's,
+# whose translated-code cache grows the first time a new code path runs (reading a chunked or
+# gzip answer: +2.2 MB of VmHWM, while the guest's heap peak, by tracemalloc, grows 294 kB, as
+# on x86). Left out here, and said so; tools/cross-test is not where RSS is measured.
+QEMU_RSS_TESTS = [
+    "tests/test_upload_deadline.py::test_a_huge_or_endless_answer_is_an_error_naming_its_size_and_memory_stays_flat"
+    "[chunked]",
+    "tests/test_upload_deadline.py::test_a_huge_or_endless_answer_is_an_error_naming_its_size_and_memory_stays_flat"
+    "[gzip]",
+]
 NEEDS_PEERS = {"tests/test_crc.py", "tests/test_types_exact.py", "tests/test_profiles.py"}
 
 # Run inside the target: what the big-endian and 32-bit questions need, printed as JSON.
@@ -125,10 +135,17 @@ def pytest_step(py, env, files, short):
     # Hypothesis' default 200 ms deadline is an x86 figure: under emulation every example is
     # 10-50x slower, so the deadline is off (the examples and their assertions are unchanged).
     args = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "crossplugin", "-o", "timeout=900",
-            "-x" if short else "-q"] + files
+            "-rfE"] + (["-x"] if short else []) + files
+    for t in QEMU_RSS_TESTS:
+        if t.split("::")[0] in files:
+            args += ["--deselect", t]
     env = dict(env, PYTHONPATH=env["PYTHONPATH"] + os.pathsep + str(ROOT / "tools" / "crosstest_plugin"))
     r = subprocess.run(args, cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=3000)
-    tail = [line for line in r.stdout.splitlines() if line.strip()][-1:] or ["(no output)"]
+    tail = [line.strip("= ") for line in r.stdout.splitlines() if " passed" in line or " failed" in line][-1:] \
+        or ["(no summary line)"]
+    left = [t.split("::")[1] for t in QEMU_RSS_TESTS if t.split("::")[0] in files]
+    if left:
+        tail[0] += "; left out (they assert the RSS, the emulator's under qemu): %s" % ", ".join(left)
     if r.returncode != 0:
         print(r.stdout[-6000:], r.stderr[-3000:], sep="\n")
         raise AssertionError("pytest exit %d: %s" % (r.returncode, tail[0]))

@@ -57,14 +57,10 @@ Answers:
   answer > 64 KiB      not the collector's answer: back off, the batch stays (size in the error)
 """
 import gzip as _gzip
-import http.client
 import json
 import logging
 import random
 import time
-
-import requests
-import urllib3
 
 from agent.config import redact
 from agent.output import Output
@@ -75,6 +71,23 @@ from agent.upload.quarantine import Quarantine
 from agent.upload.timing import CONNECT_MIN, DECAY_GAP, RequestTimes
 from agent.upload.verdict import RETRY_4XX
 from agent.wire import ENVELOPE_TAIL, envelope_head, line_agent, line_prefix
+
+# requests (with urllib3, ssl, http.client, email) is a third of the agent's imports; on the
+# router (~20x slower than x86) that is ~1.5 s before the first poll. It is imported at the
+# first request instead (tools/bench/router.py, scenario 3).
+requests = urllib3 = http = None
+
+
+def _http():
+    """The requests module, imported on first use (with the names _post's except clause needs)."""
+    global requests, urllib3, http
+    if requests is None:
+        import http.client
+
+        import requests as _requests
+        import urllib3 as _urllib3
+        requests, urllib3 = _requests, _urllib3
+    return requests
 
 log = logging.getLogger("agent.upload")
 
@@ -113,7 +126,7 @@ class Uploader(Output):
         self._head = envelope_head(agent_id)
         # how the spool's lines of this agent start: a batch whose lines all start so is ours
         self._line_prefix = line_prefix(agent_id)
-        self._session = session or requests.Session()
+        self._session = session         # None: a requests.Session at the first request
         # Passed with every request: a session-level verify loses to $REQUESTS_CA_BUNDLE in
         # requests (psf/requests#3829), which would silently ignore ca_file.
         self._verify = ca_file if ca_file else bool(verify)
@@ -217,7 +230,8 @@ class Uploader(Output):
         return st
 
     def close(self):
-        self._session.close()
+        if self._session is not None:
+            self._session.close()
 
     # ------------------------------------------------------------------ batches
 
@@ -320,7 +334,10 @@ class Uploader(Output):
         The whole request, from connect to the answer's last byte, ends within the configured
         timeout (deadline.Alarm); the connect phase also ends by the monotonic `deadline` (given at
         least CONNECT_MIN). The answer is read up to ANSWER_MAX bytes."""
-        t0 = time.monotonic()
+        if self._session is None:
+            self._session = _http().Session()
+        _http()     # (an injected session: the except clause below still names requests')
+        t0 = time.monotonic()     # (after the import: its cost is not the collector's time)
         body = self._body(batch, self.agent_id if agent is None else agent)
         if self._posted_hi is None or batch.last_seq > self._posted_hi:
             self._posted_hi = batch.last_seq
