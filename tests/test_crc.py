@@ -66,9 +66,8 @@ def test_big_endian_host_simulated():
         assert bytes((value & 0xFF, value >> 8)) == bytes.fromhex(wire), frame
     assert crc_other(b"123456789") == 0x4B37
 
-# the list-backed variant (compact=False) in both orders; the agent's default is the array
-CRC_BIG = crc.make_crc16("big", compact=False)
-CRC_LITTLE = crc.make_crc16("little", compact=False)
+CRC_BIG = crc.make_crc16("big")
+CRC_LITTLE = crc.make_crc16("little")
 CRC_COMPACT = crc.make_crc16(compact=True)
 CRC_COMPACT_OTHER = crc.make_crc16("big" if sys.byteorder == "little" else "little", compact=True)
 

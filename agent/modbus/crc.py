@@ -9,13 +9,13 @@ after XOR-ing the 16-bit little-endian word into the register, the register's ne
 only on that 16-bit result, so a 65536-entry table replaces two byte steps by one lookup, and the
 loop runs over the frame's words without copying them (`memoryview.cast`).
 
-Memory vs speed: the agent's table is a compact `array('H')` (128 KiB), built lazily on the
-first CRC (TCP-only agents never pay). A list of the same values returns existing ints instead of
-boxing one per lookup and makes the loop ~1.2-1.5x faster, but costs 1.3 MB on the 32-bit router
-(2.5 MB on 64-bit; measured with tracemalloc under qemu-mipsel by tools/cross-test): on the
-router that was a third of the agent's Python heap, while a bus saturated at 115200 baud needs
-< 2% of its CPU for CRCs with the array (9600 baud: < 0.2%; tools/bench/router.py).
-`make_crc16(compact=False)` gives the list-backed variant (benchmarks).
+Memory vs speed: the table is built lazily on the first CRC (TCP-only agents never pay). As a
+list it returns existing ints instead of boxing one per lookup, which makes the loop ~1.6x
+faster than the compact `array('H')` (128 KiB), but it costs 1.3 MB on a 32-bit router (2.5 MB on
+64-bit; tracemalloc under qemu-mipsel, tools/cross-test): on a RUT200 that was a third of the
+agent's Python heap, while a bus saturated at 115200 baud needs < 2% of the router's CPU for its
+CRCs with the array (9600 baud: < 0.2%). So the agent builds the array on a small machine (a
+32-bit interpreter, or less than 1 GiB of RAM: `small_host`) and the list elsewhere.
 
 Byte order: `cast('H')` reads words in host order. On a big-endian host (MIPS routers) a word is
 `b0 << 8 | b1`, so the table is built for the byte-swapped register instead: the register is kept
@@ -64,13 +64,13 @@ def word_table(byteorder=sys.byteorder, as_list=False, _t8=TABLE8):
     return values if as_list else array("H", values)
 
 
-def make_crc16(byteorder=sys.byteorder, compact=True):
+def make_crc16(byteorder=sys.byteorder, compact=False):
     """Build a `crc16(data) -> int` for a host of `byteorder`.
 
     The agent uses the host's order; tests build the other one and feed it words read in that
-    order, to prove the big-endian path on a little-endian machine. `compact` (the default)
-    keeps the table as `array('H')` (128 KiB); `compact=False` builds a list (faster lookups,
-    1.3 MB on 32-bit, 2.5 MB on 64-bit).
+    order, to prove the big-endian path on a little-endian machine. `compact` keeps the table
+    as `array('H')` (128 KiB, slower lookups) instead of a list (1.3 MB on 32-bit, 2.5 MB on
+    64-bit).
     """
     t16 = word_table(byteorder, as_list=not compact)
     t8 = TABLE8
@@ -105,15 +105,30 @@ def make_crc16(byteorder=sys.byteorder, compact=True):
     return crc16
 
 
+def small_host(meminfo="/proc/meminfo", maxsize=sys.maxsize):
+    """True on a 32-bit interpreter or a machine with less than 1 GiB of RAM (a router): there
+    the word table is the compact array."""
+    if maxsize <= 2 ** 32:
+        return True
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) < (1 << 20)      # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
 _crc16 = None
 
 
 def crc16(data):
     """CRC-16/MODBUS of `data` (bytes-like) as an int; the wire order is `crc & 0xFF, crc >> 8`.
-    Builds the word table on first use."""
+    Builds the word table on first use (compact on a small host)."""
     global _crc16
     if _crc16 is None:
-        _crc16 = make_crc16()
+        _crc16 = make_crc16(compact=small_host())
     return _crc16(data)
 
 

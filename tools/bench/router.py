@@ -28,6 +28,7 @@ Scenarios:
   startup  process start to first poll and to first upload, and the costliest imports
            (-X importtime, unbudgeted: the import tree is the same, its cost scales)
   memory   RSS with 1,000 points, and the largest site that fits in the memory limit
+  cost     router CPU per poll and per point (the constants of agent/cpucost.py, for `check`)
 """
 import argparse
 import json
@@ -589,6 +590,9 @@ def scenario_startup(a, trees, peers, tmp):
                 time.sleep(0.05)
             res = {"first_poll_s": first_poll, "first_upload_s": first_upload,
                    "cpu_to_upload_s": run.cpu()}
+            # what the start-up did to the cadence: cycles missed in the first 20 s
+            time.sleep(max(0.0, 20.0 - (time.time() - run.t0)))
+            res["missed_20s"] = missed(read_json(tmp / ("status-%s.json" % agent)))
             run.stop()
         finally:
             budget.close()
@@ -663,6 +667,36 @@ def scenario_memory(a, trees, peers_for, tmp):
     return results
 
 
+def scenario_cost(a, trees, tmp):
+    """Router CPU per poll and per point (agent/cpucost.py): 20 TCP devices at 1 s with few and
+    with many points; share = polls/s * PER_POLL + points/s * PER_POINT, solved from the two."""
+    lib = trees[-1][1]
+    out = {}
+    for npts in (a.cost_points_low, a.cost_points_high):
+        _pts, regs = generic_points(npts)
+        peers = Peers(tmp / ("cost%d" % npts), a.devices, regs, 0)
+        try:
+            agent = "cost%d" % npts
+            ini = site_ini(tmp, agent, peers, a.devices, npts, 0)
+            budget = Budget(a.ratio, a.mem_mb, "modbus-router-bench-%d" % os.getpid())
+            try:
+                run = Run(lib, ini, budget, tmp / ("%s.log" % agent))
+                status = tmp / ("status-%s.json" % agent)
+                wait_for(lambda s=status, r=run: read_json(s) or not r.alive(), 120, "the agent's loop")
+                time.sleep(a.warmup)
+                out[npts] = measure_window(run, peers, agent, status, 1.0, a.duration, a.ratio)
+                run.stop()
+            finally:
+                budget.close()
+        finally:
+            peers.stop()
+    lo, hi = out[a.cost_points_low], out[a.cost_points_high]
+    polls = float(a.devices)     # per second
+    per_point = (hi["cpu_share"] - lo["cpu_share"]) / (polls * (a.cost_points_high - a.cost_points_low))
+    per_poll = (lo["cpu_share"] - polls * a.cost_points_low * per_point) / polls
+    return {"runs": out, "per_poll_s": per_poll, "per_point_s": per_point}
+
+
 # ------------------------------------------------------------------------------ printing
 
 
@@ -703,7 +737,7 @@ def print_steady(res, title, backlog=False):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--scenario", action="append", choices=["steady", "backlog", "startup", "memory"])
+    ap.add_argument("--scenario", action="append", choices=["steady", "backlog", "startup", "memory", "cost"])
     ap.add_argument("--ratio", type=float, default=DEFAULT_RATIO, help="x86 core / router CPU speed ratio")
     ap.add_argument("--mem-mb", type=int, default=48)
     ap.add_argument("--base", default=BASE_REV, help="git revision to compare with ('' for none)")
@@ -717,11 +751,13 @@ def main(argv=None):
     ap.add_argument("--max-catchup", type=float, default=900.0)
     ap.add_argument("--memory-sizes", default="2000,4000,8000,16000")
     ap.add_argument("--memory-seconds", type=float, default=20.0)
+    ap.add_argument("--cost-points-low", type=int, default=5)
+    ap.add_argument("--cost-points-high", type=int, default=100)
     ap.add_argument("--coremark", help="a compiled CoreMark to measure this machine with first")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--keep", type=Path, help="keep the run's files (logs, INIs, databases) in this directory")
     a = ap.parse_args(argv)
-    scen = a.scenario or ["steady", "backlog", "startup", "memory"]
+    scen = a.scenario or ["steady", "backlog", "startup", "memory", "cost"]
     x86 = X86_COREMARK
     if a.coremark:
         out = subprocess.run([a.coremark, "0x0", "0x0", "0x66", "0", "7", "1", "2000"], capture_output=True,
@@ -761,9 +797,11 @@ def main(argv=None):
             if "startup" in scen:
                 r = out["startup"] = scenario_startup(a, trees, peers, tmp)
                 table("(3) start-up under the budget: process start to first poll / first upload",
-                      ["tree", "first poll s", "first upload s", "CPU s used", "imports (unbudgeted) ms"],
+                      ["tree", "first poll s", "first upload s", "x86 CPU s to first upload",
+                       "missed cycles in the first 20 s", "imports (x86, unbudgeted) ms"],
                       [[n, f(x["first_poll_s"], "%.2f"), f(x["first_upload_s"], "%.2f"),
-                        f(x["cpu_to_upload_s"], "%.3f"), f(x["imports"]["total_ms"])] for n, x in r.items()])
+                        f(x["cpu_to_upload_s"], "%.3f"), x["missed_20s"], f(x["imports"]["total_ms"])]
+                       for n, x in r.items()])
                 for n, x in r.items():
                     print("  costliest imports (%s, -X importtime cumulative ms, x86 unbudgeted): %s" % (
                         n, ", ".join("%s %.0f" % (m, c) for c, m in x["imports"]["top"])))
@@ -786,6 +824,14 @@ def main(argv=None):
                     a.mem_mb, a.memory_seconds),
                     ["tree", "points", "devices", "fits", "RSS MB", "peak RSS MB", "cgroup peak MB (incl. cache)",
                      "OOM kills", "polls ok"], rows)
+            if "cost" in scen:
+                r = out["cost"] = scenario_cost(a, trees, tmp)
+                table("cost model for `check` (agent/cpucost.py): %d TCP devices at 1 s, router CPU" % a.devices,
+                      ["points per device", "CPU share", "missed", "jitter p99 ms"],
+                      [[n, "%.1f%%" % (100 * x["cpu_share"]), x["missed"], f(x["jitter_p99_ms"])]
+                       for n, x in r["runs"].items()])
+                print("  -> PER_POLL = %.4f s, PER_POINT = %.6f s of router CPU (ratio %g)" % (
+                    r["per_poll_s"], r["per_point_s"], a.ratio))
         finally:
             peers.stop()
             for p in extra:
