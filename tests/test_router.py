@@ -29,7 +29,7 @@ ROUTER_MEMINFO = "MemTotal:          59716 kB\nMemFree:           21340 kB\n"   
 
 
 def test_the_crc_word_table_is_compact_on_a_router(tmp_path):
-    """On a small host (a 32-bit interpreter or < 1 GiB of RAM) the first CRC builds the compact
+    """On a small host (a 32-bit interpreter, < 1 GiB of RAM or of cgroup limit) the first CRC builds the compact
     table: under 256 KiB of heap (the list was 1.3 MB on the 32-bit router, 2.5 MB on 64-bit),
     and the spec's answers. Elsewhere the faster list stays."""
     from agent.modbus import crc
@@ -39,7 +39,18 @@ def test_the_crc_word_table_is_compact_on_a_router(tmp_path):
     assert crc.small_host(str(meminfo)) and crc.small_host(maxsize=2 ** 31 - 1)
     big = tmp_path / "big"
     big.write_text("MemTotal:       24000000 kB\n")
-    assert not crc.small_host(str(big), maxsize=2 ** 63 - 1)
+    none = str(tmp_path / "no-cgroup")
+    assert not crc.small_host(str(big), maxsize=2 ** 63 - 1, cgroup=none)
+    # a big machine, but the agent's cgroup may use 48 MB (v1 and v2)
+    (tmp_path / "cg").write_text("4:memory:/agent\n1:cpu:/\n0::/agent2\n")
+    (tmp_path / "fs" / "memory" / "agent").mkdir(parents=True)
+    (tmp_path / "fs" / "memory" / "agent" / "memory.limit_in_bytes").write_text("50331648\n")
+    assert crc.small_host(str(big), 2 ** 63 - 1, str(tmp_path / "cg"), str(tmp_path / "fs"))
+    (tmp_path / "fs" / "memory" / "agent" / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    assert not crc.small_host(str(big), 2 ** 63 - 1, str(tmp_path / "cg"), str(tmp_path / "fs"))
+    (tmp_path / "fs" / "agent2").mkdir()
+    (tmp_path / "fs" / "agent2" / "memory.max").write_text("50331648\n")
+    assert crc.small_host(str(big), 2 ** 63 - 1, str(tmp_path / "cg"), str(tmp_path / "fs"))
     got = child("""
         import functools, tracemalloc
         tracemalloc.start()

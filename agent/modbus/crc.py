@@ -15,7 +15,7 @@ faster than the compact `array('H')` (128 KiB), but it costs 1.3 MB on a 32-bit 
 64-bit; tracemalloc under qemu-mipsel, tools/cross-test): on a RUT200 that was a third of the
 agent's Python heap, while a bus saturated at 115200 baud needs < 2% of the router's CPU for its
 CRCs with the array (9600 baud: < 0.2%). So the agent builds the array on a small machine (a
-32-bit interpreter, or less than 1 GiB of RAM: `small_host`) and the list elsewhere.
+32-bit interpreter, or less than 1 GiB of RAM for the process: `small_host`) and the list elsewhere.
 
 Byte order: `cast('H')` reads words in host order. On a big-endian host (MIPS routers) a word is
 `b0 << 8 | b1`, so the table is built for the byte-swapped register instead: the register is kept
@@ -105,19 +105,40 @@ def make_crc16(byteorder=sys.byteorder, compact=False):
     return crc16
 
 
-def small_host(meminfo="/proc/meminfo", maxsize=sys.maxsize):
-    """True on a 32-bit interpreter or a machine with less than 1 GiB of RAM (a router): there
-    the word table is the compact array."""
+def small_host(meminfo="/proc/meminfo", maxsize=sys.maxsize, cgroup="/proc/self/cgroup", root="/sys/fs/cgroup"):
+    """True on a 32-bit interpreter, or where this process may use less than 1 GiB of RAM (the
+    machine's MemTotal, or its cgroup's memory limit, v1 or v2): there the word table is the
+    compact array."""
     if maxsize <= 2 ** 32:
         return True
+    limits = []
     try:
         with open(meminfo) as f:
             for line in f:
                 if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) < (1 << 20)      # kB
+                    limits.append(int(line.split()[1]) * 1024)
     except (OSError, ValueError, IndexError):
         pass
-    return False
+    try:
+        with open(cgroup) as f:
+            for line in f:
+                _id, controllers, path = line.rstrip("\n").split(":", 2)
+                if controllers == "":           # v2: memory.max, "max" when unlimited
+                    name = "%s%s/memory.max" % (root, path.rstrip("/"))
+                elif "memory" in controllers.split(","):
+                    name = "%s/memory%s/memory.limit_in_bytes" % (root, path.rstrip("/"))
+                else:
+                    continue
+                try:
+                    with open(name) as g:
+                        text = g.read().strip()
+                except OSError:
+                    continue
+                if text.isdigit():
+                    limits.append(int(text))
+    except (OSError, ValueError):
+        pass
+    return bool(limits) and min(limits) < (1 << 30)
 
 
 _crc16 = None
