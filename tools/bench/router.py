@@ -371,6 +371,14 @@ def site_ini(tmp, agent, peers, tcp_units, points, meters, interval=1.0, upload=
     return path
 
 
+def tree_probe(lib, cwd):
+    """Which agent/ a child with this PYTHONPATH imports, and the CRC table it builds there."""
+    code = "import agent.modbus.crc as c; print(c.__file__)"
+    r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(lib)), cwd=str(cwd),
+                       capture_output=True, text=True, check=True)
+    return r.stdout.strip()
+
+
 def prepare_tree(spec, tmp):
     """A compiled copy of `agent/` (no collector), from a git revision or a directory."""
     lib = Path(tmp) / ("lib-" + spec.replace("/", "_"))
@@ -411,7 +419,7 @@ print(n * len(cfg.devices))
 '''
     env = dict(os.environ, PYTHONPATH=str(lib))
     r = subprocess.run([sys.executable, "-c", code, str(ini), str(seconds)], env=env, capture_output=True,
-                       text=True, check=True)
+                       text=True, check=True, cwd=str(Path(ini).parent))
     return int(r.stdout.strip())
 
 
@@ -449,7 +457,8 @@ class Run:
         self.m0 = time.monotonic()
         self.log = log
         with open(log, "wb") as f:
-            self.p = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=f,
+            # cwd: the INI's directory, never a source tree (`-m agent` puts the cwd first on sys.path)
+            self.p = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=f, cwd=str(Path(ini).parent),
                                       preexec_fn=budget.preexec if budget else None)
         if budget:
             budget.watch(self.p.pid)
@@ -780,6 +789,10 @@ def main(argv=None):
         if a.base:
             trees.append(("base-" + a.base, prepare_tree(a.base, tmp)))
         trees.append(("this-tree", prepare_tree(a.tree, tmp)))
+        for name, lib in trees:
+            where = tree_probe(lib, tmp)
+            assert where.startswith(str(lib)), "%s imports %s, not its copy" % (name, where)
+            print("tree %s: %s" % (name, where.rsplit("/agent/", 1)[0]))
         _pts, regs = generic_points(a.points)
         peers = Peers(tmp, a.devices, regs, a.meters)
         extra = []
