@@ -73,8 +73,11 @@ from agent.upload.verdict import RETRY_4XX
 from agent.wire import ENVELOPE_TAIL, envelope_head, line_agent, line_prefix
 
 # requests (with urllib3, ssl, http.client, email) is a third of the agent's imports; on the
-# router (~20x slower than x86) that is ~1.5 s before the first poll. It is imported at the
-# first request instead (tools/bench/router.py, scenario 3).
+# router (~20x slower than x86) that is ~1.5 s before the first poll. It is imported in a
+# short-lived background thread started with the uploader instead (tools/bench/router.py,
+# scenario 3): the loop polls meanwhile, sharing the CPU at the interpreter's switch interval,
+# where an import in the first gap between polls would block the loop for the whole ~1.5 s
+# and every device would miss a cycle. The first request waits for it if it is not done.
 requests = urllib3 = http = None
 
 
@@ -88,6 +91,20 @@ def _http():
         import urllib3 as _urllib3
         requests, urllib3 = _requests, _urllib3
     return requests
+
+
+def _prefetch():
+    """Import requests in a daemon thread; a failure is left for the first request to raise."""
+    import threading
+
+    def run():
+        try:
+            _http()
+        except Exception:    # ImportError and friends: _post's own import raises it
+            pass
+
+    threading.Thread(target=run, name="import-requests", daemon=True).start()
+
 
 log = logging.getLogger("agent.upload")
 
@@ -127,6 +144,8 @@ class Uploader(Output):
         # how the spool's lines of this agent start: a batch whose lines all start so is ours
         self._line_prefix = line_prefix(agent_id)
         self._session = session         # None: a requests.Session at the first request
+        if requests is None:
+            _prefetch()
         # Passed with every request: a session-level verify loses to $REQUESTS_CA_BUNDLE in
         # requests (psf/requests#3829), which would silently ignore ca_file.
         self._verify = ca_file if ca_file else bool(verify)

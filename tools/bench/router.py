@@ -290,14 +290,14 @@ class Peers:
         self.procs = [subprocess.Popen([sys.executable, str(ROOT / "tools" / "simulator.py"), "serve", "--tcp", "0",
                                         "--rtu", "--quiet", "--ready-file", str(ready)] + devs,
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)]
-        self.sim = wait_for(lambda: read_json(ready), 30, "the simulator")
+        self.sim = wait_for(lambda: read_json(ready), 120, "the simulator")
         self.port = free_port()
         self.db = tmp / "collector.db"
         self.procs.append(subprocess.Popen(
             [sys.executable, "-m", "agent.collector.cli", "--listen", "127.0.0.1:%d" % self.port,
              "--db", "sqlite:///%s" % self.db, "--log-level", "warning"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=str(tmp)))
-        wait_for(self.healthy, 30, "the collector")
+        wait_for(self.healthy, 120, "the collector")
         self.url = "http://127.0.0.1:%d/api/v1/batches" % self.port
 
     def healthy(self):
@@ -758,7 +758,7 @@ def main(argv=None):
     ap.add_argument("--duration", type=float, default=60.0)
     ap.add_argument("--backlog-minutes", type=float, default=60.0)
     ap.add_argument("--max-catchup", type=float, default=900.0)
-    ap.add_argument("--memory-sizes", default="2000,4000,8000,16000")
+    ap.add_argument("--memory-sizes", default="2000,4000,8000")
     ap.add_argument("--memory-seconds", type=float, default=20.0)
     ap.add_argument("--cost-points-low", type=int, default=5)
     ap.add_argument("--cost-points-high", type=int, default=100)
@@ -766,6 +766,8 @@ def main(argv=None):
     ap.add_argument("--json", type=Path)
     ap.add_argument("--keep", type=Path, help="keep the run's files (logs, INIs, databases) in this directory")
     a = ap.parse_args(argv)
+    # SIGTERM: unwind, so the finally blocks stop the peers and remove the cgroups
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     scen = a.scenario or ["steady", "backlog", "startup", "memory", "cost"]
     x86 = X86_COREMARK
     if a.coremark:
