@@ -431,18 +431,27 @@ def pct(values, q):
 
 
 def lateness(rows, interval, since, until):
-    """Per-device poll start lateness (s) against its own slot grid, within [since, until]."""
+    """Per-device poll start lateness (s) against its own slot grid, within [since, until].
+
+    The grid's phase is not known (the schedule's origin is the loop's start, and the first poll
+    of a device may be off it), so: centre each device's start times on their circular mean
+    phase, take the 5th percentile as "on the slot" (the agent never polls before a slot), and
+    count how far each start is behind it."""
+    import math
+
     by_dev = {}
     for _s, kind, dev, ts, _r in rows:
         if kind == "data" and dev and since <= ts <= until:
             by_dev.setdefault(dev, []).append(ts)
     out = []
     for ts in by_dev.values():
-        ts.sort()
-        t0 = ts[0]
-        d = [((t - t0 + interval / 2) % interval) - interval / 2 for t in ts]
-        m = min(d)
-        out += [x - m for x in d]
+        if len(ts) < 3:
+            continue
+        ang = [2 * math.pi * (t % interval) / interval for t in ts]
+        phase = math.atan2(sum(map(math.sin, ang)), sum(map(math.cos, ang))) / (2 * math.pi) * interval
+        d = [((t - phase + interval / 2) % interval) - interval / 2 for t in ts]
+        on_slot = pct(d, 5)
+        out += [max(0.0, x - on_slot) for x in d]
     return out
 
 
