@@ -59,6 +59,7 @@ Answers:
 import gzip as _gzip
 import json
 import logging
+import os
 import random
 import time
 
@@ -74,10 +75,10 @@ from agent.wire import ENVELOPE_TAIL, envelope_head, line_agent, line_prefix
 
 # requests (with urllib3, ssl, http.client, email) is a third of the agent's imports; on the
 # router (~20x slower than x86) that is ~1.5 s before the first poll. It is imported in a
-# short-lived background thread started with the uploader instead (tools/bench/router.py,
-# scenario 3): the loop polls meanwhile, sharing the CPU at the interpreter's switch interval,
-# where an import in the first gap between polls would block the loop for the whole ~1.5 s
-# and every device would miss a cycle. The first request waits for it if it is not done.
+# short-lived background thread of the lowest priority started with the uploader instead
+# (tools/bench/router.py, scenario 3): the loop polls meanwhile and the import runs while the
+# loop sleeps, where an import in the first gap between polls would block the loop for the whole
+# ~1.5 s and every device would miss a cycle. The first request waits for it if it is not done.
 requests = urllib3 = http = None
 
 
@@ -98,6 +99,12 @@ def _prefetch():
     import threading
 
     def run():
+        try:
+            # Lowest priority (Linux: niceness is per thread): the loop's thread runs whenever it
+            # wants the CPU, the import takes what is left; the GIL is handed over every 5 ms.
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except (AttributeError, OSError):
+            pass
         try:
             _http()
         except Exception:    # ImportError and friends: _post's own import raises it
