@@ -236,6 +236,17 @@ class Budget:
 
     def close(self):
         self.unwatch()
+        # an agent still in the cgroup (the bench was interrupted): it is ours, end it
+        for d in self.dirs:
+            try:
+                pids = [int(x) for x in (d / "cgroup.procs").read_text().split()]
+            except (OSError, ValueError):
+                pids = []
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
         for d in reversed(self.dirs):
             for _ in range(50):
                 try:
@@ -290,6 +301,13 @@ class Peers:
         self.procs = [subprocess.Popen([sys.executable, str(ROOT / "tools" / "simulator.py"), "serve", "--tcp", "0",
                                         "--rtu", "--quiet", "--ready-file", str(ready)] + devs,
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)]
+        try:
+            self._start(tmp, env, ready)
+        except BaseException:
+            self.stop()         # nothing left running when a peer does not come up
+            raise
+
+    def _start(self, tmp, env, ready):
         self.sim = wait_for(lambda: read_json(ready), 120, "the simulator")
         self.port = free_port()
         self.db = tmp / "collector.db"
