@@ -10,8 +10,8 @@ a router twice as slow doubles them.
 """
 
 ROUTER = "a RUT200-class router's CPU (580 MHz MIPS, no FPU)"
-PER_POLL = 0.0048      # s of router CPU per device poll: request, record, spool line, upload share
-PER_POINT = 0.000042   # s of router CPU per point read, decoded, recorded and uploaded
+PER_POLL = 0.0051      # s of router CPU per device poll: request, record, spool line, upload share
+PER_POINT = 0.000016   # s of router CPU per point read, decoded, recorded and uploaded
 BASE = 0.01            # share of the router's CPU the idle loop uses (timers, status file)
 
 
