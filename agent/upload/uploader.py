@@ -59,7 +59,6 @@ Answers:
 import gzip as _gzip
 import json
 import logging
-import os
 import random
 import time
 
@@ -73,12 +72,12 @@ from agent.upload.timing import CONNECT_MIN, DECAY_GAP, RequestTimes
 from agent.upload.verdict import RETRY_4XX
 from agent.wire import ENVELOPE_TAIL, envelope_head, line_agent, line_prefix
 
-# requests (with urllib3, ssl, http.client, email) is a third of the agent's imports; on the
-# router (~20x slower than x86) that is ~1.5 s before the first poll. It is imported in a
-# short-lived background thread of the lowest priority started with the uploader instead
-# (tools/bench/router.py, scenario 3): the loop polls meanwhile and the import runs while the
-# loop sleeps, where an import in the first gap between polls would block the loop for the whole
-# ~1.5 s and every device would miss a cycle. The first request waits for it if it is not done.
+# requests (with urllib3, ssl, http.client, email) is a third of the agent's imports and ~4 MB:
+# imported when an Uploader is built, not by `import agent.upload`, so an agent without
+# [upload] (spool only, or MQTT only) never loads it. Not later than the Uploader, though:
+# on the simulated router (tools/bench/router.py, scenario 3) an import deferred to the first
+# request, or to a background thread, put ~1.5 s of CPU into the first cycles and devices
+# missed cycles (up to 3 each at half the assumed speed); before the first poll it costs none.
 requests = urllib3 = http = None
 
 
@@ -92,25 +91,6 @@ def _http():
         import urllib3 as _urllib3
         requests, urllib3 = _requests, _urllib3
     return requests
-
-
-def _prefetch():
-    """Import requests in a daemon thread; a failure is left for the first request to raise."""
-    import threading
-
-    def run():
-        try:
-            # Lowest priority (Linux: niceness is per thread): the loop's thread runs whenever it
-            # wants the CPU, the import takes what is left; the GIL is handed over every 5 ms.
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        except (AttributeError, OSError):
-            pass
-        try:
-            _http()
-        except Exception:    # ImportError and friends: _post's own import raises it
-            pass
-
-    threading.Thread(target=run, name="import-requests", daemon=True).start()
 
 
 log = logging.getLogger("agent.upload")
@@ -150,9 +130,8 @@ class Uploader(Output):
         self._head = envelope_head(agent_id)
         # how the spool's lines of this agent start: a batch whose lines all start so is ours
         self._line_prefix = line_prefix(agent_id)
-        self._session = session         # None: a requests.Session at the first request
-        if requests is None:
-            _prefetch()
+        _http()
+        self._session = session or requests.Session()
         # Passed with every request: a session-level verify loses to $REQUESTS_CA_BUNDLE in
         # requests (psf/requests#3829), which would silently ignore ca_file.
         self._verify = ca_file if ca_file else bool(verify)
@@ -256,8 +235,7 @@ class Uploader(Output):
         return st
 
     def close(self):
-        if self._session is not None:
-            self._session.close()
+        self._session.close()
 
     # ------------------------------------------------------------------ batches
 
@@ -360,10 +338,7 @@ class Uploader(Output):
         The whole request, from connect to the answer's last byte, ends within the configured
         timeout (deadline.Alarm); the connect phase also ends by the monotonic `deadline` (given at
         least CONNECT_MIN). The answer is read up to ANSWER_MAX bytes."""
-        if self._session is None:
-            self._session = _http().Session()
-        _http()     # (an injected session: the except clause below still names requests')
-        t0 = time.monotonic()     # (after the import: its cost is not the collector's time)
+        t0 = time.monotonic()
         body = self._body(batch, self.agent_id if agent is None else agent)
         if self._posted_hi is None or batch.last_seq > self._posted_hi:
             self._posted_hi = batch.last_seq
