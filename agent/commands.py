@@ -8,6 +8,7 @@ import struct
 import sys
 import time
 
+from agent import cpucost
 from agent.common import format_duration, parse_duration
 from agent.config import BUS_WARN, check_config, load_or_report, redact
 from agent.device import Refused, holes, refusal_hint
@@ -80,7 +81,7 @@ def plan_lines(cfg):
 def cmd_check(args):
     cfg, errors, warnings = check_config(args.config)
     if cfg is not None:
-        warnings = list(warnings) + spool_warnings(cfg)
+        warnings = list(warnings) + spool_warnings(cfg) + cpu_warnings(cfg)
     for w in warnings:
         _err("warning: " + w)
     if errors:
@@ -97,6 +98,7 @@ def cmd_check(args):
         _out(line)
     _out("spool: %s, at most %g MB and %s, fsync %s" % (
         cfg.agent.spool_dir, cfg.agent.spool_max_mb, format_duration(cfg.agent.spool_max_age), cfg.agent.fsync))
+    _out(cpu_line(cfg))
     for line in plan_lines(cfg):
         _out(line)
     for line in gateway_lines(cfg):
@@ -182,6 +184,27 @@ def spool_warnings(cfg, mounts="/proc/mounts"):
                    "state may reuse seqs the collector holds (new readings dropped as duplicates); "
                    "put it on flash" % (cfg.path, _key_line(cfg.path, "agent", "seq_file"), seq_file, ram[1]))
     return out
+
+
+def cpu_line(cfg):
+    """The estimated CPU share of polling on a router (agent.cpucost), for `check`'s summary."""
+    total, shares = cpucost.estimate(cfg.devices)
+    top = ", ".join("%s %.1f%%" % (d.name, 100 * s) for d, s in shares[:3])
+    return "cpu: polling needs ~%.0f%% of %s; cpu_budget %g%%%s" % (
+        100 * total, cpucost.ROUTER, cfg.agent.cpu_budget, "; costliest: " + top if top else "")
+
+
+def cpu_warnings(cfg):
+    """`check` warning when the estimated router CPU share exceeds [agent] cpu_budget."""
+    total, shares = cpucost.estimate(cfg.devices)
+    if 100 * total <= cfg.agent.cpu_budget:
+        return []
+    top = ", ".join("%s %.1f%%" % (d.name, 100 * s) for d, s in shares[:3])
+    return ["%s:%d: [agent] cpu_budget: polling these devices needs ~%.0f%% of %s, more than cpu_budget = "
+            "%g%% (costliest: %s; per poll ~%.1f ms + %.2f ms per point of router CPU, tools/bench/router.py): "
+            "lengthen intervals or drop points" % (
+                cfg.path, _key_line(cfg.path, "agent", "cpu_budget"), 100 * total, cpucost.ROUTER,
+                cfg.agent.cpu_budget, top, 1000 * cpucost.PER_POLL, 1000 * cpucost.PER_POINT)]
 
 
 def _key_line(path, section, key):

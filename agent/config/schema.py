@@ -56,6 +56,9 @@ AGENT_SCHEMA = {
     "dead_after": (_positive(parse_int), 3, LIVE),
     "dead_backoff_max": (_positive(parse_duration), 300.0, LIVE),
     "profile_dir": (_text, None, LIVE),
+    # `check` warns when the devices' polling is estimated above this share of the router's
+    # CPU (agent.cpucost); a router also routes, runs its web UI and its modem.
+    "cpu_budget": (_between(1, 100, lambda t: parse_number(t.strip().rstrip("%"))), 50.0, LIVE),
 }
 
 UPLOAD_SCHEMA = {

@@ -9,11 +9,13 @@ after XOR-ing the 16-bit little-endian word into the register, the register's ne
 only on that 16-bit result, so a 65536-entry table replaces two byte steps by one lookup, and the
 loop runs over the frame's words without copying them (`memoryview.cast`).
 
-Memory vs speed: the table is built as a compact `array('H')` (128 KiB), but indexing an array
-boxes a new int on every lookup; a list of the same values returns existing ints and makes the
-loop ~1.5x faster (about 3x the byte loop instead of 2x). The list costs ~1.3 MB on a 32-bit
-router (~2.5 MB on 64-bit), so it is built lazily on the first CRC: TCP-only agents never pay.
-`make_crc16(compact=True)` gives the array-backed variant.
+Memory vs speed: the table is built lazily on the first CRC (TCP-only agents never pay). As a
+list it returns existing ints instead of boxing one per lookup, which makes the loop ~1.6x
+faster than the compact `array('H')` (128 KiB), but it costs 1.3 MB on a 32-bit router (2.5 MB on
+64-bit; tracemalloc under qemu-mipsel, tools/cross-test): on a RUT200 that was a third of the
+agent's Python heap, while a bus saturated at 115200 baud needs < 2% of the router's CPU for its
+CRCs with the array (9600 baud: < 0.2%). So the agent builds the array on a small machine (a
+32-bit interpreter, or less than 1 GiB of RAM for the process: `small_host`) and the list elsewhere.
 
 Byte order: `cast('H')` reads words in host order. On a big-endian host (MIPS routers) a word is
 `b0 << 8 | b1`, so the table is built for the byte-swapped register instead: the register is kept
@@ -67,7 +69,8 @@ def make_crc16(byteorder=sys.byteorder, compact=False):
 
     The agent uses the host's order; tests build the other one and feed it words read in that
     order, to prove the big-endian path on a little-endian machine. `compact` keeps the table
-    as `array('H')` (128 KiB, slower lookups) instead of a list.
+    as `array('H')` (128 KiB, slower lookups) instead of a list (1.3 MB on 32-bit, 2.5 MB on
+    64-bit).
     """
     t16 = word_table(byteorder, as_list=not compact)
     t8 = TABLE8
@@ -102,15 +105,51 @@ def make_crc16(byteorder=sys.byteorder, compact=False):
     return crc16
 
 
+def small_host(meminfo="/proc/meminfo", maxsize=sys.maxsize, cgroup="/proc/self/cgroup", root="/sys/fs/cgroup"):
+    """True on a 32-bit interpreter, or where this process may use less than 1 GiB of RAM (the
+    machine's MemTotal, or its cgroup's memory limit, v1 or v2): there the word table is the
+    compact array."""
+    if maxsize <= 2 ** 32:
+        return True
+    limits = []
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    limits.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        with open(cgroup) as f:
+            for line in f:
+                _id, controllers, path = line.rstrip("\n").split(":", 2)
+                if controllers == "":           # v2: memory.max, "max" when unlimited
+                    name = "%s%s/memory.max" % (root, path.rstrip("/"))
+                elif "memory" in controllers.split(","):
+                    name = "%s/memory%s/memory.limit_in_bytes" % (root, path.rstrip("/"))
+                else:
+                    continue
+                try:
+                    with open(name) as g:
+                        text = g.read().strip()
+                except OSError:
+                    continue
+                if text.isdigit():
+                    limits.append(int(text))
+    except (OSError, ValueError):
+        pass
+    return bool(limits) and min(limits) < (1 << 30)
+
+
 _crc16 = None
 
 
 def crc16(data):
     """CRC-16/MODBUS of `data` (bytes-like) as an int; the wire order is `crc & 0xFF, crc >> 8`.
-    Builds the word table on first use."""
+    Builds the word table on first use (compact on a small host)."""
     global _crc16
     if _crc16 is None:
-        _crc16 = make_crc16()
+        _crc16 = make_crc16(compact=small_host())
     return _crc16(data)
 
 

@@ -57,14 +57,10 @@ Answers:
   answer > 64 KiB      not the collector's answer: back off, the batch stays (size in the error)
 """
 import gzip as _gzip
-import http.client
 import json
 import logging
 import random
 import time
-
-import requests
-import urllib3
 
 from agent.config import redact
 from agent.output import Output
@@ -75,6 +71,27 @@ from agent.upload.quarantine import Quarantine
 from agent.upload.timing import CONNECT_MIN, DECAY_GAP, RequestTimes
 from agent.upload.verdict import RETRY_4XX
 from agent.wire import ENVELOPE_TAIL, envelope_head, line_agent, line_prefix
+
+# requests (with urllib3, ssl, http.client, email) is a third of the agent's imports and ~4 MB:
+# imported when an Uploader is built, not by `import agent.upload`, so an agent without
+# [upload] (spool only, or MQTT only) never loads it. Not later than the Uploader, though:
+# on the simulated router (tools/bench/router.py, scenario 3) an import deferred to the first
+# request, or to a background thread, put ~1.5 s of CPU into the first cycles and devices
+# missed cycles (up to 3 each at half the assumed speed); before the first poll it costs none.
+requests = urllib3 = http = None
+
+
+def _http():
+    """The requests module, imported on first use (with the names _post's except clause needs)."""
+    global requests, urllib3, http
+    if requests is None:
+        import http.client
+
+        import requests as _requests
+        import urllib3 as _urllib3
+        requests, urllib3 = _requests, _urllib3
+    return requests
+
 
 log = logging.getLogger("agent.upload")
 
@@ -113,6 +130,7 @@ class Uploader(Output):
         self._head = envelope_head(agent_id)
         # how the spool's lines of this agent start: a batch whose lines all start so is ours
         self._line_prefix = line_prefix(agent_id)
+        _http()
         self._session = session or requests.Session()
         # Passed with every request: a session-level verify loses to $REQUESTS_CA_BUNDLE in
         # requests (psf/requests#3829), which would silently ignore ca_file.
