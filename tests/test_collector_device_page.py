@@ -450,3 +450,26 @@ def test_with_rollups_off_the_charts_come_from_raw_records_and_a_too_long_range_
         assert html.count('class="note"') == 3 and "more than 50 records" in html
     finally:
         app.close()
+
+
+@pytest.mark.parametrize("agent, device", [("site-dot", ".."), ("site-dot", "."), ("..", "m1"), (".", "m1")])
+def test_a_device_or_agent_named_dot_or_dot_dot_has_a_link_a_browser_can_follow(tmp_path, agent, device):
+    """A browser removes dot segments (RFC 3986 5.2.4) before it asks: /device/site/.. would be
+    /device/, so the link must not put such a name in the path."""
+    from urllib.parse import urljoin, urlsplit
+
+    app = make_app(None, db="sqlite:///%s" % (tmp_path / "t.db"), clock=lambda: T0)
+    try:
+        c = _Client(app)
+        rec = {"agent": agent, "seq": 1, "ts": utc_timestamp(T0 - 30), "device": device, "unit": 1,
+               "values": {"v": 1.5}, "status": "ok"}
+        assert c.call("POST", "/api/v1/batches", encode({"agent": agent, "records": [rec]}))[0] == 200
+        p = _Strict()
+        p.feed(c.call("GET", "/")[2].decode("utf-8"))
+        links = [h for h in p.links if h and h.startswith("/device")]
+        assert len(links) == 1
+        u = urlsplit(urljoin("http://collector/", links[0]))  # as the browser resolves it
+        st, _, page = c.get_url(u.path + ("?" + u.query if u.query else ""))
+        assert st == 200 and b"<svg" in page
+    finally:
+        app.close()
