@@ -541,3 +541,21 @@ def test_with_rollups_off_series_come_from_the_raw_records(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(None, rollups="later")
     assert "rollups: expected async, sync or off" in str(e.value)
+
+
+def test_a_raw_step_counts_the_samples_of_a_buffer_longer_than_an_hour(shared):
+    """buffer = 120 at a 60 s interval: one record of two hours, its ts the newest sample's. A
+    raw-step query over its first half hour must see its samples (as the 1-minute rollup does),
+    and the records after it add nothing before until."""
+    store, agent = shared["sync"], new_agent()
+    t0 = T0 - T0 % 3600
+    long_buf = reading(agent, 1, 0, {}, buffered=[(t0 + 60 * i, {"v": float(i)}) for i in range(120)])
+    after = [reading(agent, 2 + i, t0 + 7200 + 60 * i, {"v": 1000.0}) for i in range(3)]
+    ingest_all(store, agent, [[long_buf] + after])
+    since, until = utc_timestamp(t0), utc_timestamp(t0 + 1800)
+    by_minute = query_series(store, agent, "m1", "v", since, until, 60)
+    assert by_minute["level"] == "1m" and len(by_minute["buckets"]) == 30
+    raw = query_series(store, agent, "m1", "v", since, until, 30)
+    assert raw["level"] == "raw"
+    assert [(b["count"], b["min"]) for b in raw["buckets"]] == [(1, float(i)) for i in range(30)]
+    assert raw["buckets"][0]["t"] == since
