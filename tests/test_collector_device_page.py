@@ -3,6 +3,7 @@ file (escaping of hostile names, every section), the status page's link, and the
 headless Chromium at a phone's width (screenshot checked for the chart, labels, no overflow)."""
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -473,3 +474,18 @@ def test_a_device_or_agent_named_dot_or_dot_dot_has_a_link_a_browser_can_follow(
         assert st == 200 and b"<svg" in page
     finally:
         app.close()
+
+
+@pytest.mark.parametrize("lo, hi", [(-1.7976931348623157e308, 1.7976931348623157e308), (-1e308, 1e308),
+                                    (0.0, 5e-324), (1e-320, 2e-320)])
+def test_chart_of_values_at_the_ends_of_the_float_range_is_drawn(lo, hi):
+    """A float64 point whose band spans more than the largest float (hi - lo overflows), or less
+    than the smallest (a subnormal span): the page drew nothing but a 500 (OverflowError,
+    ValueError from log10(0))."""
+    r = svg.nice_range(lo, hi)
+    assert all(math.isfinite(v) for v in r) and r[0] <= lo and r[1] >= hi and r[2] > 0
+    buckets = [{"t": utc_timestamp(T0 - 600), "min": lo, "max": hi, "avg": lo / 2 + hi / 2},
+               {"t": utc_timestamp(T0 - 540), "min": hi, "max": hi, "avg": hi}]
+    text = svg.chart(buckets, T0 - 3600, T0, 60, label="p")
+    ET.fromstring(text)
+    assert "nan" not in text and "inf" not in text and 'class="band"' in text
