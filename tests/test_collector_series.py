@@ -559,3 +559,28 @@ def test_a_raw_step_counts_the_samples_of_a_buffer_longer_than_an_hour(shared):
     assert raw["level"] == "raw"
     assert [(b["count"], b["min"]) for b in raw["buckets"]] == [(1, float(i)) for i in range(30)]
     assert raw["buckets"][0]["t"] == since
+
+
+def test_a_bucket_whose_sum_overflows_answers_valid_json_csv_and_influx(url_factory):
+    """Two float64 readings of 1.7e308 in one minute: the bucket's sum is inf. The answer was a
+    500 (json refuses inf) and CSV said avg=inf; the average is unknown: null / empty / left out."""
+    app = make_app(None, db=url_factory(), clock=lambda: T0 + 60, rollups="sync")
+    try:
+        c = Client(app)
+        recs = [reading("big", i, T0 - 10 + i, {"v": v}) for i, v in enumerate((1.7e308, 1.7e308, -1.7e308))]
+        assert c.post(json.dumps({"agent": "big", "records": recs}).encode()).status == 200
+        qs = "agent=big&device=m1&point=v&step=60"
+        r = c.get("/api/v1/series", qs)
+        assert r.status == 200, r.body
+
+        def refuse(name):
+            raise AssertionError("not JSON: %s" % name)
+
+        (b,) = json.loads(r.body, parse_constant=refuse)["buckets"]
+        assert (b["count"], b["min"], b["max"], b["avg"], b["last"]) == (3, -1.7e308, 1.7e308, None, -1.7e308)
+        lines = c.get("/api/v1/series", qs + "&format=csv").body.decode().splitlines()
+        assert lines[1].split(",")[1:] == ["3", "-1.7e+308", "1.7e+308", "", "-1.7e+308"]
+        text = c.get("/api/v1/series", qs + "&format=influx").body.decode()
+        assert "avg=" not in text and "inf" not in text and "count=3i" in text
+    finally:
+        app.close()

@@ -17,6 +17,7 @@ the README and schema.py), tested against both databases.
 """
 import calendar
 import json
+import math
 
 from agent.collector import rollup
 from agent.collector.samples import samples
@@ -67,7 +68,10 @@ def _utc(t):
 
 def _bucket_dict(t, a, agg):
     n, s, lo, hi, last = a[0], a[1], a[2], a[3], a[4]
-    b = {"t": _utc(t), "count": n, "min": lo, "max": hi, "avg": s / n, "last": last}
+    avg = s / n
+    if not math.isfinite(avg):  # the sum overflowed (float64 values near 1.8e308): unknown, not inf
+        avg = None
+    b = {"t": _utc(t), "count": n, "min": lo, "max": hi, "avg": avg, "last": last}
     if agg is not None:
         return {"t": b["t"], agg: b[agg]}
     return b
