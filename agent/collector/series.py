@@ -9,7 +9,8 @@ GET /api/v1/series (JSON or CSV).
 since/until: ts text ('2026-11-21T10:30:45.123Z'). The buckets are those starting in
 [since rounded down to the step, until), each whole (the last one may reach past until); aligned
 to the epoch (a 1-day step: UTC midnights), oldest first, empty buckets left out. `agg` (one of
-AGGS) keeps only that value in each bucket. Numbers only: see agent/collector/rollup.py for
+AGGS) keeps only that value in each bucket (avg is null when the sum overflowed the float range).
+Numbers only: see agent/collector/rollup.py for
 what rolls up. With rollups = async the last second or so may not be rolled up yet.
 
 Grafana reads the rollup tables directly: GRAFANA_SQLITE and GRAFANA_POSTGRES below (also in
