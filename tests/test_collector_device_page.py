@@ -3,6 +3,7 @@ file (escaping of hostile names, every section), the status page's link, and the
 headless Chromium at a phone's width (screenshot checked for the chart, labels, no overflow)."""
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -450,3 +451,41 @@ def test_with_rollups_off_the_charts_come_from_raw_records_and_a_too_long_range_
         assert html.count('class="note"') == 3 and "more than 50 records" in html
     finally:
         app.close()
+
+
+@pytest.mark.parametrize("agent, device", [("site-dot", ".."), ("site-dot", "."), ("..", "m1"), (".", "m1")])
+def test_a_device_or_agent_named_dot_or_dot_dot_has_a_link_a_browser_can_follow(tmp_path, agent, device):
+    """A browser removes dot segments (RFC 3986 5.2.4) before it asks: /device/site/.. would be
+    /device/, so the link must not put such a name in the path."""
+    from urllib.parse import urljoin, urlsplit
+
+    app = make_app(None, db="sqlite:///%s" % (tmp_path / "t.db"), clock=lambda: T0)
+    try:
+        c = _Client(app)
+        rec = {"agent": agent, "seq": 1, "ts": utc_timestamp(T0 - 30), "device": device, "unit": 1,
+               "values": {"v": 1.5}, "status": "ok"}
+        assert c.call("POST", "/api/v1/batches", encode({"agent": agent, "records": [rec]}))[0] == 200
+        p = _Strict()
+        p.feed(c.call("GET", "/")[2].decode("utf-8"))
+        links = [h for h in p.links if h and h.startswith("/device")]
+        assert len(links) == 1
+        u = urlsplit(urljoin("http://collector/", links[0]))  # as the browser resolves it
+        st, _, page = c.get_url(u.path + ("?" + u.query if u.query else ""))
+        assert st == 200 and b"<svg" in page
+    finally:
+        app.close()
+
+
+@pytest.mark.parametrize("lo, hi", [(-1.7976931348623157e308, 1.7976931348623157e308), (-1e308, 1e308),
+                                    (0.0, 5e-324), (1e-320, 2e-320)])
+def test_chart_of_values_at_the_ends_of_the_float_range_is_drawn(lo, hi):
+    """A float64 point whose band spans more than the largest float (hi - lo overflows), or less
+    than the smallest (a subnormal span): the page drew nothing but a 500 (OverflowError,
+    ValueError from log10(0))."""
+    r = svg.nice_range(lo, hi)
+    assert all(math.isfinite(v) for v in r) and r[0] <= lo and r[1] >= hi and r[2] > 0
+    buckets = [{"t": utc_timestamp(T0 - 600), "min": lo, "max": hi, "avg": lo / 2 + hi / 2},
+               {"t": utc_timestamp(T0 - 540), "min": hi, "max": hi, "avg": hi}]
+    text = svg.chart(buckets, T0 - 3600, T0, 60, label="p")
+    ET.fromstring(text)
+    assert "nan" not in text and "inf" not in text and 'class="band"' in text

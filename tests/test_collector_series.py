@@ -541,3 +541,46 @@ def test_with_rollups_off_series_come_from_the_raw_records(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(None, rollups="later")
     assert "rollups: expected async, sync or off" in str(e.value)
+
+
+def test_a_raw_step_counts_the_samples_of_a_buffer_longer_than_an_hour(shared):
+    """buffer = 120 at a 60 s interval: one record of two hours, its ts the newest sample's. A
+    raw-step query over its first half hour must see its samples (as the 1-minute rollup does),
+    and the records after it add nothing before until."""
+    store, agent = shared["sync"], new_agent()
+    t0 = T0 - T0 % 3600
+    long_buf = reading(agent, 1, 0, {}, buffered=[(t0 + 60 * i, {"v": float(i)}) for i in range(120)])
+    after = [reading(agent, 2 + i, t0 + 7200 + 60 * i, {"v": 1000.0}) for i in range(3)]
+    ingest_all(store, agent, [[long_buf] + after])
+    since, until = utc_timestamp(t0), utc_timestamp(t0 + 1800)
+    by_minute = query_series(store, agent, "m1", "v", since, until, 60)
+    assert by_minute["level"] == "1m" and len(by_minute["buckets"]) == 30
+    raw = query_series(store, agent, "m1", "v", since, until, 30)
+    assert raw["level"] == "raw"
+    assert [(b["count"], b["min"]) for b in raw["buckets"]] == [(1, float(i)) for i in range(30)]
+    assert raw["buckets"][0]["t"] == since
+
+
+def test_a_bucket_whose_sum_overflows_answers_valid_json_csv_and_influx(url_factory):
+    """Two float64 readings of 1.7e308 in one minute: the bucket's sum is inf. The answer was a
+    500 (json refuses inf) and CSV said avg=inf; the average is unknown: null / empty / left out."""
+    app = make_app(None, db=url_factory(), clock=lambda: T0 + 60, rollups="sync")
+    try:
+        c = Client(app)
+        recs = [reading("big", i, T0 - 10 + i, {"v": v}) for i, v in enumerate((1.7e308, 1.7e308, -1.7e308))]
+        assert c.post(json.dumps({"agent": "big", "records": recs}).encode()).status == 200
+        qs = "agent=big&device=m1&point=v&step=60"
+        r = c.get("/api/v1/series", qs)
+        assert r.status == 200, r.body
+
+        def refuse(name):
+            raise AssertionError("not JSON: %s" % name)
+
+        (b,) = json.loads(r.body, parse_constant=refuse)["buckets"]
+        assert (b["count"], b["min"], b["max"], b["avg"], b["last"]) == (3, -1.7e308, 1.7e308, None, -1.7e308)
+        lines = c.get("/api/v1/series", qs + "&format=csv").body.decode().splitlines()
+        assert lines[1].split(",")[1:] == ["3", "-1.7e+308", "1.7e+308", "", "-1.7e+308"]
+        text = c.get("/api/v1/series", qs + "&format=influx").body.decode()
+        assert "avg=" not in text and "inf" not in text and "count=3i" in text
+    finally:
+        app.close()

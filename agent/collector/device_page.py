@@ -34,8 +34,9 @@ CSP = "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-acti
 
 def device_url(agent, device):
     """The page's path for (agent, device): each name one percent-encoded path segment (the
-    query form when the agent's name holds '/', which the path form cannot tell apart)."""
-    if "/" in agent:
+    query form when the agent's name holds '/', which the path form cannot tell apart, or when
+    a name is '.' or '..': a browser resolves those dot segments away before it asks)."""
+    if "/" in agent or agent in (".", "..") or device in (".", ".."):
         return "/device?" + urlencode({"agent": agent, "device": device})
     return "/device/%s/%s" % (quote(agent, safe=""), quote(device, safe=""))
 

@@ -9,7 +9,8 @@ GET /api/v1/series (JSON or CSV).
 since/until: ts text ('2026-11-21T10:30:45.123Z'). The buckets are those starting in
 [since rounded down to the step, until), each whole (the last one may reach past until); aligned
 to the epoch (a 1-day step: UTC midnights), oldest first, empty buckets left out. `agg` (one of
-AGGS) keeps only that value in each bucket. Numbers only: see agent/collector/rollup.py for
+AGGS) keeps only that value in each bucket (avg is null when the sum overflowed the float range).
+Numbers only: see agent/collector/rollup.py for
 what rolls up. With rollups = async the last second or so may not be rolled up yet.
 
 Grafana reads the rollup tables directly: GRAFANA_SQLITE and GRAFANA_POSTGRES below (also in
@@ -17,6 +18,7 @@ the README and schema.py), tested against both databases.
 """
 import calendar
 import json
+import math
 
 from agent.collector import rollup
 from agent.collector.samples import samples
@@ -42,7 +44,7 @@ WHERE s.agent = 'site7' AND s.device = 'meter1' AND s.point = 'voltage_l1'
 GROUP BY 1 ORDER BY 1"""
 MAX_BUCKETS = 100000     # buckets one answer may hold (400 beyond: a coarser step)
 MAX_RAW_RECORDS = 500000  # records a raw-level query may read (400 beyond: a step of 60 s or more)
-RAW_SPAN = 3600.0        # a buffered record's samples may precede its ts by up to this much
+RAW_SPAN = 3600.0        # raw queries read records this far past until (and one more: _from_raw)
 
 
 def epoch(ts):
@@ -67,7 +69,10 @@ def _utc(t):
 
 def _bucket_dict(t, a, agg):
     n, s, lo, hi, last = a[0], a[1], a[2], a[3], a[4]
-    b = {"t": _utc(t), "count": n, "min": lo, "max": hi, "avg": s / n, "last": last}
+    avg = s / n
+    if not math.isfinite(avg):  # the sum overflowed (float64 values near 1.8e308): unknown, not inf
+        avg = None
+    b = {"t": _utc(t), "count": n, "min": lo, "max": hi, "avg": avg, "last": last}
     if agg is not None:
         return {"t": b["t"], agg: b[agg]}
     return b
@@ -105,40 +110,55 @@ def _from_raw(store, agent, device, point, lo, hi, step):
     out = {}
     read = 0
     # A buffered record's ts is its newest sample's: its first samples may be before `until`
-    # even when its ts is after, so the records read reach RAW_SPAN beyond.
-    for row in store.records(agent=agent, device=device, since=utc_timestamp(lo),
-                             until=utc_timestamp(min(hi + RAW_SPAN, 253402300799)), kind="data"):
-        read += 1
-        if read > MAX_RAW_RECORDS:
-            raise HTTPError(400, "more than %d records in range at a raw step: use a step of 60 s or a "
-                            "multiple of it (rollups)" % MAX_RAW_RECORDS, "step")
-        # per sample, not per minute: the step may be finer than a minute
-        if row[6] not in ("ok", "partial") or row[8] == "unsynced":
-            continue
-        rec = json.loads(row[7]) if type(row[7]) is str else row[7]
-        for ts, values in samples(rec):
-            v = values.get(point)
-            if type(v) is int:
-                v = float(v)
-            elif type(v) is not float or v != v or v in (float("inf"), float("-inf")):
-                continue
-            if type(ts) is not str or len(ts) != 24:
-                from agent.collector.validate import normalize_ts
-
-                ts = normalize_ts(ts)
-                if ts is None:
-                    continue
-            ms = rollup.ts_ms(ts)
-            t = ms // 1000
-            b = t - t % step
-            if not lo <= b < hi:  # whole buckets, as the rollups' (see query_series)
-                continue
-            a = out.get(b)
-            if a is None:
-                out[b] = [1, v, v, v, v, ms]
-            else:
-                rollup.merge(a, 1, v, v, v, v, ms)
+    # even when its ts is after, so the records read reach RAW_SPAN beyond, and one record
+    # further: a buffer may span longer than RAW_SPAN (buffer = 1000 at 10 s is 2.8 h), and a
+    # device's polls are in time order (CONTRACTS §8), so a later record's samples all come
+    # after that one's ts, past `until`.
+    end = utc_timestamp(min(hi + RAW_SPAN, 253402300799))
+    rows = store.records(agent=agent, device=device, since=utc_timestamp(lo), kind="data")
+    try:
+        for row in rows:
+            if row[2] >= end:
+                _raw_row(row, point, lo, hi, step, out)
+                break
+            read += 1
+            if read > MAX_RAW_RECORDS:
+                raise HTTPError(400, "more than %d records in range at a raw step: use a step of 60 s or a "
+                                "multiple of it (rollups)" % MAX_RAW_RECORDS, "step")
+            _raw_row(row, point, lo, hi, step, out)
+    finally:
+        rows.close()
     return out
+
+
+def _raw_row(row, point, lo, hi, step, out):
+    """One stored data row's samples of `point` into `out` ({bucket t: aggregate})."""
+    # per sample, not per minute: the step may be finer than a minute
+    if row[6] not in ("ok", "partial") or row[8] == "unsynced":
+        return
+    rec = json.loads(row[7]) if type(row[7]) is str else row[7]
+    for ts, values in samples(rec):
+        v = values.get(point)
+        if type(v) is int:
+            v = float(v)
+        elif type(v) is not float or v != v or v in (float("inf"), float("-inf")):
+            continue
+        if type(ts) is not str or len(ts) != 24:
+            from agent.collector.validate import normalize_ts
+
+            ts = normalize_ts(ts)
+            if ts is None:
+                continue
+        ms = rollup.ts_ms(ts)
+        t = ms // 1000
+        b = t - t % step
+        if not lo <= b < hi:  # whole buckets, as the rollups' (see query_series)
+            continue
+        a = out.get(b)
+        if a is None:
+            out[b] = [1, v, v, v, v, ms]
+        else:
+            rollup.merge(a, 1, v, v, v, v, ms)
 
 
 def query_series(store, agent, device, point, since, until, step, agg=None):

@@ -6,6 +6,7 @@ a desktop's 640): text scales with it, which keeps the labels inside the box at 
 Every text that came from a record (point names, state labels) goes through html.escape.
 """
 import math
+import sys
 import time
 from html import escape
 
@@ -44,14 +45,19 @@ def nice_range(lo, hi):
     if hi == lo:
         pad = abs(lo) * 0.05 or 1.0
         lo, hi = lo - pad, hi + pad
-    raw = (hi - lo) / 4.0
-    mag = 10 ** math.floor(math.log10(raw))
+    # hi/4 - lo/4, not (hi - lo)/4: a float64 point near +-1.8e308 on both sides overflows that
+    raw = hi / 4.0 - lo / 4.0
+    if not raw >= 1e-300:  # a span too small for a tick (subnormal values): pad it
+        lo, hi = lo - 1.0, hi + 1.0
+        raw = hi / 4.0 - lo / 4.0
+    mag = 10.0 ** math.floor(math.log10(raw))  # a float: an int 10**307 does not mix with floats
     for m in (1, 2, 2.5, 5, 10):
         if raw <= m * mag:
             step = m * mag
             break
-    lo2 = math.floor(lo / step) * step
-    hi2 = math.ceil(hi / step) * step
+    big = sys.float_info.max  # the rounded ends stay floats
+    lo2 = max(math.floor(lo / step) * step, -big)
+    hi2 = min(math.ceil(hi / step) * step, big)
     return lo2, hi2, step
 
 
@@ -98,13 +104,13 @@ def chart(buckets, since, until, step, label="", unit=None, css_class="chart"):
     def x(t):
         return LEFT + min(max((t - since) / span, 0.0), 1.0) * pw
 
-    def y(v):
-        return TOP + ph - (v - lo) / (hi - lo) * ph
+    def y(v):  # halves: hi - lo may be beyond the largest float (nice_range)
+        return TOP + ph - (v / 2 - lo / 2) / (hi / 2 - lo / 2) * ph
 
     # y ticks and grid
-    n = int(round((hi - lo) / tick))
+    n = int(round((hi / 2 - lo / 2) / (tick / 2)))
     for i in range(n + 1):
-        v = lo + i * tick
+        v = min(lo + i * tick, hi)
         yy = y(v)
         out.append('<line x1="%d" x2="%d" y1="%.1f" y2="%.1f" stroke="#e4e4e4"/>' % (LEFT, LEFT + pw, yy, yy))
         out.append('<text class="ytick" x="%d" y="%.1f" text-anchor="end" fill="#555">%s</text>'
