@@ -147,3 +147,29 @@ def test_a_stalled_broker_does_not_hold_gateway_requests_for_the_gap(tmp_path, c
         t.join(10)
         loop.shutdown()
         broker.close()
+
+
+def test_removing_the_gateway_by_sighup_says_so_and_leaves_the_mqtt_output_alone(tmp_path):
+    """Adding [gateway] logs where it listens; removing it must say the port is closed (an
+    operator tailing logread sees why SCADA lost it), and the [mqtt] output is not rebuilt.
+    (A reload sets the agent's logging up from the file: its log_file is read here.)"""
+    broker = Broker(connack=True)
+    ini = tmp_path / "agent.ini"
+    logf = tmp_path / "agent.log"
+    text = (INI % {"d": tmp_path, "port": broker.port}).replace(
+        "status_file", "log_file = %s\nstatus_file" % logf, 1)
+    ini.write_text(text)
+    loop = Loop(load_config(str(ini)))
+    try:
+        port = loop.services[0].address[1]
+        out = loop._configured["mqtt"]
+        ini.write_text(text.replace("[gateway]\nlisten = 127.0.0.1:0\n", ""))
+        loop.reload()
+        assert loop.services == [] and loop._configured["mqtt"] is out
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        lines = logf.read_text().splitlines()
+        assert any("gateway stopped" in m and "127.0.0.1:%d closed" % port in m for m in lines), lines
+    finally:
+        loop.shutdown()
+        broker.close()
