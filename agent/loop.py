@@ -598,6 +598,8 @@ class Loop:
                 gw = None
                 fresh = make_services(new, self.states)
             _close(gw)
+            if gw is not None and not fresh:    # the port closes: say so, as a start says where it listens
+                log.info("reload: gateway stopped (no [gateway] section): %s closed", gw.listen_text())
             self.services = [svc for svc in self.services if svc is not gw and svc.name != "gateway"] + fresh
         elif gw is not None:
             gw.update(new)

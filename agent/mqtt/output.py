@@ -60,6 +60,11 @@ BACKOFF_BASE = 1.0
 # A connect attempt starts in any gap at least this long: its steps never block (but for the
 # name lookup, see agent.mqtt.session), it goes on in the next gaps.
 CONNECT_GAP = 0.005
+# The longest one fill_gap call waits in select for the broker (a CONNACK, PUBACKs) before it
+# hands the gap back with SLICE: the loop serves its services (the Modbus TCP gateway) between
+# slices, and a broker that is slow or stalled must not keep SCADA's requests waiting for the
+# whole gap. Waiting costs nothing but a wake-up, so the slice is short.
+WAIT_SLICE = 0.05
 # Connections lost in a row with the same records in flight and none acknowledged before the
 # log says what that usually means (a message above the broker's size limit)
 LOST_STREAK = 3
@@ -148,6 +153,8 @@ class MqttOutput(Output):
             res["status"] = BACKOFF
             return res
         started = False
+        # waits end here (a slice: see WAIT_SLICE); without slice_end the caller gave the whole gap
+        wait_end = until if slice_end is None else min(until, slice_end, self.mono() + WAIT_SLICE)
         while True:
             if stop is not None and stop():
                 res["status"] = STOPPED
@@ -159,18 +166,18 @@ class MqttOutput(Output):
                     self._lost(spool, res)
                     res["status"] = BACKOFF
                     return res
-                status = self._connect(until)
+                status = self._connect(until, wait_end)
                 if status is not None:
-                    res["status"] = status
+                    res["status"] = self._sliced(status, until, wait_end)
                     return res
                 continue
             if self._batch is not None:
-                sess.pump(until, self._batch_done)
+                sess.pump(wait_end, self._batch_done)
                 if sess.state != UP:
                     self._lost(spool, res)
                     continue
                 if not self._batch_done():
-                    res["status"] = DEADLINE
+                    res["status"] = self._sliced(DEADLINE, until, wait_end)
                     return res
                 self._finish(spool, res)
                 continue
@@ -193,9 +200,14 @@ class MqttOutput(Output):
 
     # ------------------------------------------------------------------ connecting
 
-    def _connect(self, until):
-        """Start or advance a connect attempt. -> None when UP; DEADLINE: time's up (an attempt
-        goes on in the next gap); BACKOFF: it failed."""
+    def _sliced(self, status, until, wait_end):
+        """DEADLINE at the end of a wait slice before the gap's end is SLICE: call again."""
+        return SLICE if status == DEADLINE and wait_end < until and self.mono() < until else status
+
+    def _connect(self, until, wait_end=None):
+        """Start or advance a connect attempt, waiting until `wait_end` (default `until`) at
+        most. -> None when UP; DEADLINE: time's up (an attempt goes on in the next gap or
+        slice); BACKOFF: it failed."""
         if self._session is None:
             if until - self.mono() < CONNECT_GAP:
                 return DEADLINE
@@ -207,7 +219,7 @@ class MqttOutput(Output):
                 self._fail(e.reason, e.hint)
                 return BACKOFF
         try:
-            state = self._session.advance(until)
+            state = self._session.advance(until if wait_end is None else wait_end)
         except ConnectFailed as e:
             self._session = None
             self._fail(e.reason, e.hint)
