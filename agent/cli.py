@@ -51,10 +51,14 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.command in ("check", "poll", "probe", "write", "scan"):
+    if args.command in ("check", "poll", "probe"):
         from agent import commands
 
         handler = getattr(commands, f"cmd_{args.command}")
+    elif args.command == "write":
+        from agent.write import cmd_write as handler
+    elif args.command == "scan":
+        from agent.scan import cmd_scan as handler
     elif args.command == "run":
         from agent.loop import cmd_run as handler
     else:

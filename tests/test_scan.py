@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from agent import cli
-from agent.commands import parse_units, scan_sections
 from agent.config import check_config
 from agent.modbus import pdu as P
 from agent.modbus.client import RtuClient, TcpClient
 from agent.modbus.errors import FrameError
+from agent.scan import parse_units, scan_sections
 from tests import modbus_peers as peers
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -153,8 +153,8 @@ def test_probe_shows_identification(tmp_path, site, capsys):
 
 
 def test_sections_name_duplicates_apart():
-    from agent.commands import ScanHit
     from agent.config.schema import Connection
+    from agent.scan import ScanHit
 
     hits = [ScanHit(1, None, "exception", code=2), ScanHit(1, None, "data", table="holding", data=b"\0\1")]
     text = "\n".join(scan_sections(Connection("c", "tcp", host="h"), hits))

@@ -1,4 +1,4 @@
-"""`modbus-agent write` (agent/commands.py cmd_write, the inverse transform agent/types.encode):
+"""`modbus-agent write` (agent/write.py cmd_write, the inverse transform agent/types.encode):
 over a real pty against the simulator's RTU device (tools/simulator.py) and over TCP against a
 pymodbus server; what the registers hold afterwards is read from the server's own store, and
 the frame shown is checked against a CRC computed by umodbus (not the agent's codec).
