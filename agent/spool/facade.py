@@ -294,9 +294,10 @@ class Spool(SegmentFiles, CursorFiles, LossAccounting, Reader, Writer):
             return
         if self.fsync != "never" and self._dirty:
             self._sync()
-        if self._dropped and self._dropped_dirty:
+        if self._dropped and (self._dropped_dirty or self._pend_dirty):
             # Their gap record is not written yet (a full disk): ack.hint (pre-allocated, written
-            # in place) keeps the account instead, synced, before the records go.
+            # in place) keeps the account instead, synced, before the records go (loss._drop put
+            # it there already, unsynced: it is written and synced again here).
             self._save_failed(sync=self.fsync != "never")
         for path in self._doomed:
             self._unlink(path)
