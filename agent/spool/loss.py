@@ -230,25 +230,18 @@ class LossAccounting:
 
     def _dropped_written(self, corrupt, target, seq):
         """A gap record (seq) of this kind and target is written: the dropped-segment accounts it
-        holds are done; those made while it was written (it does not hold them) get a mark past it."""
-        kept, done, moved = [], False, False
+        holds are done. (Those it does not hold have marks past it already: _fix_marks before
+        the write, _keep_dropped for the ones dropped during it.)"""
+        kept, done = [], False
         for d in self._dropped:
-            if (d[5] == CORRUPT) != corrupt or d[6] != target:
-                kept.append(d)
-                continue
-            if any(d is x for x in self._inflight):
+            if (d[5] == CORRUPT) == corrupt and d[6] == target and any(d is x for x in self._inflight):
                 done = True
                 continue
-            if d[7] <= seq:
-                d[7] = seq + 1
-                moved = True
             kept.append(d)
         self._dropped = kept
-        if not self._dropped_saved or not (done or moved):
+        if not self._dropped_saved or not done:
             return
-        if moved:
-            self._save_failed()         # at once: the old mark would make it look written
-        elif self.fsync == "interval":
+        if self.fsync == "interval":
             self._pend_clear = True     # once the gap record is durable (_sync)
         else:
             self._save_failed()
